@@ -1,0 +1,136 @@
+//! Cage's configuration: UCI text in, a validated [`Config`] out.
+//!
+//! `uci` parses the text into a [`uci::RawConfig`] (sections and options with their line
+//! numbers, nothing interpreted); `validate` turns that into a [`Config`] whose fields are
+//! typed and checked, or into a list of [`ConfigError`]s that each name the section, the
+//! option and the line, and say what would be accepted. Nothing else in Cage reads the
+//! configuration text.
+
+pub mod uci;
+pub mod validate;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Serialize;
+
+pub use validate::{validate, ConfigError, ConfigErrors};
+
+/// Where `cage` looks for its configuration when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/config/cage";
+
+/// A validated configuration. Every field has been checked; code that holds a `Config`
+/// never has to re-validate it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub main: Main,
+    pub segment: Segment,
+    pub lan: Lan,
+    pub wan: Wan,
+}
+
+/// `config cage 'main'`: where Cage keeps its own files and listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Main {
+    /// Persistent state (kill-switch state, password hash, …). Default `/etc/cage`.
+    pub state_dir: PathBuf,
+    /// Logs (flow log, audit log). Default `/tmp/cage` (RAM on OpenWrt).
+    pub log_dir: PathBuf,
+    /// Where the LAN web page listens (used by the web UI). Default `192.168.8.1:8080`.
+    pub web_listen: SocketAddr,
+}
+
+/// `config segment 'ai'`: the AI segment, the cage itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Segment {
+    /// Bridge device of the segment. Default `br-cage`.
+    pub bridge: String,
+    /// The router's IPv4 address on the segment with the segment's prefix, e.g. 192.168.10.1/24.
+    pub address: Ipv4Net,
+    /// IPv6 on the segment. When false, all IPv6 from the segment is dropped.
+    pub ipv6: bool,
+    /// The router's IPv6 address on the segment with its prefix; `Some` exactly when `ipv6`.
+    pub address6: Option<Ipv6Net>,
+    /// Member ports (devices Cage puts into the bridge and isolates from each other).
+    pub ports: Vec<String>,
+    /// VLAN id of the segment on trunk ports (OpenWrt mode); `None` for untagged.
+    pub vlan: Option<u16>,
+}
+
+/// `config lan 'lan'`: the owner's LAN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lan {
+    /// LAN devices. Default `br-lan`.
+    pub devices: Vec<String>,
+    /// Hosts on the LAN that may open new connections into the segment.
+    pub admin_hosts: Vec<IpAddr>,
+}
+
+/// `config wan 'wan'`: the upstream the router is plugged into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Wan {
+    /// WAN devices, or detection from the default routes.
+    pub devices: WanDevices,
+    /// Masquerade segment traffic leaving through the WAN (fw4 does it on OpenWrt;
+    /// Cage does it where nothing else does). Default on.
+    pub masquerade: bool,
+    /// Upstream networks denied to the segment in addition to the subnets of the
+    /// WAN devices' own addresses, which are detected at apply time.
+    pub upstream_subnets: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WanDevices {
+    /// The devices of the IPv4 and IPv6 default routes, looked up at apply time.
+    Auto,
+    List(Vec<String>),
+}
+
+impl Segment {
+    /// The segment's IPv4 subnet (the address with host bits cleared).
+    pub fn subnet4(&self) -> Ipv4Net {
+        self.address.trunc()
+    }
+    /// The segment's IPv6 subnet, when IPv6 is on.
+    pub fn subnet6(&self) -> Option<Ipv6Net> {
+        self.address6.map(|a| a.trunc())
+    }
+    pub fn router4(&self) -> Ipv4Addr {
+        self.address.addr()
+    }
+    pub fn router6(&self) -> Option<Ipv6Addr> {
+        self.address6.map(|a| a.addr())
+    }
+}
+
+/// Errors of loading a configuration file: reading, parsing or validating it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {errors}")]
+    Invalid { path: PathBuf, errors: ConfigErrors },
+}
+
+/// Read, parse and validate the configuration at `path`.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|errors| LoadError::Invalid {
+        path: path.to_owned(),
+        errors,
+    })
+}
+
+/// Parse and validate configuration text.
+pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    let raw = uci::parse(text).map_err(|e| ConfigErrors(vec![e]))?;
+    validate(&raw)
+}
