@@ -1,1 +1,433 @@
-//! TODO
+//! The only module that talks to nftables: check, apply, list and remove Cage's tables,
+//! read their counters, and print a rendered ruleset as nft text.
+//!
+//! Rulesets are typed values of the `nftables` crate, serialised to nft's JSON and fed to
+//! `nft -j -f -` in one transaction. The process is run here rather than through the
+//! crate's helper because the helper lets nft's stderr through to ours instead of
+//! capturing it, and the error message is what a user needs to see.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use nftables::expr::{Expression, MetaKey, NamedExpression, Payload, SetItem};
+use nftables::schema::{NfCmd, NfListObject, NfObject, Nftables, SetTypeValue};
+use nftables::stmt::{Counter, Operator, RejectType, Statement};
+use nftables::types::{NfChainType, NfFamily, NfHook};
+use serde::Serialize;
+
+use crate::policy::TABLE;
+
+/// The nft program; `CAGE_NFT` overrides it (tests, unusual installs).
+fn nft_program() -> String {
+    std::env::var("CAGE_NFT").unwrap_or_else(|_| "nft".to_owned())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run {program} to {operation}: {source} (is the nftables package installed?)")]
+    Exec {
+        program: String,
+        operation: &'static str,
+        source: std::io::Error,
+    },
+    #[error("nft refused to {operation}:\n{stderr}")]
+    Failed {
+        operation: &'static str,
+        stderr: String,
+    },
+    #[error("nft printed JSON that Cage does not understand while trying to {operation}: {source}")]
+    Json {
+        operation: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+fn run(args: &[&str], stdin: Option<&str>, operation: &'static str) -> Result<String, NftError> {
+    let program = nft_program();
+    let exec = |source| NftError::Exec {
+        program: program.clone(),
+        operation,
+        source,
+    };
+    let mut child = Command::new(&program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(exec)?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin was piped");
+        pipe.write_all(input.as_bytes()).map_err(exec)?;
+    }
+    let out = child.wait_with_output().map_err(exec)?;
+    if !out.status.success() {
+        return Err(NftError::Failed {
+            operation,
+            stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn json(rs: &Nftables) -> String {
+    serde_json::to_string(rs).expect("an nftables ruleset always serialises")
+}
+
+/// Dry run: nft parses and evaluates the whole transaction but commits nothing.
+pub fn check(rs: &Nftables) -> Result<(), NftError> {
+    run(
+        &["--check", "-j", "-f", "-"],
+        Some(&json(rs)),
+        "check the ruleset",
+    )
+    .map(|_| ())
+}
+
+/// Apply the transaction: all of it or, if the kernel refuses any part, none of it.
+pub fn apply(rs: &Nftables) -> Result<(), NftError> {
+    run(&["-j", "-f", "-"], Some(&json(rs)), "apply the ruleset").map(|_| ())
+}
+
+/// Remove Cage's tables (both families) in one transaction. Returns whether any existed.
+pub fn remove() -> Result<bool, NftError> {
+    let existed = !list_text()?.is_empty();
+    let mut batch = nftables::batch::Batch::new();
+    for family in [NfFamily::INet, NfFamily::Bridge] {
+        let t = || {
+            NfListObject::Table(nftables::schema::Table {
+                family,
+                name: TABLE.into(),
+                handle: None,
+            })
+        };
+        batch.add(t());
+        batch.delete(t());
+    }
+    run(
+        &["-j", "-f", "-"],
+        Some(&json(&batch.to_nftables())),
+        "remove Cage's tables",
+    )?;
+    Ok(existed)
+}
+
+/// Cage's tables as the kernel has them now, in nft's own text form; empty when Cage's
+/// tables are absent. Two calls give byte-identical text when nothing changed but counters
+/// (which are left out).
+pub fn list_text() -> Result<String, NftError> {
+    let mut text = String::new();
+    for family in ["inet", "bridge"] {
+        match run(
+            &["--stateless", "list", "table", family, TABLE],
+            None,
+            "list Cage's tables",
+        ) {
+            Ok(t) => text.push_str(&t),
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(text)
+}
+
+/// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters of Cage's rules now in the kernel, summed by rule comment. `None` when Cage's
+/// tables are not there.
+pub fn counters() -> Result<Option<BTreeMap<String, Count>>, NftError> {
+    let mut sums: BTreeMap<String, Count> = BTreeMap::new();
+    let mut found = false;
+    for family in ["inet", "bridge"] {
+        let out = match run(
+            &["-j", "list", "table", family, TABLE],
+            None,
+            "read Cage's counters",
+        ) {
+            Ok(out) => out,
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => continue,
+            Err(e) => return Err(e),
+        };
+        found = true;
+        // Read as plain JSON: only rules' comments and counters matter here.
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|source| NftError::Json {
+                operation: "read Cage's counters",
+                source,
+            })?;
+        let items = v["nftables"].as_array().cloned().unwrap_or_default();
+        for item in items {
+            let rule = &item["rule"];
+            let Some(comment) = rule["comment"].as_str() else {
+                continue;
+            };
+            for e in rule["expr"].as_array().into_iter().flatten() {
+                if let Some(c) = e.get("counter") {
+                    let entry = sums.entry(comment.to_owned()).or_default();
+                    entry.packets += c["packets"].as_u64().unwrap_or(0);
+                    entry.bytes += c["bytes"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+    }
+    Ok(found.then_some(sums))
+}
+
+// ---- printing a rendered ruleset as nft text --------------------------------------------
+
+/// Print a rendered ruleset (the output of `policy::render`) in nft's text syntax, for
+/// `cage check` and the golden files. The tables as they will be after the transaction
+/// are printed; the add/delete dance that makes the replacement atomic is not.
+pub fn to_text(rs: &Nftables) -> String {
+    struct Tbl {
+        family: NfFamily,
+        sets: Vec<String>,
+        chains: Vec<(String, Option<String>, Vec<String>)>,
+    }
+    let mut tables: Vec<Tbl> = Vec::new();
+    let tbl = |tables: &mut Vec<Tbl>, family: NfFamily| -> usize {
+        if let Some(i) = tables.iter().position(|t| t.family == family) {
+            return i;
+        }
+        tables.push(Tbl {
+            family,
+            sets: vec![],
+            chains: vec![],
+        });
+        tables.len() - 1
+    };
+    for obj in rs.objects.iter() {
+        let (deleting, o) = match obj {
+            NfObject::CmdObject(NfCmd::Add(o)) => (false, o),
+            NfObject::CmdObject(NfCmd::Delete(o)) => (true, o),
+            NfObject::ListObject(o) => (false, o),
+            other => {
+                let t = tbl(&mut tables, NfFamily::INet);
+                tables[t].sets.push(format!("# unprintable: {other:?}"));
+                continue;
+            }
+        };
+        match o {
+            NfListObject::Table(t) => {
+                let i = tbl(&mut tables, t.family);
+                if deleting {
+                    tables[i].sets.clear();
+                    tables[i].chains.clear();
+                }
+            }
+            NfListObject::Set(set) => {
+                let i = tbl(&mut tables, set.family);
+                let mut b = format!("\tset {} {{\n", set.name);
+                let ty = match &set.set_type {
+                    SetTypeValue::Single(t) => serde_json::to_value(t).unwrap(),
+                    SetTypeValue::Concatenated(t) => serde_json::to_value(t).unwrap(),
+                };
+                let _ = writeln!(b, "\t\ttype {}", ty.as_str().unwrap_or("?"));
+                if let Some(flags) = &set.flags {
+                    let mut f: Vec<String> = flags
+                        .iter()
+                        .map(|f| serde_json::to_value(f).unwrap().as_str().unwrap().to_owned())
+                        .collect();
+                    f.sort();
+                    let _ = writeln!(b, "\t\tflags {}", f.join(","));
+                }
+                if let Some(c) = &set.comment {
+                    let _ = writeln!(b, "\t\tcomment \"{c}\"");
+                }
+                if let Some(elems) = &set.elem {
+                    let e: Vec<String> = elems.iter().map(|e| expr(e, false)).collect();
+                    let _ = writeln!(b, "\t\telements = {{ {} }}", e.join(", "));
+                }
+                b.push_str("\t}\n");
+                tables[i].sets.push(b);
+            }
+            NfListObject::Chain(c) => {
+                let i = tbl(&mut tables, c.family);
+                let head = c.hook.map(|h| {
+                    let ty = match c._type {
+                        Some(NfChainType::NAT) => "nat",
+                        Some(NfChainType::Route) => "route",
+                        _ => "filter",
+                    };
+                    let hook = match h {
+                        NfHook::Ingress => "ingress",
+                        NfHook::Prerouting => "prerouting",
+                        NfHook::Forward => "forward",
+                        NfHook::Input => "input",
+                        NfHook::Output => "output",
+                        NfHook::Postrouting => "postrouting",
+                        NfHook::Egress => "egress",
+                    };
+                    format!(
+                        "type {ty} hook {hook} priority {}; policy accept;",
+                        c.prio.unwrap_or(0)
+                    )
+                });
+                tables[i].chains.push((c.name.to_string(), head, vec![]));
+            }
+            NfListObject::Rule(r) => {
+                let i = tbl(&mut tables, r.family);
+                let mut line: Vec<String> = r.expr.iter().map(statement).collect();
+                if let Some(c) = &r.comment {
+                    line.push(format!("comment \"{c}\""));
+                }
+                match tables[i].chains.iter_mut().find(|c| c.0 == r.chain) {
+                    Some(chain) => chain.2.push(line.join(" ")),
+                    None => tables[i]
+                        .sets
+                        .push(format!("# rule for unknown chain {}", r.chain)),
+                }
+            }
+            other => {
+                let i = tbl(&mut tables, NfFamily::INet);
+                tables[i].sets.push(format!("# unprintable: {other:?}\n"));
+            }
+        }
+    }
+    let mut out = String::new();
+    for t in tables {
+        let fam = match t.family {
+            NfFamily::IP => "ip",
+            NfFamily::IP6 => "ip6",
+            NfFamily::INet => "inet",
+            NfFamily::ARP => "arp",
+            NfFamily::Bridge => "bridge",
+            NfFamily::NetDev => "netdev",
+        };
+        let _ = writeln!(out, "table {fam} {TABLE} {{");
+        let mut blocks: Vec<String> = t.sets;
+        for (name, head, rules) in t.chains {
+            let mut b = format!("\tchain {name} {{\n");
+            if let Some(h) = head {
+                let _ = writeln!(b, "\t\t{h}");
+            }
+            for r in rules {
+                let _ = writeln!(b, "\t\t{r}");
+            }
+            b.push_str("\t}\n");
+            blocks.push(b);
+        }
+        out.push_str(&blocks.join("\n"));
+        out.push_str("}\n");
+    }
+    out
+}
+
+fn statement(st: &Statement) -> String {
+    match st {
+        Statement::Match(m) => {
+            let quote = matches!(
+                &m.left,
+                Expression::Named(NamedExpression::Meta(meta))
+                    if matches!(meta.key, MetaKey::Iifname | MetaKey::Oifname | MetaKey::Ibridgename | MetaKey::Obridgename)
+            );
+            let l = expr(&m.left, false);
+            let r = expr(&m.right, quote);
+            match m.op {
+                Operator::EQ => format!("{l} {r}"),
+                Operator::NEQ => format!("{l} != {r}"),
+                op => format!(
+                    "{l} {} {r}",
+                    serde_json::to_value(op).unwrap().as_str().unwrap_or("?")
+                ),
+            }
+        }
+        Statement::Counter(Counter::Anonymous(_)) => "counter".into(),
+        Statement::Counter(Counter::Named(n)) => format!("counter name \"{n}\""),
+        Statement::Accept(_) => "accept".into(),
+        Statement::Drop(_) => "drop".into(),
+        Statement::Return(_) => "return".into(),
+        Statement::Continue(_) => "continue".into(),
+        Statement::Jump(j) => format!("jump {}", j.target),
+        Statement::Goto(j) => format!("goto {}", j.target),
+        Statement::Masquerade(None) => "masquerade".into(),
+        Statement::Limit(l) => {
+            let mut t = format!(
+                "limit rate {}/{}",
+                l.rate,
+                l.per.as_deref().unwrap_or("second")
+            );
+            if let Some(b) = l.burst {
+                let _ = write!(t, " burst {b} packets");
+            }
+            t
+        }
+        Statement::Reject(Some(r)) => match (r._type, &r.expr) {
+            (Some(RejectType::TCPReset), _) => "reject with tcp reset".into(),
+            (Some(ty), Some(code)) => format!(
+                "reject with {} {}",
+                serde_json::to_value(ty).unwrap().as_str().unwrap_or("?"),
+                serde_json::to_value(code).unwrap().as_str().unwrap_or("?")
+            ),
+            _ => "reject".into(),
+        },
+        Statement::Reject(None) => "reject".into(),
+        other => format!(
+            "/* {} */",
+            serde_json::to_string(other).unwrap_or_else(|_| "?".into())
+        ),
+    }
+}
+
+fn expr(e: &Expression, quote: bool) -> String {
+    match e {
+        Expression::String(s) if quote => format!("\"{s}\""),
+        Expression::String(s) => s.to_string(),
+        Expression::Number(n) => n.to_string(),
+        Expression::Boolean(b) => b.to_string(),
+        Expression::List(l) => l
+            .iter()
+            .map(|e| expr(e, quote))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Expression::Named(n) => match n {
+            NamedExpression::Payload(Payload::PayloadField(p)) => {
+                format!("{} {}", p.protocol, p.field)
+            }
+            NamedExpression::Meta(m) => {
+                let key = serde_json::to_value(m.key).unwrap();
+                let key = key.as_str().unwrap_or("?");
+                // nft prints these keys without the `meta` keyword.
+                if matches!(
+                    m.key,
+                    MetaKey::Iifname | MetaKey::Oifname | MetaKey::Iif | MetaKey::Oif
+                ) {
+                    key.to_owned()
+                } else {
+                    format!("meta {key}")
+                }
+            }
+            NamedExpression::CT(c) => format!("ct {}", c.key),
+            NamedExpression::Prefix(p) => format!("{}/{}", expr(&p.addr, false), p.len),
+            NamedExpression::Set(items) => {
+                let inner: Vec<String> = items
+                    .iter()
+                    .map(|i| match i {
+                        SetItem::Element(e) => expr(e, quote),
+                        other => format!("/* {other:?} */"),
+                    })
+                    .collect();
+                format!("{{ {} }}", inner.join(", "))
+            }
+            other => format!(
+                "/* {} */",
+                serde_json::to_string(other).unwrap_or_else(|_| "?".into())
+            ),
+        },
+        other => format!(
+            "/* {} */",
+            serde_json::to_string(other).unwrap_or_else(|_| "?".into())
+        ),
+    }
+}

@@ -1,8 +1,48 @@
 //! The connectivity contract as one nftables ruleset, rendered from a `Config` and the
 //! facts detected on the running system.
+//!
+//! Cage owns two tables, `inet cage` and `bridge cage`, and replaces both in one
+//! transaction (`render` emits "add table; delete table; add table; …" so that the batch
+//! works whether or not the tables exist, and the kernel swaps old for new atomically).
+//!
+//! The base chains hook in before OpenWrt's fw4 (which uses priority `filter`, 0, for
+//! input and forward, `dstnat`/`srcnat` for NAT). A `drop` or `reject` here is final; an
+//! `accept` here only ends Cage's chain, and fw4's chains still see the packet. So Cage
+//! can only ever add restrictions to what fw4 allows.
+//!
+//! Every rule carries a comment `allow:<what>` or `deny:<what>`: `cage status` sums the
+//! counters of the `deny:` rules by that name, and `nft list table inet cage` reads well.
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use std::borrow::Cow;
+use std::net::Ipv6Addr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use nftables::batch::Batch;
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
+};
+use nftables::schema::{self, NfListObject, Nftables};
+use nftables::stmt::{self, Counter, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 use serde::Serialize;
+
+use crate::config::Config;
+
+/// The name of both of Cage's tables (`inet cage` and `bridge cage`).
+pub const TABLE: &str = "cage";
+
+/// Base chain priorities. fw4 uses `filter` (0) for input/forward, so Cage's chains run
+/// first; prerouting runs at `raw` (-300), before conntrack (-200) sees the packet, so a
+/// spoofed packet never creates a conntrack entry. In the bridge family `filter` is -200.
+pub const PRIO_PREROUTING: i32 = -300;
+pub const PRIO_FILTER: i32 = -10;
+pub const PRIO_SRCNAT: i32 = 100;
+pub const PRIO_BRIDGE_FILTER: i32 = -210;
+
+/// Rejections answer at most this many packets a second per rule (burst as much again);
+/// beyond it, denied packets are dropped silently, so a flood of denied traffic cannot
+/// make the router spend its CPU answering it.
+pub const REJECT_RATE_PER_SECOND: u32 = 200;
 
 /// What the policy needs to know about the running system besides the configuration.
 /// Detected by `netlink::detect_facts`; written by hand in golden tests.
@@ -14,4 +54,724 @@ pub struct Facts {
     pub upstream4: Vec<Ipv4Net>,
     /// Subnets of the WAN devices' own global IPv6 addresses plus configured ones.
     pub upstream6: Vec<Ipv6Net>,
+}
+
+/// IPv4 destinations a caged host may never reach, whatever the route: private (RFC 1918),
+/// CGNAT, loopback, link-local, "this network", IETF protocol assignments, benchmarking,
+/// multicast, reserved and broadcast. The documentation ranges (192.0.2.0/24,
+/// 198.51.100.0/24, 203.0.113.0/24) are not routed on the internet and are left out on
+/// purpose: the lab uses them as "the internet".
+pub const DENY4: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "CGNAT"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved and broadcast"),
+];
+
+/// IPv6 destinations a caged host may never reach. Besides the ranges of their own, the
+/// IPv4 ranges above are denied where IPv6 embeds IPv4 addresses: NAT64's well-known
+/// prefix (64:ff9b::/96, a hotel's NAT64 gateway would otherwise reach its private IPv4
+/// hosts) and 6to4 (2002::/16); NAT64's local-use prefix and Teredo are denied whole.
+pub const DENY6: &[(&str, &str)] = &[
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
+    ("2001::/32", "Teredo"),
+    ("fc00::/7", "unique local (ULA)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// The IPv6 deny list in full: [`DENY6`] plus the IPv4 deny list embedded in NAT64's
+/// well-known prefix and in 6to4.
+pub fn deny6() -> Vec<Ipv6Net> {
+    let mut nets: Vec<Ipv6Net> = DENY6.iter().map(|(n, _)| n.parse().unwrap()).collect();
+    for (n, _) in DENY4 {
+        let v4: Ipv4Net = n.parse().unwrap();
+        let o = v4.network().octets();
+        // 64:ff9b::a.b.c.d/96+len
+        let nat64 = Ipv6Addr::new(
+            0x64,
+            0xff9b,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([o[0], o[1]]),
+            u16::from_be_bytes([o[2], o[3]]),
+        );
+        nets.push(Ipv6Net::new(nat64, 96 + v4.prefix_len()).unwrap());
+        // 2002:a.b.c.d::/16+len
+        let six2four = Ipv6Addr::new(
+            0x2002,
+            u16::from_be_bytes([o[0], o[1]]),
+            u16::from_be_bytes([o[2], o[3]]),
+            0,
+            0,
+            0,
+            0,
+            0,
+        );
+        nets.push(Ipv6Net::new(six2four, 16 + v4.prefix_len()).unwrap());
+    }
+    nets.sort();
+    nets
+}
+
+fn deny4() -> Vec<Ipv4Net> {
+    DENY4.iter().map(|(n, _)| n.parse().unwrap()).collect()
+}
+
+// ---- expression helpers -------------------------------------------------------------
+
+fn s(v: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.into()))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn net(n: IpNet) -> Expression<'static> {
+    if n.prefix_len() == n.max_prefix_len() {
+        return s(n.addr().to_string());
+    }
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(n.network().to_string())),
+        len: n.prefix_len() as u32,
+    }))
+}
+
+fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
+    if items.len() == 1 {
+        return items.into_iter().next().unwrap();
+    }
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+
+fn names(devs: &[String]) -> Expression<'static> {
+    anon_set(devs.iter().map(|d| s(d.clone())).collect())
+}
+
+fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn is_not(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
+fn iifname(devs: &[String]) -> Statement<'static> {
+    is(meta(MetaKey::Iifname), names(devs))
+}
+
+fn oifname(devs: &[String]) -> Statement<'static> {
+    is(meta(MetaKey::Oifname), names(devs))
+}
+
+fn l4proto(p: &'static str) -> Statement<'static> {
+    is(meta(MetaKey::L4proto), s(p))
+}
+
+fn dport(proto: &'static str, port: u16) -> Statement<'static> {
+    is(payload(proto, "dport"), Expression::Number(port as u32))
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(Counter::Anonymous(None))
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+fn drop() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+fn jump(chain: &str) -> Statement<'static> {
+    Statement::Jump(stmt::JumpTarget {
+        target: chain.to_owned().into(),
+    })
+}
+
+fn set_ref(name: &str) -> Expression<'static> {
+    s(format!("@{name}"))
+}
+
+fn limit() -> Statement<'static> {
+    Statement::Limit(stmt::Limit {
+        rate: REJECT_RATE_PER_SECOND,
+        rate_unit: None,
+        per: Some("second".into()),
+        burst: Some(REJECT_RATE_PER_SECOND),
+        burst_unit: None,
+        inv: None,
+    })
+}
+
+// ---- the ruleset ----------------------------------------------------------------------
+
+/// A chain being filled: rules are appended in order, each with its comment.
+struct ChainRules {
+    family: NfFamily,
+    name: &'static str,
+    rules: Vec<(Vec<Statement<'static>>, String)>,
+}
+
+impl ChainRules {
+    fn new(family: NfFamily, name: &'static str) -> Self {
+        ChainRules {
+            family,
+            name,
+            rules: Vec::new(),
+        }
+    }
+
+    fn rule(&mut self, comment: &str, stmts: Vec<Statement<'static>>) {
+        self.rules.push((stmts, comment.to_owned()));
+    }
+
+    /// Deny with a fast answer (TCP reset, ICMP administratively prohibited), counted
+    /// and rate-limited: `matches` select the packets, `comment` names the deny.
+    fn reject(&mut self, comment: &str, matches: Vec<Statement<'static>>) {
+        let mut tcp = matches.clone();
+        tcp.extend([
+            l4proto("tcp"),
+            limit(),
+            counter(),
+            Statement::Reject(Some(stmt::Reject::new(
+                Some(stmt::RejectType::TCPReset),
+                None,
+            ))),
+        ]);
+        self.rule(comment, tcp);
+        let mut other = matches.clone();
+        other.extend([
+            limit(),
+            counter(),
+            Statement::Reject(Some(stmt::Reject::new(
+                Some(stmt::RejectType::ICMPX),
+                Some(RejectCode::AdminProhibited),
+            ))),
+        ]);
+        self.rule(comment, other);
+        let mut over = matches;
+        over.extend([counter(), drop()]);
+        self.rule(comment, over);
+    }
+
+    fn into_objects(self, table: &str) -> Vec<NfListObject<'static>> {
+        let (family, chain) = (self.family, self.name);
+        self.rules
+            .into_iter()
+            .map(|(expr, comment)| {
+                NfListObject::Rule(schema::Rule {
+                    family,
+                    table: table.to_owned().into(),
+                    chain: chain.into(),
+                    expr: expr.into(),
+                    handle: None,
+                    index: None,
+                    comment: Some(comment.into()),
+                })
+            })
+            .collect()
+    }
+}
+
+fn table(family: NfFamily) -> NfListObject<'static> {
+    NfListObject::Table(schema::Table {
+        family,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+fn base_chain(
+    family: NfFamily,
+    name: &'static str,
+    kind: NfChainType,
+    hook: NfHook,
+    prio: i32,
+) -> NfListObject<'static> {
+    NfListObject::Chain(schema::Chain {
+        family,
+        table: TABLE.into(),
+        name: name.into(),
+        _type: Some(kind),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Default::default()
+    })
+}
+
+fn regular_chain(family: NfFamily, name: &'static str) -> NfListObject<'static> {
+    NfListObject::Chain(schema::Chain {
+        family,
+        table: TABLE.into(),
+        name: name.into(),
+        ..Default::default()
+    })
+}
+
+fn addr_set(
+    name: &'static str,
+    v6: bool,
+    elems: Vec<IpNet>,
+    comment: &'static str,
+) -> NfListObject<'static> {
+    let interval = elems.iter().any(|n| n.prefix_len() != n.max_prefix_len());
+    NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.into(),
+        set_type: schema::SetTypeValue::Single(if v6 {
+            schema::SetType::Ipv6Addr
+        } else {
+            schema::SetType::Ipv4Addr
+        }),
+        flags: interval.then(|| [schema::SetFlag::Interval].into_iter().collect()),
+        elem: (!elems.is_empty())
+            .then(|| Cow::Owned(elems.into_iter().map(net).collect::<Vec<_>>())),
+        comment: Some(comment.into()),
+        ..Default::default()
+    }))
+}
+
+/// Render the whole policy: the commands of one transaction that replaces Cage's tables.
+pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
+    let seg = &cfg.segment;
+    let bridge = std::slice::from_ref(&seg.bridge);
+    let inet = NfFamily::INet;
+    let mut batch = Batch::new();
+
+    // Replace, atomically: adding first makes the delete valid when the table is absent.
+    for fam in [NfFamily::INet, NfFamily::Bridge] {
+        batch.add(table(fam));
+        batch.delete(table(fam));
+        batch.add(table(fam));
+    }
+
+    // Named sets, so that `nft list table inet cage` shows what is denied.
+    batch.add(addr_set(
+        "deny4",
+        false,
+        deny4().into_iter().map(IpNet::V4).collect(),
+        "private, CGNAT, link-local, multicast and reserved IPv4",
+    ));
+    batch.add(addr_set(
+        "deny6",
+        true,
+        deny6().into_iter().map(IpNet::V6).collect(),
+        "ULA, link-local, multicast and embedded-private IPv6",
+    ));
+    batch.add(addr_set(
+        "upstream4",
+        false,
+        facts.upstream4.iter().copied().map(IpNet::V4).collect(),
+        "the upstream network (WAN subnets, configured upstream subnets)",
+    ));
+    batch.add(addr_set(
+        "upstream6",
+        true,
+        facts.upstream6.iter().copied().map(IpNet::V6).collect(),
+        "the upstream network (WAN subnets, configured upstream subnets)",
+    ));
+    let (admin4, admin6): (Vec<_>, Vec<_>) =
+        cfg.lan.admin_hosts.iter().partition(|a| a.is_ipv4());
+    batch.add(addr_set(
+        "admin4",
+        false,
+        admin4.iter().map(|a: &&std::net::IpAddr| IpNet::from(**a)).collect(),
+        "LAN hosts that may open connections into the segment",
+    ));
+    batch.add(addr_set(
+        "admin6",
+        true,
+        admin6.iter().map(|a: &&std::net::IpAddr| IpNet::from(**a)).collect(),
+        "LAN hosts that may open connections into the segment",
+    ));
+
+    // Base chains: each only dispatches the segment's traffic to a chain of its own.
+    batch.add(base_chain(
+        inet,
+        "prerouting",
+        NfChainType::Filter,
+        NfHook::Prerouting,
+        PRIO_PREROUTING,
+    ));
+    batch.add(base_chain(
+        inet,
+        "input",
+        NfChainType::Filter,
+        NfHook::Input,
+        PRIO_FILTER,
+    ));
+    batch.add(base_chain(
+        inet,
+        "forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        PRIO_FILTER,
+    ));
+    for name in [
+        "segment_ingress",
+        "segment_to_router",
+        "segment_egress",
+        "into_segment",
+    ] {
+        batch.add(regular_chain(inet, name));
+    }
+
+    let mut rules = Vec::new();
+
+    let mut pre = ChainRules::new(inet, "prerouting");
+    pre.rule("segment", vec![iifname(bridge), jump("segment_ingress")]);
+    rules.push(pre);
+
+    rules.push(segment_ingress(cfg));
+
+    let mut input = ChainRules::new(inet, "input");
+    input.rule("segment", vec![iifname(bridge), jump("segment_to_router")]);
+    rules.push(input);
+
+    rules.push(segment_to_router(cfg));
+
+    let mut fwd = ChainRules::new(inet, "forward");
+    fwd.rule("segment", vec![iifname(bridge), jump("segment_egress")]);
+    fwd.rule("segment", vec![oifname(bridge), jump("into_segment")]);
+    rules.push(fwd);
+
+    rules.push(segment_egress(cfg, facts));
+    rules.push(into_segment(cfg));
+
+    // NAT, only where there is a WAN to leave through.
+    if cfg.wan.masquerade && !facts.wan_devices.is_empty() {
+        batch.add(base_chain(
+            inet,
+            "postrouting",
+            NfChainType::NAT,
+            NfHook::Postrouting,
+            PRIO_SRCNAT,
+        ));
+        let mut nat = ChainRules::new(inet, "postrouting");
+        let masq = || Statement::Masquerade(None);
+        nat.rule(
+            "allow:masquerade",
+            vec![
+                iifname(bridge),
+                oifname(&facts.wan_devices),
+                is(payload("ip", "saddr"), net(IpNet::V4(seg.subnet4()))),
+                masq(),
+            ],
+        );
+        if let Some(sub6) = seg.subnet6() {
+            nat.rule(
+                "allow:masquerade",
+                vec![
+                    iifname(bridge),
+                    oifname(&facts.wan_devices),
+                    is(payload("ip6", "saddr"), net(IpNet::V6(sub6))),
+                    masq(),
+                ],
+            );
+        }
+        rules.push(nat);
+    }
+
+    // Layer 2: frames between two ports of the segment's bridge. Bridge port isolation
+    // stops them first; this rule holds if isolation is ever switched off.
+    batch.add(base_chain(
+        NfFamily::Bridge,
+        "forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        PRIO_BRIDGE_FILTER,
+    ));
+    let mut l2 = ChainRules::new(NfFamily::Bridge, "forward");
+    l2.rule(
+        "deny:segment-l2",
+        vec![is(meta(MetaKey::Ibridgename), s(seg.bridge.clone())), counter(), drop()],
+    );
+
+    let mut objects = Vec::new();
+    for r in rules {
+        objects.extend(r.into_objects(TABLE));
+    }
+    objects.extend(l2.into_objects(TABLE));
+    for o in objects {
+        batch.add(o);
+    }
+    batch.to_nftables()
+}
+
+/// First look at every packet from the segment, before conntrack: drop spoofed sources,
+/// rogue router advertisements and rogue DHCP servers.
+fn segment_ingress(cfg: &Config) -> ChainRules {
+    let seg = &cfg.segment;
+    let mut c = ChainRules::new(NfFamily::INet, "segment_ingress");
+    // A DHCP client has no address yet: 0.0.0.0 → 255.255.255.255, UDP 68 → 67.
+    c.rule(
+        "allow:dhcp-discover",
+        vec![
+            is(payload("ip", "saddr"), s("0.0.0.0")),
+            is(payload("udp", "sport"), Expression::Number(68)),
+            dport("udp", 67),
+            Statement::Return(None),
+        ],
+    );
+    c.rule(
+        "deny:spoofed-source",
+        vec![
+            is_not(payload("ip", "saddr"), net(IpNet::V4(seg.subnet4()))),
+            counter(),
+            drop(),
+        ],
+    );
+    match seg.subnet6() {
+        Some(sub6) => {
+            // Link-local sources (neighbour discovery, DHCPv6) and the unspecified
+            // address (duplicate address detection) are part of IPv6 on a link.
+            let ll: Ipv6Net = "fe80::/10".parse().unwrap();
+            c.rule(
+                "deny:spoofed-source",
+                vec![
+                    is_not(
+                        payload("ip6", "saddr"),
+                        anon_set(vec![
+                            net(IpNet::V6(sub6)),
+                            net(IpNet::V6(ll)),
+                            s(Ipv6Addr::UNSPECIFIED.to_string()),
+                        ]),
+                    ),
+                    counter(),
+                    drop(),
+                ],
+            );
+        }
+        None => c.rule(
+            "deny:ipv6-off",
+            vec![
+                is(meta(MetaKey::Nfproto), s("ipv6")),
+                counter(),
+                drop(),
+            ],
+        ),
+    }
+    c.rule(
+        "deny:rogue-router-advert",
+        vec![
+            is(
+                payload("icmpv6", "type"),
+                anon_set(vec![s("nd-router-advert"), s("nd-redirect")]),
+            ),
+            counter(),
+            drop(),
+        ],
+    );
+    c.rule(
+        "deny:rogue-dhcp-server",
+        vec![
+            is(payload("udp", "sport"), Expression::Number(67)),
+            dport("udp", 68),
+            counter(),
+            drop(),
+        ],
+    );
+    c.rule(
+        "deny:rogue-dhcp-server",
+        vec![
+            is(payload("udp", "sport"), Expression::Number(547)),
+            dport("udp", 546),
+            counter(),
+            drop(),
+        ],
+    );
+    c
+}
+
+/// Segment → the router itself (any of its addresses): DHCP and DNS, nothing else.
+fn segment_to_router(cfg: &Config) -> ChainRules {
+    let seg = &cfg.segment;
+    let mut c = ChainRules::new(NfFamily::INet, "segment_to_router");
+    c.rule("allow:dhcp", vec![dport("udp", 67), accept()]);
+    let router4 = IpNet::from(std::net::IpAddr::V4(seg.router4()));
+    for proto in ["udp", "tcp"] {
+        c.rule(
+            "allow:dns",
+            vec![is(payload("ip", "daddr"), net(router4)), dport(proto, 53), accept()],
+        );
+    }
+    if let Some(r6) = seg.router6() {
+        let router6 = IpNet::from(std::net::IpAddr::V6(r6));
+        c.rule(
+            "allow:dhcpv6",
+            vec![
+                is(
+                    payload("ip6", "daddr"),
+                    anon_set(vec![s("ff02::1:2"), net(router6)]),
+                ),
+                dport("udp", 547),
+                accept(),
+            ],
+        );
+        for proto in ["udp", "tcp"] {
+            c.rule(
+                "allow:dns",
+                vec![is(payload("ip6", "daddr"), net(router6)), dport(proto, 53), accept()],
+            );
+        }
+        // Without neighbour discovery IPv6 does not work on the link at all.
+        c.rule(
+            "allow:ndp",
+            vec![
+                is(
+                    payload("icmpv6", "type"),
+                    anon_set(vec![
+                        s("nd-neighbor-solicit"),
+                        s("nd-neighbor-advert"),
+                        s("nd-router-solicit"),
+                    ]),
+                ),
+                accept(),
+            ],
+        );
+    }
+    // Broadcasts and multicasts (mDNS, SSDP, …) to the router are dropped without an
+    // answer: rejecting them would make the router talk to the whole segment.
+    c.rule(
+        "deny:router",
+        vec![
+            is(
+                meta(MetaKey::Pkttype),
+                anon_set(vec![s("broadcast"), s("multicast")]),
+            ),
+            counter(),
+            drop(),
+        ],
+    );
+    c.reject("deny:router", vec![]);
+    c
+}
+
+/// Segment → anywhere but the router: the internet through the WAN, nothing else.
+fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
+    let bridge = std::slice::from_ref(&cfg.segment.bridge);
+    let mut c = ChainRules::new(NfFamily::INet, "segment_egress");
+    c.rule(
+        "deny:invalid",
+        vec![is(ct("state"), s("invalid")), counter(), drop()],
+    );
+    // Packets that answer a connection someone else opened into the segment. Only the
+    // admin hosts can open one (see `into_segment`), so these are their sessions.
+    c.rule(
+        "allow:replies",
+        vec![is(ct("direction"), s("reply")), accept()],
+    );
+    c.reject("deny:segment", vec![oifname(bridge)]);
+    c.reject("deny:lan", vec![oifname(&cfg.lan.devices)]);
+    c.reject(
+        "deny:private",
+        vec![is(payload("ip", "daddr"), set_ref("deny4"))],
+    );
+    c.reject(
+        "deny:private",
+        vec![is(payload("ip6", "daddr"), set_ref("deny6"))],
+    );
+    c.reject(
+        "deny:upstream",
+        vec![is(payload("ip", "daddr"), set_ref("upstream4"))],
+    );
+    c.reject(
+        "deny:upstream",
+        vec![is(payload("ip6", "daddr"), set_ref("upstream6"))],
+    );
+    if facts.wan_devices.is_empty() {
+        // Fail closed: with no WAN known there is no internet to allow.
+        c.reject("deny:no-wan", vec![]);
+    } else {
+        c.reject(
+            "deny:not-wan",
+            vec![is_not(meta(MetaKey::Oifname), names(&facts.wan_devices))],
+        );
+        c.rule("allow:internet", vec![counter(), accept()]);
+    }
+    c
+}
+
+/// Anything else → the segment: answers to the segment's own connections, and new
+/// connections from the admin hosts on the LAN; nothing else.
+fn into_segment(cfg: &Config) -> ChainRules {
+    let mut c = ChainRules::new(NfFamily::INet, "into_segment");
+    c.rule(
+        "allow:established",
+        vec![
+            is(ct("state"), anon_set(vec![s("established"), s("related")])),
+            accept(),
+        ],
+    );
+    let lan = &cfg.lan.devices;
+    if cfg.lan.admin_hosts.iter().any(|a| a.is_ipv4()) {
+        c.rule(
+            "allow:admin-host",
+            vec![
+                iifname(lan),
+                is(payload("ip", "saddr"), set_ref("admin4")),
+                is(ct("state"), s("new")),
+                accept(),
+            ],
+        );
+    }
+    if cfg.lan.admin_hosts.iter().any(|a| a.is_ipv6()) {
+        c.rule(
+            "allow:admin-host",
+            vec![
+                iifname(lan),
+                is(payload("ip6", "saddr"), set_ref("admin6")),
+                is(ct("state"), s("new")),
+                accept(),
+            ],
+        );
+    }
+    c.rule("deny:into-segment", vec![counter(), drop()]);
+    c
 }
