@@ -1,7 +1,16 @@
 //! The `cage` binary's library: everything but command-line parsing.
+//!
+//! `config` reads the configuration, `policy` renders it as nftables rules, `nft` is the
+//! only module that talks to nftables, `netlink` the only one that talks rtnetlink,
+//! `apply` strings them together, `daemon` keeps the policy in force, `status` reports,
+//! `probe` sends and witnesses test packets (lab and self-test).
 
+pub mod apply;
 pub mod config;
+pub mod daemon;
+pub mod log;
 pub mod netlink;
 pub mod nft;
 pub mod policy;
 pub mod probe;
+pub mod status;

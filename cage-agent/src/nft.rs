@@ -77,7 +77,36 @@ fn run(args: &[&str], stdin: Option<&str>, operation: &'static str) -> Result<St
 }
 
 fn json(rs: &Nftables) -> String {
-    serde_json::to_string(rs).expect("an nftables ruleset always serialises")
+    let mut v = serde_json::to_value(rs).expect("an nftables ruleset always serialises");
+    fix_meta_keys(&mut v);
+    v.to_string()
+}
+
+/// The `nftables` crate (0.6) names the bridge meta keys `ibridgename`/`obridgename`,
+/// which nft's JSON parser (1.0.x) rejects: it knows them as `ibrname`/`obrname`. Rename
+/// them in the serialised JSON until the crate does.
+fn fix_meta_keys(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Object(meta)) = map.get_mut("meta") {
+                if let Some(serde_json::Value::String(key)) = meta.get_mut("key") {
+                    match key.as_str() {
+                        "ibridgename" => *key = "ibrname".into(),
+                        "obridgename" => *key = "obrname".into(),
+                        _ => {}
+                    }
+                }
+            }
+            map.values_mut().for_each(fix_meta_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(fix_meta_keys),
+        _ => {}
+    }
+}
+
+/// The JSON that `apply` feeds to `nft -j -f -` (for `cage check --json`).
+pub fn to_json(rs: &Nftables) -> String {
+    json(rs)
 }
 
 /// Dry run: nft parses and evaluates the whole transaction but commits nothing.
@@ -93,6 +122,17 @@ pub fn check(rs: &Nftables) -> Result<(), NftError> {
 /// Apply the transaction: all of it or, if the kernel refuses any part, none of it.
 pub fn apply(rs: &Nftables) -> Result<(), NftError> {
     run(&["-j", "-f", "-"], Some(&json(rs)), "apply the ruleset").map(|_| ())
+}
+
+/// Whether this kernel matches bridged frames by bridge name (`meta ibrname` in the
+/// bridge family, module nft_meta_bridge). Asked with a dry run that commits nothing.
+pub fn supports_bridge_meta() -> bool {
+    let probe = r#"{"nftables":[
+        {"add":{"table":{"family":"bridge","name":"cage_probe"}}},
+        {"add":{"chain":{"family":"bridge","table":"cage_probe","name":"f","type":"filter","hook":"forward","prio":0,"policy":"accept"}}},
+        {"add":{"rule":{"family":"bridge","table":"cage_probe","chain":"f","expr":[
+            {"match":{"op":"==","left":{"meta":{"key":"ibrname"}},"right":"cage_probe"}},{"drop":null}]}}}]}"#;
+    run(&["--check", "-j", "-f", "-"], Some(probe), "probe for nft_meta_bridge").is_ok()
 }
 
 /// Remove Cage's tables (both families) in one transaction. Returns whether any existed.
@@ -404,6 +444,10 @@ fn expr(e: &Expression, quote: bool) -> String {
                     MetaKey::Iifname | MetaKey::Oifname | MetaKey::Iif | MetaKey::Oif
                 ) {
                     key.to_owned()
+                } else if m.key == MetaKey::Ibridgename {
+                    "meta ibrname".to_owned()
+                } else if m.key == MetaKey::Obridgename {
+                    "meta obrname".to_owned()
                 } else {
                     format!("meta {key}")
                 }

@@ -54,6 +54,10 @@ pub struct Facts {
     pub upstream4: Vec<Ipv4Net>,
     /// Subnets of the WAN devices' own global IPv6 addresses plus configured ones.
     pub upstream6: Vec<Ipv6Net>,
+    /// Whether the kernel can match a bridged frame by its bridge (`meta ibrname`, module
+    /// nft_meta_bridge, CONFIG_NFT_BRIDGE_META). Without it the layer-2 rule names the
+    /// segment's ports instead. Detected by `nft::supports_bridge_meta`.
+    pub bridge_meta: bool,
 }
 
 /// IPv4 destinations a caged host may never reach, whatever the route: private (RFC 1918),
@@ -528,10 +532,23 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
         PRIO_BRIDGE_FILTER,
     ));
     let mut l2 = ChainRules::new(NfFamily::Bridge, "forward");
-    l2.rule(
-        "deny:segment-l2",
-        vec![is(meta(MetaKey::Ibridgename), s(seg.bridge.clone())), counter(), drop()],
-    );
+    if facts.bridge_meta {
+        l2.rule(
+            "deny:segment-l2",
+            vec![
+                is(meta(MetaKey::Ibridgename), s(seg.bridge.clone())),
+                counter(),
+                drop(),
+            ],
+        );
+    } else if !seg.ports.is_empty() {
+        // Kernels without nft_meta_bridge: the frames that enter through one of the
+        // segment's configured ports.
+        l2.rule(
+            "deny:segment-l2",
+            vec![iifname(&seg.ports), counter(), drop()],
+        );
+    }
 
     let mut objects = Vec::new();
     for r in rules {
@@ -774,4 +791,100 @@ fn into_segment(cfg: &Config) -> ChainRules {
     }
     c.rule("deny:into-segment", vec![counter(), drop()]);
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Lan, Main, Segment, Wan, WanDevices};
+
+    pub(crate) fn lab_config() -> Config {
+        Config {
+            main: Main {
+                state_dir: "/etc/cage".into(),
+                log_dir: "/tmp/cage".into(),
+                web_listen: "192.168.8.1:8080".parse().unwrap(),
+            },
+            segment: Segment {
+                bridge: "br-cage".into(),
+                address: "192.168.10.1/24".parse().unwrap(),
+                ipv6: true,
+                address6: Some("fd00:cafe:10::1/64".parse().unwrap()),
+                ports: vec!["cage1".into(), "cage2".into()],
+                vlan: None,
+            },
+            lan: Lan {
+                devices: vec!["br-lan".into()],
+                admin_hosts: vec!["192.168.8.20".parse().unwrap()],
+            },
+            wan: Wan {
+                devices: WanDevices::List(vec!["wan".into()]),
+                masquerade: true,
+                upstream_subnets: vec![],
+            },
+        }
+    }
+
+    pub(crate) fn lab_facts_pub() -> Facts {
+        lab_facts()
+    }
+
+    fn lab_facts() -> Facts {
+        Facts {
+            wan_devices: vec!["wan".into()],
+            upstream4: vec!["10.99.0.0/24".parse().unwrap()],
+            upstream6: vec!["2001:db8:99::/64".parse().unwrap()],
+            bridge_meta: false,
+        }
+    }
+
+    #[test]
+    fn deny6_embeds_private_ipv4_in_nat64_and_6to4() {
+        let d = deny6();
+        assert!(d.contains(&"64:ff9b::a00:0/104".parse().unwrap()));
+        assert!(d.contains(&"2002:c0a8::/32".parse().unwrap()));
+        assert!(d.contains(&"fc00::/7".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_deny_rule_is_counted() {
+        let rs = render(&lab_config(), &lab_facts());
+        let json = serde_json::to_value(&rs).unwrap();
+        let mut denies = 0;
+        for o in json["nftables"].as_array().unwrap() {
+            let Some(rule) = o.get("add").and_then(|a| a.get("rule")) else {
+                continue;
+            };
+            let comment = rule["comment"].as_str().unwrap();
+            let exprs = rule["expr"].as_array().unwrap();
+            if comment.starts_with("deny:") {
+                denies += 1;
+                assert!(
+                    exprs.iter().any(|e| e.get("counter").is_some()),
+                    "{comment} has no counter"
+                );
+            }
+        }
+        assert!(denies > 20, "only {denies} deny rules");
+    }
+
+    #[test]
+    fn no_wan_means_no_internet() {
+        let rs = render(&lab_config(), &Facts::default());
+        let text = crate::nft::to_text(&rs);
+        assert!(text.contains("comment \"deny:no-wan\""));
+        assert!(!text.contains("allow:internet"));
+        assert!(!text.contains("masquerade"));
+    }
+}
+
+#[cfg(test)]
+mod dump {
+    #[test]
+    #[ignore]
+    fn dump_lab_ruleset() {
+        let rs = super::render(&super::tests::lab_config(), &super::tests::lab_facts_pub());
+        std::fs::write("/tmp/cage-lab.json", crate::nft::to_json(&rs)).unwrap();
+        std::fs::write("/tmp/cage-lab.nft", crate::nft::to_text(&rs)).unwrap();
+    }
 }

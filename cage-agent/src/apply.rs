@@ -1,0 +1,65 @@
+//! The one path from a configuration file to enforced policy, shared by `cage check`,
+//! `cage apply` and `cage run`: load → validate → detect → render → `nft --check` →
+//! apply the policy → set up the segment. Any failure before "apply" changes nothing.
+
+use std::path::Path;
+
+use nftables::schema::Nftables;
+
+use crate::config::{self, Config};
+use crate::netlink;
+use crate::nft;
+use crate::policy::{self, Facts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Config(#[from] config::LoadError),
+    #[error("cannot detect the WAN devices and addresses: {0}")]
+    Detect(#[source] netlink::NetlinkError),
+    #[error("the rendered policy did not pass the dry run, nothing was changed: {0}")]
+    Check(#[source] nft::NftError),
+    #[error("applying the policy failed; the kernel keeps the policy it had: {0}")]
+    Apply(#[source] nft::NftError),
+    #[error("the policy is applied, but setting up the segment failed: {0}")]
+    Segment(#[source] netlink::NetlinkError),
+}
+
+/// A configuration turned into a ruleset that nft has accepted in a dry run.
+pub struct Checked {
+    pub config: Config,
+    pub facts: Facts,
+    pub ruleset: Nftables<'static>,
+}
+
+/// Load, validate, detect and render, then dry-run the ruleset with `nft --check`.
+pub async fn check(path: &Path) -> Result<Checked, ApplyError> {
+    let config = config::load(path)?;
+    check_config(config).await
+}
+
+/// Detect, render and dry-run an already validated configuration.
+pub async fn check_config(config: Config) -> Result<Checked, ApplyError> {
+    let mut facts = netlink::detect_facts(&config)
+        .await
+        .map_err(ApplyError::Detect)?;
+    facts.bridge_meta = nft::supports_bridge_meta();
+    let ruleset = policy::render(&config, &facts);
+    nft::check(&ruleset).map_err(ApplyError::Check)?;
+    Ok(Checked {
+        config,
+        facts,
+        ruleset,
+    })
+}
+
+/// Enforce a checked ruleset, then make the segment exist. The policy goes first: its
+/// rules match the segment by name, so they hold before the bridge and ports are up and
+/// no port is ever in the bridge without the policy in force.
+pub async fn enforce(checked: &Checked) -> Result<Vec<String>, ApplyError> {
+    nft::apply(&checked.ruleset).map_err(ApplyError::Apply)?;
+    let report = netlink::setup_segment(&checked.config)
+        .await
+        .map_err(ApplyError::Segment)?;
+    Ok(report.actions)
+}

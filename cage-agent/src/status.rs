@@ -1,0 +1,189 @@
+//! `cage status`: is the cage enforced, is the daemon up, what has it denied.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config;
+use crate::daemon::{self, DaemonState};
+use crate::netlink::{self, PortState};
+use crate::nft::{self, Count};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Whether Cage's tables are in the kernel: the cage holds whether or not the daemon runs.
+    pub enforcing: bool,
+    pub config: String,
+    /// The configuration's validation error, if it has one.
+    pub config_error: Option<String>,
+    pub daemon: Option<DaemonState>,
+    pub daemon_running: bool,
+    /// Denied packets by rule (`deny:lan`, `deny:router`, …).
+    pub denied: BTreeMap<String, Count>,
+    pub denied_total: u64,
+    pub ports: Vec<PortState>,
+    pub problems: Vec<String>,
+}
+
+/// Whether a process with this pid is a running `cage`.
+pub fn cage_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim() == "cage")
+        .unwrap_or(false)
+}
+
+pub async fn gather(config_path: &Path) -> Status {
+    let mut problems = Vec::new();
+    let cfg = config::load(config_path);
+    let config_error = cfg.as_ref().err().map(|e| e.to_string());
+    let counters = match nft::counters() {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(format!("cannot read Cage's tables: {e}"));
+            None
+        }
+    };
+    let enforcing = counters.is_some();
+    if !enforcing {
+        problems.push("Cage's tables are not in the kernel: the segment is NOT caged".into());
+    }
+    let denied: BTreeMap<String, Count> = counters
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("deny:"))
+        .collect();
+    let denied_total = denied.values().map(|c| c.packets).sum();
+
+    let (daemon, ports) = match &cfg {
+        Ok(cfg) => {
+            let state: Option<DaemonState> =
+                std::fs::read(daemon::state_path(&cfg.main.log_dir))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+            let ports = match netlink::port_states(cfg).await {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(format!("cannot read the segment's ports: {e}"));
+                    vec![]
+                }
+            };
+            for p in &ports {
+                if p.exists && !p.isolated {
+                    problems.push(format!("port {} is not isolated", p.name));
+                }
+                if p.exists && !p.in_bridge {
+                    problems.push(format!("port {} is not in {}", p.name, cfg.segment.bridge));
+                }
+            }
+            (state, ports)
+        }
+        Err(_) => (None, vec![]),
+    };
+    let daemon_running = daemon.as_ref().is_some_and(|d| cage_running(d.pid));
+    if let Some(e) = daemon.as_ref().and_then(|d| d.last_error.clone()) {
+        if daemon_running {
+            problems.push(format!("the daemon's last apply failed: {e}"));
+        }
+    }
+    Status {
+        enforcing,
+        config: config_path.display().to_string(),
+        config_error,
+        daemon,
+        daemon_running,
+        denied,
+        denied_total,
+        ports,
+        problems,
+    }
+}
+
+pub fn render_text(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "cage:    {}",
+        if s.enforcing {
+            "ENFORCING (the kernel holds the policy)"
+        } else {
+            "NOT ENFORCING"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "config:  {}{}",
+        s.config,
+        if s.config_error.is_some() {
+            " (INVALID, see below)"
+        } else {
+            " (valid)"
+        }
+    );
+    match (&s.daemon, s.daemon_running) {
+        (Some(d), true) => {
+            let _ = writeln!(
+                o,
+                "daemon:  running, pid {}, {} apply(s), WAN {}",
+                d.pid,
+                d.applies,
+                if d.wan_devices.is_empty() {
+                    "none".into()
+                } else {
+                    d.wan_devices.join(", ")
+                }
+            );
+        }
+        _ => {
+            let _ = writeln!(o, "daemon:  not running (the policy in the kernel still holds)");
+        }
+    }
+    for p in &s.ports {
+        let _ = writeln!(
+            o,
+            "port:    {:<12} {}{}{}",
+            p.name,
+            if p.exists { "present" } else { "absent" },
+            if p.in_bridge { ", in bridge" } else { "" },
+            if p.isolated { ", isolated" } else { "" },
+        );
+    }
+    let _ = writeln!(o, "denied:  {} packets", s.denied_total);
+    for (k, c) in &s.denied {
+        if c.packets > 0 {
+            let _ = writeln!(o, "         {:<26} {:>10} packets", k, c.packets);
+        }
+    }
+    if let Some(e) = &s.config_error {
+        let _ = writeln!(o, "\n{e}");
+    }
+    for p in &s.problems {
+        let _ = writeln!(o, "PROBLEM: {p}");
+    }
+    o
+}
+
+/// Stop a running `cage run` (SIGTERM, then wait up to 5 s). Used by `cage disable`,
+/// which would otherwise see the daemon restore the tables it removed.
+pub fn stop_daemon(log_dir: &Path) -> anyhow::Result<()> {
+    let Some(state): Option<DaemonState> = std::fs::read(daemon::state_path(log_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    else {
+        return Ok(());
+    };
+    if !cage_running(state.pid) || state.pid == std::process::id() {
+        return Ok(());
+    }
+    eprintln!("cage: stopping the daemon (pid {})", state.pid);
+    // SAFETY: kill(2) with a pid read from our own state file, checked to be a `cage`.
+    unsafe { libc::kill(state.pid as i32, libc::SIGTERM) };
+    for _ in 0..50 {
+        if !cage_running(state.pid) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("the daemon (pid {}) did not stop within 5 s", state.pid)
+}
