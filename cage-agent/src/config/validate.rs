@@ -1,9 +1,22 @@
 //! `RawConfig` → `Config`: types, ranges, cross-checks, and errors that say where and what.
+//!
+//! Validation never stops at the first problem: every section and option is looked at,
+//! and every error found is returned, sorted by line, so that one `cage check` shows all
+//! that is wrong with a file.
+//!
+//! Places are written the way `uci show` writes them: `cage.ai.address` for a named
+//! section, `cage.@segment[0].address` for an anonymous one (the index counts every
+//! section of that type, named or not, as uci does).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 
-use super::uci::RawConfig;
-use super::Config;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::uci::{printable, RawConfig, RawOption};
+use super::{Config, Lan, Main, Segment, Wan, WanDevices};
 
 /// One problem in a configuration, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +50,11 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(f, "{n} error{} in configuration", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{n} error{} in configuration",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.0 {
             write!(f, "\n  {e}")?;
         }
@@ -47,6 +64,1068 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-pub fn validate(_raw: &RawConfig) -> Result<Config, ConfigErrors> {
-    todo!("validation")
+// ---------------------------------------------------------------------------------------
+// The schema: which section types exist and which options each takes.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arity {
+    /// `option NAME VALUE`, at most once.
+    One,
+    /// `list NAME VALUE`, any number of times (a lone `option` counts as a one-element
+    /// list, as in uci).
+    Many,
+}
+
+struct SectionType {
+    kind: &'static str,
+    /// What the section is called in the example configuration; only used to name a
+    /// section that is missing from the file.
+    usual_name: &'static str,
+    options: &'static [(&'static str, Arity)],
+}
+
+const CAGE: SectionType = SectionType {
+    kind: "cage",
+    usual_name: "main",
+    options: &[
+        ("state_dir", Arity::One),
+        ("log_dir", Arity::One),
+        ("web_listen", Arity::One),
+    ],
+};
+const SEGMENT: SectionType = SectionType {
+    kind: "segment",
+    usual_name: "ai",
+    options: &[
+        ("bridge", Arity::One),
+        ("address", Arity::One),
+        ("ipv6", Arity::One),
+        ("address6", Arity::One),
+        ("port", Arity::Many),
+        ("vlan", Arity::One),
+    ],
+};
+const LAN: SectionType = SectionType {
+    kind: "lan",
+    usual_name: "lan",
+    options: &[("device", Arity::Many), ("admin_host", Arity::Many)],
+};
+const WAN: SectionType = SectionType {
+    kind: "wan",
+    usual_name: "wan",
+    options: &[
+        ("device", Arity::Many),
+        ("masquerade", Arity::One),
+        ("upstream_subnet", Arity::Many),
+    ],
+};
+const TYPES: [&SectionType; 4] = [&CAGE, &SEGMENT, &LAN, &WAN];
+
+const DEFAULT_STATE_DIR: &str = "/etc/cage";
+const DEFAULT_LOG_DIR: &str = "/tmp/cage";
+const DEFAULT_WEB_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 8, 1)), 8080);
+const DEFAULT_BRIDGE: &str = "br-cage";
+const DEFAULT_LAN_DEVICE: &str = "br-lan";
+
+fn default_address() -> Ipv4Net {
+    // A constant /24 always builds; the fallback only keeps this free of unwrap().
+    Ipv4Net::new(Ipv4Addr::new(192, 168, 10, 1), 24).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation.
+
+pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
+    let mut v = Validator::default();
+    let sections = v.sections(raw);
+    let [cage, segment, lan, wan] = sections;
+
+    // Section by section: every option parsed into its type on its own.
+    let state_dir = v.one(&cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
+        absolute_path(s, DEFAULT_STATE_DIR)
+    });
+    let log_dir = v.one(&cage, "log_dir", PathBuf::from(DEFAULT_LOG_DIR), |s| {
+        absolute_path(s, DEFAULT_LOG_DIR)
+    });
+    let web_listen = v.one(&cage, "web_listen", DEFAULT_WEB_LISTEN, web_listen);
+
+    let bridge = v.one(&segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
+        interface(s, "br-cage")
+    });
+    let address = v.one(&segment, "address", default_address(), address4);
+    let ipv6 = v.one(&segment, "ipv6", false, boolean);
+    let address6 = v.one(&segment, "address6", None, |s| address6(s).map(Some));
+    let ports = v.many(&segment, "port", |s| interface(s, "lan3"));
+    let vlan = v.one(&segment, "vlan", None, |s| vlan_id(s).map(Some));
+
+    if ipv6.value && address6.value.is_none() && address6.valid {
+        // ipv6 is off by default, so it is on only when it was written down.
+        v.error(
+            &segment,
+            "ipv6",
+            ipv6.line.unwrap_or(segment.line),
+            "IPv6 is on but address6 is not set; add the router's IPv6 address on the \
+             segment, e.g. option address6 'fd00:cafe:10::1/64', or set ipv6 '0'"
+                .into(),
+        );
+    }
+
+    let lan_devices = if lan.has("device") {
+        v.many(&lan, "device", |s| interface(s, "br-lan"))
+    } else {
+        vec![Given {
+            value: DEFAULT_LAN_DEVICE.to_owned(),
+            line: None,
+        }]
+    };
+    let admin_hosts = v.many(&lan, "admin_host", admin_host);
+
+    let wan_devices = v.wan_devices(&wan);
+    let masquerade = v.one(&wan, "masquerade", true, boolean);
+    let upstream_subnets = v.many(&wan, "upstream_subnet", network);
+
+    // Cross-checks, between options that are each valid on their own.
+    let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
+    let seg6 = match (ipv6.value, address6.value) {
+        (true, Some(a)) => Some(IpNet::V6(a.trunc())),
+        _ => None,
+    };
+    let segment_nets: Vec<IpNet> = seg4.into_iter().chain(seg6).collect();
+
+    // Each device has one role: the segment's bridge, a segment port, a LAN device or a
+    // WAN device. Anything else would put the cage and the networks it is kept from on
+    // the same wire.
+    let mut claims: Vec<Claim> = Vec::new();
+    if bridge.valid {
+        claims.push(Claim::new(
+            &segment,
+            "bridge",
+            Role::Bridge,
+            &bridge.as_given(),
+        ));
+    }
+    claims.extend(
+        ports
+            .iter()
+            .map(|p| Claim::new(&segment, "port", Role::Port, p)),
+    );
+    claims.extend(
+        lan_devices
+            .iter()
+            .map(|d| Claim::new(&lan, "device", Role::Lan, d)),
+    );
+    if let Some(devices) = &wan_devices {
+        claims.extend(
+            devices
+                .iter()
+                .map(|d| Claim::new(&wan, "device", Role::Wan, d)),
+        );
+    }
+    v.distinct_devices(&claims);
+
+    for host in &admin_hosts {
+        for net in &segment_nets {
+            if net.contains(&host.value) {
+                v.error(
+                    &lan,
+                    "admin_host",
+                    host.line.unwrap_or(lan.line),
+                    format!(
+                        "'{}' is inside the segment {net}; an admin host is a LAN host \
+                         outside the cage, e.g. 192.168.8.10",
+                        host.value
+                    ),
+                );
+            }
+        }
+    }
+
+    if web_listen.valid {
+        for net in &segment_nets {
+            if !net.contains(&web_listen.value.ip()) {
+                continue;
+            }
+            // Put the error on whichever of the two was written down.
+            if let Some(line) = web_listen.line {
+                v.error(
+                    &cage,
+                    "web_listen",
+                    line,
+                    format!(
+                        "'{}' is inside the segment {net}; the web UI must never be served \
+                         on the segment: give a LAN address of the router, e.g. 192.168.8.1:8080",
+                        web_listen.value
+                    ),
+                );
+            } else {
+                let option = if net.addr().is_ipv4() {
+                    "address"
+                } else {
+                    "address6"
+                };
+                let line = if option == "address" {
+                    address.line
+                } else {
+                    address6.line
+                };
+                v.error(
+                    &segment,
+                    option,
+                    line.unwrap_or(segment.line),
+                    format!(
+                        "the segment {net} contains the web UI's default address {}; \
+                         the web UI must never be served on the segment: choose a segment \
+                         subnet apart from the LAN, e.g. 192.168.10.1/24, or set web_listen \
+                         in the cage section",
+                        web_listen.value
+                    ),
+                );
+            }
+        }
+    }
+
+    for upstream in &upstream_subnets {
+        for net in &segment_nets {
+            if net.contains(&upstream.value) || upstream.value.contains(net) {
+                v.error(
+                    &wan,
+                    "upstream_subnet",
+                    upstream.line.unwrap_or(wan.line),
+                    format!(
+                        "'{}' overlaps the segment {net}; upstream networks are denied to \
+                         the segment, so they must lie outside it: change this network or \
+                         the segment's address",
+                        upstream.value
+                    ),
+                );
+            }
+        }
+    }
+
+    if !v.errors.is_empty() {
+        let mut errors = v.errors;
+        errors.sort_by_key(|e| e.line);
+        return Err(ConfigErrors(errors));
+    }
+
+    Ok(Config {
+        main: Main {
+            state_dir: state_dir.value,
+            log_dir: log_dir.value,
+            web_listen: web_listen.value,
+        },
+        segment: Segment {
+            bridge: bridge.value,
+            address: address.value,
+            ipv6: ipv6.value,
+            // address6 is checked even when IPv6 is off, but only used when it is on.
+            address6: if ipv6.value { address6.value } else { None },
+            ports: ports.into_iter().map(|p| p.value).collect(),
+            vlan: vlan.value,
+        },
+        lan: Lan {
+            devices: lan_devices.into_iter().map(|d| d.value).collect(),
+            admin_hosts: admin_hosts.into_iter().map(|h| h.value).collect(),
+        },
+        wan: Wan {
+            devices: match wan_devices {
+                None => WanDevices::Auto,
+                Some(devices) => WanDevices::List(devices.into_iter().map(|d| d.value).collect()),
+            },
+            masquerade: masquerade.value,
+            upstream_subnets: upstream_subnets.into_iter().map(|u| u.value).collect(),
+        },
+    })
+}
+
+/// A value and the line it was written on; `None` for a default.
+#[derive(Debug, Clone)]
+struct Given<T> {
+    value: T,
+    line: Option<usize>,
+}
+
+/// A scalar option: its value (the default when absent or invalid), its line, and
+/// whether it may take part in cross-checks (false when it was invalid).
+#[derive(Debug, Clone)]
+struct Scalar<T> {
+    value: T,
+    line: Option<usize>,
+    valid: bool,
+}
+
+impl<T: Clone> Scalar<T> {
+    fn as_given(&self) -> Given<T> {
+        Given {
+            value: self.value.clone(),
+            line: self.line,
+        }
+    }
+}
+
+/// One section of each known type as the validator sees it, the options grouped by name.
+/// A section missing from the file is an empty `Section`: all its options default.
+struct Section<'a> {
+    label: String,
+    line: usize,
+    options: HashMap<&'static str, Vec<&'a RawOption>>,
+}
+
+impl Section<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.options.get(name).is_some_and(|o| !o.is_empty())
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn error(&mut self, section: &Section, option: &str, line: usize, message: String) {
+        self.errors.push(ConfigError {
+            section: Some(section.label.clone()),
+            option: Some(option.to_owned()),
+            line,
+            message,
+        });
+    }
+
+    fn section_error(&mut self, label: &str, line: usize, message: String) {
+        self.errors.push(ConfigError {
+            section: Some(label.to_owned()),
+            option: None,
+            line,
+            message,
+        });
+    }
+
+    /// Sort the sections by type, one of each, and the options of each by name, with
+    /// every structural problem reported: unknown types, a type given twice, names used
+    /// twice, unknown options, `list` for a single-valued option, an option set twice.
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 4] {
+        let mut found: [Option<Section<'a>>; 4] = [None, None, None, None];
+        let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
+        let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
+
+        for section in &raw.sections {
+            let index = count_by_kind.entry(section.kind.as_str()).or_default();
+            let label = match &section.name {
+                Some(name) => name.clone(),
+                None => format!("@{}[{index}]", section.kind),
+            };
+            *index += 1;
+
+            if let Some(name) = &section.name {
+                if let Some((kind, line)) = names.insert(name, (&section.kind, section.line)) {
+                    self.section_error(
+                        &label,
+                        section.line,
+                        format!(
+                            "the name '{name}' is already used by the {kind} section on line \
+                             {line}; every section needs a name of its own (or none)"
+                        ),
+                    );
+                    continue;
+                }
+            }
+
+            let Some(slot) = TYPES.iter().position(|t| t.kind == section.kind) else {
+                let kinds: Vec<&str> = TYPES.iter().map(|t| t.kind).collect();
+                let message = match nearest(&section.kind, kinds.iter().copied()) {
+                    Some(near) => format!(
+                        "unknown section type '{}'; did you mean '{near}'?",
+                        section.kind
+                    ),
+                    None => format!(
+                        "unknown section type '{}'; Cage's sections are {}",
+                        section.kind,
+                        kinds.join(", ")
+                    ),
+                };
+                self.section_error(&label, section.line, message);
+                continue;
+            };
+            let ty = TYPES[slot];
+
+            if let Some(first) = &found[slot] {
+                self.section_error(
+                    &label,
+                    section.line,
+                    format!(
+                        "a second {} section (the first is cage.{} on line {}); Cage reads \
+                         one, so merge the two",
+                        ty.kind, first.label, first.line
+                    ),
+                );
+                continue;
+            }
+
+            let mut options: HashMap<&'static str, Vec<&'a RawOption>> = HashMap::new();
+            let this = Section {
+                label,
+                line: section.line,
+                options: HashMap::new(),
+            };
+            for option in &section.options {
+                let Some(&(name, arity)) = ty.options.iter().find(|(n, _)| *n == option.name)
+                else {
+                    self.error(
+                        &this,
+                        &option.name,
+                        option.line,
+                        unknown_option(&option.name, ty),
+                    );
+                    continue;
+                };
+                let entries = options.entry(name).or_default();
+                match arity {
+                    Arity::One if option.is_list => {
+                        self.error(
+                            &this,
+                            name,
+                            option.line,
+                            format!(
+                                "'{name}' takes a single value, not a list; write \
+                                 option {name} 'VALUE'"
+                            ),
+                        );
+                        // Still check the value, unless the option was already set.
+                        if entries.is_empty() {
+                            entries.push(option);
+                        }
+                    }
+                    Arity::One => {
+                        if let Some(first) = entries.first() {
+                            self.error(
+                                &this,
+                                name,
+                                option.line,
+                                format!(
+                                    "'{name}' is set twice (first on line {}); uci would \
+                                     keep only the last, so keep one line",
+                                    first.line
+                                ),
+                            );
+                        } else {
+                            entries.push(option);
+                        }
+                    }
+                    Arity::Many => entries.push(option),
+                }
+            }
+            // A lone `option` is a one-element list, as in uci; but an `option` among
+            // other lines of the same name replaces or merges them depending on the
+            // order, so ask for `list` lines only.
+            for &(name, arity) in ty.options {
+                if arity != Arity::Many {
+                    continue;
+                }
+                let Some(entries) = options.get_mut(name) else {
+                    continue;
+                };
+                if entries.len() > 1 {
+                    for option in entries.iter().filter(|o| !o.is_list) {
+                        self.error(
+                            &this,
+                            name,
+                            option.line,
+                            format!(
+                                "'option {name}' among other '{name}' lines; uci would \
+                                 replace or merge them depending on the order: write every \
+                                 value as list {name} 'VALUE'"
+                            ),
+                        );
+                    }
+                    entries.retain(|o| o.is_list);
+                }
+            }
+            found[slot] = Some(Section { options, ..this });
+        }
+
+        let mut slots = found.into_iter();
+        TYPES.map(|ty| {
+            slots.next().flatten().unwrap_or_else(|| Section {
+                label: ty.usual_name.to_owned(),
+                line: 0,
+                options: HashMap::new(),
+            })
+        })
+    }
+
+    /// A single-valued option: parsed, or its default.
+    fn one<T>(
+        &mut self,
+        section: &Section,
+        name: &str,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Scalar<T> {
+        let Some(option) = section.options.get(name).and_then(|o| o.first()) else {
+            return Scalar {
+                value: default,
+                line: None,
+                valid: true,
+            };
+        };
+        match parse(&option.value) {
+            Ok(value) => Scalar {
+                value,
+                line: Some(option.line),
+                valid: true,
+            },
+            Err(message) => {
+                self.error(section, name, option.line, message);
+                Scalar {
+                    value: default,
+                    line: Some(option.line),
+                    valid: false,
+                }
+            }
+        }
+    }
+
+    /// A list option: the values that parse (the others are reported).
+    fn many<T>(
+        &mut self,
+        section: &Section,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<Given<T>> {
+        let mut values = Vec::new();
+        for option in section.options.get(name).into_iter().flatten() {
+            match parse(&option.value) {
+                Ok(value) => values.push(Given {
+                    value,
+                    line: Some(option.line),
+                }),
+                Err(message) => self.error(section, name, option.line, message),
+            }
+        }
+        values
+    }
+
+    /// The WAN devices: `None` for auto-detection (no device, or `device 'auto'` alone).
+    fn wan_devices(&mut self, wan: &Section) -> Option<Vec<Given<String>>> {
+        let entries = wan
+            .options
+            .get("device")
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        match entries {
+            [] => return None,
+            [only] if only.value == "auto" => return None,
+            _ => {}
+        }
+        for auto in entries.iter().filter(|o| o.value == "auto") {
+            self.error(
+                wan,
+                "device",
+                auto.line,
+                "'auto' stands for the devices of the default routes and can't be mixed \
+                 with named devices; list device 'auto' alone, or name every WAN device"
+                    .into(),
+            );
+        }
+        let named = Section {
+            label: wan.label.clone(),
+            line: wan.line,
+            options: HashMap::from([(
+                "device",
+                entries
+                    .iter()
+                    .copied()
+                    .filter(|o| o.value != "auto")
+                    .collect(),
+            )]),
+        };
+        Some(self.many(&named, "device", |s| interface(s, "eth0")))
+    }
+
+    /// No device may have two roles, nor one role twice.
+    fn distinct_devices(&mut self, claims: &[Claim]) {
+        for (i, claim) in claims.iter().enumerate() {
+            let Some(other) = claims[..i].iter().find(|c| c.device == claim.device) else {
+                continue;
+            };
+            // Report on the claim that was written down; when both were, on the later.
+            let (at, other) = match (claim.line, other.line) {
+                (Some(_), _) => (claim, other),
+                (None, Some(_)) => (other, claim),
+                (None, None) => continue,
+            };
+            let Some(line) = at.line else { continue };
+            let message = if at.role == other.role {
+                format!(
+                    "'{}' is listed twice ({}); list each device once",
+                    at.device,
+                    other.place()
+                )
+            } else {
+                format!(
+                    "'{}' is also {} ({}); the segment's bridge, its ports, the LAN devices \
+                     and the WAN devices must all be different devices",
+                    at.device,
+                    other.role.describe(),
+                    other.place()
+                )
+            };
+            self.errors.push(ConfigError {
+                section: Some(at.section.clone()),
+                option: Some(at.option.to_owned()),
+                line,
+                message,
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Bridge,
+    Port,
+    Lan,
+    Wan,
+}
+
+impl Role {
+    fn describe(self) -> &'static str {
+        match self {
+            Role::Bridge => "the segment's bridge",
+            Role::Port => "a segment port",
+            Role::Lan => "a LAN device",
+            Role::Wan => "a WAN device",
+        }
+    }
+}
+
+/// A device named in one role, and where.
+struct Claim {
+    device: String,
+    role: Role,
+    section: String,
+    option: &'static str,
+    line: Option<usize>,
+}
+
+impl Claim {
+    fn new(section: &Section, option: &'static str, role: Role, given: &Given<String>) -> Self {
+        Claim {
+            device: given.value.clone(),
+            role,
+            section: section.label.clone(),
+            option,
+            line: given.line,
+        }
+    }
+
+    fn place(&self) -> String {
+        match self.line {
+            Some(line) => format!("cage.{}.{}, line {line}", self.section, self.option),
+            None => format!("the default {}", self.option),
+        }
+    }
+}
+
+/// "unknown option 'adress'; did you mean 'address'?", or the list of what is known.
+fn unknown_option(name: &str, ty: &SectionType) -> String {
+    let here: Vec<&str> = ty.options.iter().map(|(n, _)| *n).collect();
+    if let Some(near) = nearest(name, here.iter().copied()) {
+        return format!("unknown option '{name}'; did you mean '{near}'?");
+    }
+    let elsewhere: Vec<&str> = TYPES
+        .iter()
+        .filter(|t| t.kind != ty.kind && t.options.iter().any(|(n, _)| *n == name))
+        .map(|t| t.kind)
+        .collect();
+    if elsewhere.is_empty() {
+        format!(
+            "unknown option '{name}'; a {} section takes {}",
+            ty.kind,
+            here.join(", ")
+        )
+    } else {
+        format!(
+            "unknown option '{name}' in a {} section ('{name}' belongs in the {} section); \
+             a {} section takes {}",
+            ty.kind,
+            elsewhere.join(" and "),
+            ty.kind,
+            here.join(", ")
+        )
+    }
+}
+
+/// The known name closest to a misspelt one, if any is close enough to be a likely typo.
+fn nearest<'a>(word: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let word = word.to_ascii_lowercase();
+    known
+        .filter_map(|k| {
+            let distance = strsim::damerau_levenshtein(&word, k);
+            let close = distance <= (k.len() / 3).max(1)
+                || (word.len() >= 4 && (k.starts_with(&word) || word.starts_with(k)));
+            close.then_some((distance, k))
+        })
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, k)| k)
+}
+
+// ---------------------------------------------------------------------------------------
+// Value types. Each returns a message that says what is wrong and what would be accepted.
+
+fn boolean(s: &str) -> Result<bool, String> {
+    // The words OpenWrt's `config_get_bool` knows, case and all.
+    match s {
+        "1" | "yes" | "on" | "true" | "enabled" => Ok(true),
+        "0" | "no" | "off" | "false" | "disabled" => Ok(false),
+        _ => Err(format!(
+            "'{}' is not a boolean; use '1' or '0' (or yes/no, on/off, true/false, \
+             enabled/disabled)",
+            printable(s)
+        )),
+    }
+}
+
+/// A Linux interface name, as the kernel's `dev_valid_name()` accepts it.
+fn interface(s: &str, example: &str) -> Result<String, String> {
+    let why = if s.is_empty() {
+        Some("it is empty")
+    } else if s.len() > 15 {
+        Some("it is longer than 15 bytes")
+    } else if s == "." || s == ".." {
+        Some("'.' and '..' are not names")
+    } else if s.contains('/') {
+        Some("it contains '/'")
+    } else if s.contains(':') {
+        Some("it contains ':'")
+    } else if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("it contains a blank or a control character")
+    } else {
+        None
+    };
+    match why {
+        None => Ok(s.to_owned()),
+        Some(why) => Err(format!(
+            "'{}' is not a valid interface name ({why}); Linux interface names are 1 to 15 \
+             bytes with no '/', ':' or blanks, e.g. {example}",
+            printable(s)
+        )),
+    }
+}
+
+fn absolute_path(s: &str, example: &str) -> Result<PathBuf, String> {
+    if s.starts_with('/') && !s.chars().any(char::is_control) {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(format!(
+            "'{}' is not an absolute path; give one that starts with '/', e.g. {example}",
+            printable(s)
+        ))
+    }
+}
+
+fn web_listen(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        format!(
+            "'{}' is not an IP address with a port, e.g. 192.168.8.1:8080 or [fd00::1]:8080",
+            printable(s)
+        )
+    })?;
+    let ip = addr.ip();
+    if ip.is_unspecified() {
+        return Err(format!(
+            "'{s}' listens on every address, the segment's included; give the router's LAN \
+             address, e.g. 192.168.8.1:8080"
+        ));
+    }
+    if ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err(format!(
+            "'{s}' is not an address to listen on; give the router's LAN address, \
+             e.g. 192.168.8.1:8080"
+        ));
+    }
+    if addr.port() == 0 {
+        return Err(format!(
+            "'{s}' has port 0; give a port from 1 to 65535, e.g. 192.168.8.1:8080"
+        ));
+    }
+    Ok(addr)
+}
+
+/// The router's IPv4 address on the segment, with the segment's prefix.
+fn address4(s: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = s.parse().map_err(|_| {
+        format!(
+            "'{}' is not an IPv4 address with prefix, e.g. 192.168.10.1/24",
+            printable(s)
+        )
+    })?;
+    let prefix = net.prefix_len();
+    if !(8..=30).contains(&prefix) {
+        return Err(format!(
+            "'{s}' has prefix /{prefix}; the segment's prefix must be /8 to /30, \
+             e.g. 192.168.10.1/24"
+        ));
+    }
+    let addr = net.addr();
+    let [first, ..] = addr.octets();
+    if first == 0 || first >= 224 || addr.is_loopback() || addr.is_link_local() {
+        return Err(format!(
+            "'{s}' is not a unicast address a router can use on a segment (it is \
+             loopback, link-local, multicast or reserved); use a private range, \
+             e.g. 192.168.10.1/24"
+        ));
+    }
+    let network = net.network();
+    let broadcast = net.broadcast();
+    // Prefixes are /30 at most, so network + 1 and broadcast - 1 are hosts of the subnet.
+    if addr == network {
+        let host = Ipv4Addr::from(u32::from(network) + 1);
+        return Err(format!(
+            "'{s}' is the network address of {}, not a host; give the router's own \
+             address in it, e.g. {host}/{prefix}",
+            net.trunc()
+        ));
+    }
+    if addr == broadcast {
+        let host = Ipv4Addr::from(u32::from(broadcast) - 1);
+        return Err(format!(
+            "'{s}' is the broadcast address of {}, not a host; give the router's own \
+             address in it, e.g. {host}/{prefix}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// The router's IPv6 address on the segment, with the segment's prefix.
+fn address6(s: &str) -> Result<Ipv6Net, String> {
+    let net: Ipv6Net = s.parse().map_err(|_| {
+        format!(
+            "'{}' is not an IPv6 address with prefix, e.g. fd00:cafe:10::1/64",
+            printable(s)
+        )
+    })?;
+    let prefix = net.prefix_len();
+    if !(48..=64).contains(&prefix) {
+        return Err(format!(
+            "'{s}' has prefix /{prefix}; the segment's IPv6 prefix must be /48 to /64, \
+             e.g. fd00:cafe:10::1/64"
+        ));
+    }
+    let addr = net.addr();
+    let first = addr.segments()[0];
+    if first & 0xffc0 == 0xfe80 {
+        return Err(format!(
+            "'{s}' is link-local (fe80::/10), which every interface has anyway; give a \
+             ULA or global address, e.g. fd00:cafe:10::1/64"
+        ));
+    }
+    if addr.is_multicast() {
+        return Err(format!(
+            "'{s}' is a multicast address; give a ULA or global unicast address, \
+             e.g. fd00:cafe:10::1/64"
+        ));
+    }
+    if first == 0 {
+        // ::/16 holds the unspecified, loopback and IPv4-mapped addresses.
+        return Err(format!(
+            "'{s}' is not a unicast address a router can use on a segment; give a ULA or \
+             global address, e.g. fd00:cafe:10::1/64"
+        ));
+    }
+    if addr == net.network() {
+        let host = Ipv6Addr::from(u128::from(addr) + 1);
+        return Err(format!(
+            "'{s}' is the subnet-router anycast address of {}, not a host; give the \
+             router's own address in it, e.g. {host}/{prefix}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn vlan_id(s: &str) -> Result<u16, String> {
+    let id = if !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u16>().ok()
+    } else {
+        None
+    };
+    match id {
+        Some(id @ 1..=4094) => Ok(id),
+        _ => Err(format!(
+            "'{}' is not a VLAN id; give a number from 1 to 4094, e.g. 10",
+            printable(s)
+        )),
+    }
+}
+
+fn admin_host(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s.parse().map_err(|_| {
+        format!(
+            "'{}' is not an IP address, e.g. 192.168.8.10 or fd00::10",
+            printable(s)
+        )
+    })?;
+    if ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip == IpAddr::V4(Ipv4Addr::BROADCAST)
+    {
+        return Err(format!(
+            "'{s}' is not the address of a host; give the LAN address of the admin's \
+             machine, e.g. 192.168.8.10"
+        ));
+    }
+    Ok(ip)
+}
+
+fn network(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        if net != net.trunc() {
+            return Err(format!(
+                "'{s}' has bits set after the prefix; write the network, {}",
+                net.trunc()
+            ));
+        }
+        return Ok(net);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "'{}' is not a network, e.g. 10.0.0.0/8 or 2001:db8::/32 (a single address, \
+         e.g. 10.0.0.5, is also accepted)",
+        printable(s)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_as_uci_has_them() {
+        for t in ["1", "yes", "on", "true", "enabled"] {
+            assert_eq!(boolean(t), Ok(true));
+        }
+        for f in ["0", "no", "off", "false", "disabled"] {
+            assert_eq!(boolean(f), Ok(false));
+        }
+        assert!(boolean("2").is_err());
+        assert!(boolean("").is_err());
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!(interface("br-cage", "x").is_ok());
+        assert!(interface("eth0.10", "x").is_ok());
+        assert!(interface("abcdefghijklmno", "x").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "abcdefghijklmnop",
+            "a/b",
+            "a:1",
+            "a b",
+            "a\tb",
+        ] {
+            assert!(interface(bad, "x").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn segment_addresses() {
+        assert!(address4("192.168.10.1/24").is_ok());
+        assert!(address4("10.0.0.2/30").is_ok());
+        assert!(address4("10.0.0.1/8").is_ok());
+        let e = address4("192.168.10.0/24").unwrap_err();
+        assert!(
+            e.contains("network address") && e.contains("192.168.10.1/24"),
+            "{e}"
+        );
+        let e = address4("192.168.10.255/24").unwrap_err();
+        assert!(
+            e.contains("broadcast") && e.contains("192.168.10.254/24"),
+            "{e}"
+        );
+        for bad in [
+            "192.168.10.1",
+            "192.168.10.1/31",
+            "10.0.0.1/7",
+            "127.0.0.1/8",
+            "224.0.0.1/8",
+            "169.254.0.1/16",
+            "0.1.2.3/8",
+        ] {
+            assert!(address4(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn segment_addresses6() {
+        assert!(address6("fd00:cafe:10::1/64").is_ok());
+        assert!(address6("2001:db8::1/48").is_ok());
+        for bad in [
+            "fd00::1",
+            "fd00::1/80",
+            "fd00::1/32",
+            "fe80::1/64",
+            "ff02::1/64",
+            "::1/64",
+            "fd00:cafe:10::/64",
+        ] {
+            assert!(address6(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(network("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(network("10.0.0.5").unwrap().to_string(), "10.0.0.5/32");
+        assert_eq!(
+            network("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        let e = network("10.0.0.1/8").unwrap_err();
+        assert!(e.ends_with("write the network, 10.0.0.0/8"), "{e}");
+        assert!(network("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn vlans() {
+        assert_eq!(vlan_id("10"), Ok(10));
+        assert_eq!(vlan_id("4094"), Ok(4094));
+        for bad in ["0", "4095", "+10", "-1", "", "ten", "99999"] {
+            assert!(vlan_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert!(web_listen("192.168.8.1:8080").is_ok());
+        assert!(web_listen("[fd00::1]:8080").is_ok());
+        for bad in [
+            "192.168.8.1",
+            "0.0.0.0:8080",
+            "[::]:80",
+            "192.168.8.1:0",
+            "x:1",
+        ] {
+            assert!(web_listen(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn suggestions() {
+        let names = ["bridge", "address", "address6", "port", "vlan", "ipv6"];
+        assert_eq!(nearest("adress", names.into_iter()), Some("address"));
+        assert_eq!(nearest("ports", names.into_iter()), Some("port"));
+        assert_eq!(nearest("Bridge", names.into_iter()), Some("bridge"));
+        assert_eq!(nearest("ip6", names.into_iter()), Some("ipv6"));
+        assert_eq!(nearest("masquerade", names.into_iter()), None);
+    }
 }
