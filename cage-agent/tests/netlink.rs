@@ -1,0 +1,521 @@
+//! Kernel tests of `cage_agent::netlink`, each in a network namespace of its own.
+//!
+//! Needs root (it creates network namespaces); run as anyone else it fails, loudly. Every
+//! test makes a uniquely named namespace with `ip netns add`, runs the code under test on
+//! a thread moved into it with `setns` (network namespaces are per thread, so the test
+//! drives a current-thread tokio runtime on that very thread), and checks the result from
+//! outside with `ip -n NS … -j` rather than with the code under test. A guard deletes the
+//! namespace when the test ends, failed or not.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+
+use cage_agent::config::{Config, Lan, Main, Segment, Wan, WanDevices};
+use cage_agent::netlink::{self, NetlinkError, PortState};
+use serde_json::{json, Value};
+
+/// A throwaway network namespace, deleted on drop.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the netlink tests create network namespaces and must run as root (euid is {euid}); \
+             they do not skip"
+        );
+        let name = format!("cage-nl-{tag}-{}", std::process::id());
+        // A namespace left over by a killed earlier run of the same pid would make `add`
+        // fail; remove it first (an error here just means there was none).
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        NetNs { name }
+    }
+
+    /// `ip -n NS ARGS…`, which must succeed; returns stdout.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    fn ip_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-j"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ip(&all)).expect("ip -j prints JSON")
+    }
+
+    fn sysctl(&self, path: &str) -> String {
+        run("ip", &["netns", "exec", &self.name, "cat", path])
+            .trim()
+            .to_string()
+    }
+
+    fn set_sysctl(&self, path: &str, value: &str) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                &format!("echo {value} > {path}"),
+            ],
+        );
+    }
+
+    /// Run `f` on a thread inside the namespace, on a current-thread runtime, and return
+    /// its result; a panic in `f` fails the test (after the guard has cleaned up).
+    fn run<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(f())
+        });
+        match thread.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("ip netns del {}: {e}", self.name),
+        }
+    }
+}
+
+/// Run a command that must succeed; returns stdout.
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
+    Config {
+        main: Main {
+            state_dir: "/etc/cage".into(),
+            log_dir: "/tmp/cage".into(),
+            web_listen: "192.168.8.1:8080".parse::<SocketAddr>().unwrap(),
+        },
+        segment: Segment {
+            bridge: "br-cage".into(),
+            address: "192.168.10.1/24".parse().unwrap(),
+            ipv6: true,
+            address6: Some("fd00:cafe:10::1/64".parse().unwrap()),
+            ports: ports.iter().map(|p| p.to_string()).collect(),
+            vlan: Some(10),
+        },
+        lan: Lan {
+            devices: vec!["br-lan".into()],
+            admin_hosts: vec![],
+        },
+        wan: Wan {
+            devices: wan,
+            masquerade: true,
+            upstream_subnets: upstream.iter().map(|s| s.parse().unwrap()).collect(),
+        },
+    }
+}
+
+/// A veth pair inside the namespace, the peer up (so the port gets a carrier once up).
+fn veth(ns: &NetNs, name: &str, peer: &str) {
+    ns.ip(&["link", "add", name, "type", "veth", "peer", "name", peer]);
+    ns.ip(&["link", "set", peer, "up"]);
+}
+
+/// Everything setup could change, read with iproute2: links (index, master, admin state,
+/// kind, isolation), global addresses, forwarding switches. Leaves out what the kernel
+/// changes by itself over time (carrier, operstate, link-local addresses, DAD state).
+fn snapshot(ns: &NetNs) -> Value {
+    let links: Vec<Value> = ns
+        .ip_json(&["-d", "link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            json!({
+                "ifindex": l["ifindex"],
+                "ifname": l["ifname"],
+                "master": l["master"],
+                "up": flags(l).contains(&"UP".to_string()),
+                "kind": l["linkinfo"]["info_kind"],
+                "isolated": l["linkinfo"]["info_slave_data"]["isolated"],
+            })
+        })
+        .collect();
+    let addrs: Vec<Value> = ns
+        .ip_json(&["addr", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let global: Vec<Value> = l["addr_info"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["scope"] != "link")
+                .map(|a| json!([a["local"], a["prefixlen"]]))
+                .collect();
+            json!({ "ifname": l["ifname"], "addrs": global })
+        })
+        .collect();
+    json!({
+        "links": links,
+        "addrs": addrs,
+        "ip_forward": ns.sysctl(IPV4_FORWARD),
+        "ipv6_forwarding": ns.sysctl(IPV6_FORWARD),
+    })
+}
+
+fn flags(link: &Value) -> Vec<String> {
+    link["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn link(ns: &NetNs, name: &str) -> Value {
+    ns.ip_json(&["-d", "link", "show", "dev", name])[0].clone()
+}
+
+fn assert_isolated_port(ns: &NetNs, name: &str) {
+    let l = link(ns, name);
+    assert_eq!(l["master"], "br-cage", "{name}: {l:#}");
+    assert!(flags(&l).contains(&"UP".into()), "{name} is not up: {l:#}");
+    assert_eq!(l["linkinfo"]["info_slave_kind"], "bridge", "{name}: {l:#}");
+    assert_eq!(
+        l["linkinfo"]["info_slave_data"]["isolated"], true,
+        "{name} is not isolated: {l:#}"
+    );
+}
+
+fn global_addrs(ns: &NetNs, dev: &str) -> Vec<(String, u64, Value)> {
+    ns.ip_json(&["addr", "show", "dev", dev])[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["scope"] != "link")
+        .map(|a| {
+            (
+                a["local"].as_str().unwrap().to_string(),
+                a["prefixlen"].as_u64().unwrap(),
+                a["nodad"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn setup_builds_the_segment_and_a_second_run_changes_nothing() {
+    let ns = NetNs::new("setup");
+    veth(&ns, "cage1", "peer1");
+    veth(&ns, "cage2", "peer2");
+    // A device the configuration does not name: setup must leave it alone.
+    veth(&ns, "other0", "otherpeer");
+    ns.set_sysctl(IPV4_FORWARD, "0");
+    ns.set_sysctl(IPV6_FORWARD, "0");
+    let untouched = link(&ns, "other0");
+
+    let cfg = config(&["cage1", "cage2"], WanDevices::Auto, &[]);
+    let c = cfg.clone();
+    let report = ns.run(move || async move { netlink::setup_segment(&c).await.unwrap() });
+    assert_eq!(
+        report.actions,
+        strings(&[
+            "created bridge br-cage",
+            "added address 192.168.10.1/24 to br-cage",
+            "added address fd00:cafe:10::1/64 to br-cage",
+            "added port cage1 to br-cage",
+            "set cage1 up",
+            "isolated port cage1",
+            "added port cage2 to br-cage",
+            "set cage2 up",
+            "isolated port cage2",
+            "enabled IPv4 forwarding",
+            "enabled IPv6 forwarding",
+        ])
+    );
+
+    // Checked from outside, with iproute2.
+    let br = link(&ns, "br-cage");
+    assert_eq!(br["linkinfo"]["info_kind"], "bridge", "{br:#}");
+    assert!(flags(&br).contains(&"UP".into()), "{br:#}");
+    let addrs = global_addrs(&ns, "br-cage");
+    assert!(
+        addrs.contains(&("192.168.10.1".into(), 24, Value::Null)),
+        "{addrs:?}"
+    );
+    assert!(
+        addrs.contains(&("fd00:cafe:10::1".into(), 64, Value::Bool(true))),
+        "IPv6 router address missing or without nodad: {addrs:?}"
+    );
+    assert_isolated_port(&ns, "cage1");
+    assert_isolated_port(&ns, "cage2");
+    assert_eq!(ns.sysctl(IPV4_FORWARD), "1");
+    assert_eq!(ns.sysctl(IPV6_FORWARD), "1");
+    assert_eq!(link(&ns, "other0"), untouched);
+
+    // The second run: nothing to do, nothing done.
+    let before = snapshot(&ns);
+    let c = cfg.clone();
+    let report = ns.run(move || async move { netlink::setup_segment(&c).await.unwrap() });
+    assert!(
+        report.is_empty(),
+        "second run reported {:?}",
+        report.actions
+    );
+    assert_eq!(snapshot(&ns), before);
+
+    let c = cfg.clone();
+    let states = ns.run(move || async move { netlink::port_states(&c).await.unwrap() });
+    for s in &states {
+        assert!(
+            s.exists && s.in_bridge && s.isolated && s.up && s.carrier,
+            "{s:?}"
+        );
+    }
+    assert_eq!(states.len(), 2);
+}
+
+#[test]
+fn setup_completes_a_half_built_segment() {
+    let ns = NetNs::new("adopt");
+    veth(&ns, "cage1", "peer1");
+    veth(&ns, "cage2", "peer2");
+    ns.ip(&["link", "add", "br-cage", "type", "bridge"]);
+    ns.ip(&["addr", "add", "192.168.10.1/24", "dev", "br-cage"]);
+    ns.ip(&["link", "set", "cage1", "master", "br-cage"]);
+    ns.ip(&["link", "set", "cage1", "up"]);
+    ns.set_sysctl(IPV4_FORWARD, "1");
+    ns.set_sysctl(IPV6_FORWARD, "1");
+    let bridge_index = link(&ns, "br-cage")["ifindex"].clone();
+
+    let cfg = config(&["cage1", "cage2"], WanDevices::Auto, &[]);
+    let report = ns.run(move || async move { netlink::setup_segment(&cfg).await.unwrap() });
+    assert_eq!(
+        report.actions,
+        strings(&[
+            "set br-cage up",
+            "added address fd00:cafe:10::1/64 to br-cage",
+            "isolated port cage1",
+            "added port cage2 to br-cage",
+            "set cage2 up",
+            "isolated port cage2",
+        ])
+    );
+    assert_eq!(
+        link(&ns, "br-cage")["ifindex"],
+        bridge_index,
+        "bridge recreated"
+    );
+    assert_isolated_port(&ns, "cage1");
+    assert_isolated_port(&ns, "cage2");
+}
+
+#[test]
+fn setup_refuses_missing_ports_and_changes_nothing() {
+    let ns = NetNs::new("missing");
+    veth(&ns, "cage1", "peer1");
+    let before = snapshot(&ns);
+
+    let cfg = config(&["cage1", "nosuch0"], WanDevices::Auto, &[]);
+    let err = ns.run(move || async move { netlink::setup_segment(&cfg).await.unwrap_err() });
+    assert!(
+        matches!(&err, NetlinkError::MissingPorts { ifnames } if ifnames == &["nosuch0"]),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("nosuch0") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert_eq!(snapshot(&ns), before, "a refused setup changed something");
+}
+
+#[test]
+fn setup_refuses_a_non_bridge_with_the_bridge_name() {
+    let ns = NetNs::new("notbr");
+    veth(&ns, "cage1", "peer1");
+    // The development kernel has no dummy devices; a veth is just as much not a bridge.
+    veth(&ns, "br-cage", "brpeer");
+    let before = snapshot(&ns);
+
+    let cfg = config(&["cage1"], WanDevices::Auto, &[]);
+    let err = ns.run(move || async move { netlink::setup_segment(&cfg).await.unwrap_err() });
+    assert!(
+        matches!(&err, NetlinkError::NotABridge { ifname, .. } if ifname == "br-cage"),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("br-cage") && msg.contains("veth"), "{msg}");
+    assert_eq!(snapshot(&ns), before, "a refused setup changed something");
+}
+
+#[test]
+fn port_states_of_an_unbuilt_segment() {
+    let ns = NetNs::new("states");
+    veth(&ns, "cage1", "peer1");
+
+    let cfg = config(&["cage1", "nosuch0"], WanDevices::Auto, &[]);
+    let states = ns.run(move || async move { netlink::port_states(&cfg).await.unwrap() });
+    assert_eq!(
+        states,
+        vec![
+            PortState {
+                name: "cage1".into(),
+                exists: true,
+                in_bridge: false,
+                isolated: false,
+                up: false,
+                carrier: false,
+            },
+            PortState {
+                name: "nosuch0".into(),
+                exists: false,
+                in_bridge: false,
+                isolated: false,
+                up: false,
+                carrier: false,
+            },
+        ]
+    );
+}
+
+/// A WAN veth with IPv4 and IPv6 addresses (global and link-local) and both default
+/// routes, plus a LAN-ish device with addresses that must not count as upstream.
+fn wan_namespace(tag: &str) -> NetNs {
+    let ns = NetNs::new(tag);
+    veth(&ns, "wan0", "wanpeer");
+    ns.ip(&["link", "set", "wan0", "up"]);
+    ns.ip(&["addr", "add", "198.51.100.2/24", "dev", "wan0"]);
+    ns.ip(&["addr", "add", "10.99.3.5/16", "dev", "wan0"]);
+    ns.ip(&["addr", "add", "2001:db8:1::2/64", "dev", "wan0", "nodad"]);
+    ns.ip(&["addr", "add", "fe80::2/64", "dev", "wan0", "nodad"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.1",
+        "dev",
+        "wan0",
+    ]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "2001:db8:1::1",
+        "dev",
+        "wan0",
+    ]);
+    veth(&ns, "lan0", "lanpeer");
+    ns.ip(&["link", "set", "lan0", "up"]);
+    ns.ip(&["addr", "add", "192.168.8.1/24", "dev", "lan0"]);
+    ns.ip(&["addr", "add", "fd00:8::1/64", "dev", "lan0", "nodad"]);
+    // A default route in another table is not the main table's.
+    ns.ip(&["route", "add", "default", "dev", "lan0", "table", "100"]);
+    ns
+}
+
+#[test]
+fn detect_facts_finds_the_default_route_device_and_its_subnets() {
+    let ns = wan_namespace("facts");
+    let cfg = config(&[], WanDevices::Auto, &["10.0.0.0/8", "fd00:99::/48"]);
+    let facts = ns.run(move || async move { netlink::detect_facts(&cfg).await.unwrap() });
+
+    assert_eq!(facts.wan_devices, strings(&["wan0"]));
+    let v4: Vec<String> = facts.upstream4.iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        v4,
+        strings(&["10.0.0.0/8", "10.99.0.0/16", "198.51.100.0/24"])
+    );
+    let v6: Vec<String> = facts.upstream6.iter().map(|n| n.to_string()).collect();
+    assert_eq!(v6, strings(&["2001:db8:1::/64", "fd00:99::/48"]));
+}
+
+#[test]
+fn detect_facts_with_a_configured_list() {
+    let ns = wan_namespace("factslist");
+    // lan0 configured as a WAN (odd, but the configuration decides), plus a device that
+    // does not exist (yet): listed, no addresses.
+    let cfg = config(
+        &[],
+        WanDevices::List(strings(&["lan0", "wwan0"])),
+        &["192.168.8.0/24"],
+    );
+    let facts = ns.run(move || async move { netlink::detect_facts(&cfg).await.unwrap() });
+
+    assert_eq!(facts.wan_devices, strings(&["lan0", "wwan0"]));
+    let v4: Vec<String> = facts.upstream4.iter().map(|n| n.to_string()).collect();
+    assert_eq!(v4, strings(&["192.168.8.0/24"]));
+    let v6: Vec<String> = facts.upstream6.iter().map(|n| n.to_string()).collect();
+    assert_eq!(v6, strings(&["fd00:8::/64"]));
+}
+
+#[test]
+fn detect_facts_without_default_route_finds_no_wan() {
+    let ns = NetNs::new("noroute");
+    veth(&ns, "wan0", "wanpeer");
+    ns.ip(&["link", "set", "wan0", "up"]);
+    ns.ip(&["addr", "add", "198.51.100.2/24", "dev", "wan0"]);
+
+    let cfg = config(&[], WanDevices::Auto, &["10.0.0.0/8"]);
+    let facts = ns.run(move || async move { netlink::detect_facts(&cfg).await.unwrap() });
+    assert!(facts.wan_devices.is_empty(), "{facts:?}");
+    let v4: Vec<String> = facts.upstream4.iter().map(|n| n.to_string()).collect();
+    assert_eq!(v4, strings(&["10.0.0.0/8"]));
+    assert!(facts.upstream6.is_empty(), "{facts:?}");
+}
