@@ -798,7 +798,7 @@ mod tests {
     use super::*;
     use crate::config::{Lan, Main, Segment, Wan, WanDevices};
 
-    pub(crate) fn lab_config() -> Config {
+    fn lab_config() -> Config {
         Config {
             main: Main {
                 state_dir: "/etc/cage".into(),
@@ -823,10 +823,6 @@ mod tests {
                 upstream_subnets: vec![],
             },
         }
-    }
-
-    pub(crate) fn lab_facts_pub() -> Facts {
-        lab_facts()
     }
 
     fn lab_facts() -> Facts {
@@ -875,16 +871,5 @@ mod tests {
         assert!(text.contains("comment \"deny:no-wan\""));
         assert!(!text.contains("allow:internet"));
         assert!(!text.contains("masquerade"));
-    }
-}
-
-#[cfg(test)]
-mod dump {
-    #[test]
-    #[ignore]
-    fn dump_lab_ruleset() {
-        let rs = super::render(&super::tests::lab_config(), &super::tests::lab_facts_pub());
-        std::fs::write("/tmp/cage-lab.json", crate::nft::to_json(&rs)).unwrap();
-        std::fs::write("/tmp/cage-lab.nft", crate::nft::to_text(&rs)).unwrap();
     }
 }
