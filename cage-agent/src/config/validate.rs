@@ -650,8 +650,10 @@ impl Validator {
             let Some(other) = claims[..i].iter().find(|c| c.device == claim.device) else {
                 continue;
             };
-            // Report on the claim that was written down; when both were, on the later.
+            // Report on the claim that was written down; when both were, on the one
+            // further down the file.
             let (at, other) = match (claim.line, other.line) {
+                (Some(a), Some(b)) if a < b => (other, claim),
                 (Some(_), _) => (claim, other),
                 (None, Some(_)) => (other, claim),
                 (None, None) => continue,
@@ -751,7 +753,7 @@ fn unknown_option(name: &str, ty: &SectionType) -> String {
             "unknown option '{name}' in a {} section ('{name}' belongs in the {} section); \
              a {} section takes {}",
             ty.kind,
-            elsewhere.join(" and "),
+            elsewhere.join(" or "),
             ty.kind,
             here.join(", ")
         )
