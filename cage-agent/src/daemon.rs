@@ -161,8 +161,12 @@ async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
         Err(e) => return Some(format!("cannot read Cage's tables ({e})")),
     }
     match crate::netlink::detect_facts(&current.config).await {
-        Ok(f) if f != current.facts => Some("the WAN devices or addresses changed".into()),
-        _ => None,
+        Ok(mut f) => {
+            // Detection does not probe the kernel's nft modules; those do not change.
+            f.bridge_meta = current.facts.bridge_meta;
+            (f != current.facts).then(|| "the WAN devices or addresses changed".into())
+        }
+        Err(_) => None,
     }
 }
 

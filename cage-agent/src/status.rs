@@ -135,8 +135,14 @@ pub fn render_text(s: &Status) -> String {
                 }
             );
         }
+        _ if s.enforcing => {
+            let _ = writeln!(
+                o,
+                "daemon:  not running (the policy in the kernel still holds)"
+            );
+        }
         _ => {
-            let _ = writeln!(o, "daemon:  not running (the policy in the kernel still holds)");
+            let _ = writeln!(o, "daemon:  not running");
         }
     }
     for p in &s.ports {
