@@ -7,7 +7,11 @@ use cage_agent::{apply, config, daemon, nft, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cage", version, about = "Cages a host running an AI agent on a segment of its own")]
+#[command(
+    name = "cage",
+    version,
+    about = "Cages a host running an AI agent on a segment of its own"
+)]
 struct Cli {
     /// Configuration file (UCI syntax).
     #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]

@@ -37,7 +37,9 @@ pub enum NftError {
         operation: &'static str,
         stderr: String,
     },
-    #[error("nft printed JSON that Cage does not understand while trying to {operation}: {source}")]
+    #[error(
+        "nft printed JSON that Cage does not understand while trying to {operation}: {source}"
+    )]
     Json {
         operation: &'static str,
         source: serde_json::Error,
@@ -132,7 +134,12 @@ pub fn supports_bridge_meta() -> bool {
         {"add":{"chain":{"family":"bridge","table":"cage_probe","name":"f","type":"filter","hook":"forward","prio":0,"policy":"accept"}}},
         {"add":{"rule":{"family":"bridge","table":"cage_probe","chain":"f","expr":[
             {"match":{"op":"==","left":{"meta":{"key":"ibrname"}},"right":"cage_probe"}},{"drop":null}]}}}]}"#;
-    run(&["--check", "-j", "-f", "-"], Some(probe), "probe for nft_meta_bridge").is_ok()
+    run(
+        &["--check", "-j", "-f", "-"],
+        Some(probe),
+        "probe for nft_meta_bridge",
+    )
+    .is_ok()
 }
 
 /// Remove Cage's tables (both families) in one transaction. Returns whether any existed.
@@ -201,11 +208,10 @@ pub fn counters() -> Result<Option<BTreeMap<String, Count>>, NftError> {
         };
         found = true;
         // Read as plain JSON: only rules' comments and counters matter here.
-        let v: serde_json::Value =
-            serde_json::from_str(&out).map_err(|source| NftError::Json {
-                operation: "read Cage's counters",
-                source,
-            })?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|source| NftError::Json {
+            operation: "read Cage's counters",
+            source,
+        })?;
         let items = v["nftables"].as_array().cloned().unwrap_or_default();
         for item in items {
             let rule = &item["rule"];
@@ -277,7 +283,13 @@ pub fn to_text(rs: &Nftables) -> String {
                 if let Some(flags) = &set.flags {
                     let mut f: Vec<String> = flags
                         .iter()
-                        .map(|f| serde_json::to_value(f).unwrap().as_str().unwrap().to_owned())
+                        .map(|f| {
+                            serde_json::to_value(f)
+                                .unwrap()
+                                .as_str()
+                                .unwrap()
+                                .to_owned()
+                        })
                         .collect();
                     f.sort();
                     let _ = writeln!(b, "\t\tflags {}", f.join(","));

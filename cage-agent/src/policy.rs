@@ -420,18 +420,23 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
         facts.upstream6.iter().copied().map(IpNet::V6).collect(),
         "the upstream network (WAN subnets, configured upstream subnets)",
     ));
-    let (admin4, admin6): (Vec<_>, Vec<_>) =
-        cfg.lan.admin_hosts.iter().partition(|a| a.is_ipv4());
+    let (admin4, admin6): (Vec<_>, Vec<_>) = cfg.lan.admin_hosts.iter().partition(|a| a.is_ipv4());
     batch.add(addr_set(
         "admin4",
         false,
-        admin4.iter().map(|a: &&std::net::IpAddr| IpNet::from(**a)).collect(),
+        admin4
+            .iter()
+            .map(|a: &&std::net::IpAddr| IpNet::from(**a))
+            .collect(),
         "LAN hosts that may open connections into the segment",
     ));
     batch.add(addr_set(
         "admin6",
         true,
-        admin6.iter().map(|a: &&std::net::IpAddr| IpNet::from(**a)).collect(),
+        admin6
+            .iter()
+            .map(|a: &&std::net::IpAddr| IpNet::from(**a))
+            .collect(),
         "LAN hosts that may open connections into the segment",
     ));
 
@@ -607,11 +612,7 @@ fn segment_ingress(cfg: &Config) -> ChainRules {
         }
         None => c.rule(
             "deny:ipv6-off",
-            vec![
-                is(meta(MetaKey::Nfproto), s("ipv6")),
-                counter(),
-                drop(),
-            ],
+            vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), drop()],
         ),
     }
     c.rule(
@@ -655,7 +656,11 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
     for proto in ["udp", "tcp"] {
         c.rule(
             "allow:dns",
-            vec![is(payload("ip", "daddr"), net(router4)), dport(proto, 53), accept()],
+            vec![
+                is(payload("ip", "daddr"), net(router4)),
+                dport(proto, 53),
+                accept(),
+            ],
         );
     }
     if let Some(r6) = seg.router6() {
@@ -674,7 +679,11 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
         for proto in ["udp", "tcp"] {
             c.rule(
                 "allow:dns",
-                vec![is(payload("ip6", "daddr"), net(router6)), dport(proto, 53), accept()],
+                vec![
+                    is(payload("ip6", "daddr"), net(router6)),
+                    dport(proto, 53),
+                    accept(),
+                ],
             );
         }
         // Without neighbour discovery IPv6 does not work on the link at all.

@@ -27,11 +27,18 @@ pub struct Status {
     pub problems: Vec<String>,
 }
 
-/// Whether a process with this pid is a running `cage`.
+/// Whether a process with this pid is a running `cage` (a zombie is not running).
 pub fn cage_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim() == "cage")
-        .unwrap_or(false)
+    // /proc/PID/stat is "pid (comm) state …"; comm may hold spaces and parentheses.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let comm = &stat[open + 1..close];
+    let state = stat[close + 1..].split_whitespace().next().unwrap_or("");
+    comm == "cage" && state != "Z" && state != "X"
 }
 
 pub async fn gather(config_path: &Path) -> Status {
@@ -58,10 +65,9 @@ pub async fn gather(config_path: &Path) -> Status {
 
     let (daemon, ports) = match &cfg {
         Ok(cfg) => {
-            let state: Option<DaemonState> =
-                std::fs::read(daemon::state_path(&cfg.main.log_dir))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok());
+            let state: Option<DaemonState> = std::fs::read(daemon::state_path(&cfg.main.log_dir))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             let ports = match netlink::port_states(cfg).await {
                 Ok(p) => p,
                 Err(e) => {

@@ -118,7 +118,11 @@ fn first_difference(want: &str, got: &str) -> String {
 fn warn(msg: &str) {
     eprintln!("WARNING: {msg}");
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cage-test-warnings.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         use std::io::Write;
         let _ = writeln!(f, "{msg}");
     }
