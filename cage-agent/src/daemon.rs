@@ -87,6 +87,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    // The last segment setup error, logged once rather than at every tick.
+    let mut segment_error: Option<String> = None;
     tick.tick().await;
 
     loop {
@@ -118,6 +120,23 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 save(&state, &current.config.main.log_dir);
             }
             _ = tick.tick() => {
+                // The segment too: a port re-created or re-bridged by someone else comes
+                // back without isolation. Setup is idempotent, so this repairs only that.
+                match crate::netlink::setup_segment(&current.config).await {
+                    Ok(report) => {
+                        for a in report.actions {
+                            log::warn(&format!("segment repaired: {a}"));
+                        }
+                        segment_error = None;
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        if segment_error.as_ref() != Some(&e) {
+                            log::error(&format!("cannot set up the segment: {e}"));
+                            segment_error = Some(e);
+                        }
+                    }
+                }
                 if let Some(reason) = drift(&current, &applied_text).await {
                     log::warn(&format!("{reason}: re-applying the policy"));
                     match apply::check_config(current.config.clone()).await {

@@ -333,3 +333,30 @@ fn disable_stops_a_running_daemon_first() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(r.ruleset(), "");
 }
+
+#[test]
+fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
+    let r = Router::new("repair");
+    let path = r.config("cage.conf", "");
+    let _d = r.spawn_run(&path);
+    r.wait_for("the first apply", || r.log().contains("policy applied"));
+    let isolated = || {
+        let out = Command::new("ip")
+            .args(["-n", &r.ns, "-d", "-j", "link", "show", "cage2"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["linkinfo"]["info_slave_data"]["isolated"] == true
+    };
+    assert!(isolated());
+    sh(&[
+        "ip", "netns", "exec", &r.ns, "bridge", "link", "set", "dev", "cage2", "isolated", "off",
+    ]);
+    assert!(!isolated());
+    r.wait_for("isolation to be restored", isolated);
+    assert!(
+        r.log().contains("segment repaired: isolated port cage2"),
+        "{}",
+        r.log()
+    );
+}
