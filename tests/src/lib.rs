@@ -1,0 +1,24 @@
+//! The lab and the end-to-end tests' library.
+//!
+//! - [`lab`]: a simulated travel router in network namespaces (router, two caged hosts,
+//!   a LAN host, the hotel's gateway and one of its hosts, "the internet"), made by a
+//!   guard type that tears everything down again, also after a crash.
+//! - [`contract`]: MISSION.md's connectivity contract as a table of checks, and a runner
+//!   that proves each one with real packets (see `cage_agent::probe`) and prints a matrix.
+//!
+//! Everything here needs root: namespaces, veths and raw sockets.
+
+pub mod contract;
+pub mod lab;
+
+/// Panic with a clear message unless running as root: a test that cannot run must fail,
+/// not pass silently.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (network namespaces, veths, raw sockets); run it as root, \
+         e.g. `sudo -E cargo test -p cage-tests`"
+    );
+}
