@@ -488,19 +488,30 @@ impl Witness {
                 message,
             })
         })?;
-        let ready = ready_rx.recv_timeout(Duration::from_secs(10));
-        let witness = Witness {
-            ns: ns.clone(),
-            shared,
-            thread: Some(thread),
-        };
-        match ready {
-            Ok(Ok(())) => Ok(witness),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ProbeError::Witness {
-                ns: ns.name().to_owned(),
-                message: "did not start within 10 s".into(),
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(Witness {
+                ns: ns.clone(),
+                shared,
+                thread: Some(thread),
             }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            // The thread ended without a word: it could not enter the namespace.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(thread.join().err().unwrap_or(ProbeError::Witness {
+                    ns: ns.name().to_owned(),
+                    message: "ended before it started".into(),
+                }))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                Err(ProbeError::Witness {
+                    ns: ns.name().to_owned(),
+                    message: "did not start within 10 s".into(),
+                })
+            }
         }
     }
 
@@ -689,11 +700,46 @@ fn witness_loop(
                 }
             }
         }
+        // A raw socket whose receive buffer is full drops packets silently: then "the
+        // witness saw nothing" would mean nothing, so the witness fails instead.
+        for (family, proto, socket) in sockets {
+            match socket_drops(socket.as_raw_fd()) {
+                Ok(0) => {}
+                Ok(n) => {
+                    return Err(format!(
+                        "the kernel dropped {n} packets for the raw {family} {proto} socket \
+                         (receive buffer full)"
+                    ))
+                }
+                Err(e) => return Err(format!("reading drops of raw {family} {proto} socket: {e}")),
+            }
+        }
         if complete {
             *shared.drained_until.lock().unwrap() = Some(round);
         }
     }
     Ok(())
+}
+
+/// Packets the kernel dropped for a socket (`SO_MEMINFO`, `SK_MEMINFO_DROPS`).
+fn socket_drops(fd: RawFd) -> io::Result<u32> {
+    // The kernel fills in SK_MEMINFO_VARS (9 today) values, as many as fit.
+    let mut info = [0u32; 16];
+    let mut len = mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` and `len` describe a live buffer of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[libc::SK_MEMINFO_DROPS as usize])
 }
 
 fn parse_ipv4(packet: &[u8], at: Instant) -> Option<Record> {
@@ -842,7 +888,13 @@ impl Servers {
                 let _ = thread.join();
                 return Err(e);
             }
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(thread.join().err().unwrap_or(ProbeError::Witness {
+                    ns: ns.name().to_owned(),
+                    message: "servers ended before they started".into(),
+                }))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 shared.stop.store(true, Ordering::SeqCst);
                 return Err(ProbeError::Witness {
                     ns: ns.name().to_owned(),
