@@ -962,6 +962,12 @@ impl Lab {
         CageRun { child, log }
     }
 
+    /// Leave the lab running after this value is gone (the demo does, so that people can
+    /// poke at it); `down(prefix)` or the next `Lab::up(prefix)` removes it.
+    pub fn keep(mut self) {
+        self.torn_down = true;
+    }
+
     /// Tear the lab down now; every error, not just the first.
     pub fn down(mut self) -> Result<(), LabError> {
         self.torn_down = true;
