@@ -120,6 +120,8 @@ const PRIVATE_ALL: &[IpAddr] = &[
     PRIVATE[3].0,
     PRIVATE[4].0,
     PRIVATE[5].0,
+    PRIVATE[6].0,
+    PRIVATE[7].0,
 ];
 
 /// The connectivity contract, row by row (MISSION.md, "The connectivity contract").

@@ -71,13 +71,25 @@ pub const PUBLIC4: IpAddr = v4(203, 0, 113, 10);
 pub const PUBLIC6: IpAddr = v6(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 0x10);
 /// Private destinations that exist beyond the router (in the internet namespace), to
 /// prove the range denies: without Cage, each one is reachable from a caged host.
-pub const PRIVATE: [(IpAddr, &str); 6] = [
+/// The last two embed private IPv4 addresses in IPv6 (NAT64's well-known prefix, 6to4):
+/// a hotel's NAT64 gateway would turn them into its private hosts.
+pub const PRIVATE: [(IpAddr, &str); 8] = [
     (v4(10, 200, 0, 10), "10/8"),
     (v4(172, 16, 0, 10), "172.16/12"),
     (v4(192, 168, 200, 10), "192.168/16"),
     (v4(100, 64, 0, 10), "CGNAT"),
     (v4(169, 254, 99, 10), "link-local"),
     (v6(0xfd99, 0, 0, 0, 0, 0, 0, 0x10), "ULA"),
+    // 64:ff9b::10.200.0.10
+    (
+        v6(0x64, 0xff9b, 0, 0, 0, 0, 0x0ac8, 0x000a),
+        "NAT64 of 10/8",
+    ),
+    // 2002:172.16.0.10::10
+    (
+        v6(0x2002, 0xac10, 0x000a, 0, 0, 0, 0, 0x10),
+        "6to4 of 172.16/12",
+    ),
 ];
 
 /// MAC addresses of the caged hosts' `eth0`, fixed so that static neighbour entries can
