@@ -5,6 +5,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 mod demo;
+mod fuzz;
 mod setup;
 
 const USAGE: &str = "\
@@ -14,16 +15,25 @@ usage: cargo xtask <command>
   demo               bring up the lab with Cage running, check the contract, print hints
   lab down           tear the demo lab down (also cleans up after a crashed run)
   test               setup, build, run every test, check nothing was left behind
+  fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
 ";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
-        ["setup"] => setup::run(),
-        ["demo"] => setup::run().and_then(|()| demo::up()),
+        ["setup"] => setup::install(),
+        ["demo"] => setup::install().and_then(|()| demo::up()),
         ["lab", "down"] => demo::down(),
-        ["test"] => setup::run().and_then(|()| test()),
+        ["test"] => setup::install().and_then(|()| test()),
+        ["fuzz"] => fuzz::run_fuzz(60),
+        ["fuzz", secs] => match secs.parse() {
+            Ok(s) => fuzz::run_fuzz(s),
+            Err(_) => {
+                eprint!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -54,7 +64,7 @@ pub fn cargo() -> Command {
 
 fn test() -> Result<()> {
     setup::require_root("the tests build network namespaces and nftables tables")?;
-    let before = cage_tests::lab::leftovers("cgt-");
+    let before = leftovers();
     let warnings = std::path::Path::new("target/tmp/cage-test-warnings.txt");
     let _ = std::fs::remove_file(warnings);
     run(cargo().args(["build", "--workspace", "--locked"]))?;
@@ -66,12 +76,42 @@ fn test() -> Result<()> {
         }
     }
     tests?;
-    // The tests each clean up after themselves; prove it for the whole run.
-    let after = cage_tests::lab::leftovers("cgt-");
+    // Every test cleans up after itself; prove it for the whole run.
+    let after = leftovers();
     let new: Vec<_> = after.iter().filter(|l| !before.contains(l)).collect();
     if !new.is_empty() {
         bail!("the tests left these behind: {new:?}");
     }
-    println!("xtask: no namespace, link or table left behind by the tests");
+    println!("xtask: the tests left no namespace, root-namespace link or nftables table behind");
     Ok(())
+}
+
+/// What tests could leave on the machine: namespaces named like the tests' (`cgt-…`),
+/// links in the root namespace, and nftables tables in the root namespace.
+fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("cgt-") {
+                found.push(format!("netns {name}"));
+            }
+        }
+    }
+    let out = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in out(&["ip", "-o", "link", "show"]).lines() {
+        if let Some(name) = line.split(':').nth(1) {
+            found.push(format!("link {}", name.trim()));
+        }
+    }
+    for line in out(&["nft", "list", "tables"]).lines() {
+        found.push(format!("nftables {}", line.trim()));
+    }
+    found
 }

@@ -33,7 +33,7 @@ pub fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn run() -> Result<()> {
+pub fn install() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(_, program)| !have(program))

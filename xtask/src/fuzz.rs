@@ -1,0 +1,50 @@
+//! `cargo xtask fuzz [SECONDS]`: fuzz the configuration parser, validator and renderer
+//! with cargo-fuzz (libFuzzer, nightly), seeded with every configuration in the repo.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{cargo, run};
+
+pub fn run_fuzz(seconds: u64) -> Result<()> {
+    let have_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_fuzz {
+        println!("xtask fuzz: installing cargo-fuzz");
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    // A fresh corpus seeded from the repo's configurations: the shipped example, the
+    // golden cases and the bad-config corpus.
+    let corpus = Path::new("target/fuzz-corpus/config");
+    let _ = std::fs::remove_dir_all(corpus);
+    std::fs::create_dir_all(corpus)?;
+    let mut seeds = vec![Path::new("openwrt/files/etc/config/cage").to_path_buf()];
+    for dir in ["cage-agent/tests/golden", "cage-agent/tests/bad-configs"] {
+        for e in std::fs::read_dir(dir).with_context(|| format!("reading {dir}"))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "conf") {
+                seeds.push(p);
+            }
+        }
+    }
+    for (i, s) in seeds.iter().enumerate() {
+        std::fs::copy(s, corpus.join(format!("seed-{i}")))?;
+    }
+    println!(
+        "xtask fuzz: {} seeds, {seconds} s of libFuzzer on config::parse + policy::render",
+        seeds.len()
+    );
+    let corpus = std::fs::canonicalize(corpus)?;
+    run(Command::new("cargo")
+        .current_dir("cage-agent")
+        .args(["+nightly", "fuzz", "run", "config"])
+        .arg(&corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-max_len=4096"))
+}
