@@ -21,7 +21,7 @@ pub fn up() -> Result<()> {
 
     println!("xtask demo: building the lab (removing a previous one first)");
     let lab = Lab::up(PREFIX).context("bringing the lab up")?;
-    let config = lab.write_config("\tlist admin_host '192.168.8.20'\n");
+    let config = lab.write_config(contract::CONFIG_EXTRA);
 
     // `cage run` in the router's namespace, in a process group of its own so that it
     // keeps running after this command ends, as it would on the router.
