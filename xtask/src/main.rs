@@ -70,7 +70,16 @@ fn test() -> Result<()> {
     let warnings = std::path::Path::new("target/tmp/cage-test-warnings.txt");
     let _ = std::fs::remove_file(warnings);
     run(cargo().args(["build", "--workspace", "--locked"]))?;
-    let tests = run(cargo().args(["test", "--workspace", "--locked", "--no-fail-fast"]));
+    // `--show-output` prints what passing tests printed (the contract matrix, the
+    // restart figures), grouped by test after the run.
+    let tests = run(cargo().args([
+        "test",
+        "--workspace",
+        "--locked",
+        "--no-fail-fast",
+        "--",
+        "--show-output",
+    ]));
     // Checks the kernel here could not run: said loudly, at the end, every time.
     if let Ok(w) = std::fs::read_to_string(warnings) {
         for line in w.lines() {
