@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::apply::{self, Checked};
+use crate::apply::{self, ApplyError, Checked};
 use crate::log;
 use crate::nft;
 
@@ -61,106 +61,50 @@ fn save(state: &DaemonState, log_dir: &Path) {
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Start: a bad configuration stops the daemon, but whatever policy the kernel already
     // has stays in force (fail closed).
-    let mut current: Checked = apply::check(config_path).await?;
-    let actions = apply::enforce(&current).await?;
-    for a in actions {
+    let current: Checked = apply::check(config_path).await?;
+    for a in apply::enforce(&current).await? {
         log::info(&a);
     }
-    let mut state = DaemonState {
-        pid: std::process::id(),
-        config: config_path.to_owned(),
-        started: now(),
-        last_apply: Some(now()),
-        applies: 1,
-        last_error: None,
-        wan_devices: current.facts.wan_devices.clone(),
-    };
-    let mut applied_text = nft::list_text()?;
     log::info(&format!(
         "policy applied from {} (WAN: {})",
         config_path.display(),
         wan_list(&current)
     ));
-    save(&state, &current.config.main.log_dir);
+    let mut d = Daemon {
+        state: DaemonState {
+            pid: std::process::id(),
+            config: config_path.to_owned(),
+            started: now(),
+            last_apply: Some(now()),
+            applies: 1,
+            last_error: None,
+            wan_devices: current.facts.wan_devices.clone(),
+        },
+        applied_text: nft::list_text()?,
+        current,
+        segment_error: None,
+    };
+    save(&d.state, &d.current.config.main.log_dir);
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
-    // The last segment setup error, logged once rather than at every tick.
-    let mut segment_error: Option<String> = None;
     tick.tick().await;
 
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 log::info("SIGHUP: reloading configuration");
-                match apply::check(config_path).await {
-                    Ok(next) => match apply::enforce(&next).await {
-                        Ok(actions) => {
-                            for a in actions { log::info(&a); }
-                            current = next;
-                            state.last_error = None;
-                            log::info("new configuration applied");
-                        }
-                        Err(e) => {
-                            log::error(&format!("reload failed: {e}"));
-                            state.last_error = Some(e.to_string());
-                        }
-                    },
-                    Err(e) => {
-                        log::error(&format!("new configuration refused, the running policy stays: {e}"));
-                        state.last_error = Some(e.to_string());
-                    }
-                }
-                state.applies += 1;
-                state.last_apply = Some(now());
-                state.wan_devices = current.facts.wan_devices.clone();
-                applied_text = nft::list_text().unwrap_or_default();
-                save(&state, &current.config.main.log_dir);
+                let next = apply::check(config_path).await;
+                d.reapply(next, "new configuration refused, the running policy stays").await;
             }
             _ = tick.tick() => {
-                // The segment too: a port re-created or re-bridged by someone else comes
-                // back without isolation. Setup is idempotent, so this repairs only that.
-                match crate::netlink::setup_segment(&current.config).await {
-                    Ok(report) => {
-                        for a in report.actions {
-                            log::warn(&format!("segment repaired: {a}"));
-                        }
-                        segment_error = None;
-                    }
-                    Err(e) => {
-                        let e = e.to_string();
-                        if segment_error.as_ref() != Some(&e) {
-                            log::error(&format!("cannot set up the segment: {e}"));
-                            segment_error = Some(e);
-                        }
-                    }
-                }
-                if let Some(reason) = drift(&current, &applied_text).await {
+                d.repair_segment().await;
+                if let Some(reason) = drift(&d.current, &d.applied_text).await {
                     log::warn(&format!("{reason}: re-applying the policy"));
-                    match apply::check_config(current.config.clone()).await {
-                        Ok(next) => match apply::enforce(&next).await {
-                            Ok(actions) => {
-                                for a in actions { log::info(&a); }
-                                current = next;
-                                state.last_error = None;
-                            }
-                            Err(e) => {
-                                log::error(&format!("re-apply failed: {e}"));
-                                state.last_error = Some(e.to_string());
-                            }
-                        },
-                        Err(e) => {
-                            log::error(&format!("re-apply failed: {e}"));
-                            state.last_error = Some(e.to_string());
-                        }
-                    }
-                    state.applies += 1;
-                    state.last_apply = Some(now());
-                    state.wan_devices = current.facts.wan_devices.clone();
-                    applied_text = nft::list_text().unwrap_or_default();
-                    save(&state, &current.config.main.log_dir);
+                    let next = apply::check_config(d.current.config.clone()).await;
+                    d.reapply(next, "re-apply failed").await;
                 }
             }
             _ = term.recv() => break,
@@ -169,6 +113,66 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
     Ok(())
+}
+
+/// What `cage run` keeps between events.
+struct Daemon {
+    current: Checked,
+    state: DaemonState,
+    /// Cage's tables as the daemon last left them, to notice changes behind its back.
+    applied_text: String,
+    /// The last segment setup error, logged once rather than at every tick.
+    segment_error: Option<String>,
+}
+
+impl Daemon {
+    /// Enforce `next` if it was checked successfully; otherwise log why not and keep the
+    /// running policy. Either way, record the attempt for `cage status`.
+    async fn reapply(&mut self, next: Result<Checked, ApplyError>, refused: &str) {
+        let outcome = match next {
+            Ok(next) => match apply::enforce(&next).await {
+                Ok(actions) => {
+                    for a in actions {
+                        log::info(&a);
+                    }
+                    log::info("policy applied");
+                    self.current = next;
+                    Ok(())
+                }
+                Err(e) => Err(format!("applying failed: {e}")),
+            },
+            Err(e) => Err(format!("{refused}: {e}")),
+        };
+        if let Err(e) = &outcome {
+            log::error(e);
+        }
+        self.state.last_error = outcome.err();
+        self.state.applies += 1;
+        self.state.last_apply = Some(now());
+        self.state.wan_devices = self.current.facts.wan_devices.clone();
+        self.applied_text = nft::list_text().unwrap_or_default();
+        save(&self.state, &self.current.config.main.log_dir);
+    }
+
+    /// The segment too: a port re-created or re-bridged by someone else comes back
+    /// without isolation. Setup is idempotent, so this repairs only what drifted.
+    async fn repair_segment(&mut self) {
+        match crate::netlink::setup_segment(&self.current.config).await {
+            Ok(report) => {
+                for a in report.actions {
+                    log::warn(&format!("segment repaired: {a}"));
+                }
+                self.segment_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.segment_error.as_ref() != Some(&e) {
+                    log::error(&format!("cannot set up the segment: {e}"));
+                    self.segment_error = Some(e);
+                }
+            }
+        }
+    }
 }
 
 /// Why the kernel no longer has what the daemon applied, if it doesn't.
