@@ -49,17 +49,8 @@ fn applied_lab() -> Lab {
     lab
 }
 
-fn l2_denied_packets(lab: &Lab) -> u64 {
-    let out = lab.cage(&["status", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-    v["denied"]["deny:segment-l2"]["packets"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-#[test]
-fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
-    let lab = applied_lab();
+/// Switch bridge port isolation off on both segment ports.
+fn isolation_off(lab: &Lab) {
     for port in ["cage1", "cage2"] {
         lab.ip(
             Node::Router,
@@ -76,6 +67,30 @@ fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
         )
         .expect("isolation off");
     }
+}
+
+/// Remove Cage's bridge-family table, leaving `inet cage` in place.
+fn remove_bridge_table(lab: &Lab) {
+    let st = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns(Node::Router)])
+        .args(["nft", "delete", "table", "bridge", "cage"])
+        .status()
+        .expect("nft");
+    assert!(st.success(), "removing the bridge table");
+}
+
+fn l2_denied_packets(lab: &Lab) -> u64 {
+    let out = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    v["denied"]["deny:segment-l2"]["packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
+    let lab = applied_lab();
+    isolation_off(&lab);
     let report = run_matrix(&lab, &caged_to_caged());
     assert!(report.failures().is_empty(), "{report}");
     let dropped = l2_denied_packets(&lab);
@@ -89,22 +104,7 @@ fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
 #[test]
 fn port_isolation_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
-    let out = lab.ip(Node::Router, &["link", "show", "cage1"]);
-    assert!(out.is_ok());
-    let del = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns(Node::Router),
-            "nft",
-            "delete",
-            "table",
-            "bridge",
-            "cage",
-        ])
-        .status()
-        .expect("nft");
-    assert!(del.success(), "removing the bridge table");
+    remove_bridge_table(&lab);
     let report = run_matrix(&lab, &caged_to_caged());
     assert!(report.failures().is_empty(), "{report}");
     println!("bridge table removed, isolation on: all blocked\n{report}");
@@ -114,36 +114,8 @@ fn port_isolation_alone_keeps_caged_hosts_apart() {
 fn without_either_layer_caged_hosts_reach_each_other() {
     // Not vacuous: with both layers off, the same probes are delivered.
     let lab = applied_lab();
-    for port in ["cage1", "cage2"] {
-        lab.ip(
-            Node::Router,
-            &[
-                "link",
-                "set",
-                "dev",
-                port,
-                "type",
-                "bridge_slave",
-                "isolated",
-                "off",
-            ],
-        )
-        .expect("isolation off");
-    }
-    let del = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns(Node::Router),
-            "nft",
-            "delete",
-            "table",
-            "bridge",
-            "cage",
-        ])
-        .status()
-        .expect("nft");
-    assert!(del.success());
+    isolation_off(&lab);
+    remove_bridge_table(&lab);
     let checks: Vec<Check> = caged_to_caged()
         .into_iter()
         .map(|c| c.expecting(contract::Expect::Allow))
