@@ -831,6 +831,7 @@ mod tests {
                 masquerade: true,
                 upstream_subnets: vec![],
             },
+            killswitch: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use cage_agent::config::{self, Config, Lan, Main, Segment, Wan, WanDevices};
+use cage_agent::config::{self, Config, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
 
 fn example_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt/files/etc/config/cage")
@@ -42,6 +42,10 @@ fn example_config_parses_to_the_expected_config() {
                 masquerade: true,
                 upstream_subnets: vec![],
             },
+            killswitch: KillSwitch {
+                button: Some("BTN_0".into()),
+                ..KillSwitch::default()
+            },
         }
     );
 }
@@ -74,6 +78,7 @@ fn empty_config_is_all_defaults() {
                 masquerade: true,
                 upstream_subnets: vec![],
             },
+            killswitch: KillSwitch::default(),
         }
     );
 }

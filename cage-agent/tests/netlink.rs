@@ -159,6 +159,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
             masquerade: true,
             upstream_subnets: upstream.iter().map(|s| s.parse().unwrap()).collect(),
         },
+        killswitch: Default::default(),
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Config {
     pub segment: Segment,
     pub lan: Lan,
     pub wan: Wan,
+    pub killswitch: KillSwitch,
 }
 
 /// `config cage 'main'`: where Cage keeps its own files and listens.
@@ -78,6 +79,37 @@ pub struct Wan {
     /// Upstream networks denied to the segment in addition to the subnets of the
     /// WAN devices' own addresses, which are detected at apply time.
     pub upstream_subnets: Vec<IpNet>,
+}
+
+/// `config killswitch 'killswitch'`: the hardware button and automatic isolation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KillSwitch {
+    /// The button that isolates, as OpenWrt's button hotplug names it (`BTN_0`, `reset`);
+    /// `None`: no button.
+    pub button: Option<String>,
+    /// Whether the button's "released" event (a toggle switch moved back) releases.
+    /// Off by default: releasing is done on purpose from the LAN.
+    pub button_release: bool,
+    /// Isolate when one caged host has more than this many blocked attempts towards the
+    /// LAN or the router within `auto_window` seconds; 0 (default) is off.
+    pub auto_blocked: u32,
+    /// Isolate when one caged host sends more than this many bytes to the internet within
+    /// `auto_window` seconds; 0 (default) is off.
+    pub auto_upload_bytes: u64,
+    /// The window of both automatic rules, in seconds (1 to 3600, default 10).
+    pub auto_window: u32,
+}
+
+impl Default for KillSwitch {
+    fn default() -> Self {
+        KillSwitch {
+            button: None,
+            button_release: false,
+            auto_blocked: 0,
+            auto_upload_bytes: 0,
+            auto_window: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
-use super::{Config, Lan, Main, Segment, Wan, WanDevices};
+use super::{Config, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
 
 /// One problem in a configuration, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +119,18 @@ const WAN: SectionType = SectionType {
         ("upstream_subnet", Arity::Many),
     ],
 };
-const TYPES: [&SectionType; 4] = [&CAGE, &SEGMENT, &LAN, &WAN];
+const KILLSWITCH: SectionType = SectionType {
+    kind: "killswitch",
+    usual_name: "killswitch",
+    options: &[
+        ("button", Arity::One),
+        ("button_release", Arity::One),
+        ("auto_blocked", Arity::One),
+        ("auto_upload_bytes", Arity::One),
+        ("auto_window", Arity::One),
+    ],
+};
+const TYPES: [&SectionType; 5] = [&CAGE, &SEGMENT, &LAN, &WAN, &KILLSWITCH];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
 const DEFAULT_LOG_DIR: &str = "/tmp/cage";
@@ -139,7 +150,7 @@ fn default_address() -> Ipv4Net {
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let mut v = Validator::default();
     let sections = v.sections(raw);
-    let [cage, segment, lan, wan] = sections;
+    let [cage, segment, lan, wan, killswitch] = sections;
 
     // Section by section: every option parsed into its type on its own.
     let state_dir = v.one(&cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
@@ -184,6 +195,24 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let wan_devices = v.wan_devices(&wan);
     let masquerade = v.one(&wan, "masquerade", true, boolean);
     let upstream_subnets = v.many(&wan, "upstream_subnet", network);
+
+    let button = v.one(&killswitch, "button", None, |s| button_name(s).map(Some));
+    let button_release = v.one(&killswitch, "button_release", false, boolean);
+    let auto_blocked = v.one(&killswitch, "auto_blocked", 0, |s| {
+        count(s, 1_000_000, "20 (0 switches it off)")
+    });
+    let auto_upload_bytes = v.one(&killswitch, "auto_upload_bytes", 0, |s| {
+        count(s, u64::MAX / 2, "1000000000 (0 switches it off)")
+    });
+    let auto_window = v.one(&killswitch, "auto_window", 10, |s| {
+        count(s, 3600, "10").and_then(|n| {
+            if n == 0 {
+                Err("'0' is not a window; give seconds from 1 to 3600, e.g. 10".into())
+            } else {
+                Ok(n as u32)
+            }
+        })
+    });
 
     // Cross-checks, between options that are each valid on their own.
     let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
@@ -336,6 +365,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             masquerade: masquerade.value,
             upstream_subnets: upstream_subnets.into_iter().map(|u| u.value).collect(),
         },
+        killswitch: KillSwitch {
+            button: button.value,
+            button_release: button_release.value,
+            auto_blocked: auto_blocked.value as u32,
+            auto_upload_bytes: auto_upload_bytes.value,
+            auto_window: auto_window.value,
+        },
     })
 }
 
@@ -405,8 +441,8 @@ impl Validator {
     /// Sort the sections by type, one of each, and the options of each by name, with
     /// every structural problem reported: unknown types, a type given twice, names used
     /// twice, unknown options, `list` for a single-valued option, an option set twice.
-    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 4] {
-        let mut found: [Option<Section<'a>>; 4] = [None, None, None, None];
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 5] {
+        let mut found: [Option<Section<'a>>; 5] = [None, None, None, None, None];
         let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
         let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
 
@@ -947,6 +983,34 @@ fn address6(s: &str) -> Result<Ipv6Net, String> {
         ));
     }
     Ok(net)
+}
+
+/// A button as OpenWrt's button hotplug names it (`$BUTTON`): BTN_0, reset, wps, …
+fn button_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{}' is not a button name; give the name OpenWrt's button hotplug reports, \
+             e.g. BTN_0 (GL.iNet's side switch) or reset",
+            printable(s)
+        ))
+    }
+}
+
+/// A whole number from 0 to `max`.
+fn count(s: &str, max: u64, example: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!(
+            "'{}' is not a whole number from 0 to {max}; e.g. {example}",
+            printable(s)
+        )),
+    }
 }
 
 fn vlan_id(s: &str) -> Result<u16, String> {
