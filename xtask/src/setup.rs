@@ -1,10 +1,13 @@
 //! Install what building and testing Cage needs, idempotently and quickly when it is
 //! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3) and the
-//! rustup components the checks use.
+//! rustup components the checks use, and the eBPF toolchain (nightly's rust-src and a
+//! bpf-linker built against the nightly toolchain's own libLLVM).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::run;
 
@@ -59,6 +62,160 @@ pub fn install() -> Result<()> {
             run(Command::new("rustup").args(["component", "add", component]))?;
         }
     }
+    ebpf_toolchain()?;
     println!("xtask setup: ready");
     Ok(())
+}
+
+/// The toolchain that builds `cage-ebpf`: nightly with rust-src (for `-Z build-std=core`)
+/// and bpf-linker. Prebuilt bpf-linker downloads are not reachable here and
+/// `cargo install bpf-linker` with its default features wants a system libLLVM 23, so
+/// bpf-linker is built against the libLLVM that ships inside the nightly toolchain (the
+/// one that produces the bitcode it links; an older reader fails with "Invalid record").
+/// Takes about a minute the first time, nothing afterwards.
+fn ebpf_toolchain() -> Result<()> {
+    let nightly_ok = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !nightly_ok {
+        println!("xtask setup: installing the nightly toolchain (for the eBPF program)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let src_installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !src_installed {
+        println!("xtask setup: adding rust-src to nightly (eBPF builds core from source)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let libllvm = nightly_libllvm()?;
+    let lib_name = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("libLLVM path without a file name")?
+        .to_owned();
+    if bpf_linker_uses(&lib_name) {
+        return Ok(());
+    }
+    // "libLLVM.so.22.1-rust-1.97.0-nightly" → major version 22 → feature llvm-22.
+    let major = lib_name
+        .strip_prefix("libLLVM.so.")
+        .and_then(|v| v.split('.').next())
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()) && !m.is_empty())
+        .with_context(|| format!("cannot read the LLVM version from {lib_name}"))?
+        .to_owned();
+
+    // llvm-sys looks for `$LLVM_PREFIX/lib/libLLVM.so`; the toolchain has the library under
+    // its versioned name only (its `libLLVM-22-rust-….so` is a linker script), so point a
+    // prefix of our own at it. The rpath lets bpf-linker find it when run by rustc.
+    let prefix = cargo_home()?.join("cage-llvm").join(&lib_name);
+    let lib_dir = prefix.join("lib");
+    std::fs::create_dir_all(&lib_dir)
+        .with_context(|| format!("cannot create {}", lib_dir.display()))?;
+    for link in ["libLLVM.so", lib_name.as_str()] {
+        let path = lib_dir.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(&libllvm, &path)
+            .with_context(|| format!("cannot link {} to {}", path.display(), libllvm.display()))?;
+    }
+    println!(
+        "xtask setup: building bpf-linker against {} (LLVM {major}); this takes a few minutes",
+        libllvm.display()
+    );
+    let started = Instant::now();
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix)
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
+        )
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR"))?;
+    println!(
+        "xtask setup: bpf-linker built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !bpf_linker_uses(&lib_name) {
+        bail!("bpf-linker was installed but does not run against {lib_name}; is $CARGO_HOME/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn cargo_home() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    let home = std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?;
+    Ok(Path::new(&home).join(".cargo"))
+}
+
+/// The real libLLVM shared library inside the nightly toolchain's sysroot
+/// (`lib/libLLVM.so.<major>.<minor>-rust-<version>`).
+fn nightly_libllvm() -> Result<PathBuf> {
+    let out = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .context("cannot run rustc from the nightly toolchain")?;
+    if !out.status.success() {
+        bail!("rustc +nightly --print sysroot failed");
+    }
+    let lib = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib");
+    let entries =
+        std::fs::read_dir(&lib).with_context(|| format!("cannot read {}", lib.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libLLVM.so.") && name.contains("-rust-") {
+            return Ok(e.path());
+        }
+    }
+    bail!(
+        "no libLLVM.so.*-rust-* in {}: the nightly toolchain has no shared LLVM to build bpf-linker against",
+        lib.display()
+    )
+}
+
+/// Whether the bpf-linker on PATH runs and is linked against this exact libLLVM.
+fn bpf_linker_uses(lib_name: &str) -> bool {
+    let runs = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !runs {
+        return false;
+    }
+    let Ok(out) = Command::new("sh")
+        .args(["-c", "ldd \"$(command -v bpf-linker)\""])
+        .output()
+    else {
+        return false;
+    };
+    let ldd = String::from_utf8_lossy(&out.stdout);
+    ldd.lines()
+        .any(|l| l.contains(lib_name) && !l.contains("not found"))
 }
