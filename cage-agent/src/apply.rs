@@ -7,6 +7,7 @@ use std::path::Path;
 use nftables::schema::Nftables;
 
 use crate::config::{self, Config};
+use crate::killswitch;
 use crate::netlink;
 use crate::nft;
 use crate::policy::{self, Facts};
@@ -30,6 +31,8 @@ pub struct Checked {
     pub config: Config,
     pub facts: Facts,
     pub ruleset: Nftables<'static>,
+    /// The kill switch is on: the ruleset isolates the segment.
+    pub isolated: bool,
 }
 
 /// Load, validate, detect and render, then dry-run the ruleset with `nft --check`.
@@ -44,12 +47,19 @@ pub async fn check_config(config: Config) -> Result<Checked, ApplyError> {
         .await
         .map_err(ApplyError::Detect)?;
     facts.bridge_meta = nft::supports_bridge_meta();
-    let ruleset = policy::render(&config, &facts);
+    let mut ruleset = policy::render(&config, &facts);
+    // A pressed kill switch is part of every policy Cage applies until it is released.
+    let isolated = killswitch::load(&config).isolated;
+    if isolated {
+        let on = policy::isolation(&config, true);
+        ruleset.objects.to_mut().extend(on.objects.iter().cloned());
+    }
     nft::check(&ruleset).map_err(ApplyError::Check)?;
     Ok(Checked {
         config,
         facts,
         ruleset,
+        isolated,
     })
 }
 

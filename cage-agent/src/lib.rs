@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod config;
 pub mod daemon;
+pub mod killswitch;
 pub mod log;
 pub mod netlink;
 pub mod nft;

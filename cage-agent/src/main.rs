@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cage_agent::killswitch::{self, ButtonAction, Source};
 use cage_agent::{apply, config, daemon, nft, status};
 use clap::{Parser, Subcommand};
 
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Configuration file (UCI syntax).
-    #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
+    #[arg(long, short, global = true, env = "CAGE_CONFIG", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -38,7 +39,24 @@ enum Command {
         json: bool,
     },
     /// Remove Cage's tables: the segment is no longer caged. Stops a running daemon first.
+    /// Refused while the kill switch is on.
     Disable,
+    /// Kill switch: cut the segment off from everything, established connections
+    /// included, until `cage release`. Survives restarts and reboots.
+    Isolate {
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End an isolation: the segment gets its usual access again.
+    Release {
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// A hardware button event, as OpenWrt's button hotplug reports it (the hotplug
+    /// script calls this with $BUTTON and $ACTION).
+    Button { button: String, action: String },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -50,6 +68,9 @@ async fn main() -> ExitCode {
         Command::Run => daemon::run(&cli.config).await.map(|()| ExitCode::SUCCESS),
         Command::Status { json } => show_status(&cli.config, json).await,
         Command::Disable => disable(&cli.config),
+        Command::Isolate { reason } => switch(&cli.config, true, Source::Cli, &reason).await,
+        Command::Release { reason } => switch(&cli.config, false, Source::Cli, &reason).await,
+        Command::Button { button, action } => press(&cli.config, &button, &action).await,
     };
     match result {
         Ok(code) => code,
@@ -63,7 +84,7 @@ async fn main() -> ExitCode {
 async fn check(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let checked = apply::check(path).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&checked.ruleset)?);
+        println!("{}", nft::to_json(&checked.ruleset));
     } else {
         print!("{}", nft::to_text(&checked.ruleset));
         eprintln!("cage: {}: valid; nft accepts the ruleset", path.display());
@@ -95,14 +116,57 @@ async fn show_status(path: &std::path::Path, json: bool) -> anyhow::Result<ExitC
 }
 
 fn disable(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    // A running daemon would put the tables back: stop it first.
     if let Ok(cfg) = config::load(path) {
+        // Removing the tables would also end an isolation, which only `release` may do.
+        if killswitch::load(&cfg).isolated {
+            anyhow::bail!(
+                "the kill switch is on (the segment is isolated); `cage release` first \
+                 if you really mean to uncage it"
+            );
+        }
+        // A running daemon would put the tables back: stop it first.
         status::stop_daemon(&cfg.main.log_dir)?;
     }
     if nft::remove()? {
         eprintln!("cage: Cage's tables removed; the segment is NOT caged any more");
     } else {
         eprintln!("cage: Cage's tables were not in the kernel");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn switch(
+    path: &std::path::Path,
+    on: bool,
+    source: Source,
+    reason: &str,
+) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    let who = killswitch::local_user();
+    if on {
+        killswitch::isolate(&cfg, source, reason, &who).await?;
+        eprintln!("cage: ISOLATED: the segment is cut off until `cage release`");
+    } else {
+        killswitch::release(&cfg, source, reason, &who).await?;
+        eprintln!("cage: released: the segment has its usual access again");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn press(path: &std::path::Path, button: &str, action: &str) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    let reason = format!("button {button} {action}");
+    let who = format!("button:{button}");
+    match killswitch::button_action(&cfg, button, action) {
+        ButtonAction::Isolate => {
+            killswitch::isolate(&cfg, Source::Button, &reason, &who).await?;
+            eprintln!("cage: ISOLATED by {reason}");
+        }
+        ButtonAction::Release => {
+            killswitch::release(&cfg, Source::Button, &reason, &who).await?;
+            eprintln!("cage: released by {reason}");
+        }
+        ButtonAction::Ignore => {}
     }
     Ok(ExitCode::SUCCESS)
 }

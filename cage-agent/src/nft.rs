@@ -184,6 +184,38 @@ pub fn list_text() -> Result<String, NftError> {
     Ok(text)
 }
 
+/// Whether the applied policy isolates the segment now: the `isolated` set has an
+/// element. `Ok(false)` when Cage's table is absent.
+pub fn isolated_now() -> Result<bool, NftError> {
+    match run(
+        &[
+            "-j",
+            "list",
+            "set",
+            "inet",
+            TABLE,
+            crate::policy::ISOLATED_SET,
+        ],
+        None,
+        "read the kill switch's set",
+    ) {
+        Ok(out) => {
+            let v: serde_json::Value =
+                serde_json::from_str(&out).map_err(|source| NftError::Json {
+                    operation: "read the kill switch's set",
+                    source,
+                })?;
+            Ok(v["nftables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["set"]["elem"].as_array().is_some_and(|e| !e.is_empty())))
+        }
+        Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Count {
@@ -280,6 +312,7 @@ pub fn to_text(rs: &Nftables) -> String {
                     SetTypeValue::Concatenated(t) => serde_json::to_value(t).unwrap(),
                 };
                 let _ = writeln!(b, "\t\ttype {}", ty.as_str().unwrap_or("?"));
+                let quote = ty.as_str() == Some("ifname");
                 if let Some(flags) = &set.flags {
                     let mut f: Vec<String> = flags
                         .iter()
@@ -298,7 +331,7 @@ pub fn to_text(rs: &Nftables) -> String {
                     let _ = writeln!(b, "\t\tcomment \"{c}\"");
                 }
                 if let Some(elems) = &set.elem {
-                    let e: Vec<String> = elems.iter().map(|e| expr(e, false)).collect();
+                    let e: Vec<String> = elems.iter().map(|e| expr(e, quote)).collect();
                     let _ = writeln!(b, "\t\telements = {{ {} }}", e.join(", "));
                 }
                 b.push_str("\t}\n");
@@ -339,6 +372,21 @@ pub fn to_text(rs: &Nftables) -> String {
                     None => tables[i]
                         .sets
                         .push(format!("# rule for unknown chain {}", r.chain)),
+                }
+            }
+            NfListObject::Element(el) if !deleting => {
+                let i = tbl(&mut tables, el.family);
+                let head = format!("\tset {} {{\n", el.name);
+                match tables[i].sets.iter_mut().find(|b| b.starts_with(&head)) {
+                    Some(block) => {
+                        let quote = block.contains("type ifname");
+                        let e: Vec<String> = el.elem.iter().map(|e| expr(e, quote)).collect();
+                        let end = block.len() - "\t}\n".len();
+                        block.insert_str(end, &format!("\t\telements = {{ {} }}\n", e.join(", ")));
+                    }
+                    None => tables[i]
+                        .sets
+                        .push(format!("# elements for unknown set {}\n", el.name)),
                 }
             }
             other => {
@@ -434,7 +482,8 @@ fn statement(st: &Statement) -> String {
 
 fn expr(e: &Expression, quote: bool) -> String {
     match e {
-        Expression::String(s) if quote => format!("\"{s}\""),
+        // `@name` is a set reference, never a quoted name.
+        Expression::String(s) if quote && !s.starts_with('@') => format!("\"{s}\""),
         Expression::String(s) => s.to_string(),
         Expression::Number(n) => n.to_string(),
         Expression::Boolean(b) => b.to_string(),

@@ -39,6 +39,35 @@ pub const PRIO_FILTER: i32 = -10;
 pub const PRIO_SRCNAT: i32 = 100;
 pub const PRIO_BRIDGE_FILTER: i32 = -210;
 
+/// The set of `inet cage` that holds the segment's bridge while the kill switch is on.
+pub const ISOLATED_SET: &str = "isolated";
+
+/// The commands that switch isolation on or off in an applied policy: one element added
+/// to the `isolated` set, or the set flushed. Both are idempotent.
+pub fn isolation(cfg: &Config, on: bool) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    let set = || schema::Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: ISOLATED_SET.into(),
+        set_type: schema::SetTypeValue::Single(schema::SetType::Ifname),
+        ..Default::default()
+    };
+    if on {
+        batch.add(NfListObject::Element(schema::Element {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: ISOLATED_SET.into(),
+            elem: Cow::Owned(vec![s(cfg.segment.bridge.clone())]),
+        }));
+    } else {
+        batch.add_cmd(schema::NfCmd::Flush(schema::FlushObject::Set(Box::new(
+            set(),
+        ))));
+    }
+    batch.to_nftables()
+}
+
 /// Rejections answer at most this many packets a second per rule (burst as much again);
 /// beyond it, denied packets are dropped silently, so a flood of denied traffic cannot
 /// make the router spend its CPU answering it.
@@ -440,6 +469,18 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
         "LAN hosts that may open connections into the segment",
     ));
 
+    // The kill switch: while the segment's bridge is in this set, everything to and
+    // from it is dropped, first thing in every base chain. Isolating or releasing is one
+    // element added or flushed (`isolation`), not a new ruleset.
+    batch.add(NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: ISOLATED_SET.into(),
+        set_type: schema::SetTypeValue::Single(schema::SetType::Ifname),
+        comment: Some("the segment while the kill switch is on".into()),
+        ..Default::default()
+    })));
+
     // Base chains: each only dispatches the segment's traffic to a chain of its own.
     batch.add(base_chain(
         inet,
@@ -462,6 +503,13 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
         NfHook::Forward,
         PRIO_FILTER,
     ));
+    batch.add(base_chain(
+        inet,
+        "output",
+        NfChainType::Filter,
+        NfHook::Output,
+        PRIO_FILTER,
+    ));
     for name in [
         "segment_ingress",
         "segment_to_router",
@@ -473,7 +521,23 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
 
     let mut rules = Vec::new();
 
+    let isolated_in = || {
+        vec![
+            is(meta(MetaKey::Iifname), set_ref(ISOLATED_SET)),
+            counter(),
+            drop(),
+        ]
+    };
+    let isolated_out = || {
+        vec![
+            is(meta(MetaKey::Oifname), set_ref(ISOLATED_SET)),
+            counter(),
+            drop(),
+        ]
+    };
+
     let mut pre = ChainRules::new(inet, "prerouting");
+    pre.rule("deny:isolated", isolated_in());
     pre.rule("segment", vec![iifname(bridge), jump("segment_ingress")]);
     rules.push(pre);
 
@@ -486,9 +550,16 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
     rules.push(segment_to_router(cfg));
 
     let mut fwd = ChainRules::new(inet, "forward");
+    fwd.rule("deny:isolated", isolated_out());
     fwd.rule("segment", vec![iifname(bridge), jump("segment_egress")]);
     fwd.rule("segment", vec![oifname(bridge), jump("into_segment")]);
     rules.push(fwd);
+
+    // The router's own packets to the segment (DHCP and DNS answers, neighbour
+    // discovery) stop too while isolated; otherwise output is not Cage's business.
+    let mut out = ChainRules::new(inet, "output");
+    out.rule("deny:isolated", isolated_out());
+    rules.push(out);
 
     rules.push(segment_egress(cfg, facts));
     rules.push(into_segment(cfg));

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::config;
 use crate::daemon::{self, DaemonState};
+use crate::killswitch;
 use crate::netlink::{self, PortState};
 use crate::nft::{self, Count};
 
@@ -24,6 +25,12 @@ pub struct Status {
     pub denied: BTreeMap<String, Count>,
     pub denied_total: u64,
     pub ports: Vec<PortState>,
+    /// The kill switch as stored (the kernel follows it while Cage's tables are in).
+    pub isolation: Option<killswitch::State>,
+    /// Whether the kernel's policy has the segment in its `isolated` set right now.
+    pub kernel_isolated: bool,
+    /// The last kill-switch events, oldest first.
+    pub audit: Vec<killswitch::AuditEntry>,
     pub problems: Vec<String>,
 }
 
@@ -88,6 +95,20 @@ pub async fn gather(config_path: &Path) -> Status {
         Err(_) => (None, vec![]),
     };
     let daemon_running = daemon.as_ref().is_some_and(|d| cage_running(d.pid));
+    let kernel_isolated = nft::isolated_now().unwrap_or(false);
+    let (isolation, audit) = match &cfg {
+        Ok(cfg) => (Some(killswitch::load(cfg)), killswitch::audit_tail(cfg, 10)),
+        Err(_) => (None, vec![]),
+    };
+    if let Some(state) = &isolation {
+        if state.isolated && enforcing && !kernel_isolated {
+            problems.push(
+                "the kill switch is on but the kernel's policy does not isolate the segment; \
+                 run `cage isolate` again"
+                    .into(),
+            );
+        }
+    }
     if let Some(e) = daemon.as_ref().and_then(|d| d.last_error.clone()) {
         if daemon_running {
             problems.push(format!("the daemon's last apply failed: {e}"));
@@ -102,6 +123,9 @@ pub async fn gather(config_path: &Path) -> Status {
         denied,
         denied_total,
         ports,
+        isolation,
+        kernel_isolated,
+        audit,
         problems,
     }
 }
@@ -117,6 +141,23 @@ pub fn render_text(s: &Status) -> String {
             "NOT ENFORCING"
         }
     );
+    match &s.isolation {
+        Some(st) if st.isolated => {
+            let _ = writeln!(
+                o,
+                "switch:  ISOLATED (kill switch on{}{}) — `cage release` ends it",
+                st.source.map(|s| format!(", by {s}")).unwrap_or_default(),
+                if st.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", st.reason)
+                }
+            );
+        }
+        _ => {
+            let _ = writeln!(o, "switch:  off (the segment has its usual access)");
+        }
+    }
     let _ = writeln!(
         o,
         "config:  {}{}",
@@ -165,6 +206,25 @@ pub fn render_text(s: &Status) -> String {
     for (k, c) in &s.denied {
         if c.packets > 0 {
             let _ = writeln!(o, "         {:<26} {:>10} packets", k, c.packets);
+        }
+    }
+    if !s.audit.is_empty() {
+        let _ = writeln!(o, "audit:   (last {} kill-switch events)", s.audit.len());
+        for a in &s.audit {
+            let _ = writeln!(
+                o,
+                "         {} {:<8} {:<7} {:<16} {}{}",
+                a.time,
+                a.action,
+                a.source,
+                a.who,
+                a.reason,
+                if a.result == "ok" {
+                    String::new()
+                } else {
+                    format!(" [{}]", a.result)
+                }
+            );
         }
     }
     if let Some(e) = &s.config_error {

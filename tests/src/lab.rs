@@ -674,7 +674,9 @@ impl Lab {
                 "addr add 192.168.10.11/24 dev eth0",
                 "addr add fd00:cafe:10::11/64 dev eth0 nodad",
                 &format!("addr add {AI1_SPOOF4}/32 dev eth0"),
-                &format!("addr add {AI1_SPOOF6}/128 dev eth0 nodad"),
+                // Deprecated (preferred_lft 0): only a probe that binds to it uses it;
+                // otherwise source selection would pick it for 2001:db8::/32 targets.
+                &format!("addr add {AI1_SPOOF6}/128 dev eth0 nodad preferred_lft 0"),
                 "route add default via 192.168.10.1",
                 "route add ::/0 via fd00:cafe:10::1",
             ]),

@@ -1,0 +1,392 @@
+//! The kill switch in the lab: one press stops everything to and from the segment,
+//! established flows included, holds with the daemon down, across restarts, SIGKILL and a
+//! "reboot" (the kernel's tables gone), answers the hardware button through the hotplug
+//! script, and `cage release` restores the whole contract.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cage_agent::probe::{probe_in, NetNs, Probe, Record, Servers, Service, Witness, WitnessLimits};
+use cage_tests::contract::{self, run_matrix};
+use cage_tests::lab::{
+    self, Lab, Node, AI2_4, LAN_HOST4, PUBLIC4, PUBLIC6, ROUTER_WAN4, ROUTER_WAN6,
+};
+use cage_tests::require_root;
+
+const BUTTON_CONFIG: &str = "\nconfig killswitch 'killswitch'\n\toption button 'BTN_0'\n";
+
+fn lab_up(extra_sections: &str) -> Lab {
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let path = lab.write_config(contract::CONFIG_EXTRA);
+    if !extra_sections.is_empty() {
+        let text = std::fs::read_to_string(&path).unwrap() + extra_sections;
+        std::fs::write(&path, text).unwrap();
+    }
+    lab
+}
+
+fn cage_ok(lab: &Lab, args: &[&str]) -> String {
+    let out = lab.cage(args);
+    assert!(
+        out.status.success(),
+        "cage {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn wait_applied(run: &lab::CageRun) {
+    let start = Instant::now();
+    while !run.log().contains("policy applied") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "cage run did not apply its policy:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Does a caged host reach the internet host now (UDP echo and ping)?
+fn internet_answers(lab: &Lab) -> (bool, bool) {
+    let ai1 = lab.netns(Node::Ai1);
+    let t = Duration::from_millis(500);
+    let udp = probe_in(&ai1, &Probe::udp(PUBLIC4, 53).timeout(t)).expect("probe");
+    let icmp = probe_in(&ai1, &Probe::icmp(PUBLIC6).timeout(t)).expect("probe");
+    (udp.outcome.answered(), icmp.outcome.answered())
+}
+
+fn assert_isolated(lab: &Lab, when: &str) {
+    assert_eq!(
+        internet_answers(lab),
+        (false, false),
+        "{when}: a caged host still reaches the internet"
+    );
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(v["isolation"]["isolated"], true, "{when}: {v:#}");
+    assert_eq!(v["kernel_isolated"], true, "{when}: {v:#}");
+}
+
+fn assert_open(lab: &Lab, when: &str) {
+    assert_eq!(
+        internet_answers(lab),
+        (true, true),
+        "{when}: a caged host does not reach the internet"
+    );
+}
+
+/// Packets from the caged segment (or from the router's WAN address, which the segment
+/// is masqueraded to) among what a witness saw.
+fn from_segment(records: &[Record]) -> usize {
+    records
+        .iter()
+        .filter(|r| {
+            r.src == ROUTER_WAN4
+                || r.src == ROUTER_WAN6
+                || match r.src {
+                    IpAddr::V4(a) => a.octets()[..3] == [192, 168, 10],
+                    IpAddr::V6(a) => a.segments()[..3] == [0xfd00, 0xcafe, 0x10],
+                }
+        })
+        .count()
+}
+
+/// A TCP sink in `ns`: accepts connections and reads until told to stop.
+fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::NsThread<u64> {
+    ns.spawn("tcp sink", move || {
+        let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind sink");
+        l.set_nonblocking(true).unwrap();
+        let mut total = 0u64;
+        let mut conns: Vec<TcpStream> = Vec::new();
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+            if let Ok((c, _)) = l.accept() {
+                c.set_nonblocking(true).unwrap();
+                conns.push(c);
+            }
+            let mut buf = [0u8; 65536];
+            for c in conns.iter_mut() {
+                use std::io::Read;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(total)
+    })
+    .expect("sink thread")
+}
+
+#[test]
+fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
+    let lab = lab_up("");
+    let run = lab.spawn_cage_run();
+    wait_applied(&run);
+    lab.wait_segment_ready().expect("segment");
+
+    let limits = WitnessLimits {
+        max_duration: Duration::from_secs(120),
+        max_records: 500_000,
+    };
+    let inet = lab.netns(Node::Inet);
+    let w_inet = Witness::start(&inet, limits).expect("witness inet");
+    let w_lan = Witness::start(&lab.netns(Node::Lan), limits).expect("witness lan");
+    let w_ai2 = Witness::start(&lab.netns(Node::Ai2), limits).expect("witness ai2");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = tcp_sink(&inet, 5201, stop.clone());
+
+    // The traffic: a TCP transfer to the internet host, a ping flood to it, and probes
+    // towards the LAN host and the other caged host (denied all along).
+    let ai1 = lab.netns(Node::Ai1);
+    let sent = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        ai1.spawn("transfer", move || {
+            let addr = SocketAddr::new(PUBLIC4, 5201);
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let chunk = [0x5a_u8; 1024];
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                if s.write_all(&chunk).is_ok() {
+                    sent.fetch_add(1024, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            Ok(())
+        })
+        .expect("transfer thread")
+    };
+    let flood = {
+        let stop = stop.clone();
+        let ai1 = ai1.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(60)
+                && n < 20_000
+            {
+                for p in [
+                    Probe::icmp(PUBLIC4).timeout(Duration::from_millis(20)),
+                    Probe::udp(LAN_HOST4, 53).timeout(Duration::from_millis(20)),
+                    Probe::udp(AI2_4, 53).timeout(Duration::from_millis(20)),
+                ] {
+                    let _ = probe_in(&ai1, &p);
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+
+    // Let it flow, and check that it does.
+    std::thread::sleep(Duration::from_millis(800));
+    w_inet
+        .wait_drained(Instant::now(), Duration::from_secs(2))
+        .unwrap();
+    let before = from_segment(&w_inet.records());
+    assert!(
+        before > 100,
+        "only {before} packets reached the internet before isolating"
+    );
+
+    let t0 = Instant::now();
+    cage_ok(&lab, &["isolate", "--reason", "lab test"]);
+    let returned = Instant::now();
+    // Everything the kernel queued to the witnesses before the command returned is
+    // counted now; anything counted later arrived after the isolation.
+    for w in [&w_inet, &w_lan, &w_ai2] {
+        w.wait_drained(returned, Duration::from_secs(2)).unwrap();
+    }
+    let at_return = from_segment(&w_inet.records());
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent_during = sent.load(Ordering::Relaxed);
+    for w in [&w_inet, &w_lan, &w_ai2] {
+        w.wait_drained(Instant::now(), Duration::from_secs(2))
+            .unwrap();
+    }
+    let after = from_segment(&w_inet.records());
+    stop.store(true, Ordering::Relaxed);
+    transfer.join().expect("transfer");
+    let probes = flood.join().expect("flood");
+    let sunk = sink.join().expect("sink");
+
+    println!(
+        "isolate took {:?}; internet host got {before} packets before, {at_return} by the \
+         time the command returned, {after} after 1.5 s more; {probes} probes, {sunk} TCP \
+         bytes received of {sent_during} written",
+        returned - t0
+    );
+    assert_eq!(
+        after, at_return,
+        "packets from the segment reached the internet host after `cage isolate` returned"
+    );
+    assert_eq!(
+        from_segment(&w_lan.records()),
+        0,
+        "the LAN host saw the segment"
+    );
+    assert_eq!(
+        from_segment(&w_ai2.records()),
+        0,
+        "the other caged host saw ai1"
+    );
+    assert_isolated(&lab, "after isolate with the daemon up");
+    for w in [w_inet, w_lan, w_ai2] {
+        w.stop().expect("witness");
+    }
+    drop(run);
+}
+
+#[test]
+fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release() {
+    let lab = lab_up("");
+    let servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(53)],
+        Duration::from_secs(120),
+    )
+    .expect("servers");
+    cage_ok(&lab, &["apply"]);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    assert_open(&lab, "before isolating");
+
+    // No daemon: the CLI works on the kernel directly.
+    cage_ok(&lab, &["isolate", "--reason", "no daemon"]);
+    assert_isolated(&lab, "isolated with no daemon");
+
+    // Starting the daemon keeps it.
+    let mut run = lab.spawn_cage_run();
+    wait_applied(&run);
+    assert_isolated(&lab, "after cage run started");
+
+    // SIGKILL and restart keep it.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
+    let _ = run.stop();
+    assert_isolated(&lab, "with the daemon killed");
+    run = lab.spawn_cage_run();
+    wait_applied(&run);
+    assert_isolated(&lab, "after the restart");
+    drop(run);
+
+    // A reboot: the kernel forgets everything; the state on disk does not.
+    for family in ["inet", "bridge"] {
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(Node::Router),
+                "nft",
+                "delete",
+                "table",
+                family,
+                "cage",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let run = lab.spawn_cage_run();
+    wait_applied(&run);
+    assert_isolated(&lab, "after a reboot");
+
+    // `disable` may not end an isolation.
+    let out = lab.cage(&["disable"]);
+    assert!(!out.status.success(), "disable must refuse while isolated");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cage release"));
+
+    // Release restores the whole contract.
+    cage_ok(&lab, &["release", "--reason", "checked, all clear"]);
+    assert_open(&lab, "after release");
+    drop(servers);
+    let report = run_matrix(&lab, &contract::checks());
+    assert!(report.failures().is_empty(), "after release:\n{report}");
+
+    // Every press is in the audit log, with its source and reason.
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let audit = v["audit"].as_array().expect("audit entries");
+    let actions: Vec<(&str, &str, &str)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["action"].as_str().unwrap(),
+                a["source"].as_str().unwrap(),
+                a["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("isolate", "cli", "no daemon"),
+            ("release", "cli", "checked, all clear")
+        ]
+    );
+    drop(run);
+}
+
+#[test]
+fn the_hardware_button_isolates_through_the_hotplug_script() {
+    let lab = lab_up(BUTTON_CONFIG);
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(53)],
+        Duration::from_secs(60),
+    )
+    .expect("servers");
+    cage_ok(&lab, &["apply"]);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    assert_open(&lab, "before the button");
+
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt/files/etc/hotplug.d/button/50-cage");
+    let hotplug = |button: &str, action: &str| {
+        // As procd runs it: sh, with BUTTON and ACTION in the environment.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(Node::Router), "sh"])
+            .arg(&script)
+            .env("BUTTON", button)
+            .env("ACTION", action)
+            .env("CAGE", lab::cage_bin().unwrap())
+            .env("CAGE_CONFIG", lab.config_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "hotplug script: {out:?}");
+    };
+
+    // Another button means nothing to Cage.
+    hotplug("reset", "pressed");
+    assert_open(&lab, "after the reset button");
+
+    hotplug("BTN_0", "pressed");
+    assert_isolated(&lab, "after BTN_0 pressed");
+
+    // The switch moved back: with button_release off (the default), still isolated.
+    hotplug("BTN_0", "released");
+    assert_isolated(&lab, "after BTN_0 released");
+
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["isolation"]["source"], "button", "{v:#}");
+    assert_eq!(v["audit"].as_array().map(Vec::len), Some(1), "{v:#}");
+}
