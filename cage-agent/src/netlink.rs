@@ -31,6 +31,8 @@ use serde::Serialize;
 use crate::config::{Config, WanDevices};
 use crate::policy::Facts;
 
+pub mod selftest;
+
 /// The kernel's switch for IPv4 forwarding (per network namespace).
 const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 /// The kernel's switch for IPv6 forwarding on all interfaces (per network namespace).
