@@ -13,11 +13,14 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::apply::{self, ApplyError, Checked};
+use crate::killswitch::{self, AutoWatch, Source};
 use crate::log;
 use crate::nft;
 
 /// How often the daemon verifies the kernel state and re-detects the facts.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often automatic isolation reads its meters (only when a rule is on).
+pub const AUTO_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the daemon tells `cage status`, written to `<log_dir>/daemon.json` on every
 /// change (the log directory is RAM on OpenWrt, so this costs no flash writes).
@@ -80,7 +83,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             last_error: None,
             wan_devices: current.facts.wan_devices.clone(),
         },
-        applied_text: nft::list_text()?,
+        applied_text: nft::list_structure()?,
         current,
         segment_error: None,
     };
@@ -91,6 +94,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.tick().await;
+    let mut auto_tick = tokio::time::interval(AUTO_INTERVAL);
+    auto_tick.tick().await;
+    let mut auto = AutoWatch::default();
 
     loop {
         tokio::select! {
@@ -105,6 +111,25 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     log::warn(&format!("{reason}: re-applying the policy"));
                     let next = apply::check_config(d.current.config.clone()).await;
                     d.reapply(next, "re-apply failed").await;
+                }
+            }
+            _ = auto_tick.tick() => {
+                let ks = &d.current.config.killswitch;
+                if (ks.auto_blocked == 0 && ks.auto_upload_bytes == 0) || d.current.isolated {
+                    continue;
+                }
+                if let Some(trigger) = auto.observe(&d.current.config, std::time::Instant::now()) {
+                    log::warn(&format!("{trigger}: isolating the segment"));
+                    let cfg = d.current.config.clone();
+                    match killswitch::isolate(&cfg, Source::Auto, &trigger.to_string(), "cage").await {
+                        Ok(_) => {
+                            // The applied policy now isolates; what the daemon knows too.
+                            let next = apply::check_config(cfg).await;
+                            d.reapply(next, "re-apply failed").await;
+                        }
+                        Err(e) => log::error(&format!("automatic isolation failed: {e}")),
+                    }
+                    auto.reset();
                 }
             }
             _ = term.recv() => break,
@@ -150,7 +175,7 @@ impl Daemon {
         self.state.applies += 1;
         self.state.last_apply = Some(now());
         self.state.wan_devices = self.current.facts.wan_devices.clone();
-        self.applied_text = nft::list_text().unwrap_or_default();
+        self.applied_text = nft::list_structure().unwrap_or_default();
         save(&self.state, &self.current.config.main.log_dir);
     }
 
@@ -177,11 +202,25 @@ impl Daemon {
 
 /// Why the kernel no longer has what the daemon applied, if it doesn't.
 async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
-    match nft::list_text() {
+    match nft::list_structure() {
         Ok(t) if t.is_empty() => return Some("Cage's tables were removed".into()),
         Ok(t) if t != applied_text => return Some("Cage's tables were changed".into()),
         Ok(_) => {}
         Err(e) => return Some(format!("cannot read Cage's tables ({e})")),
+    }
+    // The kill switch's state on disk is the truth; the kernel must follow it, whoever
+    // changed either (`cage isolate` from another process, or a hand edit of the set).
+    let wanted = killswitch::load(&current.config).isolated;
+    match nft::isolated_now() {
+        Ok(now) if now != wanted => {
+            return Some(if wanted {
+                "the kill switch is on but the kernel does not isolate".into()
+            } else {
+                "the kill switch is off but the kernel isolates".into()
+            })
+        }
+        Ok(_) => {}
+        Err(e) => return Some(format!("cannot read the kill switch's set ({e})")),
     }
     match crate::netlink::detect_facts(&current.config).await {
         Ok(mut f) => {

@@ -12,9 +12,12 @@
 //! through [`isolate`] and [`release`], which work on the kernel directly: they need no
 //! daemon. A state file that cannot be read counts as isolated (fail closed).
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -287,5 +290,104 @@ pub fn button_action(cfg: &Config, button: &str, action: &str) -> ButtonAction {
         "pressed" => ButtonAction::Isolate,
         "released" if cfg.killswitch.button_release => ButtonAction::Release,
         _ => ButtonAction::Ignore,
+    }
+}
+
+/// Automatic isolation: watches Cage's per-host meters and says when a caged host went
+/// over a configured limit within the window. Readings are cumulative counters, so the
+/// watch keeps, per host, the readings of the last window and compares the newest with
+/// the oldest. A counter that went down (the policy was re-applied and the meters
+/// started again) restarts that host's history.
+#[derive(Debug, Default)]
+pub struct AutoWatch {
+    history: HashMap<(&'static str, IpAddr), VecDeque<(Instant, u64)>>,
+}
+
+/// Why automatic isolation fired: the evidence, for the log and the audit entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub host: IpAddr,
+    pub what: &'static str,
+    pub amount: u64,
+    pub limit: u64,
+    pub window: u32,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "automatic: {} made {} {} within {} s (limit {})",
+            self.host, self.amount, self.what, self.window, self.limit
+        )
+    }
+}
+
+impl AutoWatch {
+    /// Take one reading of the meters and return the first limit exceeded, if any.
+    pub fn observe(&mut self, cfg: &Config, now: Instant) -> Option<Trigger> {
+        let ks = &cfg.killswitch;
+        let window = Duration::from_secs(u64::from(ks.auto_window));
+        let rules: [(&'static [&'static str; 2], u64, &'static str, bool); 2] = [
+            (
+                &policy::AUTO_BLOCKED,
+                u64::from(ks.auto_blocked),
+                "blocked attempts",
+                false,
+            ),
+            (
+                &policy::AUTO_UPLOAD,
+                ks.auto_upload_bytes,
+                "bytes sent to the internet",
+                true,
+            ),
+        ];
+        for (meters, limit, what, bytes) in rules {
+            if limit == 0 {
+                continue;
+            }
+            for meter in meters.iter() {
+                let counts = match nft::meter_counts(meter) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        crate::log::warn(&format!("automatic isolation cannot read {meter}: {e}"));
+                        continue;
+                    }
+                };
+                for (host, count) in counts {
+                    let value = if bytes { count.bytes } else { count.packets };
+                    let h = self.history.entry((*meter, host)).or_default();
+                    if h.back().is_some_and(|&(_, last)| value < last) {
+                        h.clear();
+                    }
+                    let first_sight = h.is_empty();
+                    h.push_back((now, value));
+                    // The baseline is the oldest reading within the window.
+                    while h.len() > 1 && now.duration_since(h[0].0) > window {
+                        h.pop_front();
+                    }
+                    // A host seen for the first time has its meter entry since the last
+                    // reading (the meters start empty with each applied policy), so all
+                    // of its count is recent.
+                    let baseline = if first_sight { 0 } else { h[0].1 };
+                    let amount = value.saturating_sub(baseline);
+                    if amount > limit {
+                        return Some(Trigger {
+                            host,
+                            what,
+                            amount,
+                            limit,
+                            window: ks.auto_window,
+                        });
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Forget all readings (after an isolation, so a release starts afresh).
+    pub fn reset(&mut self) {
+        self.history.clear();
     }
 }

@@ -166,16 +166,24 @@ pub fn remove() -> Result<bool, NftError> {
 }
 
 /// Cage's tables as the kernel has them now, in nft's own text form; empty when Cage's
-/// tables are absent. Two calls give byte-identical text when nothing changed but counters
-/// (which are left out).
+/// tables are absent.
 pub fn list_text() -> Result<String, NftError> {
+    list_tables(&["--stateless", "list", "table"])
+}
+
+/// Cage's tables without counters and without set contents: what stays the same while
+/// the policy runs (the kill switch's set and the automatic-isolation meters change
+/// with traffic and presses). The daemon compares this to notice tampering.
+pub fn list_structure() -> Result<String, NftError> {
+    list_tables(&["--stateless", "--terse", "list", "table"])
+}
+
+fn list_tables(args: &[&str]) -> Result<String, NftError> {
     let mut text = String::new();
     for family in ["inet", "bridge"] {
-        match run(
-            &["--stateless", "list", "table", family, TABLE],
-            None,
-            "list Cage's tables",
-        ) {
+        let mut a = args.to_vec();
+        a.extend([family, TABLE]);
+        match run(&a, None, "list Cage's tables") {
             Ok(t) => text.push_str(&t),
             Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {}
             Err(e) => return Err(e),
@@ -214,6 +222,44 @@ pub fn isolated_now() -> Result<bool, NftError> {
         Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Per-host counts of one of Cage's meters (automatic isolation), keyed by the host's
+/// address. Empty when the meter does not exist (yet: it appears with its first packet,
+/// or the rule is off).
+pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, NftError> {
+    let out = match run(
+        &["-j", "list", "meter", "inet", TABLE, name],
+        None,
+        "read an automatic-isolation meter",
+    ) {
+        Ok(out) => out,
+        Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {
+            return Ok(BTreeMap::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|source| NftError::Json {
+        operation: "read an automatic-isolation meter",
+        source,
+    })?;
+    let mut counts = BTreeMap::new();
+    for o in v["nftables"].as_array().into_iter().flatten() {
+        for e in o["meter"]["elem"].as_array().into_iter().flatten() {
+            let e = &e["elem"];
+            let Some(addr) = e["val"].as_str().and_then(|a| a.parse().ok()) else {
+                continue;
+            };
+            counts.insert(
+                addr,
+                Count {
+                    packets: e["counter"]["packets"].as_u64().unwrap_or(0),
+                    bytes: e["counter"]["bytes"].as_u64().unwrap_or(0),
+                },
+            );
+        }
+    }
+    Ok(counts)
 }
 
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
@@ -452,6 +498,12 @@ fn statement(st: &Statement) -> String {
         Statement::Jump(j) => format!("jump {}", j.target),
         Statement::Goto(j) => format!("goto {}", j.target),
         Statement::Masquerade(None) => "masquerade".into(),
+        Statement::Meter(m) => format!(
+            "meter {} {{ {} {} }}",
+            m.name,
+            expr(&m.key, false),
+            statement(&m.stmt)
+        ),
         Statement::Limit(l) => {
             let mut t = format!(
                 "limit rate {}/{}",

@@ -39,6 +39,33 @@ pub const PRIO_FILTER: i32 = -10;
 pub const PRIO_SRCNAT: i32 = 100;
 pub const PRIO_BRIDGE_FILTER: i32 = -210;
 
+/// Meters that count, per caged host, rejected attempts (`AUTO_BLOCKED`) and bytes sent
+/// to the internet (`AUTO_UPLOAD`), for automatic isolation. Only in the ruleset when the
+/// rule is switched on. Cumulative: the daemon compares readings over its window.
+pub const AUTO_BLOCKED: [&str; 2] = ["auto_blocked4", "auto_blocked6"];
+pub const AUTO_UPLOAD: [&str; 2] = ["auto_upload4", "auto_upload6"];
+const COUNT_BLOCKED_CHAIN: &str = "count_blocked";
+const COUNT_UPLOAD_CHAIN: &str = "count_upload";
+
+/// A chain that feeds a per-source-host counter meter pair (IPv4, IPv6) and returns.
+fn meter_chain(name: &'static str, meters: [&'static str; 2]) -> ChainRules {
+    let mut c = ChainRules::new(NfFamily::INet, name);
+    for (meter, proto, family) in [(meters[0], "ip", "ipv4"), (meters[1], "ip6", "ipv6")] {
+        c.rule(
+            "count:auto",
+            vec![
+                is(meta(MetaKey::Nfproto), s(family)),
+                Statement::Meter(stmt::Meter {
+                    name: meter.into(),
+                    key: payload(proto, "saddr"),
+                    stmt: Box::new(counter()),
+                }),
+            ],
+        );
+    }
+    c
+}
+
 /// The set of `inet cage` that holds the segment's bridge while the kill switch is on.
 pub const ISOLATED_SET: &str = "isolated";
 
@@ -287,6 +314,8 @@ struct ChainRules {
     family: NfFamily,
     name: &'static str,
     rules: Vec<(Vec<Statement<'static>>, String)>,
+    /// Count each rejected attempt per source host (automatic isolation).
+    count_blocked: bool,
 }
 
 impl ChainRules {
@@ -295,7 +324,13 @@ impl ChainRules {
             family,
             name,
             rules: Vec::new(),
+            count_blocked: false,
         }
+    }
+
+    fn counting_blocked(mut self, on: bool) -> Self {
+        self.count_blocked = on;
+        self
     }
 
     fn rule(&mut self, comment: &str, stmts: Vec<Statement<'static>>) {
@@ -305,6 +340,11 @@ impl ChainRules {
     /// Deny with a fast answer (TCP reset, ICMP administratively prohibited), counted
     /// and rate-limited: `matches` select the packets, `comment` names the deny.
     fn reject(&mut self, comment: &str, matches: Vec<Statement<'static>>) {
+        if self.count_blocked {
+            let mut count = matches.clone();
+            count.push(jump(COUNT_BLOCKED_CHAIN));
+            self.rule(comment, count);
+        }
         let mut tcp = matches.clone();
         tcp.extend([
             l4proto("tcp"),
@@ -520,6 +560,15 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
     }
 
     let mut rules = Vec::new();
+    let ks = &cfg.killswitch;
+    if ks.auto_blocked > 0 {
+        batch.add(regular_chain(inet, COUNT_BLOCKED_CHAIN));
+        rules.push(meter_chain(COUNT_BLOCKED_CHAIN, AUTO_BLOCKED));
+    }
+    if ks.auto_upload_bytes > 0 {
+        batch.add(regular_chain(inet, COUNT_UPLOAD_CHAIN));
+        rules.push(meter_chain(COUNT_UPLOAD_CHAIN, AUTO_UPLOAD));
+    }
 
     let isolated_in = || {
         vec![
@@ -721,7 +770,8 @@ fn segment_ingress(cfg: &Config) -> ChainRules {
 /// Segment → the router itself (any of its addresses): DHCP and DNS, nothing else.
 fn segment_to_router(cfg: &Config) -> ChainRules {
     let seg = &cfg.segment;
-    let mut c = ChainRules::new(NfFamily::INet, "segment_to_router");
+    let mut c = ChainRules::new(NfFamily::INet, "segment_to_router")
+        .counting_blocked(cfg.killswitch.auto_blocked > 0);
     c.rule("allow:dhcp", vec![dport("udp", 67), accept()]);
     let router4 = IpNet::from(std::net::IpAddr::V4(seg.router4()));
     for proto in ["udp", "tcp"] {
@@ -793,7 +843,8 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
 /// Segment → anywhere but the router: the internet through the WAN, nothing else.
 fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
     let bridge = std::slice::from_ref(&cfg.segment.bridge);
-    let mut c = ChainRules::new(NfFamily::INet, "segment_egress");
+    let mut c = ChainRules::new(NfFamily::INet, "segment_egress")
+        .counting_blocked(cfg.killswitch.auto_blocked > 0);
     c.rule(
         "deny:invalid",
         vec![is(ct("state"), s("invalid")), counter(), drop()],
@@ -830,6 +881,9 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
             "deny:not-wan",
             vec![is_not(meta(MetaKey::Oifname), names(&facts.wan_devices))],
         );
+        if cfg.killswitch.auto_upload_bytes > 0 {
+            c.rule("count:auto", vec![jump(COUNT_UPLOAD_CHAIN)]);
+        }
         c.rule("allow:internet", vec![counter(), accept()]);
     }
     c

@@ -390,3 +390,130 @@ fn the_hardware_button_isolates_through_the_hotplug_script() {
     assert_eq!(v["isolation"]["source"], "button", "{v:#}");
     assert_eq!(v["audit"].as_array().map(Vec::len), Some(1), "{v:#}");
 }
+
+/// A port scan of the LAN host from ai1: `ports` TCP connects, each rejected at once.
+fn scan_lan(lab: &Lab, ports: std::ops::Range<u16>) {
+    let ai1 = lab.netns(Node::Ai1);
+    for port in ports {
+        let a = probe_in(
+            &ai1,
+            &Probe::tcp(LAN_HOST4, port).timeout(Duration::from_millis(200)),
+        )
+        .expect("probe");
+        assert!(!a.outcome.answered(), "the LAN host answered port {port}");
+    }
+}
+
+fn status(lab: &Lab) -> serde_json::Value {
+    let out = lab.cage(&["status", "--json"]);
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+fn wait_isolated(lab: &Lab, within: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if status(lab)["isolation"]["isolated"] == true {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+const AUTO_CONFIG: &str =
+    "\nconfig killswitch 'killswitch'\n\toption auto_blocked '20'\n\toption auto_window '10'\n";
+
+#[test]
+fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
+    let lab = lab_up(AUTO_CONFIG);
+    let run = lab.spawn_cage_run();
+    wait_applied(&run);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+
+    // Below the limit: nothing happens.
+    scan_lan(&lab, 1..11);
+    assert!(
+        !wait_isolated(&lab, Duration::from_secs(3)),
+        "isolated after 10 blocked attempts with a limit of 20"
+    );
+    // Over it: isolated, with the evidence.
+    scan_lan(&lab, 11..41);
+    assert!(
+        wait_isolated(&lab, Duration::from_secs(5)),
+        "not isolated after 40 blocked attempts with a limit of 20:\n{}",
+        run.log()
+    );
+    let v = status(&lab);
+    assert_eq!(v["isolation"]["source"], "auto", "{v:#}");
+    let reason = v["isolation"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("192.168.10.11") && reason.contains("blocked attempts"),
+        "reason without evidence: {reason}"
+    );
+    assert!(run.log().contains("isolating the segment"), "{}", run.log());
+    assert_isolated(&lab, "after automatic isolation");
+}
+
+#[test]
+fn auto_isolation_stays_off_unless_configured() {
+    let lab = lab_up("");
+    let run = lab.spawn_cage_run();
+    wait_applied(&run);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    scan_lan(&lab, 1..61);
+    assert!(
+        !wait_isolated(&lab, Duration::from_secs(3)),
+        "isolated without automatic isolation configured"
+    );
+    let denied = status(&lab)["denied"]["deny:lan"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(denied >= 60, "the scan was not even denied ({denied})");
+}
+
+#[test]
+fn auto_isolation_fires_on_an_upload_burst() {
+    let lab = lab_up(
+        "\nconfig killswitch 'killswitch'\n\toption auto_upload_bytes '200000'\n\toption auto_window '10'\n",
+    );
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(53)],
+        Duration::from_secs(60),
+    )
+    .expect("servers");
+    let run = lab.spawn_cage_run();
+    wait_applied(&run);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    assert_open(&lab, "before the upload");
+    assert!(
+        !wait_isolated(&lab, Duration::from_secs(2)),
+        "isolated by a few probes"
+    );
+
+    // 300 KB in 1 KB datagrams, over a limit of 200 KB.
+    lab.netns(Node::Ai1)
+        .run("upload", || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
+            let chunk = [0xab_u8; 1000];
+            for _ in 0..300 {
+                s.send_to(&chunk, (PUBLIC4, 9)).expect("send");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(())
+        })
+        .expect("upload");
+    assert!(
+        wait_isolated(&lab, Duration::from_secs(5)),
+        "not isolated after a 300 KB upload with a limit of 200 KB:\n{}",
+        run.log()
+    );
+    let reason = status(&lab)["isolation"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("bytes sent to the internet"), "{reason}");
+}
