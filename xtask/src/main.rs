@@ -4,6 +4,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
 mod demo;
 mod fuzz;
 mod setup;
@@ -15,6 +16,7 @@ usage: cargo xtask <command>
   demo               bring up the lab with Cage running, check the contract, print hints
   lab down           tear the demo lab down (also cleans up after a crashed run)
   test               setup, build, run every test, check nothing was left behind
+  bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
 ";
 
@@ -26,6 +28,7 @@ fn main() -> ExitCode {
         ["demo"] => setup::install().and_then(|()| demo::up()),
         ["lab", "down"] => demo::down(),
         ["test"] => setup::install().and_then(|()| test()),
+        ["bench", "killswitch"] => setup::install().and_then(|()| bench::killswitch()),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {
             Ok(s) => fuzz::run_fuzz(s),
