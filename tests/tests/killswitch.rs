@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, NetNs, Probe, Record, Servers, Service, Witness, WitnessLimits};
-use cage_tests::contract::{self, run_matrix};
+use cage_tests::contract::{self, run_matrix, Host};
 use cage_tests::lab::{
     self, Lab, Node, AI2_4, LAN_HOST4, PUBLIC4, PUBLIC6, ROUTER_WAN4, ROUTER_WAN6,
 };
@@ -307,6 +307,24 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
     let run = lab.spawn_cage_run();
     wait_applied(&run);
     assert_isolated(&lab, "after a reboot");
+
+    // While isolated, every check of the contract that involves the segment is denied,
+    // the admin host's included; the LAN's own traffic is untouched.
+    let isolated_checks: Vec<_> = contract::checks()
+        .into_iter()
+        .map(|c| {
+            let touches_segment = matches!(c.from, Host::Ai1 | Host::Ai2 | Host::Ai1Spoofed)
+                || matches!(c.to, Node::Ai1 | Node::Ai2);
+            if touches_segment {
+                c.expecting(contract::Expect::Deny)
+            } else {
+                c
+            }
+        })
+        .collect();
+    let report = run_matrix(&lab, &isolated_checks);
+    assert!(report.failures().is_empty(), "while isolated:\n{report}");
+    println!("while isolated:\n{report}");
 
     // `disable` may not end an isolation.
     let out = lab.cage(&["disable"]);
