@@ -14,4 +14,5 @@ pub mod netlink;
 pub mod nft;
 pub mod policy;
 pub mod probe;
+pub mod selftest;
 pub mod status;

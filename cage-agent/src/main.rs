@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cage_agent::killswitch::{self, ButtonAction, Source};
-use cage_agent::{apply, config, daemon, nft, status};
+use cage_agent::{apply, config, daemon, nft, selftest, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,6 +38,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prove the cage on this router now: two throwaway probe hosts plugged into the
+    /// segment send real packets towards what the contract denies and allows.
+    /// Exits 0 only when every check holds; the result is kept for `cage status`.
+    Selftest {
+        #[arg(long)]
+        json: bool,
+        /// An internet destination that must be reachable from the segment: ADDR
+        /// (pinged) or ADDR:PORT (TCP). Without one, the internet check is skipped.
+        #[arg(long = "target", value_name = "ADDR[:PORT]")]
+        targets: Vec<selftest::Target>,
+    },
     /// Remove Cage's tables: the segment is no longer caged. Stops a running daemon first.
     /// Refused while the kill switch is on.
     Disable,
@@ -67,6 +78,7 @@ async fn main() -> ExitCode {
         Command::Apply => apply_once(&cli.config).await,
         Command::Run => daemon::run(&cli.config).await.map(|()| ExitCode::SUCCESS),
         Command::Status { json } => show_status(&cli.config, json).await,
+        Command::Selftest { json, targets } => self_test(&cli.config, json, targets),
         Command::Disable => disable(&cli.config),
         Command::Isolate { reason } => switch(&cli.config, true, Source::Cli, &reason).await,
         Command::Release { reason } => switch(&cli.config, false, Source::Cli, &reason).await,
@@ -169,4 +181,32 @@ async fn press(path: &std::path::Path, button: &str, action: &str) -> anyhow::Re
         ButtonAction::Ignore => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn self_test(
+    path: &std::path::Path,
+    json: bool,
+    targets: Vec<selftest::Target>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    // Ctrl-C and SIGTERM stop the probes; the probe hosts are removed either way.
+    let _interrupts = selftest::catch_interrupts();
+    let report = match selftest::run_and_store(&cfg, &selftest::Options { targets }) {
+        Ok(r) => r,
+        Err(selftest::SelftestError::Interrupted) => {
+            eprintln!("cage: self-test interrupted; everything it made was removed");
+            return Ok(ExitCode::from(130));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -420,6 +420,12 @@ pub fn to_text(rs: &Nftables) -> String {
                         .push(format!("# rule for unknown chain {}", r.chain)),
                 }
             }
+            NfListObject::Counter(c) => {
+                let i = tbl(&mut tables, c.family);
+                tables[i]
+                    .sets
+                    .push(format!("\tcounter {} {{\n\t}}\n", c.name));
+            }
             NfListObject::Element(el) if !deleting => {
                 let i = tbl(&mut tables, el.family);
                 let head = format!("\tset {} {{\n", el.name);
@@ -490,7 +496,7 @@ fn statement(st: &Statement) -> String {
             }
         }
         Statement::Counter(Counter::Anonymous(_)) => "counter".into(),
-        Statement::Counter(Counter::Named(n)) => format!("counter name \"{n}\""),
+        Statement::Counter(Counter::Named(n)) => format!("counter name {n}"),
         Statement::Accept(_) => "accept".into(),
         Statement::Drop(_) => "drop".into(),
         Statement::Return(_) => "return".into(),
@@ -498,6 +504,19 @@ fn statement(st: &Statement) -> String {
         Statement::Jump(j) => format!("jump {}", j.target),
         Statement::Goto(j) => format!("goto {}", j.target),
         Statement::Masquerade(None) => "masquerade".into(),
+        Statement::Log(Some(l)) => {
+            let mut t = "log".to_owned();
+            if let Some(p) = &l.prefix {
+                let _ = write!(t, " prefix \"{p}\"");
+            }
+            if let Some(g) = l.group {
+                let _ = write!(t, " group {g}");
+            }
+            if let Some(s) = l.snaplen {
+                let _ = write!(t, " snaplen {s}");
+            }
+            t
+        }
         Statement::Meter(m) => format!(
             "meter {} {{ {} {} }}",
             m.name,

@@ -296,6 +296,28 @@ fn set_ref(name: &str) -> Expression<'static> {
     s(format!("@{name}"))
 }
 
+/// The NFLOG group Cage's denied packets are logged to (`cage run` reads it), and how
+/// much of each packet is copied: the headers are enough for a flow record.
+pub const LOG_GROUP: u16 = 2700;
+pub const LOG_SNAPLEN: u32 = 128;
+/// The named counter of denied packets that were not logged (over the rate limit).
+pub const UNLOGGED_COUNTER: &str = "unlogged";
+
+fn log(prefix: &str) -> Statement<'static> {
+    Statement::Log(Some(stmt::Log {
+        prefix: Some(prefix.to_owned().into()),
+        group: Some(u32::from(LOG_GROUP)),
+        snaplen: Some(LOG_SNAPLEN),
+        queue_threshold: None,
+        level: None,
+        flags: None,
+    }))
+}
+
+fn unlogged() -> Statement<'static> {
+    Statement::Counter(Counter::Named(UNLOGGED_COUNTER.into()))
+}
+
 fn limit() -> Statement<'static> {
     Statement::Limit(stmt::Limit {
         rate: REJECT_RATE_PER_SECOND,
@@ -339,6 +361,17 @@ impl ChainRules {
 
     /// Deny with a fast answer (TCP reset, ICMP administratively prohibited), counted
     /// and rate-limited: `matches` select the packets, `comment` names the deny.
+    /// Deny by dropping, counted, logged to NFLOG while under the rate limit, counted
+    /// as unlogged beyond it.
+    fn deny(&mut self, comment: &str, matches: Vec<Statement<'static>>) {
+        let mut logged = matches.clone();
+        logged.extend([limit(), counter(), log(comment), drop()]);
+        self.rule(comment, logged);
+        let mut over = matches;
+        over.extend([counter(), unlogged(), drop()]);
+        self.rule(comment, over);
+    }
+
     fn reject(&mut self, comment: &str, matches: Vec<Statement<'static>>) {
         if self.count_blocked {
             let mut count = matches.clone();
@@ -350,6 +383,7 @@ impl ChainRules {
             l4proto("tcp"),
             limit(),
             counter(),
+            log(comment),
             Statement::Reject(Some(stmt::Reject::new(
                 Some(stmt::RejectType::TCPReset),
                 None,
@@ -360,6 +394,7 @@ impl ChainRules {
         other.extend([
             limit(),
             counter(),
+            log(comment),
             Statement::Reject(Some(stmt::Reject::new(
                 Some(stmt::RejectType::ICMPX),
                 Some(RejectCode::AdminProhibited),
@@ -367,7 +402,7 @@ impl ChainRules {
         ]);
         self.rule(comment, other);
         let mut over = matches;
-        over.extend([counter(), drop()]);
+        over.extend([counter(), unlogged(), drop()]);
         self.rule(comment, over);
     }
 
@@ -508,6 +543,15 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
             .collect(),
         "LAN hosts that may open connections into the segment",
     ));
+
+    batch.add(NfListObject::Counter(schema::Counter {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: UNLOGGED_COUNTER.into(),
+        handle: None,
+        packets: None,
+        bytes: None,
+    }));
 
     // The kill switch: while the segment's bridge is in this set, everything to and
     // from it is dropped, first thing in every base chain. Isolating or releasing is one
@@ -701,67 +745,51 @@ fn segment_ingress(cfg: &Config) -> ChainRules {
             Statement::Return(None),
         ],
     );
-    c.rule(
+    c.deny(
         "deny:spoofed-source",
-        vec![
-            is_not(payload("ip", "saddr"), net(IpNet::V4(seg.subnet4()))),
-            counter(),
-            drop(),
-        ],
+        vec![is_not(
+            payload("ip", "saddr"),
+            net(IpNet::V4(seg.subnet4())),
+        )],
     );
     match seg.subnet6() {
         Some(sub6) => {
             // Link-local sources (neighbour discovery, DHCPv6) and the unspecified
             // address (duplicate address detection) are part of IPv6 on a link.
             let ll: Ipv6Net = "fe80::/10".parse().unwrap();
-            c.rule(
+            c.deny(
                 "deny:spoofed-source",
-                vec![
-                    is_not(
-                        payload("ip6", "saddr"),
-                        anon_set(vec![
-                            net(IpNet::V6(sub6)),
-                            net(IpNet::V6(ll)),
-                            s(Ipv6Addr::UNSPECIFIED.to_string()),
-                        ]),
-                    ),
-                    counter(),
-                    drop(),
-                ],
+                vec![is_not(
+                    payload("ip6", "saddr"),
+                    anon_set(vec![
+                        net(IpNet::V6(sub6)),
+                        net(IpNet::V6(ll)),
+                        s(Ipv6Addr::UNSPECIFIED.to_string()),
+                    ]),
+                )],
             );
         }
-        None => c.rule(
-            "deny:ipv6-off",
-            vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), drop()],
-        ),
+        None => c.deny("deny:ipv6-off", vec![is(meta(MetaKey::Nfproto), s("ipv6"))]),
     }
-    c.rule(
+    c.deny(
         "deny:rogue-router-advert",
-        vec![
-            is(
-                payload("icmpv6", "type"),
-                anon_set(vec![s("nd-router-advert"), s("nd-redirect")]),
-            ),
-            counter(),
-            drop(),
-        ],
+        vec![is(
+            payload("icmpv6", "type"),
+            anon_set(vec![s("nd-router-advert"), s("nd-redirect")]),
+        )],
     );
-    c.rule(
+    c.deny(
         "deny:rogue-dhcp-server",
         vec![
             is(payload("udp", "sport"), Expression::Number(67)),
             dport("udp", 68),
-            counter(),
-            drop(),
         ],
     );
-    c.rule(
+    c.deny(
         "deny:rogue-dhcp-server",
         vec![
             is(payload("udp", "sport"), Expression::Number(547)),
             dport("udp", 546),
-            counter(),
-            drop(),
         ],
     );
     c
@@ -825,16 +853,12 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
     }
     // Broadcasts and multicasts (mDNS, SSDP, …) to the router are dropped without an
     // answer: rejecting them would make the router talk to the whole segment.
-    c.rule(
+    c.deny(
         "deny:router",
-        vec![
-            is(
-                meta(MetaKey::Pkttype),
-                anon_set(vec![s("broadcast"), s("multicast")]),
-            ),
-            counter(),
-            drop(),
-        ],
+        vec![is(
+            meta(MetaKey::Pkttype),
+            anon_set(vec![s("broadcast"), s("multicast")]),
+        )],
     );
     c.reject("deny:router", vec![]);
     c
@@ -845,10 +869,7 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
     let bridge = std::slice::from_ref(&cfg.segment.bridge);
     let mut c = ChainRules::new(NfFamily::INet, "segment_egress")
         .counting_blocked(cfg.killswitch.auto_blocked > 0);
-    c.rule(
-        "deny:invalid",
-        vec![is(ct("state"), s("invalid")), counter(), drop()],
-    );
+    c.deny("deny:invalid", vec![is(ct("state"), s("invalid"))]);
     // Packets that answer a connection someone else opened into the segment. Only the
     // admin hosts can open one (see `into_segment`), so these are their sessions.
     c.rule(
@@ -923,7 +944,7 @@ fn into_segment(cfg: &Config) -> ChainRules {
             ],
         );
     }
-    c.rule("deny:into-segment", vec![counter(), drop()]);
+    c.deny("deny:into-segment", vec![]);
     c
 }
 

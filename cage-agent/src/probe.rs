@@ -67,6 +67,8 @@ pub enum ProbeError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NetNs {
     name: Option<String>,
+    /// Where to open it, when that is not `/run/netns/<name>` (see [`NetNs::at_path`]).
+    path: Option<PathBuf>,
 }
 
 /// A thread running in a network namespace; see [`NetNs::spawn`].
@@ -98,13 +100,28 @@ impl NetNs {
     pub fn named(name: impl Into<String>) -> NetNs {
         NetNs {
             name: Some(name.into()),
+            path: None,
         }
     }
 
     /// The namespace of the thread that later runs the closure (no `setns` at all): what
     /// `cage selftest` uses on the router itself.
     pub fn current() -> NetNs {
-        NetNs { name: None }
+        NetNs {
+            name: None,
+            path: None,
+        }
+    }
+
+    /// A namespace opened at `path`, called `name` in thread names and errors: for
+    /// namespaces that `ip netns` does not know, e.g. an anonymous one that a file
+    /// descriptor of this process keeps alive (`/proc/<pid>/fd/<fd>`), as `cage selftest`
+    /// makes them (they vanish with the process, however it ends).
+    pub fn at_path(name: impl Into<String>, path: impl Into<PathBuf>) -> NetNs {
+        NetNs {
+            name: Some(name.into()),
+            path: Some(path.into()),
+        }
     }
 
     /// The name, or `(current)`.
@@ -113,6 +130,9 @@ impl NetNs {
     }
 
     pub fn path(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.path {
+            return Some(path.clone());
+        }
         self.name
             .as_ref()
             .map(|n| PathBuf::from(NETNS_RUN_DIR).join(n))
