@@ -978,6 +978,7 @@ mod tests {
                 upstream_subnets: vec![],
             },
             killswitch: Default::default(),
+            flowlog: Default::default(),
         }
     }
 

@@ -46,6 +46,7 @@ fn example_config_parses_to_the_expected_config() {
                 button: Some("BTN_0".into()),
                 ..KillSwitch::default()
             },
+            flowlog: Default::default(),
         }
     );
 }
@@ -79,6 +80,7 @@ fn empty_config_is_all_defaults() {
                 upstream_subnets: vec![],
             },
             killswitch: KillSwitch::default(),
+            flowlog: Default::default(),
         }
     );
 }

@@ -160,6 +160,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
             upstream_subnets: upstream.iter().map(|s| s.parse().unwrap()).collect(),
         },
         killswitch: Default::default(),
+        flowlog: Default::default(),
     }
 }
 

@@ -29,6 +29,7 @@ pub struct Config {
     pub lan: Lan,
     pub wan: Wan,
     pub killswitch: KillSwitch,
+    pub flowlog: FlowLog,
 }
 
 /// `config cage 'main'`: where Cage keeps its own files and listens.
@@ -98,6 +99,35 @@ pub struct KillSwitch {
     pub auto_upload_bytes: u64,
     /// The window of both automatic rules, in seconds (1 to 3600, default 10).
     pub auto_window: u32,
+}
+
+/// `config flowlog 'flowlog'`: the flow log's sizes and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowLog {
+    /// Flows tracked at once in the kernel (the eBPF map's size); beyond it new flows
+    /// are counted as lost. Default 16384.
+    pub max_flows: u32,
+    /// A flow without packets for this many seconds has ended. Default 15.
+    pub idle_timeout: u32,
+    /// A long flow is written out (and continues as a new record) after this many
+    /// seconds, as NetFlow does. Default 300.
+    pub active_timeout: u32,
+    /// The flow log file is rotated at this size. Default 4 MiB.
+    pub log_max_bytes: u64,
+    /// Rotated files kept (on RAM by default, in `<log_dir>/flows`). Default 4.
+    pub log_files: u32,
+}
+
+impl Default for FlowLog {
+    fn default() -> Self {
+        FlowLog {
+            max_flows: 16384,
+            idle_timeout: 15,
+            active_timeout: 300,
+            log_max_bytes: 4 << 20,
+            log_files: 4,
+        }
+    }
 }
 
 impl Default for KillSwitch {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
-use super::{Config, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
+use super::{Config, FlowLog, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
 
 /// One problem in a configuration, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +130,18 @@ const KILLSWITCH: SectionType = SectionType {
         ("auto_window", Arity::One),
     ],
 };
-const TYPES: [&SectionType; 5] = [&CAGE, &SEGMENT, &LAN, &WAN, &KILLSWITCH];
+const FLOWLOG: SectionType = SectionType {
+    kind: "flowlog",
+    usual_name: "flowlog",
+    options: &[
+        ("max_flows", Arity::One),
+        ("idle_timeout", Arity::One),
+        ("active_timeout", Arity::One),
+        ("log_max_bytes", Arity::One),
+        ("log_files", Arity::One),
+    ],
+};
+const TYPES: [&SectionType; 6] = [&CAGE, &SEGMENT, &LAN, &WAN, &KILLSWITCH, &FLOWLOG];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
 const DEFAULT_LOG_DIR: &str = "/tmp/cage";
@@ -150,7 +161,7 @@ fn default_address() -> Ipv4Net {
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let mut v = Validator::default();
     let sections = v.sections(raw);
-    let [cage, segment, lan, wan, killswitch] = sections;
+    let [cage, segment, lan, wan, killswitch, flowlog] = sections;
 
     // Section by section: every option parsed into its type on its own.
     let state_dir = v.one(&cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
@@ -213,6 +224,47 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             }
         })
     });
+
+    let d = FlowLog::default();
+    let in_range = |min: u64, max: u64, example: u64| {
+        move |s: &str| match count(s, max, &example.to_string()) {
+            Ok(n) if n >= min => Ok(n),
+            Ok(_) | Err(_) => Err(format!(
+                "'{}' is not a whole number from {min} to {max}; e.g. {example}",
+                printable(s)
+            )),
+        }
+    };
+    let max_flows = v.one(
+        &flowlog,
+        "max_flows",
+        u64::from(d.max_flows),
+        in_range(256, 1 << 20, 16384),
+    );
+    let idle_timeout = v.one(
+        &flowlog,
+        "idle_timeout",
+        u64::from(d.idle_timeout),
+        in_range(1, 3600, 15),
+    );
+    let active_timeout = v.one(
+        &flowlog,
+        "active_timeout",
+        u64::from(d.active_timeout),
+        in_range(10, 86400, 300),
+    );
+    let log_max_bytes = v.one(
+        &flowlog,
+        "log_max_bytes",
+        d.log_max_bytes,
+        in_range(65536, 1 << 30, 4 << 20),
+    );
+    let log_files = v.one(
+        &flowlog,
+        "log_files",
+        u64::from(d.log_files),
+        in_range(1, 100, 4),
+    );
 
     // Cross-checks, between options that are each valid on their own.
     let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
@@ -372,6 +424,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             auto_upload_bytes: auto_upload_bytes.value,
             auto_window: auto_window.value,
         },
+        flowlog: FlowLog {
+            max_flows: max_flows.value as u32,
+            idle_timeout: idle_timeout.value as u32,
+            active_timeout: active_timeout.value as u32,
+            log_max_bytes: log_max_bytes.value,
+            log_files: log_files.value as u32,
+        },
     })
 }
 
@@ -441,8 +500,8 @@ impl Validator {
     /// Sort the sections by type, one of each, and the options of each by name, with
     /// every structural problem reported: unknown types, a type given twice, names used
     /// twice, unknown options, `list` for a single-valued option, an option set twice.
-    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 5] {
-        let mut found: [Option<Section<'a>>; 5] = [None, None, None, None, None];
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 6] {
+        let mut found: [Option<Section<'a>>; 6] = [None, None, None, None, None, None];
         let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
         let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
 
