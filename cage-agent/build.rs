@@ -1,0 +1,194 @@
+//! Builds the eBPF program (`cage-ebpf`) and leaves it in `OUT_DIR/cage-ebpf.o`, where
+//! `src/ebpf.rs` embeds it: the `cage` binary stays one file.
+//!
+//! The program is built for `bpfel-unknown-none` (or `bpfeb` when the binary is for a
+//! big-endian router) with the nightly toolchain, `-Z build-std=core` and bpf-linker,
+//! which `cargo xtask setup` installs. `cage-ebpf` is a workspace of its own, so host
+//! builds never compile it; its build goes to `target/[<triple>/]ebpf`, shared by every
+//! profile and by clippy, so it is built once and then only when its sources change.
+//!
+//! When the toolchain is missing the binary is still built, without the program, and says
+//! so: at build time as a warning, at run time as the error of every eBPF operation.
+//! That keeps `cargo xtask setup` (which links this crate) working on a fresh machine.
+//! Set `CAGE_REQUIRE_EBPF=1` to make a missing toolchain a build error instead (for
+//! packages), or `CAGE_EBPF_OBJECT=path` to embed an object built elsewhere.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=CAGE_EBPF_OBJECT");
+    println!("cargo:rerun-if-env-changed=CAGE_REQUIRE_EBPF");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let object = out_dir.join("cage-ebpf.o");
+
+    if let Some(prebuilt) = env::var_os("CAGE_EBPF_OBJECT") {
+        let prebuilt = PathBuf::from(prebuilt);
+        println!("cargo:rerun-if-changed={}", prebuilt.display());
+        std::fs::copy(&prebuilt, &object).unwrap_or_else(|e| {
+            panic!("CAGE_EBPF_OBJECT={}: {e}", prebuilt.display());
+        });
+        return;
+    }
+
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let repo = manifest_dir
+        .parent()
+        .expect("cage-agent lives in the repository");
+    let ebpf_crate = repo.join("cage-ebpf");
+    for path in [
+        "cage-ebpf/src",
+        "cage-ebpf/Cargo.toml",
+        "cage-ebpf/Cargo.lock",
+    ] {
+        println!("cargo:rerun-if-changed={}", repo.join(path).display());
+    }
+    println!(
+        "cargo:rerun-if-changed={}",
+        repo.join("cage-common/src").display()
+    );
+
+    if let Err(missing) = toolchain() {
+        let required = env::var_os("CAGE_REQUIRE_EBPF").is_some_and(|v| v == "1");
+        if required {
+            panic!("cannot build the eBPF program: {missing}; run `cargo xtask setup`");
+        }
+        println!(
+            "cargo:warning=building cage WITHOUT its eBPF program (flow log, kill switch fast path): \
+             {missing}; run `cargo xtask setup`, then build again"
+        );
+        std::fs::write(&object, b"").expect("write OUT_DIR/cage-ebpf.o");
+        println!("cargo:rustc-env=CAGE_EBPF_MISSING={missing}");
+        return;
+    }
+
+    let big_endian = env::var("CARGO_CFG_TARGET_ENDIAN").is_ok_and(|e| e == "big");
+    let target = if big_endian {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    };
+    // aya-ebpf reads this cfg for architecture-specific code (kprobe registers); the
+    // router's architecture, not the build machine's. MIPS is "mips" either way.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
+    let target_dir = ebpf_target_dir(&out_dir);
+
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--release", "--locked"])
+        .args(["--target", target, "-Z", "build-std=core"])
+        .arg("--manifest-path")
+        .arg(ebpf_crate.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(&ebpf_crate)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{arch}\""),
+        );
+    // What the outer cargo (or clippy) set for the host build must not leak into the
+    // nested one: its compiler, wrappers, flags and toolchain choice.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+    ] {
+        cmd.env_remove(var);
+    }
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !output.status.success() {
+        panic!(
+            "building the eBPF program failed ({}):\n{cmd:?}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let built = target_dir.join(target).join("release").join("cage-ebpf");
+    std::fs::copy(&built, &object)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), object.display()));
+}
+
+/// Nightly with rust-src, and bpf-linker on PATH; or what is missing. Paths that would
+/// appear when the toolchain is installed are watched, so the next build after
+/// `cargo xtask setup` builds the program.
+fn toolchain() -> Result<(), String> {
+    let linker = find_on_path("bpf-linker");
+    match &linker {
+        Some(path) => println!("cargo:rerun-if-changed={}", path.display()),
+        None => {
+            // A path that does not exist makes cargo run this script on every build,
+            // until bpf-linker is installed there (where `cargo install` puts it).
+            if let Some(home) = cargo_home() {
+                println!(
+                    "cargo:rerun-if-changed={}",
+                    home.join("bin/bpf-linker").display()
+                );
+            }
+        }
+    }
+    let sysroot = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let Some(sysroot) = sysroot else {
+        println!("cargo:rerun-if-changed={}", rustup_home_guess().display());
+        return Err("no nightly toolchain (rustup run nightly rustc fails)".into());
+    };
+    let core_src = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    println!("cargo:rerun-if-changed={}", core_src.display());
+    if !core_src.exists() {
+        return Err("nightly has no rust-src component".into());
+    }
+    if linker.is_none() {
+        return Err("bpf-linker is not on PATH".into());
+    }
+    Ok(())
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+fn cargo_home() -> Option<PathBuf> {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+}
+
+fn rustup_home_guess() -> PathBuf {
+    env::var_os("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".rustup")))
+        .unwrap_or_default()
+        .join("toolchains")
+}
+
+/// `target/[<triple>/]ebpf`, found from `OUT_DIR`
+/// (`target/[<triple>/]<profile>/build/cage-agent-<hash>/out`), so that debug, release,
+/// test and clippy builds share one eBPF build; `OUT_DIR` itself if the layout differs.
+fn ebpf_target_dir(out_dir: &Path) -> PathBuf {
+    let mut up = out_dir.ancestors();
+    let build = up.nth(2);
+    match (build, up.nth(1)) {
+        (Some(build), Some(target)) if build.file_name().is_some_and(|n| n == "build") => {
+            target.join("ebpf")
+        }
+        _ => out_dir.join("ebpf-target"),
+    }
+}
