@@ -2,12 +2,14 @@
 //!
 //! `config` reads the configuration, `policy` renders it as nftables rules, `nft` is the
 //! only module that talks to nftables, `netlink` the only one that talks rtnetlink,
+//! `ebpf` the only one that talks to BPF (Cage's TC program, its pins and maps),
 //! `apply` strings them together, `daemon` keeps the policy in force, `status` reports,
 //! `probe` sends and witnesses test packets (lab and self-test).
 
 pub mod apply;
 pub mod config;
 pub mod daemon;
+pub mod ebpf;
 pub mod killswitch;
 pub mod log;
 pub mod netlink;
