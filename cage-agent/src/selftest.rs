@@ -72,7 +72,7 @@ pub const SOURCE_PORTS: RangeInclusive<u16> = 61000..=61999;
 /// How long one probe waits for its answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Probes in flight at once at most.
-pub const PARALLEL: usize = 8;
+pub const PARALLEL: usize = 16;
 /// Time between two probe starts at least.
 pub const SPACING: Duration = Duration::from_millis(10);
 /// Probes not started this long after the first are not run.
@@ -493,6 +493,12 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
             bridge: cfg.segment.bridge.clone(),
         })?;
     let mut checks = static_checks(cfg, &ports);
+    let isolated = nft::isolated_now().unwrap_or_else(|e| {
+        notes.push(format!(
+            "cannot tell whether the kill switch is on ({e}); the checks assume it is off"
+        ));
+        false
+    });
     if !nft::supports_bridge_meta() {
         notes.push(format!(
             "this kernel cannot match a bridge by name (no nft_meta_bridge), so Cage's \
@@ -647,6 +653,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
         spoof4: IpAddr::V4(spoof4),
         spoof6: spoof6.map(IpAddr::V6),
         targets: &opts.targets,
+        isolated,
     });
     notes.extend(plan.notes);
     checks.extend(run_plan(&plan.probes, &ctx));
@@ -1250,6 +1257,8 @@ struct Planning<'a> {
     spoof4: IpAddr,
     spoof6: Option<IpAddr>,
     targets: &'a [Target],
+    /// The kill switch is on: everything to and from the segment must be dropped.
+    isolated: bool,
 }
 
 /// What [`plan`] makes of a [`Planning`].
@@ -1277,31 +1286,40 @@ enum Svc {
     Icmp,
 }
 
-/// The probes, in report order.
-fn plan(p: &Planning) -> Plan {
-    let mut out: Vec<Planned> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
-    let mut skipped: Vec<Check> = Vec::new();
-    let (a4, a6, b4, b6) = (p.a4, p.a6, p.b4, p.b6);
-    let src_of = move |from: Src, dst: IpAddr| -> Option<IpAddr> {
-        match (from, dst) {
-            (Src::A, IpAddr::V4(_)) => Some(a4),
-            (Src::A, IpAddr::V6(_)) => a6,
-            (Src::B, IpAddr::V4(_)) => Some(b4),
-            (Src::B, IpAddr::V6(_)) => b6,
-        }
-    };
-    let add = |out: &mut Vec<Planned>,
-               name: &str,
-               from: Src,
-               src: Option<IpAddr>,
-               dst: IpAddr,
-               svcs: &[Svc],
-               expect: Expect,
-               judge: Judge| {
-        let Some(src) = src.or_else(|| src_of(from, dst)) else {
-            return; // no address of that family on the segment
+/// The probes of a plan, as they are added: the source address follows from the probe
+/// host and the destination's family (no address of that family: no probe), and while
+/// the kill switch is on every "allow" becomes a "deny".
+struct Probes {
+    out: Vec<Planned>,
+    a4: IpAddr,
+    a6: Option<IpAddr>,
+    b4: IpAddr,
+    b6: Option<IpAddr>,
+    isolated: bool,
+}
+
+impl Probes {
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        name: &str,
+        from: Src,
+        src: Option<IpAddr>,
+        dst: IpAddr,
+        svcs: &[Svc],
+        expect: Expect,
+        judge: Judge,
+    ) {
+        let own = match (from, dst) {
+            (Src::A, IpAddr::V4(_)) => Some(self.a4),
+            (Src::A, IpAddr::V6(_)) => self.a6,
+            (Src::B, IpAddr::V4(_)) => Some(self.b4),
+            (Src::B, IpAddr::V6(_)) => self.b6,
         };
+        let Some(src) = src.or(own) else {
+            return;
+        };
+        let expect = if self.isolated { Expect::Deny } else { expect };
         for &svc in svcs {
             let (proto, port, sport) = match svc {
                 Svc::Tcp(p) => (Proto::Tcp, p, None),
@@ -1313,7 +1331,7 @@ fn plan(p: &Planning) -> Plan {
                 .from(src)
                 .timeout(PROBE_TIMEOUT);
             probe.src_port = sport;
-            out.push(Planned {
+            self.out.push(Planned {
                 name: name.to_owned(),
                 from,
                 probe,
@@ -1321,7 +1339,39 @@ fn plan(p: &Planning) -> Plan {
                 judge,
             });
         }
+    }
+
+    /// From probe host a, towards the router (judged by the router's witness).
+    fn to_router(&mut self, name: &str, dst: IpAddr, svcs: &[Svc], expect: Expect) {
+        self.add(name, Src::A, None, dst, svcs, expect, Judge::Router);
+    }
+
+    /// From probe host a, beyond the router (judged by the prober).
+    fn beyond(&mut self, name: &str, dst: IpAddr, svcs: &[Svc], expect: Expect) {
+        self.add(name, Src::A, None, dst, svcs, expect, Judge::Prober);
+    }
+}
+
+/// The probes, in report order.
+fn plan(p: &Planning) -> Plan {
+    use Expect::{Allow, Deny};
+    let mut notes: Vec<String> = Vec::new();
+    let mut skipped: Vec<Check> = Vec::new();
+    let mut probes = Probes {
+        out: Vec::new(),
+        a4: p.a4,
+        a6: p.a6,
+        b4: p.b4,
+        b6: p.b6,
+        isolated: p.isolated,
     };
+    if p.isolated {
+        notes.push(
+            "the kill switch is on: every check expects the segment cut off, DNS, DHCP and \
+             the internet included"
+                .into(),
+        );
+    }
     let seg = &p.cfg.segment;
     let router4 = IpAddr::V4(seg.router4());
     let router6 = seg.router6().map(IpAddr::V6).filter(|_| p.a6.is_some());
@@ -1330,37 +1380,25 @@ fn plan(p: &Planning) -> Plan {
     // The router's DNS and DHCP: allowed (the router's witness tells whether the policy
     // let them through; the prober whether anything listens).
     for &r in &seg_addrs {
-        add(
-            &mut out,
+        probes.to_router(
             "caged -> router DNS",
-            Src::A,
-            None,
             r,
             &[Svc::Udp(53), Svc::Tcp(53)],
-            Expect::Allow,
-            Judge::Router,
+            Allow,
         );
     }
-    add(
-        &mut out,
+    probes.to_router(
         "caged -> router DHCP",
-        Src::A,
-        None,
         router4,
         &[Svc::UdpFrom(68, 67)],
-        Expect::Allow,
-        Judge::Router,
+        Allow,
     );
     if let Some(r6) = router6 {
-        add(
-            &mut out,
+        probes.to_router(
             "caged -> router DHCPv6",
-            Src::A,
-            None,
             r6,
             &[Svc::UdpFrom(546, 547)],
-            Expect::Allow,
-            Judge::Router,
+            Allow,
         );
     }
 
@@ -1392,40 +1430,24 @@ fn plan(p: &Planning) -> Plan {
             svcs.extend([Svc::Tcp(53), Svc::Udp(53)]);
         }
         svcs.push(Svc::Icmp);
-        add(
-            &mut out,
-            "caged -> router other",
-            Src::A,
-            None,
-            a,
-            &svcs,
-            Expect::Deny,
-            Judge::Router,
-        );
+        probes.to_router("caged -> router other", a, &svcs, Deny);
     }
     // Multicast to the router (mDNS, SSDP and the like): dropped, not answered.
-    add(
-        &mut out,
-        "caged -> router multicast",
-        Src::A,
-        None,
-        IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1)),
-        &[Svc::Udp(9)],
-        Expect::Deny,
-        Judge::Router,
-    );
+    let all_hosts = IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1));
+    probes.to_router("caged -> router multicast", all_hosts, &[Svc::Udp(9)], Deny);
 
     // Spoofed sources: the router's DNS, which a source inside the subnet may use.
+    let spoofable = [Svc::Udp(53), Svc::Tcp(53), Svc::Icmp];
     for (spoof, r) in [(Some(p.spoof4), Some(router4)), (p.spoof6, router6)] {
         if let (Some(spoof), Some(r)) = (spoof, r) {
-            add(
-                &mut out,
-                "spoofed source -> router",
+            let name = "spoofed source -> router";
+            probes.add(
+                name,
                 Src::A,
                 Some(spoof),
                 r,
-                &[Svc::Udp(53), Svc::Tcp(53), Svc::Icmp],
-                Expect::Deny,
+                &spoofable,
+                Deny,
                 Judge::Router,
             );
         }
@@ -1435,28 +1457,12 @@ fn plan(p: &Planning) -> Plan {
     // resolves a by ARP and ND.
     let caged = [Svc::Tcp(CAGED_TCP), Svc::Udp(CAGED_UDP), Svc::Icmp];
     for dst in std::iter::once(p.b4).chain(p.b6) {
-        add(
-            &mut out,
-            "caged -> caged (static neigh)",
-            Src::A,
-            None,
-            dst,
-            &caged,
-            Expect::Deny,
-            Judge::HostB,
-        );
+        let name = "caged -> caged (static neigh)";
+        probes.add(name, Src::A, None, dst, &caged, Deny, Judge::HostB);
     }
     for dst in std::iter::once(p.a4).chain(p.a6) {
-        add(
-            &mut out,
-            "caged -> caged (ARP/ND)",
-            Src::B,
-            None,
-            dst,
-            &caged,
-            Expect::Deny,
-            Judge::HostA,
-        );
+        let name = "caged -> caged (ARP/ND)";
+        probes.add(name, Src::B, None, dst, &caged, Deny, Judge::HostA);
     }
 
     // The LAN: hosts the router knows there, else one address of each LAN subnet.
@@ -1467,18 +1473,9 @@ fn plan(p: &Planning) -> Plan {
         .filter(|(dev, net)| p.cfg.lan.devices.contains(dev) && !is_link_local(net.addr()))
         .map(|(_, net)| net.trunc())
         .collect();
-    let lan = hosts_in(p, &lan_nets, &p.cfg.lan.devices, &[], "LAN", &mut notes);
-    for dst in lan {
-        add(
-            &mut out,
-            "caged -> LAN",
-            Src::A,
-            None,
-            dst,
-            &[Svc::Tcp(22), Svc::Tcp(80), Svc::Udp(53), Svc::Icmp],
-            Expect::Deny,
-            Judge::Prober,
-        );
+    let lan_svcs = [Svc::Tcp(22), Svc::Tcp(80), Svc::Udp(53), Svc::Icmp];
+    for dst in hosts_in(p, &lan_nets, &p.cfg.lan.devices, &[], "LAN", &mut notes) {
+        probes.beyond("caged -> LAN", dst, &lan_svcs, Deny);
     }
 
     // The upstream network: the WAN gateways, hosts the router knows there, else one
@@ -1497,25 +1494,10 @@ fn plan(p: &Planning) -> Plan {
         .copied()
         .filter(|g| !is_link_local(*g))
         .collect();
-    let upstream = hosts_in(
-        p,
-        &up_nets,
-        &p.facts.wan_devices,
-        &gateways,
-        "upstream",
-        &mut notes,
-    );
-    for dst in upstream {
-        add(
-            &mut out,
-            "caged -> upstream",
-            Src::A,
-            None,
-            dst,
-            &[Svc::Tcp(80), Svc::Udp(53), Svc::Icmp],
-            Expect::Deny,
-            Judge::Prober,
-        );
+    let wan = &p.facts.wan_devices;
+    let beyond_svcs = [Svc::Tcp(80), Svc::Udp(53), Svc::Icmp];
+    for dst in hosts_in(p, &up_nets, wan, &gateways, "upstream", &mut notes) {
+        probes.beyond("caged -> upstream", dst, &beyond_svcs, Deny);
     }
 
     // One address of each private, CGNAT, link-local and ULA range, and private IPv4
@@ -1525,69 +1507,45 @@ fn plan(p: &Planning) -> Plan {
     taken_nets.extend(lan_nets.iter().copied());
     taken_nets.extend(up_nets.iter().copied());
     for (label, candidates) in private_ranges() {
-        let Some(dst) = candidates
+        let free = candidates
             .iter()
             .copied()
-            .find(|c| !taken_nets.iter().any(|n| n.contains(c)))
-        else {
-            continue;
-        };
-        add(
-            &mut out,
-            &format!("caged -> {label}"),
-            Src::A,
-            None,
-            dst,
-            &[Svc::Tcp(80), Svc::Udp(53), Svc::Icmp],
-            Expect::Deny,
-            Judge::Prober,
-        );
+            .find(|c| !taken_nets.iter().any(|n| n.contains(c)));
+        if let Some(dst) = free {
+            probes.beyond(&format!("caged -> {label}"), dst, &beyond_svcs, Deny);
+        }
     }
 
     // The internet: only where the owner names a target.
+    let internet_skipped = |target: String, why: &str| Check {
+        name: "caged -> internet".into(),
+        target,
+        proto: "-".into(),
+        expected: if p.isolated { "deny" } else { "allow" }.into(),
+        observed: format!("skipped: {why}"),
+        ok: None,
+        judged_by: "prober".into(),
+        detail: String::new(),
+    };
     if p.targets.is_empty() {
-        skipped.push(Check {
-            name: "caged -> internet".into(),
-            target: "(none)".into(),
-            proto: "-".into(),
-            expected: "allow".into(),
-            observed: "skipped: no target (give --target ADDR or ADDR:PORT)".into(),
-            ok: None,
-            judged_by: "prober".into(),
-            detail: String::new(),
-        });
+        let why = "no target (give --target ADDR or ADDR:PORT)";
+        skipped.push(internet_skipped("(none)".into(), why));
     }
     for t in p.targets {
         if t.addr().is_ipv6() && p.a6.is_none() {
-            skipped.push(Check {
-                name: "caged -> internet".into(),
-                target: t.addr().to_string(),
-                proto: "-".into(),
-                expected: "allow".into(),
-                observed: "skipped: the segment has no IPv6".into(),
-                ok: None,
-                judged_by: "prober".into(),
-                detail: String::new(),
-            });
+            let why = "the segment has no IPv6";
+            skipped.push(internet_skipped(t.addr().to_string(), why));
             continue;
         }
         let svc = match t {
             Target::Ping(_) => Svc::Icmp,
             Target::Connect(sa) => Svc::Tcp(sa.port()),
         };
-        add(
-            &mut out,
-            "caged -> internet",
-            Src::A,
-            None,
-            t.addr(),
-            &[svc],
-            Expect::Allow,
-            Judge::Prober,
-        );
+        probes.beyond("caged -> internet", t.addr(), &[svc], Allow);
     }
 
     // Tag every probe that has no fixed source port with one of the self-test's.
+    let mut out = probes.out;
     for (i, planned) in out.iter_mut().enumerate() {
         if planned.probe.src_port.is_none() {
             let port = SOURCE_PORTS.start() + i as u16;

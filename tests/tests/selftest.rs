@@ -325,3 +325,29 @@ fn ctrl_c_and_sigkill_leave_nothing() {
         assert_clean(&lab, &before);
     }
 }
+
+#[test]
+fn while_isolated_every_check_expects_the_segment_cut_off() {
+    let lab = applied_lab();
+    let out = lab.cage(&["isolate", "--reason", "selftest test"]);
+    assert!(
+        out.status.success(),
+        "cage isolate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, report, stderr) = selftest(&lab);
+    println!("{}", table(&report));
+    assert_eq!(code, Some(0), "{stderr}\n{}", table(&report));
+    let probes: Vec<&Check> = report
+        .checks
+        .iter()
+        .filter(|c| c.proto != "state")
+        .collect();
+    assert!(probes
+        .iter()
+        .all(|c| c.expected == "deny" && c.ok == Some(true)));
+    for row in ["caged -> router DNS", "caged -> internet"] {
+        assert!(probes.iter().any(|c| c.name == row), "no '{row}' check");
+    }
+    assert!(report.notes.iter().any(|n| n.contains("kill switch is on")));
+}
