@@ -31,6 +31,8 @@ pub struct Status {
     pub kernel_isolated: bool,
     /// The last kill-switch events, oldest first.
     pub audit: Vec<killswitch::AuditEntry>,
+    /// The last `cage selftest` (`<log_dir>/selftest.json`), if one ran.
+    pub selftest: Option<crate::selftest::Last>,
     pub problems: Vec<String>,
 }
 
@@ -109,6 +111,10 @@ pub async fn gather(config_path: &Path) -> Status {
             );
         }
     }
+    let selftest = cfg.as_ref().ok().and_then(|c| crate::selftest::last(&c.main.log_dir));
+    if let Some(last) = selftest.as_ref().filter(|l| !l.ok) {
+        problems.push(format!("the last self-test failed: {}", last.verdict));
+    }
     if let Some(e) = daemon.as_ref().and_then(|d| d.last_error.clone()) {
         if daemon_running {
             problems.push(format!("the daemon's last apply failed: {e}"));
@@ -126,6 +132,7 @@ pub async fn gather(config_path: &Path) -> Status {
         isolation,
         kernel_isolated,
         audit,
+        selftest,
         problems,
     }
 }
@@ -191,6 +198,9 @@ pub fn render_text(s: &Status) -> String {
         _ => {
             let _ = writeln!(o, "daemon:  not running");
         }
+    }
+    if let Some(last) = &s.selftest {
+        let _ = writeln!(o, "selftest: {}", last.line());
     }
     for p in &s.ports {
         let _ = writeln!(
