@@ -111,7 +111,10 @@ pub async fn gather(config_path: &Path) -> Status {
             );
         }
     }
-    let selftest = cfg.as_ref().ok().and_then(|c| crate::selftest::last(&c.main.log_dir));
+    let selftest = cfg
+        .as_ref()
+        .ok()
+        .and_then(|c| crate::selftest::last(&c.main.log_dir));
     if let Some(last) = selftest.as_ref().filter(|l| !l.ok) {
         problems.push(format!("the last self-test failed: {}", last.verdict));
     }
