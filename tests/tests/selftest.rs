@@ -205,6 +205,12 @@ fn every_check_holds_with_cages_policy_and_nothing_is_left() {
     let stored: Report =
         serde_json::from_slice(&std::fs::read(&stored).expect("selftest.json")).unwrap();
     assert_eq!(stored, report);
+    let status = lab.cage(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("selftest: verified") && status.contains("checks hold"),
+        "{status}"
+    );
 
     assert_clean(&lab, &before);
 }
@@ -239,8 +245,14 @@ fn without_cages_table_the_failing_checks_are_named_and_nothing_is_left() {
             table(&report)
         );
     }
-    // The verdict names failing checks.
+    // The verdict names failing checks, and `cage status` raises it.
     assert!(report.verdict.contains("caged -> "), "{}", report.verdict);
+    let status = lab.cage(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("PROBLEM: the last self-test failed: "),
+        "{status}"
+    );
     assert_clean(&lab, &before);
 }
 
