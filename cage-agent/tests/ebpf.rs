@@ -479,8 +479,7 @@ fn capture_tcp(
                 continue;
             }
             let n = n as usize;
-            if let Some(f) = parse_tcp_frame(&buf, n, port, pkttype == libc::PACKET_OUTGOING as u8)
-            {
+            if let Some(f) = parse_tcp_frame(&buf, n, port, pkttype == libc::PACKET_OUTGOING) {
                 frames.push(f);
             }
         }

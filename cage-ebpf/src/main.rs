@@ -326,7 +326,7 @@ fn parse(ctx: &TcContext, dir: Direction) -> Result<Packet, u32> {
 fn record(p: &Packet, dir: Direction) -> Result<(), u32> {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(value) = CAGE_FLOWS.get_ptr_mut(&p.key) {
+    if let Some(value) = CAGE_FLOWS.get_ptr_mut(p.key) {
         add(value, p, dir, now);
         return Ok(());
     }
@@ -348,13 +348,13 @@ fn record(p: &Packet, dir: Direction) -> Result<(), u32> {
             value.tcp_flags_to_client = p.tcp_flags;
         }
     }
-    if CAGE_FLOWS.insert(&p.key, &value, BPF_NOEXIST).is_ok() {
+    if CAGE_FLOWS.insert(p.key, value, BPF_NOEXIST).is_ok() {
         count(STAT_FLOWS_CREATED);
         return Ok(());
     }
     // Another CPU created the record between our lookup and insert: add to it. If it is
     // not there either, the map refused the insert (LRU out of free nodes): loss.
-    match CAGE_FLOWS.get_ptr_mut(&p.key) {
+    match CAGE_FLOWS.get_ptr_mut(p.key) {
         Some(value) => {
             add(value, p, dir, now);
             Ok(())
