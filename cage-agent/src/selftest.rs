@@ -79,6 +79,8 @@ pub const SPACING: Duration = Duration::from_millis(10);
 pub const BUDGET: Duration = Duration::from_secs(20);
 /// The last result, in the log directory.
 pub const RESULT_FILE: &str = "selftest.json";
+/// While a self-test runs: its pid and its probe hosts' addresses (see [`running`]).
+pub const RUNNING_FILE: &str = "selftest.running.json";
 const LOCK_FILE: &str = "selftest.lock";
 
 /// The probe hosts' MACs (inside the namespaces) and their router-side ports'.
@@ -415,6 +417,24 @@ impl Last {
     }
 }
 
+/// A self-test in progress, as `<log_dir>/selftest.running.json` tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    pub pid: u32,
+    /// Every source address the probe hosts use (spoofed ones included).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The self-test running now, if any (its process is alive). Whatever reacts to a
+/// caged host's behaviour (automatic isolation, alerts) should leave these addresses
+/// alone while it runs: the self-test makes a hundred denied attempts in a few seconds
+/// on purpose.
+pub fn running(log_dir: &Path) -> Option<Running> {
+    let bytes = std::fs::read(log_dir.join(RUNNING_FILE)).ok()?;
+    let r: Running = serde_json::from_slice(&bytes).ok()?;
+    Path::new(&format!("/proc/{}", r.pid)).exists().then_some(r)
+}
+
 /// The last self-test's result stored in `log_dir`, if there is one.
 pub fn last(log_dir: &Path) -> Option<Last> {
     let bytes = std::fs::read(log_dir.join(RESULT_FILE)).ok()?;
@@ -473,6 +493,7 @@ fn unix_now() -> u64 {
 pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
     let started = Instant::now();
     let _lock = lock(&cfg.main.log_dir)?;
+    refuse_under_automatic_isolation(cfg)?;
     let mut notes = Vec::new();
 
     // Look first; change nothing yet.
@@ -622,6 +643,21 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
     }
     check_interrupted()?;
 
+    // Tell whoever watches the caged hosts' behaviour that these are ours.
+    let mut addresses: Vec<IpAddr> = hosts
+        .iter()
+        .flat_map(|h| h.addrs.iter().map(|a| a.addr()))
+        .collect();
+    addresses.push(IpAddr::V4(spoof4));
+    addresses.extend(spoof6.map(IpAddr::V6));
+    let running_path = cfg.main.log_dir.join(RUNNING_FILE);
+    let running = Running { pid, addresses };
+    std::fs::write(
+        &running_path,
+        serde_json::to_vec(&running).expect("serializes"),
+    )
+    .map_err(io_err(format!("writing {}", running_path.display())))?;
+    rig.running_file = Some(running_path);
     // Witnesses where packets can be seen, echo servers in the probe hosts.
     let limits = WitnessLimits {
         max_duration: BUDGET + Duration::from_secs(30),
@@ -711,6 +747,31 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
         return Err(SelftestError::Interrupted);
     }
     Ok(Report::new(checks, notes, probe_hosts, started.elapsed()))
+}
+
+/// The self-test makes about a hundred denied attempts from one probe host in a few
+/// seconds, on purpose. With automatic isolation on (`auto_blocked`) and `cage run`
+/// watching, that isolates the whole segment, cutting the real caged hosts off until
+/// someone releases it. Until the daemon's automatic isolation leaves the hosts of
+/// [`running`] alone, the self-test refuses to run then.
+fn refuse_under_automatic_isolation(cfg: &Config) -> Result<(), SelftestError> {
+    let limit = cfg.killswitch.auto_blocked;
+    if limit == 0 {
+        return Ok(());
+    }
+    let daemon: Option<crate::daemon::DaemonState> =
+        std::fs::read(crate::daemon::state_path(&cfg.main.log_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    match daemon {
+        Some(d) if crate::status::cage_running(d.pid) => Err(SelftestError::Setup(format!(
+            "automatic isolation is on (cage.killswitch.auto_blocked {limit}) and cage run \
+             (pid {}) is watching: the self-test's denied probes would isolate the segment. \
+             Run it with auto_blocked 0 or with the daemon stopped",
+            d.pid
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Ports the probe hosts serve each other on (caged ↔ caged).
@@ -836,6 +897,8 @@ struct Rig {
     ports: Vec<String>,
     namespaces: Vec<ProbeNs>,
     router_neighbours: Vec<IpAddr>,
+    /// `<log_dir>/selftest.running.json`, once written.
+    running_file: Option<PathBuf>,
     done: bool,
 }
 
@@ -846,6 +909,7 @@ impl Rig {
             ports: Vec::new(),
             namespaces: Vec::new(),
             router_neighbours: Vec::new(),
+            running_file: None,
             done: false,
         }
     }
@@ -893,10 +957,16 @@ impl Rig {
             Ok::<_, NetlinkError>(errors)
         });
         self.namespaces.clear();
-        match result {
+        let mut errors = match result {
             Ok(errors) => errors,
             Err(e) => vec![e.to_string()],
+        };
+        if let Some(path) = self.running_file.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                errors.push(format!("removing {}: {e}", path.display()));
+            }
         }
+        errors
     }
 }
 

@@ -205,6 +205,7 @@ fn every_check_holds_with_cages_policy_and_nothing_is_left() {
     let stored: Report =
         serde_json::from_slice(&std::fs::read(&stored).expect("selftest.json")).unwrap();
     assert_eq!(stored, report);
+    assert!(!lab.dir().join("log").join("selftest.running.json").exists());
     let status = lab.cage(&["status"]);
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(
@@ -362,4 +363,38 @@ fn while_isolated_every_check_expects_the_segment_cut_off() {
         assert!(probes.iter().any(|c| c.name == row), "no '{row}' check");
     }
     assert!(report.notes.iter().any(|n| n.contains("kill switch is on")));
+}
+
+/// The self-test's denied probes would trip automatic isolation and cut the real caged
+/// hosts off: while `cage run` watches with `auto_blocked` set, it refuses to run.
+#[test]
+fn refuses_to_trip_automatic_isolation() {
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    lab.write_config(&format!(
+        "{}\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n",
+        contract::CONFIG_EXTRA
+    ));
+    let run = lab.spawn_cage_run();
+    let start = Instant::now();
+    while !run.log().contains("policy applied") {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lab.wait_segment_ready().expect("segment ready");
+    let before = snapshot(&lab);
+    let out = lab.cage(&["selftest"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("automatic isolation is on"), "{stderr}");
+    std::thread::sleep(Duration::from_millis(1500)); // the daemon reads its meters each second
+    let status = lab.cage(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("switch:  off"), "{status}");
+    assert!(
+        status.contains("could not run: automatic isolation"),
+        "{status}"
+    );
+    assert_clean(&lab, &before);
 }
