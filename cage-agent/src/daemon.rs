@@ -12,13 +12,30 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
 use crate::apply::{self, ApplyError, Checked};
+use crate::config::Config;
+use crate::flows::{self, Blocked, FlowLog};
 use crate::killswitch::{self, AutoWatch, Source};
 use crate::log;
+use crate::nflog::{self, Denied, NflogCounts, NflogStats};
 use crate::nft;
+use crate::policy;
 
 /// How often the daemon verifies the kernel state and re-detects the facts.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often denied packets are taken from the NFLOG reader, and how often the flow log
+/// is written (one batched write, friendly to flash).
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Denied packets waiting between the NFLOG reader and the collector at most.
+const NFLOG_QUEUE: usize = 16_384;
+
 /// How often automatic isolation reads its meters (only when a rule is on).
 pub const AUTO_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -97,6 +114,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut auto_tick = tokio::time::interval(AUTO_INTERVAL);
     auto_tick.tick().await;
     let mut auto = AutoWatch::default();
+    let mut collector = Collector::start(&d.current.config);
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
 
     loop {
         tokio::select! {
@@ -132,10 +152,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     auto.reset();
                 }
             }
+            _ = drain_tick.tick() => collector.drain(&d.current.config),
+            _ = flush_tick.tick() => collector.flush(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    // What the kernel still holds in its log batch arrives within its flush timeout.
+    tokio::time::sleep(nflog::FLUSH_TIMEOUT * 2).await;
+    collector.drain(&d.current.config);
+    collector.flush();
+    collector.stop();
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
     Ok(())
 }
@@ -237,5 +264,117 @@ fn wan_list(c: &Checked) -> String {
         "none found, so no internet for the segment".into()
     } else {
         c.facts.wan_devices.join(", ")
+    }
+}
+
+/// The flow log's side of the daemon: denied packets from NFLOG folded into blocked-flow
+/// records and written in batches. If the log or NFLOG cannot be opened, the cage still
+/// holds; the problem is logged and the flow log is off.
+struct Collector {
+    log: Option<FlowLog>,
+    rx: Option<Receiver<Denied>>,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<NflogStats>,
+    /// NFLOG counts already added to the log's stats.
+    accounted: NflogCounts,
+    blocked: Blocked,
+    /// Denied packets the blocked-flow table had no room for.
+    table_full: u64,
+}
+
+impl Collector {
+    fn start(cfg: &Config) -> Collector {
+        let stats = Arc::new(NflogStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = match FlowLog::open(cfg) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::error(&format!(
+                    "the flow log is off: cannot open {}: {e}",
+                    flows::dir(cfg).display()
+                ));
+                None
+            }
+        };
+        let (tx, rx) = sync_channel(NFLOG_QUEUE);
+        let reader = match nflog::open(policy::LOG_GROUP)
+            .and_then(|s| nflog::spawn_reader(s, tx, stop.clone(), stats.clone()))
+        {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::error(&format!(
+                    "blocked flows are not logged: cannot read NFLOG group {}: {e}",
+                    policy::LOG_GROUP
+                ));
+                None
+            }
+        };
+        Collector {
+            log,
+            rx: reader.as_ref().map(|_| rx),
+            stop,
+            reader,
+            stats,
+            accounted: NflogCounts::default(),
+            blocked: Blocked::default(),
+            table_full: 0,
+        }
+    }
+
+    fn drain(&mut self, cfg: &Config) {
+        let Some(rx) = &self.rx else { return };
+        let segment: Vec<IpNet> = std::iter::once(IpNet::V4(cfg.segment.subnet4()))
+            .chain(cfg.segment.subnet6().map(IpNet::V6))
+            .collect();
+        for _ in 0..NFLOG_QUEUE {
+            match rx.try_recv() {
+                Ok(d) => {
+                    if !self.blocked.add(&d, &segment) {
+                        self.table_full += 1;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(log) = &mut self.log else { return };
+        let now = self.stats.snapshot();
+        let lost_before = log.stats.nflog_overruns + log.stats.nflog_dropped;
+        log.stats.nflog_overruns += now.overruns - self.accounted.overruns;
+        log.stats.nflog_dropped += now.channel_full - self.accounted.channel_full + now.unparsable
+            - self.accounted.unparsable
+            + std::mem::take(&mut self.table_full);
+        self.accounted = now;
+        let lost = log.stats.nflog_overruns + log.stats.nflog_dropped - lost_before;
+        if lost > 0 {
+            log::warn(&format!(
+                "flow log: {lost} denied packets could not be logged (counted in cage status)"
+            ));
+        }
+        let records = self.blocked.drain();
+        let result = if records.is_empty() {
+            log.save_stats()
+        } else {
+            log.write(&records)
+        };
+        if let Err(e) = result {
+            log::error(&format!("flow log: cannot write: {e}"));
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.reader.take() {
+            let deadline = std::time::Instant::now() + nflog::STOP_WAIT;
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
     }
 }

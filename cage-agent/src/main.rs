@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cage_agent::killswitch::{self, ButtonAction, Source};
-use cage_agent::{apply, config, daemon, nft, selftest, status};
+use cage_agent::{apply, config, daemon, flows, nft, selftest, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -68,6 +68,27 @@ enum Command {
     /// A hardware button event, as OpenWrt's button hotplug reports it (the hotplug
     /// script calls this with $BUTTON and $ACTION).
     Button { button: String, action: String },
+    /// The flow log: recent flows, newest last.
+    Flows {
+        /// Only flows of this caged host or peer address.
+        #[arg(long)]
+        host: Option<std::net::IpAddr>,
+        /// Only flows to or from this port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only `allowed` or `blocked` flows.
+        #[arg(long, value_parser = ["allowed", "blocked"])]
+        verdict: Option<String>,
+        /// How many of the newest matching flows (0: all).
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: usize,
+        /// Print the records as JSON Lines.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new flows as they are written.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -83,6 +104,24 @@ async fn main() -> ExitCode {
         Command::Isolate { reason } => switch(&cli.config, true, Source::Cli, &reason).await,
         Command::Release { reason } => switch(&cli.config, false, Source::Cli, &reason).await,
         Command::Button { button, action } => press(&cli.config, &button, &action).await,
+        Command::Flows {
+            host,
+            port,
+            verdict,
+            limit,
+            json,
+            follow,
+        } => show_flows(
+            &cli.config,
+            &flows::Filter {
+                host,
+                port,
+                verdict,
+            },
+            limit,
+            json,
+            follow,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -209,4 +248,52 @@ fn self_test(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn show_flows(
+    path: &std::path::Path,
+    filter: &flows::Filter,
+    limit: usize,
+    json: bool,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    let dir = flows::dir(&cfg);
+    let print = |r: &flows::FlowRecord| {
+        if json {
+            println!("{}", serde_json::to_string(r).expect("a record serialises"));
+        } else {
+            println!("{}", flows::table_line(r));
+        }
+    };
+    let (records, bad) = flows::read(&dir, cfg.flowlog.log_files, filter);
+    let skip = if limit == 0 {
+        0
+    } else {
+        records.len().saturating_sub(limit)
+    };
+    records[skip..].iter().for_each(print);
+    if bad > 0 {
+        eprintln!("cage: {bad} unreadable lines in the flow log were skipped");
+    }
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Follow: print what is appended, across rotations, until interrupted. The log's
+    // running count of records written says how many of the newest lines are new.
+    let mut written = flows::read_stats(&cfg).map(|s| s.written).unwrap_or(0);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now_written = flows::read_stats(&cfg).map(|s| s.written).unwrap_or(0);
+        if now_written <= written {
+            continue;
+        }
+        let all = flows::read(&dir, cfg.flowlog.log_files, &flows::Filter::default()).0;
+        let new = (now_written - written) as usize;
+        all[all.len().saturating_sub(new)..]
+            .iter()
+            .filter(|r| filter.matches(r))
+            .for_each(print);
+        written = now_written;
+    }
 }

@@ -262,6 +262,32 @@ pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, Nft
     Ok(counts)
 }
 
+/// A named counter of Cage's inet table; `None` when it (or the table) is absent.
+pub fn named_counter(name: &str) -> Result<Option<Count>, NftError> {
+    let out = match run(
+        &["-j", "list", "counter", "inet", TABLE, name],
+        None,
+        "read a counter",
+    ) {
+        Ok(out) => out,
+        Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|source| NftError::Json {
+        operation: "read a counter",
+        source,
+    })?;
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|o| o.get("counter"))
+        .map(|c| Count {
+            packets: c["packets"].as_u64().unwrap_or(0),
+            bytes: c["bytes"].as_u64().unwrap_or(0),
+        }))
+}
+
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Count {

@@ -878,14 +878,8 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
     );
     c.reject("deny:segment", vec![oifname(bridge)]);
     c.reject("deny:lan", vec![oifname(&cfg.lan.devices)]);
-    c.reject(
-        "deny:private",
-        vec![is(payload("ip", "daddr"), set_ref("deny4"))],
-    );
-    c.reject(
-        "deny:private",
-        vec![is(payload("ip6", "daddr"), set_ref("deny6"))],
-    );
+    // The upstream network before the private ranges, which usually contain it: the
+    // log then names the more telling rule.
     c.reject(
         "deny:upstream",
         vec![is(payload("ip", "daddr"), set_ref("upstream4"))],
@@ -893,6 +887,14 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
     c.reject(
         "deny:upstream",
         vec![is(payload("ip6", "daddr"), set_ref("upstream6"))],
+    );
+    c.reject(
+        "deny:private",
+        vec![is(payload("ip", "daddr"), set_ref("deny4"))],
+    );
+    c.reject(
+        "deny:private",
+        vec![is(payload("ip6", "daddr"), set_ref("deny6"))],
     );
     if facts.wan_devices.is_empty() {
         // Fail closed: with no WAN known there is no internet to allow.

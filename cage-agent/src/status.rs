@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::config;
 use crate::daemon::{self, DaemonState};
+use crate::flows;
 use crate::killswitch;
 use crate::netlink::{self, PortState};
 use crate::nft::{self, Count};
@@ -33,6 +34,10 @@ pub struct Status {
     pub audit: Vec<killswitch::AuditEntry>,
     /// The last `cage selftest` (`<log_dir>/selftest.json`), if one ran.
     pub selftest: Option<crate::selftest::Last>,
+    /// The flow log's totals and losses.
+    pub flow_log: Option<flows::LogStats>,
+    /// Denied packets not logged because they were over the kernel's log rate limit.
+    pub unlogged: u64,
     pub problems: Vec<String>,
 }
 
@@ -102,6 +107,12 @@ pub async fn gather(config_path: &Path) -> Status {
         Ok(cfg) => (Some(killswitch::load(cfg)), killswitch::audit_tail(cfg, 10)),
         Err(_) => (None, vec![]),
     };
+    let flow_log = cfg.as_ref().ok().and_then(flows::read_stats);
+    let unlogged = nft::named_counter(crate::policy::UNLOGGED_COUNTER)
+        .ok()
+        .flatten()
+        .map(|c| c.packets)
+        .unwrap_or(0);
     if let Some(state) = &isolation {
         if state.isolated && enforcing && !kernel_isolated {
             problems.push(
@@ -136,6 +147,8 @@ pub async fn gather(config_path: &Path) -> Status {
         kernel_isolated,
         audit,
         selftest,
+        flow_log,
+        unlogged,
         problems,
     }
 }
@@ -219,6 +232,19 @@ pub fn render_text(s: &Status) -> String {
     for (k, c) in &s.denied {
         if c.packets > 0 {
             let _ = writeln!(o, "         {:<26} {:>10} packets", k, c.packets);
+        }
+    }
+    match &s.flow_log {
+        Some(f) => {
+            let _ = writeln!(
+                o,
+                "flows:   {} records written; lost: {} rotated away unread, {} denied \
+                 packets not handed over (NFLOG overruns {}), {} over the log rate limit",
+                f.written, f.rotated_away, f.nflog_dropped, f.nflog_overruns, s.unlogged
+            );
+        }
+        None => {
+            let _ = writeln!(o, "flows:   no flow log yet (cage run writes it)");
         }
     }
     if !s.audit.is_empty() {
