@@ -1412,7 +1412,7 @@ impl Probes {
     }
 
     /// From probe host a, towards the router (judged by the router's witness).
-    fn to_router(&mut self, name: &str, dst: IpAddr, svcs: &[Svc], expect: Expect) {
+    fn towards_router(&mut self, name: &str, dst: IpAddr, svcs: &[Svc], expect: Expect) {
         self.add(name, Src::A, None, dst, svcs, expect, Judge::Router);
     }
 
@@ -1450,21 +1450,21 @@ fn plan(p: &Planning) -> Plan {
     // The router's DNS and DHCP: allowed (the router's witness tells whether the policy
     // let them through; the prober whether anything listens).
     for &r in &seg_addrs {
-        probes.to_router(
+        probes.towards_router(
             "caged -> router DNS",
             r,
             &[Svc::Udp(53), Svc::Tcp(53)],
             Allow,
         );
     }
-    probes.to_router(
+    probes.towards_router(
         "caged -> router DHCP",
         router4,
         &[Svc::UdpFrom(68, 67)],
         Allow,
     );
     if let Some(r6) = router6 {
-        probes.to_router(
+        probes.towards_router(
             "caged -> router DHCPv6",
             r6,
             &[Svc::UdpFrom(546, 547)],
@@ -1500,11 +1500,11 @@ fn plan(p: &Planning) -> Plan {
             svcs.extend([Svc::Tcp(53), Svc::Udp(53)]);
         }
         svcs.push(Svc::Icmp);
-        probes.to_router("caged -> router other", a, &svcs, Deny);
+        probes.towards_router("caged -> router other", a, &svcs, Deny);
     }
     // Multicast to the router (mDNS, SSDP and the like): dropped, not answered.
     let all_hosts = IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1));
-    probes.to_router("caged -> router multicast", all_hosts, &[Svc::Udp(9)], Deny);
+    probes.towards_router("caged -> router multicast", all_hosts, &[Svc::Udp(9)], Deny);
 
     // Spoofed sources: the router's DNS, which a source inside the subnet may use.
     let spoofable = [Svc::Udp(53), Svc::Tcp(53), Svc::Icmp];
