@@ -42,6 +42,7 @@ enum Command {
     /// segment send real packets towards what the contract denies and allows.
     /// Exits 0 only when every check holds; the result is kept for `cage status`.
     Selftest {
+        /// Print the report as JSON (the same as <log_dir>/selftest.json).
         #[arg(long)]
         json: bool,
         /// An internet destination that must be reachable from the segment: ADDR
