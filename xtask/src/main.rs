@@ -112,6 +112,13 @@ fn leftovers() -> Vec<String> {
             }
         }
     }
+    // What the eBPF tests pin (bpffs is global, not per namespace).
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf/cage-test") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            found.push(format!("bpffs /sys/fs/bpf/cage-test/{name}"));
+        }
+    }
     let out = |args: &[&str]| {
         Command::new(args[0])
             .args(&args[1..])
