@@ -98,6 +98,8 @@ fn main() {
         "CARGO_BUILD_TARGET",
         "RUSTUP_TOOLCHAIN",
         "CARGO",
+        "CARGO_UNSTABLE_BUILD_STD",
+        "CARGO_UNSTABLE_BUILD_STD_FEATURES",
     ] {
         cmd.env_remove(var);
     }
