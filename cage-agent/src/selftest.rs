@@ -624,9 +624,9 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
         };
         let gws = gateways.clone();
         h.ns.run("configure-probe-host", move || {
-            block_on(async move { nl::configure_probe_host(&addrs, &gws, &neighbours).await })?
-                .map_err(netlink_in_ns)
-        })?;
+            block_on(async move { nl::configure_probe_host(&addrs, &gws, &neighbours).await })
+        })?
+        .map_err(|e| SelftestError::Setup(format!("configuring probe host {}: {e}", h.name)))?;
     }
     for h in &hosts {
         let port = h.port.clone();
@@ -826,14 +826,6 @@ fn block_on<Fut: std::future::Future>(fut: Fut) -> Result<Fut::Output, ProbeErro
             source,
         })?;
     Ok(rt.block_on(fut))
-}
-
-fn netlink_in_ns(e: NetlinkError) -> ProbeError {
-    ProbeError::Io {
-        ns: "probe host".into(),
-        op: "configuring it".into(),
-        source: io::Error::other(e.to_string()),
-    }
 }
 
 // ---- probe namespaces -----------------------------------------------------------------
