@@ -63,6 +63,7 @@ pub fn install() -> Result<()> {
         }
     }
     ebpf_toolchain()?;
+    cross_toolchain()?;
     println!("xtask setup: ready");
     Ok(())
 }
@@ -218,4 +219,58 @@ fn bpf_linker_uses(lib_name: &str) -> bool {
     let ldd = String::from_utf8_lossy(&out.stdout);
     ldd.lines()
         .any(|l| l.contains(lib_name) && !l.contains("not found"))
+}
+
+/// What `cargo xtask dist` and the packaging tests need to build for the routers and run
+/// the results here: the musl rust-std of the targets rustup ships (linked by rust-lld,
+/// which is in every toolchain), qemu-user-static (run explicitly as
+/// `qemu-<arch>-static`, no binfmt registration), and cargo-zigbuild with zig from PyPI
+/// for the targets built with `-Z build-std` (armv7, mipsel), whose musl crt objects,
+/// libc and libunwind zig provides.
+fn cross_toolchain() -> Result<()> {
+    const RUST_STD: &[&str] = &["aarch64-unknown-linux-musl", "x86_64-unknown-linux-musl"];
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let missing: Vec<&str> = RUST_STD
+        .iter()
+        .copied()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if !missing.is_empty() {
+        println!("xtask setup: adding rustup targets {}", missing.join(" "));
+        run(Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing))?;
+    }
+    if !have("qemu-aarch64-static") {
+        require_root("installing qemu-user-static")?;
+        println!("xtask setup: installing qemu-user-static");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .arg("qemu-user-static")
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !have("cargo-zigbuild") {
+        println!("xtask setup: installing cargo-zigbuild and zig (PyPI)");
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "cargo-zigbuild==0.24.1",
+            "ziglang==0.17.1",
+        ]))?;
+        // pyenv installs behind shims that exist only after a rehash.
+        if have("pyenv") {
+            let _ = Command::new("pyenv").arg("rehash").status();
+        }
+        if !have("cargo-zigbuild") {
+            bail!("cargo-zigbuild was installed but is not on PATH");
+        }
+    }
+    Ok(())
 }
