@@ -6,7 +6,9 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod demo;
+mod dist;
 mod fuzz;
+mod package;
 mod setup;
 
 const USAGE: &str = "\
@@ -18,6 +20,8 @@ usage: cargo xtask <command>
   test               setup, build, run every test, check nothing was left behind
   bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
+  dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
+  package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
 ";
 
 fn main() -> ExitCode {
@@ -37,6 +41,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        ["dist", rest @ ..] => setup::install().and_then(|()| dist::run_dist(rest)),
+        ["package", rest @ ..] => setup::install().and_then(|()| package::run_package(rest)),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -73,6 +79,9 @@ fn test() -> Result<()> {
     let warnings = std::path::Path::new("target/tmp/cage-test-warnings.txt");
     let _ = std::fs::remove_file(warnings);
     run(cargo().args(["build", "--workspace", "--locked"]))?;
+    // The router binaries and packages that tests/tests/package.rs checks under qemu
+    // (aarch64, armv7); `cargo xtask dist` builds x86_64 and mipsel too.
+    package::run_package(&["aarch64", "armv7"])?;
     // `--show-output` prints what passing tests printed (the contract matrix, the
     // restart figures), grouped by test after the run.
     let tests = run(cargo().args([
