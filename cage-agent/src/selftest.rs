@@ -592,6 +592,16 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
             (h.port.clone(), h.port_mac, bridge.clone(), h.fd, h.mac);
         here("add-probe-port", move || async move {
             nl::add_probe_port(&port, port_mac, &bridge_link, fd, host_mac).await
+        })
+        .map_err(|e| match &e {
+            SelftestError::Netlink(NetlinkError::Request { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                SelftestError::Setup(format!(
+                    "{e}: this kernel has no veth driver (OpenWrt: kmod-veth)"
+                ))
+            }
+            _ => e,
         })?;
     }
     let after = here("read-router", nl::router_view)?;
@@ -854,7 +864,17 @@ fn new_netns(name: &str) -> Result<ProbeNs, SelftestError> {
         .map_err(io_err("starting a thread"))?
         .join()
         .map_err(|_| SelftestError::Setup("the unshare thread panicked".into()))?
-        .map_err(io_err(format!("creating network namespace {name}")))?;
+        .map_err(|source| SelftestError::Io {
+            what: format!(
+                "creating network namespace {name}{}",
+                if source.raw_os_error() == Some(libc::EINVAL) {
+                    " (this kernel has no network namespaces, CONFIG_NET_NS)"
+                } else {
+                    ""
+                }
+            ),
+            source,
+        })?;
     let fd = file.as_raw_fd();
     let path = format!("/proc/{}/fd/{fd}", std::process::id());
     Ok(ProbeNs {
