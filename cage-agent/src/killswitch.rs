@@ -301,6 +301,10 @@ pub fn button_action(cfg: &Config, button: &str, action: &str) -> ButtonAction {
 #[derive(Debug, Default)]
 pub struct AutoWatch {
     history: HashMap<(&'static str, IpAddr), VecDeque<(Instant, u64)>>,
+    /// Hosts that never trigger until then: a running `cage selftest`'s probe hosts,
+    /// whose hundred denied attempts are on purpose, for one window after they were last
+    /// seen (their counts stay in the window that long).
+    exempt: HashMap<IpAddr, Instant>,
 }
 
 /// Why automatic isolation fired: the evidence, for the log and the audit entry.
@@ -328,6 +332,12 @@ impl AutoWatch {
     pub fn observe(&mut self, cfg: &Config, now: Instant) -> Option<Trigger> {
         let ks = &cfg.killswitch;
         let window = Duration::from_secs(u64::from(ks.auto_window));
+        if let Some(st) = crate::selftest::running(&cfg.main.log_dir) {
+            for a in st.addresses {
+                self.exempt.insert(a, now + window);
+            }
+        }
+        self.exempt.retain(|_, until| *until > now);
         let rules: [(&'static [&'static str; 2], u64, &'static str, bool); 2] = [
             (
                 &policy::AUTO_BLOCKED,
@@ -360,18 +370,20 @@ impl AutoWatch {
                     if h.back().is_some_and(|&(_, last)| value < last) {
                         h.clear();
                     }
-                    let first_sight = h.is_empty();
+                    if h.is_empty() {
+                        // A host seen for the first time got its meter entry since the
+                        // last reading (the meters start empty with each applied
+                        // policy): all of its count is recent, as if it read 0 just now.
+                        h.push_back((now, 0));
+                    }
                     h.push_back((now, value));
                     // The baseline is the oldest reading within the window.
                     while h.len() > 1 && now.duration_since(h[0].0) > window {
                         h.pop_front();
                     }
-                    // A host seen for the first time has its meter entry since the last
-                    // reading (the meters start empty with each applied policy), so all
-                    // of its count is recent.
-                    let baseline = if first_sight { 0 } else { h[0].1 };
+                    let baseline = h[0].1;
                     let amount = value.saturating_sub(baseline);
-                    if amount > limit {
+                    if amount > limit && !self.exempt.contains_key(&host) {
                         return Some(Trigger {
                             host,
                             what,

@@ -493,7 +493,6 @@ fn unix_now() -> u64 {
 pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
     let started = Instant::now();
     let _lock = lock(&cfg.main.log_dir)?;
-    refuse_under_automatic_isolation(cfg)?;
     let mut notes = Vec::new();
 
     // Look first; change nothing yet.
@@ -757,31 +756,6 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
         return Err(SelftestError::Interrupted);
     }
     Ok(Report::new(checks, notes, probe_hosts, started.elapsed()))
-}
-
-/// The self-test makes about a hundred denied attempts from one probe host in a few
-/// seconds, on purpose. With automatic isolation on (`auto_blocked`) and `cage run`
-/// watching, that isolates the whole segment, cutting the real caged hosts off until
-/// someone releases it. Until the daemon's automatic isolation leaves the hosts of
-/// [`running`] alone, the self-test refuses to run then.
-fn refuse_under_automatic_isolation(cfg: &Config) -> Result<(), SelftestError> {
-    let limit = cfg.killswitch.auto_blocked;
-    if limit == 0 {
-        return Ok(());
-    }
-    let daemon: Option<crate::daemon::DaemonState> =
-        std::fs::read(crate::daemon::state_path(&cfg.main.log_dir))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-    match daemon {
-        Some(d) if crate::status::cage_running(d.pid) => Err(SelftestError::Setup(format!(
-            "automatic isolation is on (cage.killswitch.auto_blocked {limit}) and cage run \
-             (pid {}) is watching: the self-test's denied probes would isolate the segment. \
-             Run it with auto_blocked 0 or with the daemon stopped",
-            d.pid
-        ))),
-        _ => Ok(()),
-    }
 }
 
 /// Ports the probe hosts serve each other on (caged ↔ caged).
