@@ -51,6 +51,14 @@ pub struct FlowRecord {
     pub bytes_out: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
+    /// `selftest` for the probe traffic of `cage selftest` (known by its MAC prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// Whether a MAC address is one of `cage selftest`'s probe hosts.
+pub fn is_selftest_mac(m: &[u8; 6]) -> bool {
+    m[..5] == crate::selftest::MAC_PREFIX
 }
 
 pub fn proto_name(p: u8) -> String {
@@ -312,6 +320,10 @@ impl Blocked {
                     bytes_out: if out { f.bytes } else { 0 },
                     packets_in: if out { 0 } else { f.packets },
                     bytes_in: if out { 0 } else { f.bytes },
+                    tag: f
+                        .mac
+                        .filter(is_selftest_mac)
+                        .map(|_| "selftest".to_owned()),
                 }
             })
             .collect()
@@ -374,7 +386,7 @@ pub fn table_line(r: &FlowRecord) -> String {
         r.bytes_out,
         r.packets_in,
         r.bytes_in
-    )
+    ) + &r.tag.as_ref().map(|t| format!("  [{t}]")).unwrap_or_default()
 }
 
 #[cfg(test)]
