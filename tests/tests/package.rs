@@ -19,19 +19,20 @@ use std::process::{Command, Output, Stdio};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The targets CI builds and checks: (triple, qemu-user program, ELF e_machine, ELF
-/// class (1: 32-bit, 2: 64-bit), the package architecture of the devices Cage targets).
-const CHECKED: &[(&str, &str, u16, u8, &str)] = &[
+/// The targets CI builds and checks: (triple, qemu-user program and the CPU it emulates
+/// (the routers' core), ELF e_machine, ELF class (1: 32-bit, 2: 64-bit), the package
+/// architecture of the devices Cage targets).
+const CHECKED: &[(&str, [&str; 3], u16, u8, &str)] = &[
     (
         "aarch64-unknown-linux-musl",
-        "qemu-aarch64-static",
+        ["qemu-aarch64-static", "-cpu", "cortex-a53"],
         183,
         2,
         "aarch64_cortex-a53",
     ),
     (
         "armv7-unknown-linux-musleabihf",
-        "qemu-arm-static",
+        ["qemu-arm-static", "-cpu", "cortex-a7"],
         40,
         1,
         "arm_cortex-a7_neon-vfpv4",
@@ -165,7 +166,13 @@ fn program_header_types(elf: &[u8]) -> Vec<u32> {
 #[test]
 fn binaries_run_under_qemu() {
     for &(triple, qemu, ..) in CHECKED {
-        let out = output(Command::new(qemu).arg(binary(triple)).arg("--version"));
+        let out = output(
+            Command::new(qemu[0])
+                .args(&qemu[1..])
+                .arg(binary(triple))
+                .arg("--version"),
+        );
+        let qemu = qemu.join(" ");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -207,7 +214,8 @@ fn cage_check_passes_under_qemu() {
         let ns = Netns::new(&format!("qemu-{}", &triple[..5]));
         let out = output(
             Command::new("ip")
-                .args(["netns", "exec", &ns.0, qemu])
+                .args(["netns", "exec", &ns.0])
+                .args(qemu)
                 .arg(binary(triple))
                 .arg("--config")
                 .arg(&config)
@@ -215,6 +223,7 @@ fn cage_check_passes_under_qemu() {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let qemu = qemu.join(" ");
         assert!(
             out.status.success(),
             "{triple}: cage check under {qemu}: {}\n{stdout}{stderr}",

@@ -10,7 +10,11 @@
 //!   which brings musl's crt objects, libc and libunwind for the target: armv7 (rustup
 //!   ships no rust-std for armv7-unknown-linux-musleabihf for these toolchains) and
 //!   mipsel (tier 3, no rust-std at all). rustc is told not to add its own self-contained
-//!   crt objects (`-C link-self-contained=no`); zig's linker adds them.
+//!   crt objects (`-C link-self-contained=no`); zig's linker adds them. mipsel is built
+//!   as a non-PIE static executable (see its entry in TARGETS).
+//!
+//! qemu runs each binary on the routers' own core (`-cpu cortex-a53`, `cortex-a7`,
+//! `24KEc`, which has no FPU), not qemu's default CPU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,8 +40,11 @@ pub struct Target {
     /// Short name accepted on the command line.
     pub short: &'static str,
     pub toolchain: Toolchain,
-    /// The qemu-user program that runs it here; None: the build machine runs it.
-    pub qemu: Option<&'static str>,
+    /// The qemu-user program that runs it here, and the CPU it emulates (the routers'
+    /// own core); None: the build machine runs it.
+    pub qemu: Option<(&'static str, &'static str)>,
+    /// Extra rustc flags for this target (BuildStd targets only).
+    pub rustflags: &'static [&'static str],
     /// OpenWrt package architectures this binary is packaged for (the first is the one
     /// of the devices Cage targets; the binary is the same for each).
     pub opkg_archs: &'static [&'static str],
@@ -48,7 +55,8 @@ pub const TARGETS: &[Target] = &[
         triple: "aarch64-unknown-linux-musl",
         short: "aarch64",
         toolchain: Toolchain::Stable,
-        qemu: Some("qemu-aarch64-static"),
+        qemu: Some(("qemu-aarch64-static", "cortex-a53")),
+        rustflags: &[],
         // GL-MT3000, GL-MT6000 (Filogic); Raspberry Pi 4 class; armsr/generic.
         opkg_archs: &[
             "aarch64_cortex-a53",
@@ -60,7 +68,8 @@ pub const TARGETS: &[Target] = &[
         triple: "armv7-unknown-linux-musleabihf",
         short: "armv7",
         toolchain: Toolchain::BuildStd,
-        qemu: Some("qemu-arm-static"),
+        qemu: Some(("qemu-arm-static", "cortex-a7")),
+        rustflags: &[],
         // GL-AXT1800 (IPQ6000, 32-bit userspace); mvebu; ipq806x. The binary needs ARMv7
         // with VFPv3-D16, which every one of these has.
         opkg_archs: &[
@@ -74,13 +83,19 @@ pub const TARGETS: &[Target] = &[
         short: "x86_64",
         toolchain: Toolchain::Stable,
         qemu: None,
+        rustflags: &[],
         opkg_archs: &["x86_64"],
     },
     Target {
         triple: "mipsel-unknown-linux-musl",
         short: "mipsel",
         toolchain: Toolchain::BuildStd,
-        qemu: Some("qemu-mipsel-static"),
+        // The MT7628's 24KEc has no FPU; the target is soft-float.
+        qemu: Some(("qemu-mipsel-static", "24KEc")),
+        // rustc makes a static-pie for this target by default, and that one segfaults
+        // at its first instruction under qemu-mipsel (zig's musl start code does not
+        // relocate a MIPS static-pie); a non-PIE static executable runs.
+        rustflags: &["-Crelocation-model=static"],
         // GL-MT300N-V2 (MT7628), ramips mt76x8 and mt7621.
         opkg_archs: &["mipsel_24kc"],
     },
@@ -190,7 +205,7 @@ pub fn print_summary(built: &[Built], failed: &[(&'static Target, anyhow::Error)
     );
     for b in built {
         let how = match b.target.qemu {
-            Some(q) => format!("under {q}: {}", b.version),
+            Some((q, cpu)) => format!("under {q} -cpu {cpu}: {}", b.version),
             None => format!("natively: {}", b.version),
         };
         println!(
@@ -226,12 +241,18 @@ pub fn build(t: &'static Target) -> Result<Built> {
             // `-Z` on the command line, not CARGO_UNSTABLE_BUILD_STD: an environment
             // variable would reach the nested cargo that cage-agent's build script runs
             // for the eBPF program, which builds `core` only.
+            let flags: Vec<String> = ["-Clink-self-contained=no"]
+                .iter()
+                .chain(t.rustflags)
+                .map(|f| format!("{f:?}"))
+                .collect();
             let mut c = Command::new("cargo");
             c.args(["+nightly", "zigbuild", "-Z", "build-std=std,panic_abort"])
                 .arg("--config")
                 .arg(format!(
-                    "target.{}.rustflags=[\"-Clink-self-contained=no\"]",
-                    t.triple
+                    "target.{}.rustflags=[{}]",
+                    t.triple,
+                    flags.join(",")
                 ))
                 // The rustup proxy picks nightly from `+nightly`; the stable toolchain
                 // that runs xtask must not win through the environment.
@@ -283,9 +304,9 @@ pub fn build(t: &'static Target) -> Result<Built> {
 /// here is reported as not running, with what qemu said.
 pub fn run_version(t: &Target, binary: &Path) -> Result<String> {
     let mut cmd = match t.qemu {
-        Some(q) => {
+        Some((q, cpu)) => {
             let mut c = Command::new("timeout");
-            c.args(["30", q]).arg(binary);
+            c.args(["30", q, "-cpu", cpu]).arg(binary);
             c
         }
         None => {
@@ -303,7 +324,9 @@ pub fn run_version(t: &Target, binary: &Path) -> Result<String> {
         bail!(
             "{} does not run{}: {} {}{}",
             binary.display(),
-            t.qemu.map(|q| format!(" under {q}")).unwrap_or_default(),
+            t.qemu
+                .map(|(q, cpu)| format!(" under {q} -cpu {cpu}"))
+                .unwrap_or_default(),
             out.status,
             stdout,
             String::from_utf8_lossy(&out.stderr).trim()
