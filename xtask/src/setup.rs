@@ -256,14 +256,14 @@ fn cross_toolchain() -> Result<()> {
     }
     if !have("cargo-zigbuild") {
         println!("xtask setup: installing cargo-zigbuild and zig (PyPI)");
-        run(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "cargo-zigbuild==0.24.1",
-            "ziglang==0.17.1",
-        ]))?;
+        let pip = |extra: &[&str]| {
+            run(Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(extra)
+                .args(["cargo-zigbuild==0.24.1", "ziglang==0.17.1"]))
+        };
+        // Debian's own python3 refuses user installs (PEP 668) unless told otherwise.
+        pip(&[]).or_else(|_| pip(&["--break-system-packages"]))?;
         // pyenv installs behind shims that exist only after a rehash.
         if have("pyenv") {
             let _ = Command::new("pyenv").arg("rehash").status();
