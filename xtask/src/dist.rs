@@ -217,7 +217,8 @@ pub fn print_summary(built: &[Built], failed: &[(&'static Target, anyhow::Error)
         );
     }
     for (t, e) in failed {
-        let first = format!("{e:#}");
+        // The outermost context only: "did not build" or "does not run under …".
+        let first = e.to_string();
         let first = first.lines().next().unwrap_or_default().to_owned();
         println!(
             "{:<32} {:>12} {:>9} {:>8}  NO: {first}",
@@ -274,7 +275,7 @@ pub fn build(t: &'static Target) -> Result<Built> {
     .current_dir(workspace_root())
     // A package without the flow log would be a silent loss: fail instead.
     .env("CAGE_REQUIRE_EBPF", "1");
-    run(&mut cmd)?;
+    run(&mut cmd).context("did not build (the compiler's errors are above)")?;
     let seconds = started.elapsed().as_secs_f64();
 
     let built = target_dir().join(t.triple).join("release").join("cage");
