@@ -7,6 +7,7 @@ use std::path::Path;
 use nftables::schema::Nftables;
 
 use crate::config::{self, Config};
+use crate::ebpf;
 use crate::killswitch;
 use crate::netlink;
 use crate::nft;
@@ -71,5 +72,47 @@ pub async fn enforce(checked: &Checked) -> Result<Vec<String>, ApplyError> {
     let report = netlink::setup_segment(&checked.config)
         .await
         .map_err(ApplyError::Segment)?;
-    Ok(report.actions)
+    let mut actions = report.actions;
+    // The eBPF program counts flows and is the kill switch's fast path; the cage holds
+    // without it (nftables enforces everything), so a failure is logged, not fatal.
+    match attach_ebpf(&checked.config, checked.isolated) {
+        Ok(Some(a)) => actions.push(a),
+        Ok(None) => {}
+        Err(e) => crate::log::error(&format!(
+            "eBPF not attached to {} (no flow counting, kill switch in nftables only): {e}",
+            checked.config.segment.bridge
+        )),
+    }
+    Ok(actions)
+}
+
+/// The eBPF attachment options for a configuration (in this network namespace).
+pub fn ebpf_options(cfg: &Config) -> ebpf::Options {
+    ebpf::Options {
+        bridge: cfg.segment.bridge.clone(),
+        pin_dir: cfg.pin_dir(),
+        flow_entries: cfg.flowlog.max_flows,
+        mode: match cfg.flowlog.attach {
+            crate::config::Attach::Auto => ebpf::AttachMode::Auto,
+            crate::config::Attach::Tcx => ebpf::AttachMode::Tcx,
+            crate::config::Attach::Netlink => ebpf::AttachMode::Netlink,
+        },
+    }
+}
+
+/// Attach (idempotently) and set the kill switch's flag to `isolated`. Says what it did
+/// when it attached anew.
+pub fn attach_ebpf(cfg: &Config, isolated: bool) -> Result<Option<String>, ebpf::EbpfError> {
+    let opts = ebpf_options(cfg);
+    let a = ebpf::attach(&opts)?;
+    ebpf::Maps::open(&opts.pin_dir)?.set_isolated(isolated)?;
+    let new = [a.ingress, a.egress]
+        .iter()
+        .any(|h| *h != ebpf::HookState::AlreadyAttached);
+    Ok(new.then(|| {
+        format!(
+            "attached the flow counter to {} ({:?}, {} flows)",
+            cfg.segment.bridge, a.mode, a.flow_capacity
+        )
+    }))
 }

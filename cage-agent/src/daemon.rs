@@ -20,7 +20,7 @@ use ipnet::IpNet;
 
 use crate::apply::{self, ApplyError, Checked};
 use crate::config::Config;
-use crate::flows::{self, Blocked, FlowLog};
+use crate::flows::{self, Blocked, FlowLog, Sweeper};
 use crate::killswitch::{self, AutoWatch, Source};
 use crate::log;
 use crate::nflog::{self, Denied, NflogCounts, NflogStats};
@@ -153,7 +153,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 }
             }
             _ = drain_tick.tick() => collector.drain(&d.current.config),
-            _ = flush_tick.tick() => collector.flush(),
+            _ = flush_tick.tick() => collector.flush(&d.current.config),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -161,7 +161,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // What the kernel still holds in its log batch arrives within its flush timeout.
     tokio::time::sleep(nflog::FLUSH_TIMEOUT * 2).await;
     collector.drain(&d.current.config);
-    collector.flush();
+    collector.flush(&d.current.config);
     collector.stop();
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
     Ok(())
@@ -211,10 +211,19 @@ impl Daemon {
     async fn repair_segment(&mut self) {
         match crate::netlink::setup_segment(&self.current.config).await {
             Ok(report) => {
+                let repaired = !report.actions.is_empty();
                 for a in report.actions {
                     log::warn(&format!("segment repaired: {a}"));
                 }
                 self.segment_error = None;
+                if repaired {
+                    // A bridge made anew has lost its eBPF attachment.
+                    match apply::attach_ebpf(&self.current.config, self.current.isolated) {
+                        Ok(Some(a)) => log::warn(&format!("segment repaired: {a}")),
+                        Ok(None) => {}
+                        Err(e) => log::error(&format!("eBPF not attached: {e}")),
+                    }
+                }
             }
             Err(e) => {
                 let e = e.to_string();
@@ -249,6 +258,15 @@ async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
         Ok(_) => {}
         Err(e) => return Some(format!("cannot read the kill switch's set ({e})")),
     }
+    let pin_dir = current.config.pin_dir();
+    if crate::ebpf::is_pinned(&pin_dir) {
+        match crate::ebpf::Maps::open(&pin_dir).and_then(|m| m.isolated()) {
+            Ok(flag) if flag != wanted => {
+                return Some("the eBPF kill-switch flag differs from the kill switch".into())
+            }
+            _ => {}
+        }
+    }
     match crate::netlink::detect_facts(&current.config).await {
         Ok(mut f) => {
             // Detection does not probe the kernel's nft modules; those do not change.
@@ -281,6 +299,7 @@ struct Collector {
     blocked: Blocked,
     /// Denied packets the blocked-flow table had no room for.
     table_full: u64,
+    sweeper: Sweeper,
 }
 
 impl Collector {
@@ -319,6 +338,7 @@ impl Collector {
             accounted: NflogCounts::default(),
             blocked: Blocked::default(),
             table_full: 0,
+            sweeper: Sweeper::load(&flows::dir(cfg)),
         }
     }
 
@@ -327,9 +347,11 @@ impl Collector {
         let segment: Vec<IpNet> = std::iter::once(IpNet::V4(cfg.segment.subnet4()))
             .chain(cfg.segment.subnet6().map(IpNet::V6))
             .collect();
+        let now = std::time::Instant::now();
         for _ in 0..NFLOG_QUEUE {
             match rx.try_recv() {
                 Ok(d) => {
+                    self.sweeper.note_blocked(&d, now);
                     if !self.blocked.add(&d, &segment) {
                         self.table_full += 1;
                     }
@@ -339,7 +361,7 @@ impl Collector {
         }
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self, cfg: &Config) {
         let Some(log) = &mut self.log else { return };
         let now = self.stats.snapshot();
         let lost_before = log.stats.nflog_overruns + log.stats.nflog_dropped;
@@ -354,14 +376,75 @@ impl Collector {
                 "flow log: {lost} denied packets could not be logged (counted in cage status)"
             ));
         }
-        let records = self.blocked.drain();
+        let mut records = self.blocked.drain();
+        // The flows the eBPF program counted: written once they end, then removed from
+        // its map (after the write, so a crash in between writes them again rather than
+        // losing them).
+        let pin_dir = cfg.pin_dir();
+        let mut maps = crate::ebpf::is_pinned(&pin_dir)
+            .then(|| crate::ebpf::Maps::open(&pin_dir))
+            .and_then(|m| {
+                m.map_err(|e| log::error(&format!("flow log: cannot open the eBPF maps: {e}")))
+                    .ok()
+            });
+        let mut ended = Vec::new();
+        let mut in_map = 0;
+        if let Some(m) = &maps {
+            match m.flows() {
+                Ok(flows) => {
+                    let hostnames = flows::dhcp_hostnames(Path::new(flows::DHCP_LEASES));
+                    let (allowed, done) = self.sweeper.sweep(
+                        cfg,
+                        &flows,
+                        crate::ebpf::monotonic_ns(),
+                        std::time::SystemTime::now(),
+                        &hostnames,
+                    );
+                    in_map = flows.len() - done.len();
+                    records.extend(allowed);
+                    ended = done;
+                }
+                Err(e) => log::error(&format!("flow log: cannot read the eBPF flow map: {e}")),
+            }
+        }
+        records.sort_by(|a, b| a.start.cmp(&b.start));
         let result = if records.is_empty() {
             log.save_stats()
         } else {
             log.write(&records)
         };
         if let Err(e) = result {
+            // Nothing is removed from the map: the flows stay there to be written later.
             log::error(&format!("flow log: cannot write: {e}"));
+            return;
+        }
+        if let Err(e) = self.sweeper.save(&flows::dir(cfg)) {
+            log::error(&format!("flow log: cannot save its progress: {e}"));
+        }
+        if let Some(m) = &mut maps {
+            for k in &ended {
+                match m.remove_flow(k) {
+                    Ok(()) => log.stats.ebpf_removed += 1,
+                    Err(e) => log::error(&format!("flow log: cannot remove a flow: {e}")),
+                }
+            }
+            if let Ok(s) = m.stats() {
+                // Every flow the program created was written (and removed), is still in
+                // the map, or was evicted by the map before it could be written.
+                let evicted = s
+                    .flows_created
+                    .saturating_sub(log.stats.ebpf_removed + in_map as u64);
+                if evicted > log.stats.ebpf_evicted {
+                    log::warn(&format!(
+                        "flow log: {} flows were evicted from the eBPF map before they \
+                         were written (flowlog.max_flows is too small for this traffic)",
+                        evicted - log.stats.ebpf_evicted
+                    ));
+                    log.stats.ebpf_evicted = evicted;
+                }
+                log.stats.ebpf_update_failed = s.flow_update_failed;
+            }
+            let _ = log.save_stats();
         }
     }
 

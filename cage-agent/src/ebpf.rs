@@ -583,7 +583,7 @@ pub fn is_pinned(pin_dir: &Path) -> bool {
 }
 
 /// The counters of `CAGE_STATS`, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     /// Flow records created.
     pub flows_created: u64,

@@ -54,6 +54,12 @@ pub struct FlowRecord {
     /// `selftest` for the probe traffic of `cage selftest` (known by its MAC prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// TCP flags seen, from the caged host / to it (`SAF/SAF`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    /// The caged host's name from its DHCP lease, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// Whether a MAC address is one of `cage selftest`'s probe hosts.
@@ -93,6 +99,15 @@ pub struct LogStats {
     pub nflog_overruns: u64,
     /// Denied packets the collector could not keep up with.
     pub nflog_dropped: u64,
+    /// Flows the eBPF program counted and that were written and removed from its map.
+    #[serde(default)]
+    pub ebpf_removed: u64,
+    /// Flows the eBPF map had to evict before they were written (map too small), and
+    /// packets it could not record at all.
+    #[serde(default)]
+    pub ebpf_evicted: u64,
+    #[serde(default)]
+    pub ebpf_update_failed: u64,
 }
 
 pub fn dir(cfg: &Config) -> PathBuf {
@@ -320,10 +335,9 @@ impl Blocked {
                     bytes_out: if out { f.bytes } else { 0 },
                     packets_in: if out { 0 } else { f.packets },
                     bytes_in: if out { 0 } else { f.bytes },
-                    tag: f
-                        .mac
-                        .filter(is_selftest_mac)
-                        .map(|_| "selftest".to_owned()),
+                    tag: f.mac.filter(is_selftest_mac).map(|_| "selftest".to_owned()),
+                    tcp_flags: None,
+                    hostname: None,
                 }
             })
             .collect()
@@ -386,7 +400,11 @@ pub fn table_line(r: &FlowRecord) -> String {
         r.bytes_out,
         r.packets_in,
         r.bytes_in
-    ) + &r.tag.as_ref().map(|t| format!("  [{t}]")).unwrap_or_default()
+    ) + &r
+        .tag
+        .as_ref()
+        .map(|t| format!("  [{t}]"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -450,3 +468,216 @@ mod tests {
         assert_eq!(inbound.packets_in, 2);
     }
 }
+
+// ---- flows counted in eBPF --------------------------------------------------------------
+
+/// What was already written of a flow still in the kernel's map (after an active
+/// timeout): the next record of it carries only what came after. Kept on disk so a
+/// restarted daemon neither writes it twice nor loses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub start_ns: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+
+/// A flow's 5-tuple from the caged host's side: (protocol, host, host port, peer, peer
+/// port). Used to tell the eBPF record of a blocked attempt from an allowed flow.
+pub type Tuple = (u8, IpAddr, u16, IpAddr, u16);
+
+/// Ends flows the eBPF program counted, NetFlow style: a flow idle for
+/// `flowlog.idle_timeout` is written and removed from the map; one older than
+/// `flowlog.active_timeout` is written and goes on as a new record.
+#[derive(Debug, Default)]
+pub struct Sweeper {
+    baselines: HashMap<String, Baseline>,
+    /// 5-tuples that NFLOG reported denied, and when: their eBPF records are the same
+    /// attempts as the blocked records and are not written again.
+    blocked: HashMap<Tuple, std::time::Instant>,
+}
+
+fn key_id(k: &cage_common::FlowKey) -> String {
+    format!(
+        "{}:{}:{}:{}:{}",
+        k.protocol,
+        k.client_ip(),
+        k.client_port,
+        k.server_ip(),
+        k.server_port
+    )
+}
+
+fn flags_text(f: u8) -> String {
+    let mut s = String::new();
+    for (bit, c) in [
+        (0x02, 'S'),
+        (0x10, 'A'),
+        (0x08, 'P'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x20, 'U'),
+    ] {
+        if f & bit != 0 {
+            s.push(c);
+        }
+    }
+    s
+}
+
+impl Sweeper {
+    pub fn load(dir: &Path) -> Sweeper {
+        let baselines = std::fs::read(dir.join("baselines.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Sweeper {
+            baselines,
+            blocked: HashMap::new(),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> io::Result<()> {
+        let tmp = dir.join("baselines.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&self.baselines).map_err(io::Error::other)?,
+        )?;
+        std::fs::rename(tmp, dir.join("baselines.json"))
+    }
+
+    /// A denied packet from NFLOG, from the caged host's side.
+    pub fn note_blocked(&mut self, d: &Denied, now: std::time::Instant) {
+        let port = |p: Option<u16>| p.unwrap_or(0);
+        self.blocked
+            .insert((d.proto, d.src, port(d.sport), d.dst, port(d.dport)), now);
+    }
+
+    fn was_blocked(&self, t: &Tuple) -> bool {
+        // ICMP is keyed by echo id and type in eBPF, by type in NFLOG: match on the
+        // addresses and protocol alone there.
+        if t.0 == 1 || t.0 == 58 {
+            return self
+                .blocked
+                .keys()
+                .any(|b| b.0 == t.0 && b.1 == t.1 && b.3 == t.3);
+        }
+        self.blocked.contains_key(t)
+    }
+
+    /// Records for every flow that ended (or reached the active timeout), and the keys to
+    /// remove from the map once the records are written.
+    pub fn sweep(
+        &mut self,
+        cfg: &Config,
+        flows: &[(cage_common::FlowKey, cage_common::FlowValue)],
+        now_ns: u64,
+        now_wall: SystemTime,
+        hostnames: &HashMap<IpAddr, String>,
+    ) -> (Vec<FlowRecord>, Vec<cage_common::FlowKey>) {
+        let idle = u64::from(cfg.flowlog.idle_timeout) * 1_000_000_000;
+        let active = u64::from(cfg.flowlog.active_timeout) * 1_000_000_000;
+        let wall = |ns: u64| now_wall - std::time::Duration::from_nanos(now_ns.saturating_sub(ns));
+        let mut records = Vec::new();
+        let mut ended = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for (k, v) in flows {
+            let id = key_id(k);
+            present.insert(id.clone());
+            let base = self.baselines.get(&id).copied().unwrap_or(Baseline {
+                start_ns: v.first_seen_ns,
+                ..Baseline::default()
+            });
+            let is_idle = now_ns.saturating_sub(v.last_seen_ns) > idle;
+            let is_long = now_ns.saturating_sub(base.start_ns) > active;
+            if !is_idle && !is_long {
+                continue;
+            }
+            let tuple: Tuple = (
+                k.protocol,
+                k.client_ip(),
+                k.client_port,
+                k.server_ip(),
+                k.server_port,
+            );
+            let delta = (
+                v.packets_from_client.saturating_sub(base.packets_out),
+                v.bytes_from_client.saturating_sub(base.bytes_out),
+                v.packets_to_client.saturating_sub(base.packets_in),
+                v.bytes_to_client.saturating_sub(base.bytes_in),
+            );
+            let blocked = self.was_blocked(&tuple);
+            if !blocked && (delta.0 > 0 || delta.2 > 0) {
+                let icmp = k.protocol == 1 || k.protocol == 58;
+                let mac = (v.client_mac != [0; 6]).then_some(v.client_mac);
+                records.push(FlowRecord {
+                    start: rfc3339(wall(base.start_ns.max(v.first_seen_ns))),
+                    end: rfc3339(wall(v.last_seen_ns)),
+                    verdict: "allowed".into(),
+                    rule: None,
+                    proto: proto_name(k.protocol),
+                    host: k.client_ip(),
+                    host_port: (!icmp).then_some(k.client_port),
+                    mac: mac.map(mac_text),
+                    peer: k.server_ip(),
+                    peer_port: (!icmp || k.server_port != 0).then_some(k.server_port),
+                    direction: "out".into(),
+                    packets_out: delta.0,
+                    bytes_out: delta.1,
+                    packets_in: delta.2,
+                    bytes_in: delta.3,
+                    tag: mac.filter(is_selftest_mac).map(|_| "selftest".to_owned()),
+                    tcp_flags: (k.protocol == 6).then(|| {
+                        format!(
+                            "{}/{}",
+                            flags_text(v.tcp_flags_from_client),
+                            flags_text(v.tcp_flags_to_client)
+                        )
+                    }),
+                    hostname: hostnames.get(&k.client_ip()).cloned(),
+                });
+            }
+            if is_idle {
+                self.baselines.remove(&id);
+                ended.push(*k);
+            } else {
+                self.baselines.insert(
+                    id,
+                    Baseline {
+                        start_ns: now_ns,
+                        packets_out: v.packets_from_client,
+                        bytes_out: v.bytes_from_client,
+                        packets_in: v.packets_to_client,
+                        bytes_in: v.bytes_to_client,
+                    },
+                );
+            }
+        }
+        // Baselines of flows gone from the map (evicted, or removed by hand) are stale.
+        self.baselines.retain(|id, _| present.contains(id));
+        let keep = std::time::Duration::from_nanos(2 * idle + 10_000_000_000);
+        self.blocked.retain(|_, at| at.elapsed() < keep);
+        records.sort_by(|a, b| a.start.cmp(&b.start));
+        (records, ended)
+    }
+}
+
+/// Hostnames of the caged hosts from the DHCP server's leases (dnsmasq's lease file, as
+/// on OpenWrt: `expiry mac ip hostname client-id`). Empty when there is none.
+pub fn dhcp_hostnames(path: &Path) -> HashMap<IpAddr, String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ip = f.get(2)?.parse().ok()?;
+            let name = f.get(3).filter(|n| **n != "*")?;
+            Some((ip, (*name).to_owned()))
+        })
+        .collect()
+}
+
+/// Where dnsmasq keeps its leases on OpenWrt.
+pub const DHCP_LEASES: &str = "/tmp/dhcp.leases";

@@ -198,6 +198,17 @@ pub fn local_user() -> String {
 /// table is not there (never applied, or removed), the whole policy is applied, which
 /// reads the isolation from the state just written.
 async fn enforce(cfg: &Config, on: bool) -> Result<(), KillSwitchError> {
+    // The fast path first: one write to the pinned map, and the eBPF program drops every
+    // frame of the segment at the bridge, before netfilter (and before any flow
+    // offloading that would bypass it).
+    let pin_dir = cfg.pin_dir();
+    if crate::ebpf::is_pinned(&pin_dir) {
+        if let Err(e) = crate::ebpf::Maps::open(&pin_dir).and_then(|mut m| m.set_isolated(on)) {
+            crate::log::warn(&format!(
+                "the eBPF kill-switch flag could not be set ({e}); nftables still acts"
+            ));
+        }
+    }
     match nft::apply(&policy::isolation(cfg, on)) {
         Ok(()) => Ok(()),
         Err(quick) => {

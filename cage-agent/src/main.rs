@@ -179,6 +179,14 @@ fn disable(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         // A running daemon would put the tables back: stop it first.
         status::stop_daemon(&cfg.main.log_dir)?;
     }
+    if let Ok(cfg) = config::load(path) {
+        let bridge = &cfg.segment.bridge;
+        if let Err(errors) = cage_agent::ebpf::detach(bridge, &cfg.pin_dir()) {
+            for e in errors {
+                eprintln!("cage: removing the eBPF program: {e}");
+            }
+        }
+    }
     if nft::remove()? {
         eprintln!("cage: Cage's tables removed; the segment is NOT caged any more");
     } else {

@@ -961,6 +961,7 @@ mod tests {
                 state_dir: "/etc/cage".into(),
                 log_dir: "/tmp/cage".into(),
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
+                bpf_dir: "/sys/fs/bpf/cage".into(),
             },
             segment: Segment {
                 bridge: "br-cage".into(),

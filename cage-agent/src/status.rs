@@ -36,9 +36,35 @@ pub struct Status {
     pub selftest: Option<crate::selftest::Last>,
     /// The flow log's totals and losses.
     pub flow_log: Option<flows::LogStats>,
+    /// The eBPF program: its counters and the kill switch's flag, when it is pinned.
+    pub ebpf: Option<EbpfStatus>,
     /// Denied packets not logged because they were over the kernel's log rate limit.
     pub unlogged: u64,
     pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EbpfStatus {
+    pub pin_dir: String,
+    pub isolated_flag: bool,
+    pub flows_in_map: usize,
+    pub flow_capacity: u32,
+    pub stats: crate::ebpf::Stats,
+}
+
+fn ebpf_status(cfg: &config::Config) -> Result<Option<EbpfStatus>, crate::ebpf::EbpfError> {
+    let dir = cfg.pin_dir();
+    if !crate::ebpf::is_pinned(&dir) {
+        return Ok(None);
+    }
+    let maps = crate::ebpf::Maps::open(&dir)?;
+    Ok(Some(EbpfStatus {
+        pin_dir: dir.display().to_string(),
+        isolated_flag: maps.isolated()?,
+        flows_in_map: maps.flows()?.len(),
+        flow_capacity: maps.flow_capacity()?,
+        stats: maps.stats()?,
+    }))
 }
 
 /// Whether a process with this pid is a running `cage` (a zombie is not running).
@@ -108,6 +134,23 @@ pub async fn gather(config_path: &Path) -> Status {
         Err(_) => (None, vec![]),
     };
     let flow_log = cfg.as_ref().ok().and_then(flows::read_stats);
+    let ebpf = match &cfg {
+        Ok(c) => ebpf_status(c).unwrap_or_else(|e| {
+            problems.push(format!("cannot read the eBPF maps: {e}"));
+            None
+        }),
+        Err(_) => None,
+    };
+    match (&ebpf, &cfg) {
+        (None, Ok(c)) if enforcing => problems.push(format!(
+            "no eBPF program on {}: no flow counting, and the kill switch acts in nftables only",
+            c.segment.bridge
+        )),
+        (Some(e), Ok(c)) if e.isolated_flag != killswitch::load(c).isolated => {
+            problems.push("the eBPF kill-switch flag differs from the kill switch's state".into())
+        }
+        _ => {}
+    }
     let unlogged = nft::named_counter(crate::policy::UNLOGGED_COUNTER)
         .ok()
         .flatten()
@@ -148,6 +191,7 @@ pub async fn gather(config_path: &Path) -> Status {
         audit,
         selftest,
         flow_log,
+        ebpf,
         unlogged,
         problems,
     }
@@ -246,6 +290,18 @@ pub fn render_text(s: &Status) -> String {
         None => {
             let _ = writeln!(o, "flows:   no flow log yet (cage run writes it)");
         }
+    }
+    if let Some(e) = &s.ebpf {
+        let _ = writeln!(
+            o,
+            "ebpf:    {} flows in the map (of {}), {} created, {} not recorded (map full), \
+             kill-switch flag {}",
+            e.flows_in_map,
+            e.flow_capacity,
+            e.stats.flows_created,
+            e.stats.flow_update_failed,
+            if e.isolated_flag { "ON" } else { "off" }
+        );
     }
     if !s.audit.is_empty() {
         let _ = writeln!(o, "audit:   (last {} kill-switch events)", s.audit.len());

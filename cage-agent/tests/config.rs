@@ -24,6 +24,7 @@ fn example_config_parses_to_the_expected_config() {
                 state_dir: "/etc/cage".into(),
                 log_dir: "/tmp/cage".into(),
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
+                bpf_dir: "/sys/fs/bpf/cage".into(),
             },
             segment: Segment {
                 bridge: "br-cage".into(),
@@ -61,6 +62,7 @@ fn empty_config_is_all_defaults() {
                 state_dir: "/etc/cage".into(),
                 log_dir: "/tmp/cage".into(),
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
+                bpf_dir: "/sys/fs/bpf/cage".into(),
             },
             segment: Segment {
                 bridge: "br-cage".into(),

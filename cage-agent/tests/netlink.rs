@@ -141,6 +141,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
             state_dir: "/etc/cage".into(),
             log_dir: "/tmp/cage".into(),
             web_listen: "192.168.8.1:8080".parse::<SocketAddr>().unwrap(),
+            bpf_dir: "/sys/fs/bpf/cage".into(),
         },
         segment: Segment {
             bridge: "br-cage".into(),

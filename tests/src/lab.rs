@@ -332,6 +332,11 @@ pub fn lab_dir(prefix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("cage-lab-{prefix}"))
 }
 
+/// Where the lab's `cage` pins its eBPF maps and links (`cage.main.bpf_dir`).
+pub fn bpf_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/cage-lab-{prefix}"))
+}
+
 /// What a lab with this prefix has left behind: its namespaces (`/run/netns/{prefix}-…`)
 /// and its directory.
 pub fn leftovers(prefix: &str) -> Vec<String> {
@@ -341,9 +346,10 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
         .filter(|name| Path::new(probe::NETNS_RUN_DIR).join(name).exists())
         .map(|name| format!("netns {name}"))
         .collect();
-    let dir = lab_dir(prefix);
-    if dir.exists() {
-        found.push(format!("directory {}", dir.display()));
+    for dir in [lab_dir(prefix), bpf_dir(prefix)] {
+        if dir.exists() {
+            found.push(format!("directory {}", dir.display()));
+        }
     }
     found
 }
@@ -372,10 +378,13 @@ pub fn down(prefix: &str) -> Result<(), LabError> {
             errors.push(e.to_string());
         }
     }
-    let dir = lab_dir(prefix);
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            errors.push(format!("removing {}: {e}", dir.display()));
+    // The lab's directory, and Cage's eBPF pins (bpffs is one for all namespaces, so
+    // each lab's configuration names a pin directory of its own).
+    for dir in [lab_dir(prefix), bpf_dir(prefix)] {
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                errors.push(format!("removing {}: {e}", dir.display()));
+            }
         }
     }
     if errors.is_empty() {
@@ -901,6 +910,7 @@ impl Lab {
              \toption state_dir '{dir}/state'\n\
              \toption log_dir '{dir}/log'\n\
              \toption web_listen '192.168.8.1:8080'\n\
+             \toption bpf_dir '{bpf}'\n\
              \n\
              config segment 'ai'\n\
              \toption bridge 'br-cage'\n\
@@ -916,7 +926,8 @@ impl Lab {
              \n\
              config lan 'lan'\n\
              \tlist device 'br-lan'\n",
-            prefix = self.prefix
+            prefix = self.prefix,
+            bpf = bpf_dir(&self.prefix).display(),
         )
     }
 
@@ -939,12 +950,26 @@ impl Lab {
         if !self.config_path().exists() {
             self.write_config("");
         }
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(Node::Router)])
-            .arg(bin)
+        let mut cmd = self.in_router_netns();
+        cmd.arg(bin)
             .arg("--config")
             .arg(self.config_path())
             .args(args);
+        cmd
+    }
+
+    /// A command line prefix that runs a program in the router's network namespace and
+    /// nothing else: `nsenter --net=…`, not `ip netns exec`, which also gives the program
+    /// a mount namespace with a fresh /sys, hiding the real bpffs at /sys/fs/bpf, so that
+    /// Cage's eBPF pins would land in a private bpffs that dies with the process. On the
+    /// router, `cage` runs in the one namespace there is; this is the lab's equivalent.
+    pub fn in_router_netns(&self) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!(
+            "--net={}/{}",
+            probe::NETNS_RUN_DIR,
+            self.ns(Node::Router)
+        ));
         cmd
     }
 

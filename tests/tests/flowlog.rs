@@ -138,3 +138,259 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
         "the last blocked attempt was lost at shutdown ({status:?}):\n{log}\n{records:#?}"
     );
 }
+
+/// Frames on one interface of a namespace, captured with a packet socket: for each
+/// packet of the flow between `a` and `b` (either way), (from a?, IP length).
+struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: cage_agent::probe::NsThread<Vec<(bool, u32, u8)>>,
+}
+
+impl Capture {
+    fn start(ns: &cage_agent::probe::NetNs, ifname: &'static str, a: IpAddr, b: IpAddr) -> Capture {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns
+            .spawn("capture", move || {
+                // SAFETY: plain socket calls on descriptors this thread owns.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_PACKET,
+                        libc::SOCK_DGRAM,
+                        (libc::ETH_P_ALL as u16).to_be() as i32,
+                    )
+                };
+                assert!(fd >= 0, "packet socket");
+                let name = std::ffi::CString::new(ifname).unwrap();
+                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                sll.sll_ifindex = index as i32;
+                let rc = unsafe {
+                    libc::bind(
+                        fd,
+                        &sll as *const _ as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                assert_eq!(rc, 0, "bind packet socket");
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        &tv as *const _ as *const libc::c_void,
+                        std::mem::size_of::<libc::timeval>() as u32,
+                    )
+                };
+                ready_tx.send(()).unwrap();
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 65536];
+                let start = Instant::now();
+                while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut _, buf.len(), 0) };
+                    if n <= 0 {
+                        continue;
+                    }
+                    let p = &buf[..n as usize];
+                    let (src, dst, len, proto): (IpAddr, IpAddr, u32, u8) = match p[0] >> 4 {
+                        4 if p.len() >= 20 => (
+                            std::net::Ipv4Addr::new(p[12], p[13], p[14], p[15]).into(),
+                            std::net::Ipv4Addr::new(p[16], p[17], p[18], p[19]).into(),
+                            u32::from(u16::from_be_bytes([p[2], p[3]])),
+                            p[9],
+                        ),
+                        6 if p.len() >= 40 => (
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[8..24]).unwrap())
+                                .into(),
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[24..40]).unwrap())
+                                .into(),
+                            40 + u32::from(u16::from_be_bytes([p[4], p[5]])),
+                            p[6],
+                        ),
+                        _ => continue,
+                    };
+                    if (src, dst) == (a, b) || (src, dst) == (b, a) {
+                        seen.push((src == a, len, proto));
+                    }
+                }
+                unsafe { libc::close(fd) };
+                Ok(seen)
+            })
+            .expect("capture thread");
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture ready");
+        Capture { stop, thread }
+    }
+
+    fn finish(self) -> Vec<(bool, u32, u8)> {
+        std::thread::sleep(Duration::from_millis(200));
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("capture")
+    }
+}
+
+fn totals(frames: &[(bool, u32, u8)], proto: u8) -> (u64, u64, u64, u64) {
+    let mut t = (0, 0, 0, 0);
+    for &(out, len, p) in frames.iter().filter(|f| f.2 == proto) {
+        let _ = p;
+        if out {
+            t.0 += 1;
+            t.1 += u64::from(len);
+        } else {
+            t.2 += 1;
+            t.3 += u64::from(len);
+        }
+    }
+    t
+}
+
+#[test]
+fn allowed_flows_are_counted_exactly() {
+    use cage_agent::probe::{Servers, Service};
+    use cage_tests::lab::{AI1_6, PUBLIC4, PUBLIC6};
+    use std::io::{Read, Write};
+
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let path = lab.write_config(contract::CONFIG_EXTRA);
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n";
+    std::fs::write(&path, text).unwrap();
+    let run = lab.spawn_cage_run();
+    let start = Instant::now();
+    while !run.log().contains("policy applied") {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        run.log().contains("attached the flow counter"),
+        "{}",
+        run.log()
+    );
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(7000), Service::tcp(7001)],
+        Duration::from_secs(60),
+    )
+    .expect("servers");
+
+    let ai1 = lab.netns(Node::Ai1);
+    // UDP over IPv4: 5 datagrams of 100 bytes, each echoed: 128 L3 bytes each way each.
+    let udp_port = ai1
+        .run("udp", || {
+            let s = std::net::UdpSocket::bind((AI1_4, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            for i in 0..5u8 {
+                s.send_to(&[i; 100], (PUBLIC4, 7000)).unwrap();
+                let mut b = [0u8; 200];
+                let (n, _) = s.recv_from(&mut b).unwrap();
+                assert_eq!(n, 100);
+            }
+            Ok(s.local_addr().unwrap().port())
+        })
+        .expect("udp");
+    // UDP over IPv6: 3 datagrams of 1000 bytes: 40 + 8 + 1000 each way each.
+    let udp6_port = ai1
+        .run("udp6", || {
+            let s = std::net::UdpSocket::bind((AI1_6, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            for i in 0..3u8 {
+                s.send_to(&[i; 1000], (PUBLIC6, 7000)).unwrap();
+                let mut b = [0u8; 2000];
+                let (n, _) = s.recv_from(&mut b).unwrap();
+                assert_eq!(n, 1000);
+            }
+            Ok(s.local_addr().unwrap().port())
+        })
+        .expect("udp6");
+    // TCP over IPv4: what goes over the wire is measured by a capture on ai1's eth0.
+    let cap = Capture::start(&ai1, "eth0", AI1_4, PUBLIC4);
+    let tcp_port = ai1
+        .run("tcp", || {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.bind(&std::net::SocketAddr::new(AI1_4, 0).into())
+                .unwrap();
+            sock.connect(&std::net::SocketAddr::new(PUBLIC4, 7001).into())
+                .unwrap();
+            let mut s: std::net::TcpStream = sock.into();
+            // One small write (the echo server answers the first and closes), so that
+            // every packet on the wire is one the capture sees as such: a large write
+            // leaves as one GSO packet that is split later.
+            s.write_all(&[7u8; 500]).unwrap();
+            let mut back = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = s.read_to_end(&mut back);
+            Ok(s.local_addr().unwrap().port())
+        })
+        .expect("tcp");
+    let tcp_frames = cap.finish();
+    let tcp_expected = totals(&tcp_frames, 6);
+    assert!(tcp_expected.0 >= 3, "capture saw {tcp_frames:?}");
+
+    // Idle after 2 s, written at the next flush (5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let allowed = loop {
+        let out = lab.cage(&["flows", "--json", "-n", "0", "--verdict", "allowed"]);
+        let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let have = |port: u16| recs.iter().any(|r| r["host_port"] == port);
+        if (have(udp_port) && have(udp6_port) && have(tcp_port)) || Instant::now() > deadline {
+            break recs;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let one = |port: u16, proto: &str| -> &serde_json::Value {
+        let m: Vec<_> = allowed
+            .iter()
+            .filter(|r| r["host_port"] == port && r["proto"] == proto)
+            .collect();
+        assert_eq!(m.len(), 1, "records for {proto} port {port}: {allowed:#?}");
+        m[0]
+    };
+    let counts = |r: &serde_json::Value| {
+        (
+            r["packets_out"].as_u64().unwrap(),
+            r["bytes_out"].as_u64().unwrap(),
+            r["packets_in"].as_u64().unwrap(),
+            r["bytes_in"].as_u64().unwrap(),
+        )
+    };
+    let u = one(udp_port, "udp");
+    assert_eq!(u["host"], AI1_4.to_string());
+    assert_eq!(u["peer"], PUBLIC4.to_string());
+    assert_eq!(u["peer_port"], 7000);
+    assert_eq!(u["mac"], AI1_MAC);
+    assert_eq!(counts(u), (5, 5 * 128, 5, 5 * 128), "{u}");
+    let u6 = one(udp6_port, "udp");
+    assert_eq!(u6["peer"], PUBLIC6.to_string());
+    assert_eq!(counts(u6), (3, 3 * 1048, 3, 3 * 1048), "{u6}");
+    let t = one(tcp_port, "tcp");
+    assert_eq!(t["peer_port"], 7001);
+    assert_eq!(counts(t), tcp_expected, "{t} vs the capture {tcp_frames:?}");
+    println!(
+        "allowed records: udp {:?}, udp6 {:?}, tcp {:?} (capture {:?})",
+        counts(u),
+        counts(u6),
+        counts(t),
+        tcp_expected
+    );
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["flow_log"]["ebpf_evicted"], 0, "{v:#}");
+    assert_eq!(v["flow_log"]["ebpf_update_failed"], 0, "{v:#}");
+}

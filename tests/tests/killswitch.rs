@@ -75,6 +75,8 @@ fn assert_isolated(lab: &Lab, when: &str) {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(v["isolation"]["isolated"], true, "{when}: {v:#}");
     assert_eq!(v["kernel_isolated"], true, "{when}: {v:#}");
+    // The fast path too: the eBPF program's flag.
+    assert_eq!(v["ebpf"]["isolated_flag"], true, "{when}: {v:#}");
 }
 
 fn assert_open(lab: &Lab, when: &str) {
@@ -380,8 +382,9 @@ fn the_hardware_button_isolates_through_the_hotplug_script() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt/files/etc/hotplug.d/button/50-cage");
     let hotplug = |button: &str, action: &str| {
         // As procd runs it: sh, with BUTTON and ACTION in the environment.
-        let out = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(Node::Router), "sh"])
+        let out = lab
+            .in_router_netns()
+            .arg("sh")
             .arg(&script)
             .env("BUTTON", button)
             .env("ACTION", action)
@@ -534,4 +537,57 @@ fn auto_isolation_fires_on_an_upload_burst() {
         .unwrap_or_default()
         .to_owned();
     assert!(reason.contains("bytes sent to the internet"), "{reason}");
+}
+
+#[test]
+fn the_ebpf_flag_alone_isolates_and_nftables_alone_isolates() {
+    let lab = lab_up("");
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(53)],
+        Duration::from_secs(60),
+    )
+    .expect("servers");
+    cage_ok(&lab, &["apply"]);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    assert_open(&lab, "before");
+    cage_ok(&lab, &["isolate", "--reason", "layers"]);
+
+    // Without Cage's nftables tables, the eBPF program's flag still cuts the segment off.
+    for family in ["inet", "bridge"] {
+        let st = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(Node::Router),
+                "nft",
+                "delete",
+                "table",
+                family,
+                "cage",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    assert_eq!(
+        internet_answers(&lab),
+        (false, false),
+        "the eBPF flag alone did not isolate"
+    );
+
+    // And with the flag cleared by hand but the policy back, nftables alone does.
+    cage_ok(&lab, &["apply"]);
+    let pins = lab::bpf_dir(lab.prefix()).join("br-cage");
+    let mut maps = cage_agent::ebpf::Maps::open(&pins).expect("maps");
+    maps.set_isolated(false).expect("flag");
+    assert_eq!(
+        internet_answers(&lab),
+        (false, false),
+        "nftables alone did not isolate"
+    );
+
+    cage_ok(&lab, &["release"]);
+    assert_open(&lab, "after release");
 }

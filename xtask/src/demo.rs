@@ -66,7 +66,7 @@ pub fn up() -> Result<()> {
          \x20 ip netns exec {ai1} ping -c1 -W1 192.168.10.12   # the other caged host: denied at layer 2\n\
          \x20 ip netns exec {lan} ping -c1 -I 192.168.8.20 192.168.10.11   # admin host: allowed\n\
          \x20 ip netns exec {router} nft list table inet cage   # Cage's policy\n\
-         \x20 ip netns exec {router} {cage} --config {cfg} status\n\
+         \x20 nsenter --net=/run/netns/{router} {cage} --config {cfg} status\n\
          \x20 kill -HUP $(ip netns pids {router})               # reload (a bad config is refused)\n\
          \x20 tail -f {log}                                      # cage run's log\n\
          \x20 cargo xtask lab down                              # remove the lab\n",

@@ -121,6 +121,15 @@ fn leftovers() -> Vec<String> {
             }
         }
     }
+    // What `cage` pinned in the labs (`cage_tests::lab::bpf_dir`).
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("cage-lab-cgt-") {
+                found.push(format!("bpffs /sys/fs/bpf/{name}"));
+            }
+        }
+    }
     // What the eBPF tests pin (bpffs is global, not per namespace).
     if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf/cage-test") {
         for e in dir.flatten() {

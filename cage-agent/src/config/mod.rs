@@ -41,6 +41,16 @@ pub struct Main {
     pub log_dir: PathBuf,
     /// Where the LAN web page listens (used by the web UI). Default `192.168.8.1:8080`.
     pub web_listen: SocketAddr,
+    /// Where the eBPF program's maps and links are pinned (a bpffs), one directory per
+    /// bridge below it. Default `/sys/fs/bpf/cage`.
+    pub bpf_dir: PathBuf,
+}
+
+impl Config {
+    /// The eBPF pin directory of the segment's bridge.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.main.bpf_dir.join(&self.segment.bridge)
+    }
 }
 
 /// `config segment 'ai'`: the AI segment, the cage itself.
@@ -116,6 +126,18 @@ pub struct FlowLog {
     pub log_max_bytes: u64,
     /// Rotated files kept (on RAM by default, in `<log_dir>/flows`). Default 4.
     pub log_files: u32,
+    /// How the eBPF program is attached to the bridge. Default `auto`.
+    pub attach: Attach,
+}
+
+/// `flowlog.attach`: TCX where the kernel has it (6.6+), clsact through netlink
+/// otherwise; either can be forced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    Auto,
+    Tcx,
+    Netlink,
 }
 
 impl Default for FlowLog {
@@ -126,6 +148,7 @@ impl Default for FlowLog {
             active_timeout: 300,
             log_max_bytes: 4 << 20,
             log_files: 4,
+            attach: Attach::Auto,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
-use super::{Config, FlowLog, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
+use super::{Attach, Config, FlowLog, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
 
 /// One problem in a configuration, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +91,7 @@ const CAGE: SectionType = SectionType {
         ("state_dir", Arity::One),
         ("log_dir", Arity::One),
         ("web_listen", Arity::One),
+        ("bpf_dir", Arity::One),
     ],
 };
 const SEGMENT: SectionType = SectionType {
@@ -139,12 +140,14 @@ const FLOWLOG: SectionType = SectionType {
         ("active_timeout", Arity::One),
         ("log_max_bytes", Arity::One),
         ("log_files", Arity::One),
+        ("attach", Arity::One),
     ],
 };
 const TYPES: [&SectionType; 6] = [&CAGE, &SEGMENT, &LAN, &WAN, &KILLSWITCH, &FLOWLOG];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
 const DEFAULT_LOG_DIR: &str = "/tmp/cage";
+const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/cage";
 const DEFAULT_WEB_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 8, 1)), 8080);
 const DEFAULT_BRIDGE: &str = "br-cage";
@@ -171,6 +174,9 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         absolute_path(s, DEFAULT_LOG_DIR)
     });
     let web_listen = v.one(&cage, "web_listen", DEFAULT_WEB_LISTEN, web_listen);
+    let bpf_dir = v.one(&cage, "bpf_dir", PathBuf::from(DEFAULT_BPF_DIR), |s| {
+        absolute_path(s, DEFAULT_BPF_DIR)
+    });
 
     let bridge = v.one(&segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
         interface(s, "br-cage")
@@ -265,6 +271,16 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         u64::from(d.log_files),
         in_range(1, 100, 4),
     );
+
+    let attach = v.one(&flowlog, "attach", Attach::Auto, |s| match s {
+        "auto" => Ok(Attach::Auto),
+        "tcx" => Ok(Attach::Tcx),
+        "netlink" => Ok(Attach::Netlink),
+        _ => Err(format!(
+            "'{}' is not an attach mode; give auto (the default), tcx or netlink",
+            printable(s)
+        )),
+    });
 
     // Cross-checks, between options that are each valid on their own.
     let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
@@ -395,6 +411,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             state_dir: state_dir.value,
             log_dir: log_dir.value,
             web_listen: web_listen.value,
+            bpf_dir: bpf_dir.value,
         },
         segment: Segment {
             bridge: bridge.value,
@@ -430,6 +447,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             active_timeout: active_timeout.value as u32,
             log_max_bytes: log_max_bytes.value,
             log_files: log_files.value as u32,
+            attach: attach.value,
         },
     })
 }
