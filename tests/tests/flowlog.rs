@@ -394,3 +394,149 @@ fn allowed_flows_are_counted_exactly() {
     assert_eq!(v["flow_log"]["ebpf_evicted"], 0, "{v:#}");
     assert_eq!(v["flow_log"]["ebpf_update_failed"], 0, "{v:#}");
 }
+
+/// Start `cage run` and wait for its policy.
+fn start_run(lab: &Lab) -> lab::CageRun {
+    let run = lab.spawn_cage_run();
+    let start = Instant::now();
+    while !run.log().contains("policy applied") {
+        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run
+}
+
+#[test]
+fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
+    use cage_agent::probe::{Servers, Service};
+    use cage_tests::lab::PUBLIC4;
+
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let path = lab.write_config(contract::CONFIG_EXTRA);
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n\toption active_timeout '10'\n";
+    std::fs::write(&path, text).unwrap();
+    let mut run = start_run(&lab);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(7000)],
+        Duration::from_secs(120),
+    )
+    .expect("servers");
+
+    // One long flow (a datagram every 50 ms for 16 s: longer than the active timeout)
+    // and short flows now and then, each from a port of its own.
+    let ai1 = lab.netns(Node::Ai1);
+    let long = ai1
+        .spawn("long flow", || {
+            let s = std::net::UdpSocket::bind((AI1_4, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let (mut sent, mut echoed) = (0u64, 0u64);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(16) {
+                s.send_to(&[1u8; 100], (PUBLIC4, 7000)).unwrap();
+                sent += 1;
+                let mut b = [0u8; 200];
+                if s.recv_from(&mut b).is_ok() {
+                    echoed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok((s.local_addr().unwrap().port(), sent, echoed))
+        })
+        .expect("long flow");
+    let short_flow = |n: u8| {
+        ai1.run("short flow", move || {
+            let s = std::net::UdpSocket::bind((AI1_4, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut echoed = 0u64;
+            for _ in 0..n {
+                s.send_to(&[2u8; 100], (PUBLIC4, 7000)).unwrap();
+                let mut b = [0u8; 200];
+                if s.recv_from(&mut b).is_ok() {
+                    echoed += 1;
+                }
+            }
+            Ok((s.local_addr().unwrap().port(), u64::from(n), echoed))
+        })
+        .expect("short flow")
+    };
+
+    let mut shorts = vec![short_flow(3)];
+    std::thread::sleep(Duration::from_secs(3));
+    shorts.push(short_flow(4));
+    // A clean restart.
+    let _ = run.stop();
+    run = start_run(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    shorts.push(short_flow(5));
+    // The active timeout (10 s) writes the long flow's first part; then a crash.
+    std::thread::sleep(Duration::from_secs(6));
+    shorts.push(short_flow(6));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
+    let _ = run.stop();
+    run = start_run(&lab);
+    let (long_port, long_sent, long_echoed) = long.join().expect("long flow");
+    shorts.push(short_flow(2));
+
+    // Everything idle after 2 s, written at the next flush (5 s).
+    let want = |port: u16| -> Vec<serde_json::Value> {
+        let out = lab.cage(&["flows", "--json", "-n", "0", "--verdict", "allowed"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["host_port"] == port && r["proto"] == "udp")
+            .collect()
+    };
+    let sum = |recs: &[serde_json::Value], field: &str| -> u64 {
+        recs.iter().map(|r| r[field].as_u64().unwrap_or(0)).sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = sum(&want(long_port), "packets_out") >= long_sent
+            && shorts.iter().all(|&(p, _, _)| !want(p).is_empty());
+        if done || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(run);
+
+    let long_recs = want(long_port);
+    assert!(
+        long_recs.len() >= 2,
+        "the long flow should have an active-timeout record and a final one: {long_recs:#?}"
+    );
+    assert_eq!(
+        (sum(&long_recs, "packets_out"), sum(&long_recs, "bytes_out")),
+        (long_sent, long_sent * 128),
+        "long flow out, over {} records: {long_recs:#?}",
+        long_recs.len()
+    );
+    assert_eq!(
+        (sum(&long_recs, "packets_in"), sum(&long_recs, "bytes_in")),
+        (long_echoed, long_echoed * 128),
+        "long flow in: {long_recs:#?}"
+    );
+    for (port, sent, echoed) in &shorts {
+        let recs = want(*port);
+        assert_eq!(recs.len(), 1, "short flow from port {port}: {recs:#?}");
+        assert_eq!(
+            (sum(&recs, "packets_out"), sum(&recs, "packets_in")),
+            (*sent, *echoed),
+            "short flow from port {port}: {recs:#?}"
+        );
+    }
+    println!(
+        "long flow: {long_sent} out / {long_echoed} in over {} records; {} short flows once each",
+        long_recs.len(),
+        shorts.len()
+    );
+}
