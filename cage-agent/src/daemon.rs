@@ -389,6 +389,10 @@ impl Collector {
             });
         let mut ended = Vec::new();
         let mut in_map = 0;
+        // The counters before the walk over the map: a flow created in between is then
+        // in the walk but not yet counted, so the eviction estimate below can only err
+        // low while traffic flows, and is exact once it stops.
+        let before = maps.as_ref().and_then(|m| m.stats().ok());
         if let Some(m) = &maps {
             match m.flows() {
                 Ok(flows) => {
@@ -428,7 +432,7 @@ impl Collector {
                     Err(e) => log::error(&format!("flow log: cannot remove a flow: {e}")),
                 }
             }
-            if let Ok(s) = m.stats() {
+            if let Some(s) = before {
                 // Every flow the program created was written (and removed), is still in
                 // the map, or was evicted by the map before it could be written.
                 let evicted = s
