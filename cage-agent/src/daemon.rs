@@ -115,6 +115,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     auto_tick.tick().await;
     let mut auto = AutoWatch::default();
     let mut collector = Collector::start(&d.current.config);
+    // Self-tests the daemon runs (config `selftest`): on a schedule, and after a change
+    // of the applied policy. One at a time, on a blocking thread.
+    let mut selftest_timer = tokio::time::interval(Duration::from_secs(
+        60 * u64::from(d.current.config.selftest.interval_minutes.max(1)),
+    ));
+    selftest_timer.tick().await;
+    let mut selftest_task: Option<tokio::task::JoinHandle<()>> = None;
+    // The first apply counts as a change.
+    let mut applies_seen = 0;
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
 
@@ -152,7 +161,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     auto.reset();
                 }
             }
-            _ = drain_tick.tick() => collector.drain(&d.current.config),
+            _ = selftest_timer.tick() => {
+                if d.current.config.selftest.interval_minutes > 0 {
+                    start_selftest(&mut selftest_task, &d.current.config, "scheduled");
+                }
+            }
+            _ = drain_tick.tick() => {
+                collector.drain(&d.current.config);
+                if d.state.applies != applies_seen {
+                    applies_seen = d.state.applies;
+                    if d.current.config.selftest.after_change && d.state.last_error.is_none() {
+                        start_selftest(&mut selftest_task, &d.current.config, "after a policy change");
+                    }
+                }
+            }
             _ = flush_tick.tick() => collector.flush(&d.current.config),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -464,4 +486,28 @@ impl Collector {
             }
         }
     }
+}
+
+/// Run `cage selftest` on a blocking thread unless one is running; its result goes to
+/// `<log_dir>/selftest.json` (what `cage status` shows), and a failure is an alert in
+/// the log.
+fn start_selftest(task: &mut Option<tokio::task::JoinHandle<()>>, cfg: &Config, why: &str) {
+    if task.as_ref().is_some_and(|t| !t.is_finished()) {
+        return;
+    }
+    let cfg = cfg.clone();
+    let why = why.to_owned();
+    *task = Some(tokio::task::spawn_blocking(move || {
+        let targets = cfg
+            .selftest
+            .targets
+            .iter()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        match crate::selftest::run_and_store(&cfg, &crate::selftest::Options { targets }) {
+            Ok(r) if r.ok => log::info(&format!("self-test ({why}): {}", r.verdict)),
+            Ok(r) => log::error(&format!("ALERT: self-test ({why}): {}", r.verdict)),
+            Err(e) => log::error(&format!("ALERT: self-test ({why}) could not run: {e}")),
+        }
+    }));
 }

@@ -982,6 +982,7 @@ mod tests {
             },
             killswitch: Default::default(),
             flowlog: Default::default(),
+            selftest: Default::default(),
         }
     }
 

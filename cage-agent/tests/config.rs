@@ -48,6 +48,7 @@ fn example_config_parses_to_the_expected_config() {
                 ..KillSwitch::default()
             },
             flowlog: Default::default(),
+            selftest: Default::default(),
         }
     );
 }
@@ -83,6 +84,7 @@ fn empty_config_is_all_defaults() {
             },
             killswitch: KillSwitch::default(),
             flowlog: Default::default(),
+            selftest: Default::default(),
         }
     );
 }

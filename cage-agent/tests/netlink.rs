@@ -162,6 +162,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
         },
         killswitch: Default::default(),
         flowlog: Default::default(),
+        selftest: Default::default(),
     }
 }
 

@@ -394,3 +394,48 @@ fn does_not_trip_automatic_isolation() {
     assert!(status.contains("switch:  off"), "{status}\n{}", run.log());
     assert_clean(&lab, &before);
 }
+
+/// `cage run` proves the cage by itself after every policy change when told to
+/// (`selftest.after_change`), and the result reaches `cage status`.
+#[test]
+fn cage_run_self_tests_after_every_policy_change() {
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let config = format!(
+        "{}\nconfig selftest 'selftest'\n\toption after_change '1'\n\tlist target '203.0.113.10'\n",
+        contract::CONFIG_EXTRA
+    );
+    let path = lab.write_config(&config);
+    let run = lab.spawn_cage_run();
+    let wait_for = |what: &str, n: usize| {
+        let start = Instant::now();
+        while run
+            .log()
+            .matches("self-test (after a policy change): all")
+            .count()
+            < n
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(40),
+                "no {what} self-test:\n{}",
+                run.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for("first", 1);
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["selftest"]["ok"], true, "{v:#}");
+
+    // A change: the daemon re-applies on SIGHUP and proves the new policy.
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "list admin_host '192.168.8.20'",
+        "list admin_host '192.168.8.21'",
+    );
+    std::fs::write(&path, text).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(run.pid() as i32, libc::SIGHUP) };
+    wait_for("second", 2);
+}

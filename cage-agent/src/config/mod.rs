@@ -30,6 +30,19 @@ pub struct Config {
     pub wan: Wan,
     pub killswitch: KillSwitch,
     pub flowlog: FlowLog,
+    pub selftest: SelfTest,
+}
+
+/// `config selftest 'selftest'`: when `cage run` proves the cage by itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SelfTest {
+    /// Run `cage selftest` every this many minutes; 0 (default) never.
+    pub interval_minutes: u32,
+    /// Run it after every change of the applied policy. Off by default.
+    pub after_change: bool,
+    /// Internet destinations that must be reachable (`ADDR` pinged, `ADDR:PORT`
+    /// connected to), as `cage selftest --target` takes them.
+    pub targets: Vec<String>,
 }
 
 /// `config cage 'main'`: where Cage keeps its own files and listens.

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
-use super::{Attach, Config, FlowLog, KillSwitch, Lan, Main, Segment, Wan, WanDevices};
+use super::{Attach, Config, FlowLog, KillSwitch, Lan, Main, Segment, SelfTest, Wan, WanDevices};
 
 /// One problem in a configuration, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +143,24 @@ const FLOWLOG: SectionType = SectionType {
         ("attach", Arity::One),
     ],
 };
-const TYPES: [&SectionType; 6] = [&CAGE, &SEGMENT, &LAN, &WAN, &KILLSWITCH, &FLOWLOG];
+const SELFTEST: SectionType = SectionType {
+    kind: "selftest",
+    usual_name: "selftest",
+    options: &[
+        ("interval", Arity::One),
+        ("after_change", Arity::One),
+        ("target", Arity::Many),
+    ],
+};
+const TYPES: [&SectionType; 7] = [
+    &CAGE,
+    &SEGMENT,
+    &LAN,
+    &WAN,
+    &KILLSWITCH,
+    &FLOWLOG,
+    &SELFTEST,
+];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
 const DEFAULT_LOG_DIR: &str = "/tmp/cage";
@@ -164,7 +181,7 @@ fn default_address() -> Ipv4Net {
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let mut v = Validator::default();
     let sections = v.sections(raw);
-    let [cage, segment, lan, wan, killswitch, flowlog] = sections;
+    let [cage, segment, lan, wan, killswitch, flowlog, selftest] = sections;
 
     // Section by section: every option parsed into its type on its own.
     let state_dir = v.one(&cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
@@ -280,6 +297,22 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             "'{}' is not an attach mode; give auto (the default), tcx or netlink",
             printable(s)
         )),
+    });
+
+    let st_interval = v.one(&selftest, "interval", 0, |s| {
+        count(s, 10080, "60 (0: never)")
+    });
+    let st_after = v.one(&selftest, "after_change", false, boolean);
+    let st_targets = v.many(&selftest, "target", |s| {
+        if s.parse::<SocketAddr>().is_ok() || s.parse::<IpAddr>().is_ok() {
+            Ok(s.to_owned())
+        } else {
+            Err(format!(
+                "'{}' is not an address to ping or an address:port to connect to; \
+                 e.g. 203.0.113.10 or 203.0.113.10:443",
+                printable(s)
+            ))
+        }
     });
 
     // Cross-checks, between options that are each valid on their own.
@@ -449,6 +482,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             log_files: log_files.value as u32,
             attach: attach.value,
         },
+        selftest: SelfTest {
+            interval_minutes: st_interval.value as u32,
+            after_change: st_after.value,
+            targets: st_targets.into_iter().map(|t| t.value).collect(),
+        },
     })
 }
 
@@ -518,8 +556,8 @@ impl Validator {
     /// Sort the sections by type, one of each, and the options of each by name, with
     /// every structural problem reported: unknown types, a type given twice, names used
     /// twice, unknown options, `list` for a single-valued option, an option set twice.
-    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 6] {
-        let mut found: [Option<Section<'a>>; 6] = [None, None, None, None, None, None];
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 7] {
+        let mut found: [Option<Section<'a>>; 7] = Default::default();
         let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
         let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
 
