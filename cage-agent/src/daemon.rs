@@ -85,11 +85,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     for a in apply::enforce(&current).await? {
         log::info(&a);
     }
-    log::info(&format!(
-        "policy applied from {} (WAN: {})",
-        config_path.display(),
-        wan_list(&current)
-    ));
     let mut d = Daemon {
         state: DaemonState {
             pid: std::process::id(),
@@ -105,6 +100,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         segment_error: None,
     };
     save(&d.state, &d.current.config.main.log_dir);
+    // Said once the state file is there, so whoever reads the log and then looks for the
+    // daemon (`cage disable`, `cage status`) finds it.
+    log::info(&format!(
+        "policy applied from {} (WAN: {})",
+        config_path.display(),
+        wan_list(&d.current)
+    ));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
