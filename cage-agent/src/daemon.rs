@@ -20,7 +20,7 @@ use ipnet::IpNet;
 
 use crate::apply::{self, ApplyError, Checked};
 use crate::config::Config;
-use crate::flows::{self, Blocked, FlowLog, Sweeper};
+use crate::flows::{self, Blocked, FlowLog, Persister, Sweeper};
 use crate::killswitch::{self, AutoWatch, Source};
 use crate::log;
 use crate::nflog::{self, Denied, NflogCounts, NflogStats};
@@ -186,6 +186,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     tokio::time::sleep(nflog::FLUSH_TIMEOUT * 2).await;
     collector.drain(&d.current.config);
     collector.flush(&d.current.config);
+    collector.persist(&d.current.config, true);
     collector.stop();
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
     Ok(())
@@ -324,6 +325,9 @@ struct Collector {
     /// Denied packets the blocked-flow table had no room for.
     table_full: u64,
     sweeper: Sweeper,
+    /// The batched copy to `flowlog.persist_dir`, and when it was last written.
+    persister: Option<Persister>,
+    persisted_at: std::time::Instant,
 }
 
 impl Collector {
@@ -363,6 +367,17 @@ impl Collector {
             blocked: Blocked::default(),
             table_full: 0,
             sweeper: Sweeper::load(&flows::dir(cfg)),
+            persister: cfg.flowlog.persist_dir.as_ref().and_then(|dir| {
+                Persister::open(dir, cfg)
+                    .map_err(|e| {
+                        log::error(&format!(
+                            "the flow log is not copied to {}: {e}",
+                            dir.display()
+                        ))
+                    })
+                    .ok()
+            }),
+            persisted_at: std::time::Instant::now(),
         }
     }
 
@@ -446,6 +461,9 @@ impl Collector {
             log::error(&format!("flow log: cannot write: {e}"));
             return;
         }
+        if let Some(p) = &mut self.persister {
+            p.add(&records);
+        }
         if let Err(e) = self.sweeper.save(&flows::dir(cfg)) {
             log::error(&format!("flow log: cannot save its progress: {e}"));
         }
@@ -474,6 +492,36 @@ impl Collector {
             }
             let _ = log.save_stats();
         }
+        self.persist(cfg, false);
+    }
+
+    /// Copy to the persistent directory when its interval has passed (or `now`).
+    fn persist(&mut self, cfg: &Config, now: bool) {
+        let (Some(p), Some(log)) = (&mut self.persister, &mut self.log) else {
+            return;
+        };
+        let every = Duration::from_secs(60 * u64::from(cfg.flowlog.persist_interval));
+        if !now && self.persisted_at.elapsed() < every {
+            return;
+        }
+        self.persisted_at = std::time::Instant::now();
+        let before = log.stats.persist_over_budget;
+        match p.flush(
+            std::time::SystemTime::now(),
+            &mut log.stats.persist_over_budget,
+        ) {
+            Ok(_) => {
+                let over = log.stats.persist_over_budget - before;
+                if over > 0 {
+                    log::warn(&format!(
+                        "flow log: {over} records not copied to flash: today's write \
+                         budget (flowlog.persist_budget) is spent"
+                    ));
+                }
+            }
+            Err(e) => log::error(&format!("flow log: cannot copy to flash: {e}")),
+        }
+        let _ = log.save_stats();
     }
 
     fn stop(&mut self) {

@@ -108,6 +108,10 @@ pub struct LogStats {
     pub ebpf_evicted: u64,
     #[serde(default)]
     pub ebpf_update_failed: u64,
+    /// Records not copied to the persistent directory because the day's write budget
+    /// was spent.
+    #[serde(default)]
+    pub persist_over_budget: u64,
 }
 
 pub fn dir(cfg: &Config) -> PathBuf {
@@ -141,7 +145,11 @@ pub struct FlowLog {
 
 impl FlowLog {
     pub fn open(cfg: &Config) -> io::Result<FlowLog> {
-        let dir = dir(cfg);
+        Self::open_at(dir(cfg), cfg.flowlog.log_max_bytes, cfg.flowlog.log_files)
+    }
+
+    /// A log in `dir`, rotated at `max_bytes`, `keep` old files kept.
+    pub fn open_at(dir: PathBuf, max_bytes: u64, keep: u32) -> io::Result<FlowLog> {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("flows.jsonl");
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -153,8 +161,8 @@ impl FlowLog {
             .unwrap_or_default();
         Ok(FlowLog {
             dir,
-            max_bytes: cfg.flowlog.log_max_bytes,
-            keep: cfg.flowlog.log_files,
+            max_bytes,
+            keep,
             file,
             size,
             lines,
@@ -681,3 +689,147 @@ pub fn dhcp_hostnames(path: &Path) -> HashMap<IpAddr, String> {
 
 /// Where dnsmasq keeps its leases on OpenWrt.
 pub const DHCP_LEASES: &str = "/tmp/dhcp.leases";
+
+// ---- the persistent copy ----------------------------------------------------------------
+
+/// Copies the flow log to a persistent directory (flash) in batches, at most
+/// `flowlog.persist_budget` bytes a day: few, large writes wear flash least. Records the
+/// budget has no room for are counted, not silently dropped.
+pub struct Persister {
+    log: FlowLog,
+    pending: Vec<FlowRecord>,
+    budget: u64,
+    /// (day since the epoch, bytes written that day), kept in `budget.json`.
+    spent: (u64, u64),
+}
+
+fn day(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0)
+}
+
+impl Persister {
+    pub fn open(dir: &Path, cfg: &Config) -> io::Result<Persister> {
+        let log = FlowLog::open_at(
+            dir.to_path_buf(),
+            cfg.flowlog.log_max_bytes,
+            cfg.flowlog.log_files,
+        )?;
+        let spent = std::fs::read(dir.join("budget.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or((0, 0));
+        Ok(Persister {
+            log,
+            pending: Vec::new(),
+            budget: cfg.flowlog.persist_budget,
+            spent,
+        })
+    }
+
+    /// Keep records for the next batch.
+    pub fn add(&mut self, records: &[FlowRecord]) {
+        self.pending.extend_from_slice(records);
+    }
+
+    /// Write the pending records in one batch, as many as today's budget allows; the rest
+    /// are counted in `over_budget`. Returns how many were written.
+    pub fn flush(&mut self, now: SystemTime, over_budget: &mut u64) -> io::Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let today = day(now);
+        if self.spent.0 != today {
+            self.spent = (today, 0);
+        }
+        let mut room = self.budget.saturating_sub(self.spent.1);
+        let mut take = 0;
+        for r in &self.pending {
+            let len = serde_json::to_vec(r).map_err(io::Error::other)?.len() as u64 + 1;
+            if len > room {
+                break;
+            }
+            room -= len;
+            take += 1;
+        }
+        let batch: Vec<FlowRecord> = self.pending.drain(..take).collect();
+        *over_budget += self.pending.len() as u64;
+        self.pending.clear();
+        let before = self.log.size;
+        self.log.write(&batch)?;
+        self.log.file.sync_data()?;
+        self.spent.1 += self
+            .log
+            .size
+            .saturating_sub(before)
+            .max(if batch.is_empty() { 0 } else { 1 });
+        let dir = self.log.dir.clone();
+        std::fs::write(
+            dir.join("budget.json"),
+            serde_json::to_vec(&self.spent).map_err(io::Error::other)?,
+        )?;
+        Ok(batch.len())
+    }
+}
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(i: u16) -> FlowRecord {
+        FlowRecord {
+            start: "2026-11-25T08:00:00.000Z".into(),
+            end: "2026-11-25T08:00:01.000Z".into(),
+            verdict: "allowed".into(),
+            rule: None,
+            proto: "udp".into(),
+            host: "192.168.10.11".parse().unwrap(),
+            host_port: Some(i),
+            mac: None,
+            peer: "203.0.113.10".parse().unwrap(),
+            peer_port: Some(53),
+            direction: "out".into(),
+            packets_out: 1,
+            bytes_out: 60,
+            packets_in: 1,
+            bytes_in: 60,
+            tag: None,
+            tcp_flags: None,
+            hostname: None,
+        }
+    }
+
+    #[test]
+    fn batches_within_the_daily_budget_and_counts_the_rest() {
+        let dir = std::env::temp_dir().join(format!("cage-persist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = crate::config::parse("").unwrap();
+        let line = serde_json::to_vec(&record(1)).unwrap().len() as u64 + 1;
+        cfg.flowlog.persist_budget = 10 * line;
+        let mut p = Persister::open(&dir, &cfg).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut over = 0;
+        p.add(&(0..6).map(record).collect::<Vec<_>>());
+        assert_eq!(p.flush(t0, &mut over).unwrap(), 6);
+        p.add(&(6..12).map(record).collect::<Vec<_>>());
+        assert_eq!(p.flush(t0, &mut over).unwrap(), 4, "the budget holds 10");
+        assert_eq!(over, 2);
+        // Reopened (a restart), the day's spending is remembered.
+        let mut p = Persister::open(&dir, &cfg).unwrap();
+        p.add(&[record(12)]);
+        assert_eq!(p.flush(t0, &mut over).unwrap(), 0);
+        assert_eq!(over, 3);
+        // A new day, a new budget.
+        p.add(&[record(13)]);
+        assert_eq!(
+            p.flush(t0 + Duration::from_secs(86_400), &mut over)
+                .unwrap(),
+            1
+        );
+        let (records, bad) = read(&dir, 4, &Filter::default());
+        assert_eq!((records.len(), bad), (11, 0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

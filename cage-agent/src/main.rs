@@ -275,7 +275,22 @@ fn show_flows(
             println!("{}", flows::table_line(r));
         }
     };
-    let (records, bad) = flows::read(&dir, cfg.flowlog.log_files, filter);
+    let (mut records, bad) = flows::read(&dir, cfg.flowlog.log_files, filter);
+    if let Some(persist) = &cfg.flowlog.persist_dir {
+        // After a reboot the RAM log starts empty; the copy on flash has the past. The
+        // two overlap where both have the same records.
+        let (old, _) = flows::read(persist, cfg.flowlog.log_files, filter);
+        let seen: std::collections::HashSet<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap_or_default())
+            .collect();
+        let mut merged: Vec<flows::FlowRecord> = old
+            .into_iter()
+            .filter(|r| !seen.contains(&serde_json::to_string(r).unwrap_or_default()))
+            .collect();
+        merged.append(&mut records);
+        records = merged;
+    }
     let skip = if limit == 0 {
         0
     } else {

@@ -283,8 +283,15 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(
                 o,
                 "flows:   {} records written; lost: {} rotated away unread, {} denied \
-                 packets not handed over (NFLOG overruns {}), {} over the log rate limit",
-                f.written, f.rotated_away, f.nflog_dropped, f.nflog_overruns, s.unlogged
+                 packets not handed over (NFLOG overruns {}), {} over the log rate limit, \
+                 {} flows evicted from the eBPF map, {} records over the flash budget",
+                f.written,
+                f.rotated_away,
+                f.nflog_dropped,
+                f.nflog_overruns,
+                s.unlogged,
+                f.ebpf_evicted,
+                f.persist_over_budget
             );
         }
         None => {

@@ -141,6 +141,13 @@ pub struct FlowLog {
     pub log_files: u32,
     /// How the eBPF program is attached to the bridge. Default `auto`.
     pub attach: Attach,
+    /// A persistent directory (flash) the flow log is copied to in batches; none by
+    /// default (the log lives in `log_dir`, RAM on OpenWrt).
+    pub persist_dir: Option<PathBuf>,
+    /// Minutes between two batched copies. Default 15.
+    pub persist_interval: u32,
+    /// Bytes the copies may write a day; what does not fit is counted. Default 8 MiB.
+    pub persist_budget: u64,
 }
 
 /// `flowlog.attach`: TCX where the kernel has it (6.6+), clsact through netlink
@@ -162,6 +169,9 @@ impl Default for FlowLog {
             log_max_bytes: 4 << 20,
             log_files: 4,
             attach: Attach::Auto,
+            persist_dir: None,
+            persist_interval: 15,
+            persist_budget: 8 << 20,
         }
     }
 }

@@ -141,6 +141,9 @@ const FLOWLOG: SectionType = SectionType {
         ("log_max_bytes", Arity::One),
         ("log_files", Arity::One),
         ("attach", Arity::One),
+        ("persist_dir", Arity::One),
+        ("persist_interval", Arity::One),
+        ("persist_budget", Arity::One),
     ],
 };
 const SELFTEST: SectionType = SectionType {
@@ -315,6 +318,22 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         }
     });
 
+    let persist_dir = v.one(&flowlog, "persist_dir", None, |s| {
+        absolute_path(s, "/etc/cage/flows").map(Some)
+    });
+    let persist_interval = v.one(
+        &flowlog,
+        "persist_interval",
+        u64::from(d.persist_interval),
+        in_range(1, 1440, 15),
+    );
+    let persist_budget = v.one(
+        &flowlog,
+        "persist_budget",
+        d.persist_budget,
+        in_range(4096, 1 << 40, 8 << 20),
+    );
+
     // Cross-checks, between options that are each valid on their own.
     let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
     let seg6 = match (ipv6.value, address6.value) {
@@ -481,6 +500,9 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             log_max_bytes: log_max_bytes.value,
             log_files: log_files.value as u32,
             attach: attach.value,
+            persist_dir: persist_dir.value,
+            persist_interval: persist_interval.value as u32,
+            persist_budget: persist_budget.value,
         },
         selftest: SelfTest {
             interval_minutes: st_interval.value as u32,
