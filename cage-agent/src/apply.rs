@@ -69,9 +69,16 @@ pub async fn check_config(config: Config) -> Result<Checked, ApplyError> {
 /// no port is ever in the bridge without the policy in force.
 pub async fn enforce(checked: &Checked) -> Result<Vec<String>, ApplyError> {
     nft::apply(&checked.ruleset).map_err(ApplyError::Apply)?;
-    let report = netlink::setup_segment(&checked.config)
-        .await
-        .map_err(ApplyError::Segment)?;
+    let report = match netlink::setup_segment(&checked.config).await {
+        Ok(r) => r,
+        // OpenWrt mode, before netifd made the bridge: the policy holds by its name, and
+        // `cage run` adopts the bridge when it appears.
+        Err(e @ netlink::NetlinkError::BridgeMissing { .. }) => {
+            crate::log::warn(&e.to_string());
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(ApplyError::Segment(e)),
+    };
     let mut actions = report.actions;
     // The eBPF program counts flows and is the kill switch's fast path; the cage holds
     // without it (nftables enforces everything), so a failure is logged, not fatal.

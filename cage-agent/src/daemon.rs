@@ -236,11 +236,17 @@ impl Daemon {
     async fn repair_segment(&mut self) {
         match crate::netlink::setup_segment(&self.current.config).await {
             Ok(report) => {
-                let repaired = !report.actions.is_empty();
+                // Repaired, or adopted at last (OpenWrt: netifd made the bridge).
+                let repaired = !report.actions.is_empty() || self.segment_error.is_some();
                 for a in report.actions {
                     log::warn(&format!("segment repaired: {a}"));
                 }
-                self.segment_error = None;
+                if self.segment_error.take().is_some() {
+                    log::info(&format!(
+                        "segment {} in place",
+                        self.current.config.segment.bridge
+                    ));
+                }
                 if repaired {
                     // A bridge made anew has lost its eBPF attachment.
                     match apply::attach_ebpf(&self.current.config, self.current.isolated) {

@@ -76,6 +76,14 @@ pub enum NetlinkError {
     )]
     NotABridge { ifname: String, kind: String },
 
+    /// OpenWrt mode: netifd has not made the segment's bridge (yet). Cage's policy holds
+    /// by the bridge's name meanwhile; the daemon adopts the bridge when it appears.
+    #[error(
+        "{ifname} does not exist yet; on OpenWrt netifd creates it (network.cage, see \
+         /etc/uci-defaults/90-cage); the policy holds meanwhile"
+    )]
+    BridgeMissing { ifname: String },
+
     /// A port is the bridge itself; a bridge cannot be its own member.
     #[error("{ifname} is both the segment's bridge and one of its ports (cage.ai.port)")]
     PortIsBridge { ifname: String },
@@ -129,6 +137,45 @@ impl SetupReport {
     }
 }
 
+/// OpenWrt mode: netifd owns the segment (bridge, addresses, which ports are in it,
+/// Wi-Fi interfaces that hostapd adds); Cage adopts the bridge and isolates every port it
+/// has, whoever put it there, so two caged hosts never talk at layer 2. Nothing is created.
+async fn adopt_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
+    let seg = &cfg.segment;
+    let nl = Rtnl::connect()?;
+    let mut report = SetupReport::default();
+    let links = nl.links().await?;
+    let Some(bridge) = links.iter().find(|l| l.name == seg.bridge) else {
+        return Err(NetlinkError::BridgeMissing {
+            ifname: seg.bridge.clone(),
+        });
+    };
+    if bridge.kind != Some(InfoKind::Bridge) {
+        return Err(NetlinkError::NotABridge {
+            ifname: seg.bridge.clone(),
+            kind: bridge.kind_description(),
+        });
+    }
+    for port in links.iter().filter(|l| l.controller == Some(bridge.index)) {
+        if port.isolated != Some(true) {
+            nl.handle
+                .link()
+                .set_port(LinkBridgePort::new(port.index).isolated(true).build())
+                .execute()
+                .await
+                .map_err(|e| request_error(&port.name, "set bridge port isolation on", e))?;
+            if nl.existing_link(&port.name).await?.isolated != Some(true) {
+                return Err(NetlinkError::NotApplied {
+                    ifname: port.name.clone(),
+                    op: "set bridge port isolation on".into(),
+                });
+            }
+            report.push(format!("isolated port {}", port.name));
+        }
+    }
+    Ok(report)
+}
+
 /// The state of one configured segment port, for `cage status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PortState {
@@ -161,6 +208,9 @@ pub struct PortState {
 /// Linux gets untagged member ports. (The development kernel has neither 802.1Q devices
 /// nor bridge VLAN filtering, so OpenWrt mode is tested elsewhere.)
 pub async fn setup_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
+    if cfg.main.mode.resolve() == crate::config::Mode::OpenWrt {
+        return adopt_segment(cfg).await;
+    }
     let seg = &cfg.segment;
     let nl = Rtnl::connect()?;
     let mut report = SetupReport::default();

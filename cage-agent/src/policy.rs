@@ -962,6 +962,7 @@ mod tests {
                 log_dir: "/tmp/cage".into(),
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
+                mode: crate::config::Mode::Auto,
             },
             segment: Segment {
                 bridge: "br-cage".into(),

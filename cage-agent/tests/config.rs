@@ -25,6 +25,7 @@ fn example_config_parses_to_the_expected_config() {
                 log_dir: "/tmp/cage".into(),
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
+                mode: cage_agent::config::Mode::Auto,
             },
             segment: Segment {
                 bridge: "br-cage".into(),
@@ -64,6 +65,7 @@ fn empty_config_is_all_defaults() {
                 log_dir: "/tmp/cage".into(),
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
+                mode: cage_agent::config::Mode::Auto,
             },
             segment: Segment {
                 bridge: "br-cage".into(),

@@ -142,6 +142,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
             log_dir: "/tmp/cage".into(),
             web_listen: "192.168.8.1:8080".parse::<SocketAddr>().unwrap(),
             bpf_dir: "/sys/fs/bpf/cage".into(),
+            mode: cage_agent::config::Mode::Auto,
         },
         segment: Segment {
             bridge: "br-cage".into(),

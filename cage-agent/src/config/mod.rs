@@ -57,6 +57,31 @@ pub struct Main {
     /// Where the eBPF program's maps and links are pinned (a bpffs), one directory per
     /// bridge below it. Default `/sys/fs/bpf/cage`.
     pub bpf_dir: PathBuf,
+    /// Who makes the segment: Cage itself (standalone Linux), or netifd (OpenWrt).
+    pub mode: Mode,
+}
+
+/// `cage.main.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// OpenWrt when `/etc/openwrt_release` exists, standalone otherwise.
+    Auto,
+    /// Cage creates the bridge, its addresses and port membership through rtnetlink.
+    Standalone,
+    /// netifd makes the segment from UCI (`network.cage`); Cage adopts the bridge and
+    /// isolates its ports.
+    OpenWrt,
+}
+
+impl Mode {
+    pub fn resolve(self) -> Mode {
+        match self {
+            Mode::Auto if Path::new("/etc/openwrt_release").exists() => Mode::OpenWrt,
+            Mode::Auto => Mode::Standalone,
+            m => m,
+        }
+    }
 }
 
 impl Config {

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
-use super::{Attach, Config, FlowLog, KillSwitch, Lan, Main, Segment, SelfTest, Wan, WanDevices};
+use super::{
+    Attach, Config, FlowLog, KillSwitch, Lan, Main, Mode, Segment, SelfTest, Wan, WanDevices,
+};
 
 /// One problem in a configuration, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,7 @@ const CAGE: SectionType = SectionType {
         ("log_dir", Arity::One),
         ("web_listen", Arity::One),
         ("bpf_dir", Arity::One),
+        ("mode", Arity::One),
     ],
 };
 const SEGMENT: SectionType = SectionType {
@@ -196,6 +199,16 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let web_listen = v.one(&cage, "web_listen", DEFAULT_WEB_LISTEN, web_listen);
     let bpf_dir = v.one(&cage, "bpf_dir", PathBuf::from(DEFAULT_BPF_DIR), |s| {
         absolute_path(s, DEFAULT_BPF_DIR)
+    });
+    let mode = v.one(&cage, "mode", Mode::Auto, |s| match s {
+        "auto" => Ok(Mode::Auto),
+        "standalone" => Ok(Mode::Standalone),
+        "openwrt" => Ok(Mode::OpenWrt),
+        _ => Err(format!(
+            "'{}' is not a mode; give auto (the default: openwrt when \
+             /etc/openwrt_release exists), standalone or openwrt",
+            printable(s)
+        )),
     });
 
     let bridge = v.one(&segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
@@ -464,6 +477,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             log_dir: log_dir.value,
             web_listen: web_listen.value,
             bpf_dir: bpf_dir.value,
+            mode: mode.value,
         },
         segment: Segment {
             bridge: bridge.value,
