@@ -19,6 +19,7 @@ usage: cargo xtask <command>
   lab down           tear the demo lab down (also cleans up after a crashed run)
   test               setup, build, run every test, check nothing was left behind
   bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
+  bench flows        throughput with/without the eBPF flow counter, new-flow rate (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         ["lab", "down"] => demo::down(),
         ["test"] => setup::install().and_then(|()| test()),
         ["bench", "killswitch"] => setup::install().and_then(|()| bench::killswitch()),
+        ["bench", "flows"] => setup::install().and_then(|()| bench::flows()),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {
             Ok(s) => fuzz::run_fuzz(s),
