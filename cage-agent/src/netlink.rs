@@ -158,18 +158,7 @@ async fn adopt_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
     }
     for port in links.iter().filter(|l| l.controller == Some(bridge.index)) {
         if port.isolated != Some(true) {
-            nl.handle
-                .link()
-                .set_port(LinkBridgePort::new(port.index).isolated(true).build())
-                .execute()
-                .await
-                .map_err(|e| request_error(&port.name, "set bridge port isolation on", e))?;
-            if nl.existing_link(&port.name).await?.isolated != Some(true) {
-                return Err(NetlinkError::NotApplied {
-                    ifname: port.name.clone(),
-                    op: "set bridge port isolation on".into(),
-                });
-            }
+            nl.isolate(port).await?;
             report.push(format!("isolated port {}", port.name));
         }
     }
@@ -314,19 +303,7 @@ pub async fn setup_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
             report.push(format!("set {name} up"));
         }
         if port.isolated != Some(true) {
-            nl.handle
-                .link()
-                .set_port(LinkBridgePort::new(port.index).isolated(true).build())
-                .execute()
-                .await
-                .map_err(|e| request_error(name, "set bridge port isolation on", e))?;
-            // Isolation is what keeps caged hosts apart at layer 2: check it, don't trust it.
-            if nl.existing_link(name).await?.isolated != Some(true) {
-                return Err(NetlinkError::NotApplied {
-                    ifname: name.clone(),
-                    op: "set bridge port isolation on".into(),
-                });
-            }
+            nl.isolate(&port).await?;
             report.push(format!("isolated port {name}"));
         }
     }
@@ -583,6 +560,46 @@ impl Rtnl {
         Ok(Rtnl { handle, task })
     }
 
+    /// Switch bridge port isolation on for `port`, and check that it took: isolation is
+    /// what keeps caged hosts apart at layer 2, so it is checked, not trusted.
+    async fn isolate(&self, port: &Link) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set_port(LinkBridgePort::new(port.index).isolated(true).build())
+            .execute()
+            .await
+            .map_err(|e| request_error(&port.name, "set bridge port isolation on", e))?;
+        if self.existing_link(&port.name).await?.isolated != Some(true) {
+            return Err(NetlinkError::NotApplied {
+                ifname: port.name.clone(),
+                op: "set bridge port isolation on".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every IPv4 and IPv6 route (all tables; callers filter).
+    async fn main_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        let mut routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| dump_error("list IPv4 routes", e))?;
+        let routes6: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| dump_error("list IPv6 routes", e))?;
+        routes.extend(routes6);
+        Ok(routes)
+    }
+
     async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
         let msgs: Vec<LinkMessage> = self
             .handle
@@ -674,23 +691,7 @@ impl Rtnl {
     /// Output interfaces of the IPv4 and IPv6 default routes in the main table
     /// (multipath routes give one per next hop).
     async fn default_route_devices(&self) -> Result<Vec<u32>, NetlinkError> {
-        let mut routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list IPv4 routes", e))?;
-        let routes6: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list IPv6 routes", e))?;
-        routes.extend(routes6);
+        let routes = self.main_routes().await?;
 
         let mut devices = BTreeMap::new();
         for route in routes.iter().filter(|r| is_main_default(r)) {

@@ -453,6 +453,19 @@ impl CageRun {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Wait (at most 15 s) until it has applied its policy; panics with its log if not.
+    pub fn wait_applied(&self) {
+        let start = Instant::now();
+        while !self.log().contains("policy applied") {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "cage run did not apply its policy:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stop it: SIGTERM, up to 5 s to exit, then SIGKILL. Its exit status.
     pub fn stop(mut self) -> Option<ExitStatus> {
         self.terminate()

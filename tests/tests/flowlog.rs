@@ -37,11 +37,7 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
     let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
     lab.write_config(contract::CONFIG_EXTRA);
     let run = lab.spawn_cage_run();
-    let start = Instant::now();
-    while !run.log().contains("policy applied") {
-        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment");
     lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
 
@@ -267,11 +263,7 @@ fn allowed_flows_are_counted_exactly() {
         + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n";
     std::fs::write(&path, text).unwrap();
     let run = lab.spawn_cage_run();
-    let start = Instant::now();
-    while !run.log().contains("policy applied") {
-        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    run.wait_applied();
     assert!(
         run.log().contains("attached the flow counter"),
         "{}",
@@ -398,11 +390,7 @@ fn allowed_flows_are_counted_exactly() {
 /// Start `cage run` and wait for its policy.
 fn start_run(lab: &Lab) -> lab::CageRun {
     let run = lab.spawn_cage_run();
-    let start = Instant::now();
-    while !run.log().contains("policy applied") {
-        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    run.wait_applied();
     run
 }
 

@@ -44,15 +44,16 @@ fn cage_ok(lab: &Lab, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-fn wait_applied(run: &lab::CageRun) {
-    let start = Instant::now();
-    while !run.log().contains("policy applied") {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "cage run did not apply its policy:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+/// Remove Cage's nftables tables behind its back, as a reboot (or someone with a shell)
+/// would.
+fn forget_cages_tables(lab: &Lab) {
+    for family in ["inet", "bridge"] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(Node::Router)])
+            .args(["nft", "delete", "table", family, "cage"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "deleting table {family} cage");
     }
 }
 
@@ -137,7 +138,7 @@ fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::
 fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
     let lab = lab_up("");
     let run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment");
 
     let limits = WitnessLimits {
@@ -276,7 +277,7 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
 
     // Starting the daemon keeps it.
     let mut run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     assert_isolated(&lab, "after cage run started");
 
     // SIGKILL and restart keep it.
@@ -285,29 +286,14 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
     let _ = run.stop();
     assert_isolated(&lab, "with the daemon killed");
     run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     assert_isolated(&lab, "after the restart");
     drop(run);
 
     // A reboot: the kernel forgets everything; the state on disk does not.
-    for family in ["inet", "bridge"] {
-        let st = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns(Node::Router),
-                "nft",
-                "delete",
-                "table",
-                family,
-                "cage",
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    forget_cages_tables(&lab);
     let run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     assert_isolated(&lab, "after a reboot");
 
     // While isolated, every check of the contract that involves the segment is denied,
@@ -448,7 +434,7 @@ const AUTO_CONFIG: &str =
 fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
     let lab = lab_up(AUTO_CONFIG);
     let run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment");
     lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
 
@@ -480,7 +466,7 @@ fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
 fn auto_isolation_stays_off_unless_configured() {
     let lab = lab_up("");
     let run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment");
     lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
     scan_lan(&lab, 1..61);
@@ -506,7 +492,7 @@ fn auto_isolation_fires_on_an_upload_burst() {
     )
     .expect("servers");
     let run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment");
     lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
     assert_open(&lab, "before the upload");
@@ -555,22 +541,7 @@ fn the_ebpf_flag_alone_isolates_and_nftables_alone_isolates() {
     cage_ok(&lab, &["isolate", "--reason", "layers"]);
 
     // Without Cage's nftables tables, the eBPF program's flag still cuts the segment off.
-    for family in ["inet", "bridge"] {
-        let st = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns(Node::Router),
-                "nft",
-                "delete",
-                "table",
-                family,
-                "cage",
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    forget_cages_tables(&lab);
     assert_eq!(
         internet_answers(&lab),
         (false, false),

@@ -26,18 +26,6 @@ fn in_segment(a: IpAddr) -> bool {
     }
 }
 
-fn wait_applied(run: &lab::CageRun) {
-    let start = Instant::now();
-    while !run.log().contains("policy applied") {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "cage run did not apply its policy:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
     require_root();
@@ -45,7 +33,7 @@ fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
     let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
     lab.write_config(contract::CONFIG_EXTRA);
     let mut run = lab.spawn_cage_run();
-    wait_applied(&run);
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment ready");
 
     let lan = lab.netns(Node::Lan);
@@ -111,7 +99,7 @@ fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
         // The daemon is gone: the kernel alone holds the policy for a while.
         std::thread::sleep(Duration::from_millis(400));
         run = lab.spawn_cage_run();
-        wait_applied(&run);
+        run.wait_applied();
         println!("cycle {}: cage run killed and restarted", cycle + 1);
     }
     std::thread::sleep(Duration::from_millis(400));

@@ -378,11 +378,7 @@ fn does_not_trip_automatic_isolation() {
         contract::CONFIG_EXTRA
     ));
     let run = lab.spawn_cage_run();
-    let start = Instant::now();
-    while !run.log().contains("policy applied") {
-        assert!(start.elapsed() < Duration::from_secs(15), "{}", run.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    run.wait_applied();
     lab.wait_segment_ready().expect("segment ready");
     let before = snapshot(&lab);
     let (code, report, stderr) = selftest(&lab);

@@ -224,14 +224,9 @@ pub async fn add_probe_port(
         .execute()
         .await
         .map_err(|e| request_error(name, &format!("enslave to {}", bridge.name), e))?;
-    nl.handle
-        .link()
-        .set_port(LinkBridgePort::new(port.index).isolated(true).build())
-        .execute()
-        .await
-        .map_err(|e| request_error(name, "set bridge port isolation on", e))?;
+    nl.isolate(&port).await?;
     let port = nl.existing_link(name).await?;
-    if port.controller != Some(bridge.index) || port.isolated != Some(true) {
+    if port.controller != Some(bridge.index) {
         return Err(NetlinkError::NotApplied {
             ifname: name.to_owned(),
             op: format!("joining {} as an isolated port", bridge.name),
@@ -386,28 +381,4 @@ pub async fn configure_probe_host(
             .map_err(|e| request_error("eth0", &format!("add neighbour {addr}"), e))?;
     }
     Ok(())
-}
-
-impl Rtnl {
-    /// Every IPv4 and IPv6 route (all tables; callers filter).
-    async fn main_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
-        let mut routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list IPv4 routes", e))?;
-        let routes6: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list IPv6 routes", e))?;
-        routes.extend(routes6);
-        Ok(routes)
-    }
 }
