@@ -58,6 +58,12 @@ pub fn up() -> Result<()> {
     println!("{}", String::from_utf8_lossy(&status.stdout));
 
     let ns = |n: &str| format!("{PREFIX}-{n}");
+    let cage_cmd = format!(
+        "nsenter --net=/run/netns/{} {} --config {}",
+        ns("router"),
+        lab::cage_bin()?.display(),
+        config.display()
+    );
     println!(
         "The lab stays up. Things to try (as root):\n\
          \x20 ip netns exec {ai1} ping -c1 203.0.113.10        # internet: allowed\n\
@@ -66,15 +72,18 @@ pub fn up() -> Result<()> {
          \x20 ip netns exec {ai1} ping -c1 -W1 192.168.10.12   # the other caged host: denied at layer 2\n\
          \x20 ip netns exec {lan} ping -c1 -I 192.168.8.20 192.168.10.11   # admin host: allowed\n\
          \x20 ip netns exec {router} nft list table inet cage   # Cage's policy\n\
-         \x20 nsenter --net=/run/netns/{router} {cage} --config {cfg} status\n\
+         \x20 C=\"{c}\"\n\
+         \x20 $C status                          # the cage, the daemon, denies, losses\n\
+         \x20 $C flows -n 20                     # the flow log (allowed and blocked)\n\
+         \x20 $C isolate --reason demo           # the kill switch ($C release ends it)\n\
+         \x20 $C selftest --target 203.0.113.10  # prove the cage from inside\n\
          \x20 kill -HUP $(ip netns pids {router})               # reload (a bad config is refused)\n\
          \x20 tail -f {log}                                      # cage run's log\n\
          \x20 cargo xtask lab down                              # remove the lab\n",
         ai1 = ns("ai1"),
         lan = ns("lan"),
         router = ns("router"),
-        cage = lab::cage_bin()?.display(),
-        cfg = config.display(),
+        c = cage_cmd,
         log = log_path.display(),
     );
     let failed = report.failures().len();
