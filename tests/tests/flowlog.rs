@@ -116,6 +116,39 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
         v["flow_log"]
     );
 
+    // `cage flows --follow` prints new records as they are written.
+    let mut follower = lab
+        .cage_command(&["flows", "--follow", "--json", "--port", "5555"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cage flows --follow");
+    let out = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let a = probe_in(
+        &ai1,
+        &Probe::udp(LAN_HOST4, 5555)
+            .from(AI1_4)
+            .timeout(Duration::from_millis(300)),
+    )
+    .expect("probe");
+    assert!(!a.outcome.answered());
+    let followed = rx.recv_timeout(Duration::from_secs(12));
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let line = followed.expect("cage flows --follow printed nothing for a new blocked attempt");
+    let r: serde_json::Value = serde_json::from_str(&line).expect("a JSON record");
+    assert_eq!(r["peer_port"], 5555, "{r}");
+    assert_eq!(r["rule"], "deny:lan", "{r}");
+
     // A SIGTERM'd daemon writes what it holds before it goes.
     let a = probe_in(
         &ai1,
