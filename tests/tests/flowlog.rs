@@ -132,16 +132,26 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(700));
-    let a = probe_in(
-        &ai1,
-        &Probe::udp(LAN_HOST4, 5555)
-            .from(AI1_4)
-            .timeout(Duration::from_millis(300)),
-    )
-    .expect("probe");
-    assert!(!a.outcome.answered());
-    let followed = rx.recv_timeout(Duration::from_secs(12));
+    // Attempts until the follower reports one (it may start after the first is written,
+    // when the machine is busy): at most 12, a second apart.
+    let mut followed = Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+    for _ in 0..12 {
+        let a = probe_in(
+            &ai1,
+            &Probe::udp(LAN_HOST4, 5555)
+                .from(AI1_4)
+                .timeout(Duration::from_millis(300)),
+        )
+        .expect("probe");
+        assert!(!a.outcome.answered());
+        followed = rx.recv_timeout(Duration::from_secs(1));
+        if followed.is_ok() {
+            break;
+        }
+    }
+    if followed.is_err() {
+        followed = rx.recv_timeout(Duration::from_secs(6));
+    }
     let _ = follower.kill();
     let _ = follower.wait();
     let line = followed.expect("cage flows --follow printed nothing for a new blocked attempt");

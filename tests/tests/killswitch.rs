@@ -57,6 +57,21 @@ fn forget_cages_tables(lab: &Lab) {
     }
 }
 
+/// `cage apply` in the lab, with a UDP echo server on the internet host for
+/// [`internet_answers`]; the segment ready and ai1's neighbours pinned.
+fn apply_with_internet(lab: &Lab) -> Servers {
+    let servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(53)],
+        Duration::from_secs(120),
+    )
+    .expect("servers");
+    cage_ok(lab, &["apply"]);
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    servers
+}
+
 /// Does a caged host reach the internet host now (UDP echo and ping)?
 fn internet_answers(lab: &Lab) -> (bool, bool) {
     let ai1 = lab.netns(Node::Ai1);
@@ -106,32 +121,40 @@ fn from_segment(records: &[Record]) -> usize {
 
 /// A TCP sink in `ns`: accepts connections and reads until told to stop.
 fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::NsThread<u64> {
-    ns.spawn("tcp sink", move || {
-        let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind sink");
-        l.set_nonblocking(true).unwrap();
-        let mut total = 0u64;
-        let mut conns: Vec<TcpStream> = Vec::new();
-        let start = Instant::now();
-        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
-            if let Ok((c, _)) = l.accept() {
-                c.set_nonblocking(true).unwrap();
-                conns.push(c);
-            }
-            let mut buf = [0u8; 65536];
-            for c in conns.iter_mut() {
-                use std::io::Read;
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = ns
+        .spawn("tcp sink", move || {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind sink");
+            l.set_nonblocking(true).unwrap();
+            // Listening: the transfer may connect.
+            let _ = ready_tx.send(());
+            let mut total = 0u64;
+            let mut conns: Vec<TcpStream> = Vec::new();
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                if let Ok((c, _)) = l.accept() {
+                    c.set_nonblocking(true).unwrap();
+                    conns.push(c);
                 }
+                let mut buf = [0u8; 65536];
+                for c in conns.iter_mut() {
+                    use std::io::Read;
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(total)
-    })
-    .expect("sink thread")
+            Ok(total)
+        })
+        .expect("sink thread");
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the TCP sink did not start listening");
+    thread
 }
 
 #[test]
@@ -260,15 +283,7 @@ fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
 #[test]
 fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release() {
     let lab = lab_up("");
-    let servers = Servers::start(
-        &lab.netns(Node::Inet),
-        &[Service::udp(53)],
-        Duration::from_secs(120),
-    )
-    .expect("servers");
-    cage_ok(&lab, &["apply"]);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let servers = apply_with_internet(&lab);
     assert_open(&lab, "before isolating");
 
     // No daemon: the CLI works on the kernel directly.
@@ -353,15 +368,7 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
 #[test]
 fn the_hardware_button_isolates_through_the_hotplug_script() {
     let lab = lab_up(BUTTON_CONFIG);
-    let _servers = Servers::start(
-        &lab.netns(Node::Inet),
-        &[Service::udp(53)],
-        Duration::from_secs(60),
-    )
-    .expect("servers");
-    cage_ok(&lab, &["apply"]);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let _servers = apply_with_internet(&lab);
     assert_open(&lab, "before the button");
 
     let script =
@@ -528,15 +535,7 @@ fn auto_isolation_fires_on_an_upload_burst() {
 #[test]
 fn the_ebpf_flag_alone_isolates_and_nftables_alone_isolates() {
     let lab = lab_up("");
-    let _servers = Servers::start(
-        &lab.netns(Node::Inet),
-        &[Service::udp(53)],
-        Duration::from_secs(60),
-    )
-    .expect("servers");
-    cage_ok(&lab, &["apply"]);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let _servers = apply_with_internet(&lab);
     assert_open(&lab, "before");
     cage_ok(&lab, &["isolate", "--reason", "layers"]);
 
