@@ -67,7 +67,8 @@ fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
                 Probe::udp(LAN_HOST6, 53).timeout(t),
                 Probe::icmp(LAN_HOST6).timeout(t),
             ];
-            let internet = Probe::udp(PUBLIC4, 53).timeout(Duration::from_millis(500));
+            // A generous timeout: a busy machine is not a broken cage.
+            let internet = Probe::udp(PUBLIC4, 53).timeout(Duration::from_secs(2));
             let (mut sent, mut lan_answered, mut inet_sent, mut inet_answered) = (0, 0, 0, 0);
             let start = Instant::now();
             while !stop.load(Ordering::Relaxed)
