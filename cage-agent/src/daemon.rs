@@ -483,6 +483,10 @@ impl Collector {
             if let Some(s) = before {
                 // Every flow the program created was written (and removed), is still in
                 // the map, or was evicted by the map before it could be written.
+                // While flows are created the walk over the map can miss some (it starts
+                // over when the entry it stands on goes), so this is an estimate then,
+                // and exact once the map is quiet: the figure is taken as it comes, not
+                // kept at its highest.
                 let evicted = s
                     .flows_created
                     .saturating_sub(log.stats.ebpf_removed + in_map as u64);
@@ -492,8 +496,8 @@ impl Collector {
                          were written (flowlog.max_flows is too small for this traffic)",
                         evicted - log.stats.ebpf_evicted
                     ));
-                    log.stats.ebpf_evicted = evicted;
                 }
+                log.stats.ebpf_evicted = evicted;
                 log.stats.ebpf_update_failed = s.flow_update_failed;
             }
             let _ = log.save_stats();
