@@ -81,7 +81,13 @@ fn save(state: &DaemonState, log_dir: &Path) {
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Start: a bad configuration stops the daemon, but whatever policy the kernel already
     // has stays in force (fail closed).
-    let current: Checked = apply::check(config_path).await?;
+    let current: Checked = match apply::check(config_path).await {
+        Ok(c) => c,
+        Err(e) => {
+            lock_down_if_bare(config_path);
+            return Err(e.into());
+        }
+    };
     for a in apply::enforce(&current).await? {
         log::info(&a);
     }
@@ -570,4 +576,42 @@ fn start_selftest(task: &mut Option<tokio::task::JoinHandle<()>>, cfg: &Config, 
             Err(e) => log::error(&format!("ALERT: self-test ({why}) could not run: {e}")),
         }
     }));
+}
+
+/// `cage run` cannot start with this configuration. If the kernel has a Cage policy, it
+/// stays as it is (fail closed). If it has none (a reboot with a broken file), the
+/// segment's bridge is locked down: everything to and from it dropped until a valid
+/// configuration is applied. The bridge's name is taken from the file if it can be read
+/// there, else the default.
+fn lock_down_if_bare(config_path: &Path) {
+    match nft::list_text() {
+        Ok(t) if t.is_empty() => {}
+        _ => return,
+    }
+    let bridge = std::fs::read_to_string(config_path)
+        .ok()
+        .and_then(|text| crate::config::uci::parse(&text).ok())
+        .and_then(|raw| {
+            raw.sections
+                .iter()
+                .filter(|s| s.kind == "segment")
+                .flat_map(|s| &s.options)
+                .find(|o| o.name == "bridge" && !o.is_list)
+                .map(|o| o.value.clone())
+        })
+        .filter(|b| {
+            !b.is_empty()
+                && b.len() <= 15
+                && b.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c))
+        })
+        .unwrap_or_else(|| "br-cage".to_owned());
+    match nft::apply(&crate::policy::lockdown(&bridge)) {
+        Ok(()) => log::error(&format!(
+            "no Cage policy was in the kernel and the configuration cannot be used: \
+             {bridge} is LOCKED DOWN (everything to and from it dropped) until a valid \
+             configuration is applied"
+        )),
+        Err(e) => log::error(&format!("cannot lock {bridge} down either: {e}")),
+    }
 }

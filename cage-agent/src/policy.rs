@@ -69,6 +69,48 @@ fn meter_chain(name: &'static str, meters: [&'static str; 2]) -> ChainRules {
 /// The set of `inet cage` that holds the segment's bridge while the kill switch is on.
 pub const ISOLATED_SET: &str = "isolated";
 
+/// The comment of the lockdown ruleset's rules, so `cage status` can tell it apart.
+pub const LOCKDOWN: &str = "deny:lockdown";
+
+/// The ruleset of last resort: `cage run` started with a configuration it cannot use and
+/// the kernel has no Cage policy at all (a reboot with a broken file). Everything to and
+/// from `bridge` is dropped, as by the kill switch, until a valid configuration is applied.
+pub fn lockdown(bridge: &str) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    batch.add(table(NfFamily::INet));
+    batch.delete(table(NfFamily::INet));
+    batch.add(table(NfFamily::INet));
+    let b = [bridge.to_owned()];
+    let mut rules = Vec::new();
+    for (name, hook, prio, matches) in [
+        (
+            "prerouting",
+            NfHook::Prerouting,
+            PRIO_PREROUTING,
+            iifname(&b),
+        ),
+        ("forward", NfHook::Forward, PRIO_FILTER, oifname(&b)),
+        ("output", NfHook::Output, PRIO_FILTER, oifname(&b)),
+    ] {
+        batch.add(base_chain(
+            NfFamily::INet,
+            name,
+            NfChainType::Filter,
+            hook,
+            prio,
+        ));
+        let mut c = ChainRules::new(NfFamily::INet, name);
+        c.rule(LOCKDOWN, vec![matches, counter(), drop()]);
+        rules.push(c);
+    }
+    for r in rules {
+        for o in r.into_objects(TABLE) {
+            batch.add(o);
+        }
+    }
+    batch.to_nftables()
+}
+
 /// The commands that switch isolation on or off in an applied policy: one element added
 /// to the `isolated` set, or the set flushed. Both are idempotent.
 pub fn isolation(cfg: &Config, on: bool) -> Nftables<'static> {

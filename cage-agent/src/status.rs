@@ -93,6 +93,17 @@ pub async fn gather(config_path: &Path) -> Status {
         }
     };
     let enforcing = counters.is_some();
+    if counters
+        .as_ref()
+        .is_some_and(|c| c.contains_key(crate::policy::LOCKDOWN))
+    {
+        problems.push(
+            "LOCKED DOWN: cage run could not use the configuration at start and no policy \
+             was in the kernel, so all traffic of the segment is dropped; fix the \
+             configuration (cage check) and restart cage run"
+                .into(),
+        );
+    }
     if !enforcing {
         problems.push("Cage's tables are not in the kernel: the segment is NOT caged".into());
     }

@@ -361,3 +361,42 @@ fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
         r.log()
     );
 }
+
+#[test]
+fn a_broken_configuration_at_boot_locks_the_segment_down() {
+    let r = Router::new("lockdown");
+    // A reboot with a broken file: no Cage policy in the kernel, and cage run cannot use
+    // the configuration. The segment's bridge (named in the file) is locked down.
+    let path = r.dir.join("cage.conf");
+    std::fs::write(
+        &path,
+        "config segment 'ai'\n\toption bridge 'br-ai'\n\toption address 'nonsense'\n",
+    )
+    .unwrap();
+    let mut d = r.spawn_run(&path);
+    let status = d.0.wait().unwrap();
+    assert!(!status.success(), "cage run must refuse the configuration");
+    assert!(r.log().contains("LOCKED DOWN"), "{}", r.log());
+    let ruleset = r.ruleset();
+    for hook in ["prerouting", "forward", "output"] {
+        assert!(ruleset.contains(&format!("hook {hook}")), "{ruleset}");
+    }
+    assert!(ruleset.contains("iifname \"br-ai\""), "{ruleset}");
+    assert!(ruleset.contains("oifname \"br-ai\""), "{ruleset}");
+    let out = r.cage(&path, &["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("LOCKED DOWN"));
+
+    // With a policy in the kernel, a broken file changes nothing.
+    let before = r.ruleset();
+    let mut d = r.spawn_run(&path);
+    assert!(!d.0.wait().unwrap().success());
+    assert_eq!(r.ruleset(), before);
+
+    // A valid configuration replaces the lockdown with the policy.
+    let good = r.config("good.conf", "");
+    let out = r.cage(&good, &["apply"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ruleset = r.ruleset();
+    assert!(!ruleset.contains("deny:lockdown"), "{ruleset}");
+    assert!(ruleset.contains("segment_egress"), "{ruleset}");
+}
