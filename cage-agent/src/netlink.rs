@@ -276,16 +276,7 @@ pub async fn setup_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
     for name in &seg.ports {
         let mut port = by_name[name.as_str()].clone();
         if port.controller != Some(bridge.index) {
-            nl.handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(port.index)
-                        .controller(bridge.index)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| request_error(name, &format!("enslave to {}", bridge.name), e))?;
+            nl.enslave(&port, bridge.index, &bridge.name).await?;
             report.push(
                 match port
                     .controller
@@ -558,6 +549,25 @@ impl Rtnl {
             rtnetlink::new_connection().map_err(|source| NetlinkError::Socket { source })?;
         let task = tokio::spawn(connection);
         Ok(Rtnl { handle, task })
+    }
+
+    /// Make `port` a port of the bridge with this index and name.
+    async fn enslave(
+        &self,
+        port: &Link,
+        bridge: u32,
+        bridge_name: &str,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(port.index)
+                    .controller(bridge)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| request_error(&port.name, &format!("enslave to {bridge_name}"), e))
     }
 
     /// Switch bridge port isolation on for `port`, and check that it took: isolation is

@@ -214,16 +214,7 @@ pub async fn add_probe_port(
         .await
         .map_err(|e| request_error(name, "create veth pair", e))?;
     let port = nl.existing_link(name).await?;
-    nl.handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(port.index)
-                .controller(bridge.index)
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| request_error(name, &format!("enslave to {}", bridge.name), e))?;
+    nl.enslave(&port, bridge.index, &bridge.name).await?;
     nl.isolate(&port).await?;
     let port = nl.existing_link(name).await?;
     if port.controller != Some(bridge.index) {
