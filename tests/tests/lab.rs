@@ -60,6 +60,25 @@ fn up_removes_what_a_crashed_run_left_behind() {
         .stdin(Stdio::null())
         .spawn()
         .expect("starting sleep in the router namespace");
+    // Wait until it has entered the namespace: on a busy machine `ip netns exec` can
+    // still be setting up when the next lab comes up, and then nobody could find it.
+    let router_ns = lab.ns(lab::Node::Router);
+    let entered = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &router_ns])
+            .output()
+            .expect("ip netns pids");
+        let pids = String::from_utf8_lossy(&pids.stdout);
+        if pids.split_whitespace().any(|p| p == orphan.id().to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < entered,
+            "the orphan never entered the router namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The crash: no Drop, nothing torn down.
     std::mem::forget(lab);
     assert_eq!(lab::leftovers(&prefix).len(), 8);
