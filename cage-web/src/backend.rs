@@ -1,0 +1,261 @@
+//! What the web page needs from the agent, as one trait and plain serde types.
+//!
+//! `cage-web` knows HTTP and nothing of the kernel; `cage-agent` implements [`Backend`]
+//! with the real kill switch, flow log and configuration (`cage_agent::web`). The types
+//! here are what the JSON API returns, so they are part of its contract.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// Where the page may be reached: the listen address and the names in
+/// `list web_hostname`. A request whose Host header names anything else is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub listen: SocketAddr,
+    pub hostnames: Vec<String>,
+}
+
+/// The kill switch as the page shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CageState {
+    /// The contract applies: the segment reaches the internet and nothing else.
+    Open,
+    /// The kill switch is on: everything to and from the segment is dropped.
+    Isolated,
+    /// `cage run` found no usable configuration and no policy: the segment's bridge is
+    /// locked down until a valid configuration is applied.
+    Lockdown,
+}
+
+impl CageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CageState::Open => "open",
+            CageState::Isolated => "isolated",
+            CageState::Lockdown => "lockdown",
+        }
+    }
+}
+
+/// The last `cage selftest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfTest {
+    pub finished_at: u64,
+    pub ok: bool,
+    pub verdict: String,
+}
+
+/// `GET /api/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: CageState,
+    /// Whether the kill switch is on (also during a lockdown).
+    pub isolated: bool,
+    /// Why the kill switch was last pressed or released, when, from where and by whom.
+    pub reason: String,
+    pub since: u64,
+    pub source: Option<String>,
+    pub who: String,
+    /// Whether Cage's tables are in the kernel.
+    pub enforcing: bool,
+    /// Flow records written since the log was created.
+    pub flows: u64,
+    /// Packets the policy denied (blocked attempts).
+    pub blocked: u64,
+    /// Records lost: rotated away unread, not handed over by the kernel, over the log's
+    /// rate limit, evicted from the eBPF map, over the flash budget.
+    pub lost: u64,
+    pub selftest: Option<SelfTest>,
+    /// What `cage status` calls problems.
+    pub problems: Vec<String>,
+}
+
+/// One flow record, the same fields as a line of the flow log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub start: String,
+    pub end: String,
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub proto: String,
+    pub host: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    pub peer: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_port: Option<u16>,
+    pub direction: String,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// Which flows: the filters of `GET /api/flows` and of the flows page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    /// `allowed` or `blocked`.
+    pub verdict: Option<String>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, f: &Flow) -> bool {
+        self.host.is_none_or(|h| f.host == h || f.peer == h)
+            && self
+                .port
+                .is_none_or(|p| f.peer_port == Some(p) || f.host_port == Some(p))
+            && self.verdict.as_ref().is_none_or(|v| &f.verdict == v)
+    }
+}
+
+/// A caged host, as its flows show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub ip: IpAddr,
+    pub mac: Option<String>,
+    pub hostname: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// End of its newest flow (RFC 3339).
+    pub last_seen: String,
+    pub flows: u64,
+    /// Packets of its blocked flows.
+    pub blocked: u64,
+}
+
+/// Per-host totals of the flows, busiest uploader first. Self-test probe traffic is left
+/// out (it is Cage's own).
+pub fn hosts_from_flows(flows: &[Flow]) -> Vec<Host> {
+    let mut by_ip: HashMap<IpAddr, Host> = HashMap::new();
+    for f in flows.iter().filter(|f| f.tag.is_none()) {
+        let h = by_ip.entry(f.host).or_insert_with(|| Host {
+            ip: f.host,
+            mac: None,
+            hostname: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            last_seen: String::new(),
+            flows: 0,
+            blocked: 0,
+        });
+        // RFC 3339 UTC with a fixed format sorts as text; the newest name wins.
+        if f.end >= h.last_seen {
+            h.last_seen.clone_from(&f.end);
+            if f.mac.is_some() {
+                h.mac.clone_from(&f.mac);
+            }
+            if f.hostname.is_some() {
+                h.hostname.clone_from(&f.hostname);
+            }
+        }
+        if h.mac.is_none() {
+            h.mac.clone_from(&f.mac);
+        }
+        if h.hostname.is_none() {
+            h.hostname.clone_from(&f.hostname);
+        }
+        h.bytes_up = h.bytes_up.saturating_add(f.bytes_out);
+        h.bytes_down = h.bytes_down.saturating_add(f.bytes_in);
+        h.flows += 1;
+        if f.verdict == "blocked" {
+            h.blocked = h.blocked.saturating_add(f.packets_out.max(1));
+        }
+    }
+    let mut hosts: Vec<Host> = by_ip.into_values().collect();
+    hosts.sort_by(|a, b| b.bytes_up.cmp(&a.bytes_up).then(a.ip.cmp(&b.ip)));
+    hosts
+}
+
+/// One kill-switch event of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub time: u64,
+    pub action: String,
+    pub source: String,
+    pub reason: String,
+    pub who: String,
+    pub result: String,
+}
+
+/// Something the owner should look at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Unix time, when known.
+    pub time: Option<u64>,
+    /// `auto-isolation`, `selftest`, `lost-records` or `problem`.
+    pub kind: String,
+    pub text: String,
+}
+
+/// What the settings page edits, as text: the agent validates it with the same
+/// validator and messages as the configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// `cage.ai.address`, e.g. 192.168.10.1/24.
+    pub address: String,
+    /// `cage.ai.ipv6`.
+    pub ipv6: bool,
+    /// `cage.ai.address6`; empty: unset.
+    pub address6: String,
+    /// `cage.lan.admin_host`.
+    pub admin_hosts: Vec<String>,
+    /// `cage.killswitch.auto_blocked`, `auto_upload_bytes`, `auto_window`.
+    pub auto_blocked: String,
+    pub auto_upload_bytes: String,
+    pub auto_window: String,
+    /// `cage.main.web_hostname`.
+    pub web_hostnames: Vec<String>,
+}
+
+/// Why the agent did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The request was refused as invalid (a setting the validator rejects): 422.
+    #[error("{0}")]
+    Refused(String),
+    /// The agent could not do it (the kernel or the disk failed): 503.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The agent, as the web page sees it. Implementations must not panic: a panic in the
+/// `cage` binary (built with `panic = "abort"`) would end the daemon.
+pub trait Backend: Send + Sync + 'static {
+    /// Where the page may be reached; called on every request, so it must be cheap.
+    fn access(&self) -> Access;
+    fn status(&self) -> BoxFuture<'_, Status>;
+    fn isolate(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn release(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// The newest `limit` flows matching `filter`, oldest first (`limit` 0: all).
+    fn flows(
+        &self,
+        filter: FlowFilter,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Flow>, BackendError>>;
+    fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>>;
+    /// The last `n` audit entries, oldest first.
+    fn audit(&self, n: usize) -> BoxFuture<'_, Vec<AuditEntry>>;
+    fn alerts(&self) -> BoxFuture<'_, Vec<Alert>>;
+    fn settings(&self) -> BoxFuture<'_, Result<Settings, BackendError>>;
+    /// Validate and write all of `settings` at once, or nothing; then have the daemon
+    /// apply them.
+    fn apply_settings(&self, settings: Settings) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// The argon2 PHC string of the password, if one is set.
+    fn password_hash(&self) -> BoxFuture<'_, Option<String>>;
+    fn set_password_hash(&self, phc: String) -> BoxFuture<'_, Result<(), BackendError>>;
+}

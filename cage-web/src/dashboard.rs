@@ -1,0 +1,197 @@
+//! The dashboard: the cage's state, the big red button, release with a confirmation step,
+//! the counts. `GET /api/state`, `POST /api/isolate`, `POST /api/release`.
+
+use std::fmt::Write as _;
+
+use axum::extract::State;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use crate::auth::{short_text, ApiJson, Authed, PageForm};
+use crate::backend::{CageState, Status};
+use crate::html::{self, esc};
+use crate::{AppState, WebError};
+
+/// Reasons longer than this are refused: they go to the audit log.
+pub const MAX_REASON: usize = 200;
+
+fn headline(s: &Status) -> &'static str {
+    match s.state {
+        CageState::Open => "Open: the caged hosts reach the internet and nothing else",
+        CageState::Isolated => "ISOLATED: the segment is cut off from everything",
+        CageState::Lockdown => {
+            "LOCKED DOWN: no usable configuration, all traffic of the segment is dropped"
+        }
+    }
+}
+
+fn render(s: &Status, csrf: &str) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "<section class=\"state {state}\"><h1 id=cage-state data-state=\"{state}\">{}</h1>",
+        esc(headline(s)),
+        state = s.state.as_str()
+    );
+    if s.since > 0 {
+        let _ = write!(
+            o,
+            "<p id=state-detail>{} since {}{}{}</p>",
+            if s.isolated { "Isolated" } else { "Released" },
+            esc(&html::time(s.since)),
+            s.source
+                .as_deref()
+                .map(|src| format!(", by {} ({})", esc(&s.who), esc(src)))
+                .unwrap_or_default(),
+            if s.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", esc(&s.reason))
+            }
+        );
+    }
+    if !s.enforcing {
+        o.push_str(
+            "<p class=error>Cage's tables are not in the kernel: the segment is NOT caged.</p>",
+        );
+    }
+    o.push_str("</section>");
+    if s.isolated {
+        let _ = write!(
+            o,
+            "<form method=post action=\"/release\" class=release>{}\
+             <label for=release-reason>Reason (for the audit log)</label>\
+             <input id=release-reason name=reason maxlength={MAX_REASON}>\
+             <button id=release type=submit>Release…</button></form>",
+            html::csrf_field(csrf)
+        );
+    } else {
+        let _ = write!(
+            o,
+            "<form method=post action=\"/isolate\" class=isolate>{}\
+             <label for=isolate-reason>Reason (optional)</label>\
+             <input id=isolate-reason name=reason maxlength={MAX_REASON}>\
+             <button id=isolate class=big-red type=submit>ISOLATE</button></form>",
+            html::csrf_field(csrf)
+        );
+    }
+    let _ = write!(
+        o,
+        "<section class=counts><div><b id=count-flows>{}</b> flows logged</div>\
+         <div><b id=count-blocked>{}</b> blocked attempts</div>\
+         <div><b id=count-lost>{}</b> records lost</div></section>",
+        s.flows, s.blocked, s.lost
+    );
+    match &s.selftest {
+        Some(t) => {
+            let _ = write!(
+                o,
+                "<p id=selftest class=\"{}\">Self-test {} at {}: {}</p>",
+                if t.ok { "ok" } else { "error" },
+                if t.ok { "passed" } else { "FAILED" },
+                esc(&html::time(t.finished_at)),
+                esc(&t.verdict)
+            );
+        }
+        None => {
+            o.push_str("<p id=selftest>No self-test has run yet (<code>cage selftest</code>).</p>")
+        }
+    }
+    if !s.problems.is_empty() {
+        o.push_str("<ul id=problems class=error>");
+        for p in &s.problems {
+            let _ = write!(o, "<li>{}</li>", esc(p));
+        }
+        o.push_str("</ul>");
+    }
+    o
+}
+
+pub async fn page(State(state): State<AppState>, authed: Authed) -> Html<String> {
+    let s = state.backend.status().await;
+    html::page(
+        "Dashboard",
+        "dashboard",
+        &authed.session.csrf,
+        &render(&s, &authed.session.csrf),
+    )
+}
+
+#[derive(Deserialize)]
+pub struct ReasonForm {
+    #[serde(default)]
+    reason: String,
+    /// Set by the confirmation step of a release.
+    #[serde(default)]
+    confirm: String,
+}
+
+pub async fn isolate(
+    State(state): State<AppState>,
+    PageForm(authed, form): PageForm<ReasonForm>,
+) -> Result<Redirect, WebError> {
+    let reason = short_text("reason", &form.reason, MAX_REASON)?;
+    state.backend.isolate(reason, authed.who()).await?;
+    Ok(Redirect::to("/"))
+}
+
+/// The release form leads to a confirmation step; only the confirmed form releases.
+pub async fn release(
+    State(state): State<AppState>,
+    PageForm(authed, form): PageForm<ReasonForm>,
+) -> Result<Response, WebError> {
+    let reason = short_text("reason", &form.reason, MAX_REASON)?;
+    if form.confirm != "yes" {
+        let body = format!(
+            "<h1>Release the cage?</h1><p>The caged hosts get their usual access again: \
+             the internet, and nothing else.</p>\
+             <form method=post action=\"/release\">{}<input type=hidden name=reason value=\"{}\">\
+             <input type=hidden name=confirm value=yes>\
+             <button id=release-confirm type=submit>Yes, release</button> \
+             <a href=\"/\" id=release-cancel>Cancel</a></form>",
+            html::csrf_field(&authed.session.csrf),
+            esc(&reason)
+        );
+        return Ok(html::page("Release", "dashboard", &authed.session.csrf, &body).into_response());
+    }
+    state.backend.release(reason, authed.who()).await?;
+    Ok(Redirect::to("/").into_response())
+}
+
+pub async fn api_state(State(state): State<AppState>, _: Authed) -> Json<Status> {
+    Json(state.backend.status().await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    #[serde(default)]
+    reason: String,
+}
+
+pub async fn api_isolate(
+    State(state): State<AppState>,
+    ApiJson(authed, body): ApiJson<ReasonBody>,
+) -> Result<Json<Status>, WebError> {
+    let reason = short_text("reason", &body.reason, MAX_REASON).map_err(|e| e.api(true))?;
+    state
+        .backend
+        .isolate(reason, authed.who())
+        .await
+        .map_err(|e| WebError::from(e).api(true))?;
+    Ok(Json(state.backend.status().await))
+}
+
+pub async fn api_release(
+    State(state): State<AppState>,
+    ApiJson(authed, body): ApiJson<ReasonBody>,
+) -> Result<Json<Status>, WebError> {
+    let reason = short_text("reason", &body.reason, MAX_REASON).map_err(|e| e.api(true))?;
+    state
+        .backend
+        .release(reason, authed.who())
+        .await
+        .map_err(|e| WebError::from(e).api(true))?;
+    Ok(Json(state.backend.status().await))
+}

@@ -1,0 +1,127 @@
+//! Cage's LAN web page and JSON API: an axum router over a [`Backend`].
+//!
+//! *Only `cage-web` knows HTTP.* It renders the pages on the server (one small CSS and one
+//! small script, embedded, served from `/assets/`), keeps sessions in memory, and asks the
+//! agent for everything else through [`Backend`], which `cage-agent` implements with the
+//! real kill switch, flow log and configuration. The page sits next to a hostile host, so
+//! every request passes [`security::guard`] (Host and Origin checks, security headers)
+//! and every change needs a session and its CSRF token ([`auth`]).
+
+pub mod alerts;
+pub mod assets;
+pub mod auth;
+pub mod backend;
+pub mod dashboard;
+pub mod error;
+pub mod flows;
+pub mod hosts;
+pub mod html;
+pub mod login;
+pub mod security;
+pub mod session;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use backend::{
+    hosts_from_flows, Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow,
+    FlowFilter, Host, SelfTest, Settings, Status,
+};
+pub use error::WebError;
+pub use session::{check_phc, hash_password, password_problem, verify_password};
+
+/// Request bodies larger than this are refused (413): every form and JSON body of the
+/// page is a few hundred bytes.
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// What every handler shares: the agent and the in-memory sessions.
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Arc<dyn Backend>,
+    sessions: Arc<Mutex<session::Sessions>>,
+    limiter: Arc<Mutex<session::Limiter>>,
+    /// Held while the first-run setup sets the password, so two cannot race.
+    setup: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl AppState {
+    pub fn new(backend: Arc<dyn Backend>) -> AppState {
+        AppState {
+            backend,
+            sessions: Arc::default(),
+            limiter: Arc::default(),
+            setup: Arc::default(),
+        }
+    }
+
+    /// The sessions. A poisoned lock is taken as it is: its data is a map that a panic
+    /// cannot leave half-written in a way that matters (and `cage` aborts on panic).
+    pub(crate) fn sessions(&self) -> MutexGuard<'_, session::Sessions> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn limiter(&self) -> MutexGuard<'_, session::Limiter> {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every route of the page and the API, in one place.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        // Without a session.
+        .route("/login", get(login::login_page).post(login::login))
+        .route("/setup", get(login::setup_page).post(login::setup))
+        .route("/assets/cage.css", get(assets::css))
+        .route("/assets/cage.js", get(assets::js))
+        .route("/api/login", post(login::api_login))
+        // Pages.
+        .route("/", get(dashboard::page))
+        .route("/isolate", post(dashboard::isolate))
+        .route("/release", post(dashboard::release))
+        .route("/hosts", get(hosts::page))
+        .route("/flows", get(flows::page))
+        .route("/flows.jsonl", get(flows::download_jsonl))
+        .route("/flows.csv", get(flows::download_csv))
+        .route("/alerts", get(alerts::page))
+        .route("/settings", get(settings::page).post(settings::apply))
+        .route("/settings/password", post(settings::password))
+        .route("/logout", post(login::logout))
+        // The JSON API.
+        .route("/api/logout", post(login::api_logout))
+        .route("/api/state", get(dashboard::api_state))
+        .route("/api/isolate", post(dashboard::api_isolate))
+        .route("/api/release", post(dashboard::api_release))
+        .route("/api/flows", get(flows::api_flows))
+        .route("/api/hosts", get(hosts::api_hosts))
+        .route("/api/audit", get(alerts::api_audit))
+        .route("/api/alerts", get(alerts::api_alerts))
+        .fallback(security::not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::guard,
+        ))
+        .with_state(state)
+}
+
+/// Serve the page on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+#[cfg(test)]
+mod tests;
