@@ -1,8 +1,8 @@
 //! Install what building and testing Cage needs, idempotently and quickly when it is
-//! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3, Chromium and its
-//! WebDriver for the web page's browser test) and the
-//! rustup components the checks use, and the eBPF toolchain (nightly's rust-src and a
-//! bpf-linker built against the nightly toolchain's own libLLVM).
+//! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3, and
+//! Chromium with its WebDriver for the web page's browser test), the rustup components
+//! the checks use, and the eBPF toolchain (nightly's rust-src and a bpf-linker built
+//! against the nightly toolchain's own libLLVM).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
