@@ -6,6 +6,7 @@
 //! option and the line, and say what would be accepted. Nothing else in Cage reads the
 //! configuration text.
 
+pub mod edit;
 pub mod uci;
 pub mod validate;
 
