@@ -117,6 +117,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // The LAN web page, on a thread of its own; it never stops the daemon. Started once
+    // SIGHUP is caught, since saving its settings sends one.
+    if let Err(e) = crate::web::spawn(config_path, d.current.config.clone()) {
+        log::error(&format!(
+            "the web page is off: cannot start its thread: {e}"
+        ));
+    }
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.tick().await;
     let mut auto_tick = tokio::time::interval(AUTO_INTERVAL);

@@ -388,6 +388,27 @@ pub fn read(dir: &Path, keep: u32, filter: &Filter) -> (Vec<FlowRecord>, usize) 
     (out, bad)
 }
 
+/// All records that match `filter`, oldest first: the log and, when
+/// `flowlog.persist_dir` is set, its copy on flash (after a reboot the RAM log starts
+/// empty; the copy has the past, and where the two overlap each record is shown once).
+pub fn read_all(cfg: &Config, filter: &Filter) -> (Vec<FlowRecord>, usize) {
+    let (mut records, bad) = read(&dir(cfg), cfg.flowlog.log_files, filter);
+    if let Some(persist) = &cfg.flowlog.persist_dir {
+        let (old, _) = read(persist, cfg.flowlog.log_files, filter);
+        let seen: std::collections::HashSet<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap_or_default())
+            .collect();
+        let mut merged: Vec<FlowRecord> = old
+            .into_iter()
+            .filter(|r| !seen.contains(&serde_json::to_string(r).unwrap_or_default()))
+            .collect();
+        merged.append(&mut records);
+        records = merged;
+    }
+    (records, bad)
+}
+
 /// One line of `cage flows`' table.
 pub fn table_line(r: &FlowRecord) -> String {
     let end = |a: IpAddr, p: Option<u16>| match (a, p) {

@@ -20,3 +20,4 @@ pub mod policy;
 pub mod probe;
 pub mod selftest;
 pub mod status;
+pub mod web;

@@ -69,6 +69,10 @@ enum Command {
     /// A hardware button event, as OpenWrt's button hotplug reports it (the hotplug
     /// script calls this with $BUTTON and $ACTION).
     Button { button: String, action: String },
+    /// Set the web page's password: read from the terminal twice (or one line from
+    /// standard input when it is not a terminal), stored as an argon2 hash in
+    /// cage.main.password_hash. At least 8 characters.
+    Passwd,
     /// The flow log: recent flows, newest last.
     Flows {
         /// Only flows of this caged host or peer address.
@@ -105,6 +109,7 @@ async fn main() -> ExitCode {
         Command::Isolate { reason } => switch(&cli.config, true, Source::Cli, &reason).await,
         Command::Release { reason } => switch(&cli.config, false, Source::Cli, &reason).await,
         Command::Button { button, action } => press(&cli.config, &button, &action).await,
+        Command::Passwd => passwd(&cli.config),
         Command::Flows {
             host,
             port,
@@ -213,6 +218,13 @@ async fn switch(
     Ok(ExitCode::SUCCESS)
 }
 
+fn passwd(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let (password, confirm) = cage_agent::web::read_new_password()?;
+    cage_agent::web::set_password(path, &password, &confirm)?;
+    eprintln!("cage: the web page's password is set ({})", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn press(path: &std::path::Path, button: &str, action: &str) -> anyhow::Result<ExitCode> {
     let cfg = config::load(path)?;
     let reason = format!("button {button} {action}");
@@ -275,22 +287,7 @@ fn show_flows(
             println!("{}", flows::table_line(r));
         }
     };
-    let (mut records, bad) = flows::read(&dir, cfg.flowlog.log_files, filter);
-    if let Some(persist) = &cfg.flowlog.persist_dir {
-        // After a reboot the RAM log starts empty; the copy on flash has the past. The
-        // two overlap where both have the same records.
-        let (old, _) = flows::read(persist, cfg.flowlog.log_files, filter);
-        let seen: std::collections::HashSet<String> = records
-            .iter()
-            .map(|r| serde_json::to_string(r).unwrap_or_default())
-            .collect();
-        let mut merged: Vec<flows::FlowRecord> = old
-            .into_iter()
-            .filter(|r| !seen.contains(&serde_json::to_string(r).unwrap_or_default()))
-            .collect();
-        merged.append(&mut records);
-        records = merged;
-    }
+    let (records, bad) = flows::read_all(&cfg, filter);
     let skip = if limit == 0 {
         0
     } else {

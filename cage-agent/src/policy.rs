@@ -1005,6 +1005,8 @@ mod tests {
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
                 mode: crate::config::Mode::Auto,
+                password_hash: None,
+                web_hostnames: vec![],
             },
             segment: Segment {
                 bridge: "br-cage".into(),

@@ -17,6 +17,9 @@ use crate::nft::{self, Count};
 pub struct Status {
     /// Whether Cage's tables are in the kernel: the cage holds whether or not the daemon runs.
     pub enforcing: bool,
+    /// Whether the kernel holds the lockdown policy (`policy::lockdown`): no usable
+    /// configuration at start, everything of the segment dropped.
+    pub lockdown: bool,
     pub config: String,
     /// The configuration's validation error, if it has one.
     pub config_error: Option<String>,
@@ -93,10 +96,10 @@ pub async fn gather(config_path: &Path) -> Status {
         }
     };
     let enforcing = counters.is_some();
-    if counters
+    let lockdown = counters
         .as_ref()
-        .is_some_and(|c| c.contains_key(crate::policy::LOCKDOWN))
-    {
+        .is_some_and(|c| c.contains_key(crate::policy::LOCKDOWN));
+    if lockdown {
         problems.push(
             "LOCKED DOWN: cage run could not use the configuration at start and no policy \
              was in the kernel, so all traffic of the segment is dropped; fix the \
@@ -190,6 +193,7 @@ pub async fn gather(config_path: &Path) -> Status {
     }
     Status {
         enforcing,
+        lockdown,
         config: config_path.display().to_string(),
         config_error,
         daemon,

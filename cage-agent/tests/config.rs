@@ -26,6 +26,8 @@ fn example_config_parses_to_the_expected_config() {
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
                 mode: cage_agent::config::Mode::Auto,
+                password_hash: None,
+                web_hostnames: vec![],
             },
             segment: Segment {
                 bridge: "br-cage".into(),
@@ -66,6 +68,8 @@ fn empty_config_is_all_defaults() {
                 web_listen: "192.168.8.1:8080".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
                 mode: cage_agent::config::Mode::Auto,
+                password_hash: None,
+                web_hostnames: vec![],
             },
             segment: Segment {
                 bridge: "br-cage".into(),

@@ -143,6 +143,8 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
             web_listen: "192.168.8.1:8080".parse::<SocketAddr>().unwrap(),
             bpf_dir: "/sys/fs/bpf/cage".into(),
             mode: cage_agent::config::Mode::Auto,
+            password_hash: None,
+            web_hostnames: vec![],
         },
         segment: Segment {
             bridge: "br-cage".into(),

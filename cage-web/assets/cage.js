@@ -18,13 +18,33 @@
     if (el) { el.textContent = String(value); }
   }
 
-  // Dashboard: the counts follow the agent; a change of state reloads the page, which
-  // shows the right button.
+  function utc(unix) {
+    return new Date(unix * 1000).toISOString().slice(0, 19).replace("T", " ") + " UTC";
+  }
+
+  function show(id, on) {
+    var el = document.getElementById(id);
+    if (el) { el.hidden = !on; }
+  }
+
+  // Dashboard: the state, its forms and the counts follow the agent, whoever pressed.
   var state = document.getElementById("cage-state");
-  if (state) {
+  var box = document.getElementById("state-box");
+  if (state && box) {
     setInterval(function () {
       getJSON("/api/state", function (s) {
-        if (s.state !== state.getAttribute("data-state")) { location.reload(); return; }
+        if (s.state !== state.getAttribute("data-state")) {
+          state.textContent = box.getAttribute("data-" + s.state) || s.state;
+          state.setAttribute("data-state", s.state);
+          box.className = "state " + s.state;
+        }
+        show("isolate-form", !s.isolated);
+        show("release-form", s.isolated);
+        if (s.since > 0) {
+          text("state-detail", (s.isolated ? "Isolated" : "Released") + " since " + utc(s.since) +
+            (s.source ? ", by " + s.who + " (" + s.source + ")" : "") +
+            (s.reason ? ": " + s.reason : ""));
+        }
         text("count-flows", s.flows);
         text("count-blocked", s.blocked);
         text("count-lost", s.lost);

@@ -16,8 +16,9 @@ use crate::{AppState, WebError};
 /// Reasons longer than this are refused: they go to the audit log.
 pub const MAX_REASON: usize = 200;
 
-fn headline(s: &Status) -> &'static str {
-    match s.state {
+/// The headline of each state (also given to the script as `data-open` …).
+fn headline(state: CageState) -> &'static str {
+    match state {
         CageState::Open => "Open: the caged hosts reach the internet and nothing else",
         CageState::Isolated => "ISOLATED: the segment is cut off from everything",
         CageState::Lockdown => {
@@ -30,14 +31,19 @@ fn render(s: &Status, csrf: &str) -> String {
     let mut o = String::new();
     let _ = write!(
         o,
-        "<section class=\"state {state}\"><h1 id=cage-state data-state=\"{state}\">{}</h1>",
-        esc(headline(s)),
+        "<section class=\"state {state}\" id=state-box data-open=\"{}\" data-isolated=\"{}\" \
+         data-lockdown=\"{}\"><h1 id=cage-state data-state=\"{state}\">{}</h1>",
+        esc(headline(CageState::Open)),
+        esc(headline(CageState::Isolated)),
+        esc(headline(CageState::Lockdown)),
+        esc(headline(s.state)),
         state = s.state.as_str()
     );
+    o.push_str("<p id=state-detail>");
     if s.since > 0 {
         let _ = write!(
             o,
-            "<p id=state-detail>{} since {}{}{}</p>",
+            "{} since {}{}{}",
             if s.isolated { "Isolated" } else { "Released" },
             esc(&html::time(s.since)),
             s.source
@@ -51,31 +57,33 @@ fn render(s: &Status, csrf: &str) -> String {
             }
         );
     }
+    o.push_str("</p>");
     if !s.enforcing {
         o.push_str(
             "<p class=error>Cage's tables are not in the kernel: the segment is NOT caged.</p>",
         );
     }
     o.push_str("</section>");
-    if s.isolated {
-        let _ = write!(
-            o,
-            "<form method=post action=\"/release\" class=release>{}\
-             <label for=release-reason>Reason (for the audit log)</label>\
-             <input id=release-reason name=reason maxlength={MAX_REASON}>\
-             <button id=release type=submit>Release…</button></form>",
-            html::csrf_field(csrf)
-        );
-    } else {
-        let _ = write!(
-            o,
-            "<form method=post action=\"/isolate\" class=isolate>{}\
-             <label for=isolate-reason>Reason (optional)</label>\
-             <input id=isolate-reason name=reason maxlength={MAX_REASON}>\
-             <button id=isolate class=big-red type=submit>ISOLATE</button></form>",
-            html::csrf_field(csrf)
-        );
-    }
+    // Both forms are on the page; the one that does not apply is hidden, so that the
+    // script can switch them when the state changes elsewhere (`cage isolate`).
+    let _ = write!(
+        o,
+        "<form method=post action=\"/isolate\" class=isolate id=isolate-form{}>{}\
+         <label for=isolate-reason>Reason (optional)</label>\
+         <input id=isolate-reason name=reason maxlength={MAX_REASON}>\
+         <button id=isolate class=big-red type=submit>ISOLATE</button></form>",
+        if s.isolated { " hidden" } else { "" },
+        html::csrf_field(csrf)
+    );
+    let _ = write!(
+        o,
+        "<form method=post action=\"/release\" class=release id=release-form{}>{}\
+         <label for=release-reason>Reason (for the audit log)</label>\
+         <input id=release-reason name=reason maxlength={MAX_REASON}>\
+         <button id=release type=submit>Release…</button></form>",
+        if s.isolated { "" } else { " hidden" },
+        html::csrf_field(csrf)
+    );
     let _ = write!(
         o,
         "<section class=counts><div><b id=count-flows>{}</b> flows logged</div>\

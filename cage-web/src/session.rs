@@ -128,8 +128,8 @@ impl Sessions {
     }
 }
 
-/// Exponential backoff after failed logins: per client address (1 s after the first
-/// failure, doubling up to 5 minutes) and for all clients together (free for the first
+/// Exponential backoff after failed logins: per client address (the first 3 failures are
+/// free, a typo is no attack; then 1 s, doubling up to 5 minutes) and for all clients together (free for the first
 /// 10 failures, then doubling from 1 s up to 1 minute), so that guessing from many
 /// addresses is slowed down as well. A success clears the address's record.
 #[derive(Debug, Default)]
@@ -145,6 +145,7 @@ struct Backoff {
     last: Option<Instant>,
 }
 
+const IP_FREE: u32 = 3;
 const IP_MAX_DELAY: Duration = Duration::from_secs(300);
 const GLOBAL_FREE: u32 = 10;
 const GLOBAL_MAX_DELAY: Duration = Duration::from_secs(60);
@@ -183,7 +184,9 @@ impl Limiter {
         if self.per_ip.len() < MAX_TRACKED || self.per_ip.contains_key(&ip) {
             let b = self.per_ip.entry(ip).or_default();
             b.failures = b.failures.saturating_add(1);
-            b.until = Some(now + doubling(b.failures, IP_MAX_DELAY));
+            if b.failures > IP_FREE {
+                b.until = Some(now + doubling(b.failures - IP_FREE, IP_MAX_DELAY));
+            }
             b.last = Some(now);
         }
         let g = &mut self.global;
@@ -299,6 +302,10 @@ mod tests {
         let mut l = Limiter::default();
         let ip: IpAddr = "192.168.8.10".parse().unwrap();
         let t0 = Instant::now();
+        for _ in 0..IP_FREE {
+            assert!(l.check(ip, t0).is_ok());
+            l.failure(ip, t0);
+        }
         assert!(l.check(ip, t0).is_ok());
         l.failure(ip, t0);
         assert_eq!(l.check(ip, t0), Err(Duration::from_secs(1)));

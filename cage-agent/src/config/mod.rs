@@ -60,6 +60,13 @@ pub struct Main {
     pub bpf_dir: PathBuf,
     /// Who makes the segment: Cage itself (standalone Linux), or netifd (OpenWrt).
     pub mode: Mode,
+    /// The web page's password as an argon2 PHC string (`cage passwd`, or the page's
+    /// first-run setup); `None` until one is set. Never printed.
+    #[serde(skip_serializing)]
+    pub password_hash: Option<String>,
+    /// Host names the web page answers to besides its address (`list web_hostname`);
+    /// a request naming any other host is refused (DNS rebinding).
+    pub web_hostnames: Vec<String>,
 }
 
 /// `cage.main.mode`.

@@ -95,6 +95,8 @@ const CAGE: SectionType = SectionType {
         ("web_listen", Arity::One),
         ("bpf_dir", Arity::One),
         ("mode", Arity::One),
+        ("password_hash", Arity::One),
+        ("web_hostname", Arity::Many),
     ],
 };
 const SEGMENT: SectionType = SectionType {
@@ -210,6 +212,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             printable(s)
         )),
     });
+
+    let password_hash = v.one(&cage, "password_hash", None, |s| {
+        cage_web::check_phc(s)
+            .map(|()| Some(s.to_owned()))
+            .map_err(|e| format!("the value {e}"))
+    });
+    let web_hostnames = v.many(&cage, "web_hostname", web_hostname);
 
     let bridge = v.one(&segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
         interface(s, "br-cage")
@@ -478,6 +487,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             web_listen: web_listen.value,
             bpf_dir: bpf_dir.value,
             mode: mode.value,
+            password_hash: password_hash.value,
+            web_hostnames: web_hostnames.into_iter().map(|h| h.value).collect(),
         },
         segment: Segment {
             bridge: bridge.value,
@@ -1013,6 +1024,34 @@ fn absolute_path(s: &str, example: &str) -> Result<PathBuf, String> {
             printable(s)
         ))
     }
+}
+
+/// A DNS name the web page answers to: letters, digits, '-' and dots, as a browser puts
+/// it in the Host header (no port, no address: the listen address always counts).
+fn web_hostname(s: &str) -> Result<String, String> {
+    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "'{}' is not a host name; give a DNS name such as cage.lan or router.home.arpa \
+             (no port, no scheme)",
+            printable(s)
+        ));
+    }
+    if name.parse::<IpAddr>().is_ok() || name.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "'{}' is an address, not a name; the listen address (web_listen) is always \
+             accepted, give names only",
+            printable(s)
+        ));
+    }
+    Ok(name)
 }
 
 fn web_listen(s: &str) -> Result<SocketAddr, String> {

@@ -1,0 +1,556 @@
+//! The web page's side of the agent: [`AgentBackend`] gives `cage-web` the real kill
+//! switch, status, flow log, audit log and configuration, and [`spawn`] serves the page
+//! from `cage run` on `cage.main.web_listen`.
+//!
+//! The page runs on a thread of its own with its own runtime, so a busy page never delays
+//! the daemon's work (draining NFLOG, writing the flow log, watching the policy). It
+//! must never stop the daemon either: an address that cannot be bound yet (netifd has
+//! not put it on the LAN bridge) is tried again every few seconds, and every error of a
+//! request is an answer, not a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use cage_web::{
+    Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow, FlowFilter, Host, SelfTest,
+    Settings, Status,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use crate::config::edit::{self, Edit};
+use crate::config::{self, Config};
+use crate::flows::{self, FlowRecord};
+use crate::killswitch::{self, Source};
+use crate::log;
+use crate::status;
+
+/// How long to wait before trying to bind the listen address again.
+pub const BIND_RETRY: Duration = Duration::from_secs(3);
+/// How often a serving page checks whether `web_listen` was changed.
+const LISTEN_CHECK: Duration = Duration::from_secs(5);
+
+/// The configuration as last read, and the file's modification time and size then.
+struct Cached {
+    stamp: Option<(SystemTime, u64)>,
+    cfg: Config,
+}
+
+/// The agent behind the web page. It reads the configuration file again whenever it
+/// changed on disk (a valid one; a broken file leaves the last good one in use, as the
+/// daemon does).
+pub struct AgentBackend {
+    path: PathBuf,
+    cached: Mutex<Cached>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn failed(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed(e.to_string())
+}
+
+impl AgentBackend {
+    pub fn new(path: &Path, cfg: Config) -> AgentBackend {
+        AgentBackend {
+            path: path.to_owned(),
+            cached: Mutex::new(Cached {
+                stamp: stamp(path),
+                cfg,
+            }),
+        }
+    }
+
+    /// The configuration in force for the page.
+    pub fn config(&self) -> Config {
+        let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let now = stamp(&self.path);
+        if now != c.stamp {
+            c.stamp = now;
+            match config::load(&self.path) {
+                Ok(cfg) => c.cfg = cfg,
+                Err(e) => log::warn(&format!(
+                    "web page: the configuration changed but is not valid, the last good one \
+                     stays in use: {e}"
+                )),
+            }
+        }
+        c.cfg.clone()
+    }
+
+    fn remember(&self, cfg: Config) {
+        let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        c.stamp = stamp(&self.path);
+        c.cfg = cfg;
+    }
+
+    /// Apply `edits` to the configuration file (all or nothing, with the validator's
+    /// messages), then have `cage run` reload it when `reload`.
+    async fn edit(&self, edits: Vec<Edit>, reload: bool) -> Result<Config, BackendError> {
+        let path = self.path.clone();
+        let cfg = tokio::task::spawn_blocking(move || edit::edit_file(&path, &edits))
+            .await
+            .map_err(failed)?
+            .map_err(|e| match e {
+                edit::EditError::Read { .. } | edit::EditError::Write { .. } => failed(e),
+                e => BackendError::Refused(e.to_string()),
+            })?;
+        self.remember(cfg.clone());
+        if reload {
+            match edit::request_reload(&cfg) {
+                Ok(true) => {}
+                Ok(false) => log::warn(
+                    "web page: settings saved, but no `cage run` is running to apply them",
+                ),
+                Err(e) => log::error(&format!(
+                    "web page: settings saved, but cage run could not be told to apply them: {e}"
+                )),
+            }
+        }
+        Ok(cfg)
+    }
+
+    async fn records(&self, filter: FlowFilter) -> Result<Vec<Flow>, BackendError> {
+        let cfg = self.config();
+        let filter = flows::Filter {
+            host: filter.host,
+            port: filter.port,
+            verdict: filter.verdict,
+        };
+        let (records, _bad) = tokio::task::spawn_blocking(move || flows::read_all(&cfg, &filter))
+            .await
+            .map_err(failed)?;
+        Ok(records.into_iter().map(flow).collect())
+    }
+}
+
+/// A flow log record as the page's type (the same fields).
+pub fn flow(r: FlowRecord) -> Flow {
+    Flow {
+        start: r.start,
+        end: r.end,
+        verdict: r.verdict,
+        rule: r.rule,
+        proto: r.proto,
+        host: r.host,
+        host_port: r.host_port,
+        mac: r.mac,
+        peer: r.peer,
+        peer_port: r.peer_port,
+        direction: r.direction,
+        packets_out: r.packets_out,
+        bytes_out: r.bytes_out,
+        packets_in: r.packets_in,
+        bytes_in: r.bytes_in,
+        tag: r.tag,
+        tcp_flags: r.tcp_flags,
+        hostname: r.hostname,
+    }
+}
+
+fn audit_entry(e: killswitch::AuditEntry) -> AuditEntry {
+    AuditEntry {
+        time: e.time,
+        action: e.action,
+        source: e.source.to_string(),
+        reason: e.reason,
+        who: e.who,
+        result: e.result,
+    }
+}
+
+/// `cage status`, as the page shows it.
+pub fn page_status(s: &status::Status) -> Status {
+    let isolation = s.isolation.clone().unwrap_or_default();
+    let state = if s.lockdown {
+        CageState::Lockdown
+    } else if isolation.isolated {
+        CageState::Isolated
+    } else {
+        CageState::Open
+    };
+    let lost = s
+        .flow_log
+        .map(|f| {
+            f.rotated_away
+                + f.nflog_overruns
+                + f.nflog_dropped
+                + f.ebpf_evicted
+                + f.ebpf_update_failed
+                + f.persist_over_budget
+        })
+        .unwrap_or(0)
+        + s.unlogged;
+    Status {
+        state,
+        isolated: isolation.isolated,
+        reason: isolation.reason,
+        since: isolation.since,
+        source: isolation.source.map(|s| s.to_string()),
+        who: isolation.who,
+        enforcing: s.enforcing,
+        flows: s.flow_log.map(|f| f.written).unwrap_or(0),
+        blocked: s.denied_total,
+        lost,
+        selftest: s.selftest.as_ref().map(|t| SelfTest {
+            finished_at: t.finished_at,
+            ok: t.ok,
+            verdict: t.verdict.clone(),
+        }),
+        problems: s.problems.clone(),
+    }
+}
+
+/// Unset an option when the field was left empty (the default applies), set it otherwise.
+fn set_or_unset(kind: &str, section: &str, option: &str, value: &str) -> Edit {
+    if value.is_empty() {
+        Edit::unset(kind, section, option)
+    } else {
+        Edit::set(kind, section, option, value)
+    }
+}
+
+/// The edits that make the configuration say `s`.
+pub fn settings_edits(s: &Settings) -> Vec<Edit> {
+    vec![
+        set_or_unset("segment", "ai", "address", &s.address),
+        Edit::set("segment", "ai", "ipv6", if s.ipv6 { "1" } else { "0" }),
+        set_or_unset("segment", "ai", "address6", &s.address6),
+        Edit::set_list("lan", "lan", "admin_host", &s.admin_hosts),
+        set_or_unset("killswitch", "killswitch", "auto_blocked", &s.auto_blocked),
+        set_or_unset(
+            "killswitch",
+            "killswitch",
+            "auto_upload_bytes",
+            &s.auto_upload_bytes,
+        ),
+        set_or_unset("killswitch", "killswitch", "auto_window", &s.auto_window),
+        Edit::set_list("cage", "main", "web_hostname", &s.web_hostnames),
+    ]
+}
+
+impl Backend for AgentBackend {
+    fn access(&self) -> Access {
+        let cfg = self.config();
+        Access {
+            listen: cfg.main.web_listen,
+            hostnames: cfg.main.web_hostnames,
+        }
+    }
+
+    fn status(&self) -> BoxFuture<'_, Status> {
+        async move { page_status(&status::gather(&self.path).await) }.boxed()
+    }
+
+    fn isolate(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>> {
+        async move {
+            let cfg = self.config();
+            killswitch::isolate(&cfg, Source::Web, &reason, &who)
+                .await
+                .map(drop)
+                .map_err(failed)
+        }
+        .boxed()
+    }
+
+    fn release(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>> {
+        async move {
+            let cfg = self.config();
+            killswitch::release(&cfg, Source::Web, &reason, &who)
+                .await
+                .map(drop)
+                .map_err(failed)
+        }
+        .boxed()
+    }
+
+    fn flows(
+        &self,
+        filter: FlowFilter,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Flow>, BackendError>> {
+        async move {
+            let mut all = self.records(filter).await?;
+            if limit > 0 && all.len() > limit {
+                all.drain(..all.len() - limit);
+            }
+            Ok(all)
+        }
+        .boxed()
+    }
+
+    fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>> {
+        async move {
+            let all = self.records(FlowFilter::default()).await?;
+            Ok(cage_web::hosts_from_flows(&all))
+        }
+        .boxed()
+    }
+
+    fn audit(&self, n: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
+        async move {
+            let cfg = self.config();
+            tokio::task::spawn_blocking(move || killswitch::audit_tail(&cfg, n))
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(audit_entry)
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn alerts(&self) -> BoxFuture<'_, Vec<Alert>> {
+        async move {
+            let s = status::gather(&self.path).await;
+            let mut alerts = Vec::new();
+            let audit = self.audit(cage_web::alerts::AUDIT_TAIL).await;
+            for e in audit.iter().rev() {
+                if e.source == "auto" && e.action == "isolate" {
+                    alerts.push(Alert {
+                        time: Some(e.time),
+                        kind: "auto-isolation".into(),
+                        text: e.reason.clone(),
+                    });
+                }
+                if e.result != "ok" {
+                    alerts.push(Alert {
+                        time: Some(e.time),
+                        kind: "kill-switch".into(),
+                        text: format!("{} by {} failed: {}", e.action, e.who, e.result),
+                    });
+                }
+            }
+            if let Some(t) = s.selftest.as_ref().filter(|t| !t.ok) {
+                alerts.push(Alert {
+                    time: Some(t.finished_at),
+                    kind: "selftest".into(),
+                    text: format!("the self-test failed: {}", t.verdict),
+                });
+            }
+            if let Some(f) = s.flow_log {
+                let parts = [
+                    (f.rotated_away, "records rotated away unread"),
+                    (
+                        f.nflog_overruns,
+                        "denied packets the kernel could not hand over",
+                    ),
+                    (
+                        f.nflog_dropped,
+                        "denied packets the collector could not keep up with",
+                    ),
+                    (s.unlogged, "denied packets over the log's rate limit"),
+                    (
+                        f.ebpf_evicted,
+                        "flows evicted from the eBPF map before they were written",
+                    ),
+                    (
+                        f.ebpf_update_failed,
+                        "packets the eBPF map could not record",
+                    ),
+                    (f.persist_over_budget, "records over the flash write budget"),
+                ];
+                for (n, what) in parts {
+                    if n > 0 {
+                        alerts.push(Alert {
+                            time: None,
+                            kind: "lost-records".into(),
+                            text: format!("{n} {what}"),
+                        });
+                    }
+                }
+            }
+            for p in s
+                .problems
+                .iter()
+                .filter(|p| !p.starts_with("the last self-test"))
+            {
+                alerts.push(Alert {
+                    time: None,
+                    kind: "problem".into(),
+                    text: p.clone(),
+                });
+            }
+            alerts
+        }
+        .boxed()
+    }
+
+    fn settings(&self) -> BoxFuture<'_, Result<Settings, BackendError>> {
+        async move {
+            let cfg = self.config();
+            Ok(Settings {
+                address: cfg.segment.address.to_string(),
+                ipv6: cfg.segment.ipv6,
+                address6: cfg
+                    .segment
+                    .address6
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                admin_hosts: cfg.lan.admin_hosts.iter().map(|h| h.to_string()).collect(),
+                auto_blocked: cfg.killswitch.auto_blocked.to_string(),
+                auto_upload_bytes: cfg.killswitch.auto_upload_bytes.to_string(),
+                auto_window: cfg.killswitch.auto_window.to_string(),
+                web_hostnames: cfg.main.web_hostnames.clone(),
+            })
+        }
+        .boxed()
+    }
+
+    fn apply_settings(&self, settings: Settings) -> BoxFuture<'_, Result<(), BackendError>> {
+        async move {
+            self.edit(settings_edits(&settings), true).await?;
+            log::info("web page: settings changed; cage run reloads the configuration");
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn password_hash(&self) -> BoxFuture<'_, Option<String>> {
+        async move { self.config().main.password_hash }.boxed()
+    }
+
+    fn set_password_hash(&self, phc: String) -> BoxFuture<'_, Result<(), BackendError>> {
+        async move {
+            // The password does not change the policy: nothing to reload.
+            self.edit(
+                vec![Edit::set("cage", "main", "password_hash", &phc)],
+                false,
+            )
+            .await?;
+            log::info("web page: the password was set");
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// Serve the page from `cage run`, on a thread of its own, until the process ends.
+pub fn spawn(config_path: &Path, cfg: Config) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let backend = Arc::new(AgentBackend::new(config_path, cfg));
+    std::thread::Builder::new()
+        .name("cage-web".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error(&format!(
+                        "the web page is off: cannot start its runtime: {e}"
+                    ));
+                    return;
+                }
+            };
+            rt.block_on(serve_forever(backend));
+        })
+}
+
+/// Bind `web_listen` (again and again until it can), serve, and move when the
+/// configuration moves the page to another address.
+pub async fn serve_forever(backend: Arc<AgentBackend>) {
+    let state = cage_web::AppState::new(backend.clone());
+    let mut last_error: Option<String> = None;
+    loop {
+        let listen = backend.access().listen;
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => {
+                last_error = None;
+                log::info(&format!("web page on http://{listen}/"));
+                let watch = backend.clone();
+                let moved = async move {
+                    loop {
+                        tokio::time::sleep(LISTEN_CHECK).await;
+                        if watch.access().listen != listen {
+                            log::info("web page: web_listen changed, moving");
+                            break;
+                        }
+                    }
+                };
+                if let Err(e) = cage_web::serve(listener, state.clone(), moved).await {
+                    log::error(&format!("web page on {listen} stopped: {e}"));
+                    tokio::time::sleep(BIND_RETRY).await;
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    log::warn(&format!(
+                        "web page: cannot listen on {listen} ({e}); trying again every {} s",
+                        BIND_RETRY.as_secs()
+                    ));
+                    last_error = Some(e);
+                }
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+        }
+    }
+}
+
+/// `cage passwd`: the new password from the terminal, twice, without echo; or one line
+/// from standard input when it is not a terminal (scripts, the package's set-up).
+pub fn read_new_password() -> std::io::Result<(String, String)> {
+    use std::io::BufRead;
+    // SAFETY: isatty has no preconditions.
+    if unsafe { libc::isatty(0) } == 1 {
+        let first = prompt_hidden("New password for the web page: ")?;
+        let again = prompt_hidden("Again: ")?;
+        Ok((first, again))
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        let line = line.trim_end_matches(['\n', '\r']).to_owned();
+        Ok((line.clone(), line))
+    }
+}
+
+/// Read one line from the terminal with echo off (restored afterwards, also on error).
+fn prompt_hidden(prompt: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    // SAFETY: termios is plain data; tcgetattr fills it for fd 0, a terminal.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut quiet = saved;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    // SAFETY: a termios obtained from tcgetattr, with one flag changed.
+    if unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    // SAFETY: restores the settings read above.
+    unsafe { libc::tcsetattr(0, libc::TCSANOW, &saved) };
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// Why `cage passwd` did not set the password.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswdError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Edit(#[from] edit::EditError),
+}
+
+/// Hash `password` (argon2id) and write it to `cage.main.password_hash` of the file at
+/// `path`, validated and atomically like every edit. A running page picks it up at its
+/// next request (it reads the file again when it changed).
+pub fn set_password(path: &Path, password: &str, confirm: &str) -> Result<(), PasswdError> {
+    if let Some(problem) = cage_web::password_problem(password, confirm) {
+        return Err(PasswdError::Refused(problem));
+    }
+    let phc = cage_web::hash_password(password).map_err(PasswdError::Refused)?;
+    edit::edit_file(path, &[Edit::set("cage", "main", "password_hash", &phc)])?;
+    Ok(())
+}
