@@ -1,1 +1,1211 @@
+//! The HTTP layer, request by request through `tower::ServiceExt::oneshot`, over an
+//! in-memory backend (the real one is `cage_agent::web`, tested there and in the lab).
 
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tower::ServiceExt;
+
+use crate::backend::*;
+use crate::{router, AppState};
+
+const HOST: &str = "192.168.8.1:8080";
+const PASSWORD: &str = "correct horse";
+
+/// A cheap argon2 hash (64 KiB, one pass), so that tests do not spend seconds hashing.
+fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(64, 1, 1, None).unwrap(),
+    )
+    .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+    .unwrap()
+    .to_string()
+}
+
+#[derive(Default)]
+struct Inner {
+    isolated: bool,
+    reason: String,
+    who: String,
+    hash: Option<String>,
+    settings: Settings,
+    audit: Vec<AuditEntry>,
+}
+
+/// The agent, in memory.
+#[derive(Default)]
+struct TestBackend(Mutex<Inner>);
+
+impl TestBackend {
+    fn with_password() -> Arc<TestBackend> {
+        let b = TestBackend::default();
+        b.0.lock().unwrap().hash = Some(cheap_hash(PASSWORD));
+        Arc::new(b)
+    }
+    fn isolated(&self) -> bool {
+        self.0.lock().unwrap().isolated
+    }
+    fn flows() -> Vec<Flow> {
+        (0..30u16)
+            .map(|i| Flow {
+                start: format!("2026-11-25T10:{:02}:00.000Z", i),
+                end: format!("2026-11-25T10:{:02}:01.000Z", i),
+                verdict: if i % 3 == 0 { "blocked" } else { "allowed" }.into(),
+                rule: (i % 3 == 0).then(|| "deny:lan".into()),
+                proto: "tcp".into(),
+                host: IpAddr::from([192, 168, 10, 10 + (i % 2) as u8]),
+                host_port: Some(40000 + i),
+                mac: Some("02:00:00:00:00:0a".into()),
+                peer: IpAddr::from([203, 0, 113, 10]),
+                peer_port: Some(443),
+                direction: "out".into(),
+                packets_out: 3,
+                bytes_out: 100 * u64::from(i),
+                packets_in: 2,
+                bytes_in: 50,
+                tag: None,
+                tcp_flags: None,
+                hostname: Some("=evil,\"name\"".into()),
+            })
+            .collect()
+    }
+}
+
+impl Backend for TestBackend {
+    fn access(&self) -> Access {
+        Access {
+            listen: HOST.parse().unwrap(),
+            hostnames: vec!["cage.lan".into()],
+        }
+    }
+    fn status(&self) -> BoxFuture<'_, Status> {
+        let i = self.0.lock().unwrap();
+        let s = Status {
+            state: if i.isolated {
+                CageState::Isolated
+            } else {
+                CageState::Open
+            },
+            isolated: i.isolated,
+            reason: i.reason.clone(),
+            since: 1_764_066_660,
+            source: Some("web".into()),
+            who: i.who.clone(),
+            enforcing: true,
+            flows: 30,
+            blocked: 10,
+            lost: 0,
+            selftest: None,
+            problems: vec![],
+        };
+        async move { s }.boxed()
+    }
+    fn isolate(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>> {
+        let mut i = self.0.lock().unwrap();
+        i.isolated = true;
+        i.audit.push(AuditEntry {
+            time: 1,
+            action: "isolate".into(),
+            source: "web".into(),
+            reason: reason.clone(),
+            who: who.clone(),
+            result: "ok".into(),
+        });
+        i.reason = reason;
+        i.who = who;
+        async { Ok(()) }.boxed()
+    }
+    fn release(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>> {
+        let mut i = self.0.lock().unwrap();
+        i.isolated = false;
+        i.reason = reason;
+        i.who = who;
+        async { Ok(()) }.boxed()
+    }
+    fn flows(
+        &self,
+        filter: FlowFilter,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Flow>, BackendError>> {
+        let mut v: Vec<Flow> = TestBackend::flows()
+            .into_iter()
+            .filter(|f| filter.matches(f))
+            .collect();
+        if limit > 0 && v.len() > limit {
+            v.drain(..v.len() - limit);
+        }
+        async move { Ok(v) }.boxed()
+    }
+    fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>> {
+        async { Ok(hosts_from_flows(&TestBackend::flows())) }.boxed()
+    }
+    fn audit(&self, _n: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
+        let a = self.0.lock().unwrap().audit.clone();
+        async move { a }.boxed()
+    }
+    fn alerts(&self) -> BoxFuture<'_, Vec<Alert>> {
+        async {
+            vec![Alert {
+                time: None,
+                kind: "lost-records".into(),
+                text: "3 <b>records</b> rotated away".into(),
+            }]
+        }
+        .boxed()
+    }
+    fn settings(&self) -> BoxFuture<'_, Result<Settings, BackendError>> {
+        let s = self.0.lock().unwrap().settings.clone();
+        async move { Ok(s) }.boxed()
+    }
+    fn apply_settings(&self, settings: Settings) -> BoxFuture<'_, Result<(), BackendError>> {
+        // Stands in for the validator: the real one is tested in cage-agent.
+        let r = if settings.address.is_empty() || settings.address.contains('/') {
+            self.0.lock().unwrap().settings = settings;
+            Ok(())
+        } else {
+            Err(BackendError::Refused(format!(
+                "cage.ai.address (line 7): '{}' is not an IPv4 address with prefix, e.g. 192.168.10.1/24",
+                settings.address
+            )))
+        };
+        async move { r }.boxed()
+    }
+    fn password_hash(&self) -> BoxFuture<'_, Option<String>> {
+        let h = self.0.lock().unwrap().hash.clone();
+        async move { h }.boxed()
+    }
+    fn set_password_hash(&self, phc: String) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.0.lock().unwrap().hash = Some(phc);
+        async { Ok(()) }.boxed()
+    }
+}
+
+fn app(backend: Arc<TestBackend>) -> Router {
+    router(AppState::new(backend))
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn location(&self) -> &str {
+        self.headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    /// `name=value` of a Set-Cookie for `name`.
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&format!("{name}=")))
+            .map(|v| v.split(';').next().unwrap_or("").to_owned())
+    }
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let r = app.clone().oneshot(req).await.unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 24).await.unwrap();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+fn get(uri: &str) -> axum::http::request::Builder {
+    Request::get(uri).header(header::HOST, HOST)
+}
+
+fn post(uri: &str) -> axum::http::request::Builder {
+    Request::post(uri).header(header::HOST, HOST)
+}
+
+fn form(b: axum::http::request::Builder, body: &str) -> Request<Body> {
+    b.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+fn json(b: axum::http::request::Builder, body: &str) -> Request<Body> {
+    b.header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// Log in through the API: the session cookie (`cage_session=…`) and the CSRF token.
+async fn login(app: &Router) -> (String, String) {
+    let a = send(
+        app,
+        json(
+            post("/api/login"),
+            &format!("{{\"password\": \"{PASSWORD}\"}}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    (
+        a.cookie("cage_session").expect("session cookie"),
+        v["csrf"].as_str().unwrap().to_owned(),
+    )
+}
+
+const PAGES: [&str; 8] = [
+    "/",
+    "/hosts",
+    "/flows",
+    "/flows.jsonl",
+    "/flows.csv",
+    "/alerts",
+    "/settings",
+    "/flows?host=192.168.10.10",
+];
+const API_GETS: [&str; 5] = [
+    "/api/state",
+    "/api/flows",
+    "/api/hosts",
+    "/api/audit",
+    "/api/alerts",
+];
+const PAGE_POSTS: [&str; 5] = [
+    "/isolate",
+    "/release",
+    "/settings",
+    "/settings/password",
+    "/logout",
+];
+const API_POSTS: [&str; 3] = ["/api/isolate", "/api/release", "/api/logout"];
+
+#[tokio::test]
+async fn every_page_and_api_route_needs_a_session() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    for page in PAGES {
+        let a = send(&app, get(page).body(Body::empty()).unwrap()).await;
+        assert_eq!(a.status, StatusCode::SEE_OTHER, "GET {page}");
+        assert_eq!(a.location(), "/login", "GET {page}");
+    }
+    for page in PAGE_POSTS {
+        let a = send(&app, form(post(page), "csrf=x&reason=r&confirm=yes")).await;
+        assert_eq!(a.status, StatusCode::SEE_OTHER, "POST {page}");
+        assert_eq!(a.location(), "/login", "POST {page}");
+    }
+    for api in API_GETS {
+        let a = send(&app, get(api).body(Body::empty()).unwrap()).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "GET {api}");
+        assert!(a.body.contains("\"error\""), "GET {api}: {}", a.body);
+    }
+    for api in API_POSTS {
+        let a = send(
+            &app,
+            json(post(api).header("x-csrf-token", "x"), "{\"reason\": \"r\"}"),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "POST {api}");
+    }
+    // A cookie that is no session is no session.
+    let a = send(
+        &app,
+        get("/api/state")
+            .header(header::COOKIE, "cage_session=00ff")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(!backend.isolated(), "nothing was pressed");
+
+    // Without a password, the pages lead to the first-run setup.
+    let app = self::app(Arc::new(TestBackend::default()));
+    let a = send(&app, get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/setup"));
+}
+
+#[tokio::test]
+async fn login_setup_and_assets_need_no_session() {
+    let app = app(TestBackend::with_password());
+    let a = send(&app, get("/login").body(Body::empty()).unwrap()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    for id in [
+        "id=login-form",
+        "id=password",
+        "name=password",
+        "id=login-submit",
+    ] {
+        assert!(a.body.contains(id), "{id}");
+    }
+    assert!(a.cookie("cage_pre").is_some());
+    let mut total = 0;
+    for (asset, kind) in [
+        ("/assets/cage.css", "text/css"),
+        ("/assets/cage.js", "text/javascript"),
+    ] {
+        let a = send(&app, get(asset).body(Body::empty()).unwrap()).await;
+        assert_eq!(a.status, StatusCode::OK, "{asset}");
+        assert!(a.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with(kind));
+        total += a.body.len();
+    }
+    assert!(total < 200 * 1024, "assets are {total} bytes");
+    // With a password set, setup is gone.
+    let a = send(&app, get("/setup").body(Body::empty()).unwrap()).await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/login"));
+}
+
+#[tokio::test]
+async fn first_run_setup_sets_the_password_once() {
+    let backend = Arc::new(TestBackend::default());
+    let app = app(backend.clone());
+    let page = send(&app, get("/setup").body(Body::empty()).unwrap()).await;
+    assert_eq!(page.status, StatusCode::OK);
+    for id in [
+        "id=setup-form",
+        "id=password",
+        "id=confirm",
+        "name=confirm",
+        "id=setup-submit",
+    ] {
+        assert!(page.body.contains(id), "{id}");
+    }
+    let pre = page.cookie("cage_pre").unwrap();
+    let token = pre.split_once('=').unwrap().1.to_owned();
+    // Without the form's token: refused.
+    let a = send(
+        &app,
+        form(
+            post("/setup").header(header::COOKIE, &pre),
+            "password=longenough&confirm=longenough",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    // Too short, and differing: refused with a message.
+    let a = send(
+        &app,
+        form(
+            post("/setup").header(header::COOKIE, &pre),
+            &format!("csrf={token}&password=short&confirm=short"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.body.contains("too short"), "{}", a.body);
+    let a = send(
+        &app,
+        form(
+            post("/setup").header(header::COOKIE, &pre),
+            &format!("csrf={token}&password=longenough&confirm=longenougH"),
+        ),
+    )
+    .await;
+    assert!(a.body.contains("differ"), "{}", a.body);
+    assert!(backend.0.lock().unwrap().hash.is_none());
+    let a = send(
+        &app,
+        form(
+            post("/setup").header(header::COOKIE, &pre),
+            &format!("csrf={token}&password={PASSWORD}&confirm={PASSWORD}"),
+        ),
+    )
+    .await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
+    let session = a.cookie("cage_session").expect("logged in after setup");
+    let hash = backend.0.lock().unwrap().hash.clone().unwrap();
+    assert!(crate::verify_password(PASSWORD, &hash));
+    let a = send(
+        &app,
+        get("/")
+            .header(header::COOKIE, &session)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(a.body.contains("data-state=\"open\""), "{}", a.body);
+    // Once set, a second setup is refused.
+    let a = send(
+        &app,
+        form(
+            post("/setup").header(header::COOKIE, &pre),
+            &format!("csrf={token}&password=another1&confirm=another1"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        backend.0.lock().unwrap().hash.as_deref(),
+        Some(hash.as_str())
+    );
+}
+
+#[tokio::test]
+async fn every_post_without_a_valid_csrf_token_is_refused() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    for page in PAGE_POSTS {
+        for body in [
+            "reason=r&confirm=yes".to_owned(),
+            "csrf=&reason=r&confirm=yes".to_owned(),
+            format!("csrf={}0&reason=r&confirm=yes", &csrf[..63]),
+        ] {
+            let a = send(
+                &app,
+                form(post(page).header(header::COOKIE, &cookie), &body),
+            )
+            .await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "POST {page} {body}");
+        }
+    }
+    for api in API_POSTS {
+        for token in [None, Some("wrong")] {
+            let mut b = post(api).header(header::COOKIE, &cookie);
+            if let Some(t) = token {
+                b = b.header("x-csrf-token", t);
+            }
+            let a = send(&app, json(b, "{}")).await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "POST {api} {token:?}");
+            assert!(a.body.contains("CSRF"), "{}", a.body);
+        }
+    }
+    // The login form without its pre-session token, too.
+    let a = send(&app, form(post("/login"), &format!("password={PASSWORD}"))).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(!backend.isolated(), "nothing was pressed");
+    // With the token, the same requests work.
+    let a = send(
+        &app,
+        form(
+            post("/isolate").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&reason=test"),
+        ),
+    )
+    .await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
+    assert!(backend.isolated());
+}
+
+#[tokio::test]
+async fn a_foreign_host_is_refused() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    for host in [
+        "evil.example",
+        "192.168.8.1:80",
+        "evil.example:8080",
+        "127.0.0.1:8080",
+    ] {
+        for req in [
+            Request::get("/login")
+                .header(header::HOST, host)
+                .body(Body::empty())
+                .unwrap(),
+            Request::get("/api/state")
+                .header(header::HOST, host)
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+            Request::post("/api/isolate")
+                .header(header::HOST, host)
+                .header(header::COOKIE, &cookie)
+                .header("x-csrf-token", &csrf)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+        ] {
+            let a = send(&app, req).await;
+            assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST, "{host}");
+            assert!(a.body.contains("not served under the name"), "{}", a.body);
+        }
+    }
+    let a = send(&app, Request::get("/login").body(Body::empty()).unwrap()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "no Host");
+    for host in ["cage.lan", "cage.lan:8080", "192.168.8.1"] {
+        let a = send(
+            &app,
+            Request::get("/login")
+                .header(header::HOST, host)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{host}");
+    }
+    assert!(!backend.isolated());
+}
+
+#[tokio::test]
+async fn changes_from_another_site_are_refused() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("referer", "http://evil.example/page"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let a = send(
+            &app,
+            form(
+                post("/isolate")
+                    .header(header::COOKIE, &cookie)
+                    .header(name, value),
+                &format!("csrf={csrf}"),
+            ),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{name}: {value}");
+    }
+    assert!(!backend.isolated());
+    // A browser's own form under Referrer-Policy no-referrer: Origin null, same-origin.
+    let a = send(
+        &app,
+        form(
+            post("/isolate")
+                .header(header::COOKIE, &cookie)
+                .header("origin", "null")
+                .header("sec-fetch-site", "same-origin"),
+            &format!("csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert!(backend.isolated());
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_with_a_message() {
+    let app = app(TestBackend::with_password());
+    let (cookie, csrf) = login(&app).await;
+    let api = |uri: &str| {
+        post(uri)
+            .header(header::COOKIE, cookie.clone())
+            .header("x-csrf-token", csrf.clone())
+    };
+    let long = "x".repeat(500);
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            json(api("/api/isolate"), "{"),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+        (
+            json(api("/api/isolate"), "[1]"),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+        (
+            json(api("/api/isolate"), "{\"reason\": 5}"),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+        (
+            json(api("/api/isolate"), "{\"why\": \"x\"}"),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            json(api("/api/isolate"), &format!("{{\"reason\": \"{long}\"}}")),
+            StatusCode::BAD_REQUEST,
+            "at most 200",
+        ),
+        (
+            json(api("/api/release"), "{\"reason\": \"a\\nb\"}"),
+            StatusCode::BAD_REQUEST,
+            "control",
+        ),
+        (
+            api("/api/isolate")
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("reason"))
+                .unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "application/json",
+        ),
+        (
+            form(api("/isolate"), &format!("csrf={csrf}&reason={long}")),
+            StatusCode::BAD_REQUEST,
+            "at most 200",
+        ),
+        (
+            form(api("/settings"), &format!("csrf={csrf}&address=nonsense")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "is not an IPv4 address with prefix",
+        ),
+        (
+            form(api("/settings"), &format!("csrf={csrf}&ipv6=maybe")),
+            StatusCode::BAD_REQUEST,
+            "checkbox",
+        ),
+        (
+            form(api("/settings"), &format!("csrf={csrf}&auto_window={long}")),
+            StatusCode::BAD_REQUEST,
+            "at most 200",
+        ),
+        (
+            form(api("/settings/password"), &format!("csrf={csrf}&current=x")),
+            StatusCode::BAD_REQUEST,
+            "form is not as expected",
+        ),
+        (
+            form(
+                api("/settings/password"),
+                &format!("csrf={csrf}&current={PASSWORD}&password=short&confirm=short"),
+            ),
+            StatusCode::BAD_REQUEST,
+            "too short",
+        ),
+        (
+            form(
+                api("/isolate"),
+                &format!("csrf={csrf}&{}", "a=b&".repeat(5000)),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "",
+        ),
+        (
+            json(post("/api/login"), "{\"pass\": 1}"),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+    ];
+    for (req, status, message) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let a = send(&app, req).await;
+        assert_eq!(a.status, status, "{what}: {}", a.body);
+        assert!(a.body.contains(message), "{what}: {}", a.body);
+    }
+    for q in ["host=x", "port=99999", "verdict=maybe", "limit=x", "nope=1"] {
+        for path in ["/api/flows", "/flows", "/flows.csv"] {
+            let a = send(
+                &app,
+                get(&format!("{path}?{q}"))
+                    .header(header::COOKIE, &cookie)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path}?{q}: {}", a.body);
+            assert!(a.body.len() > 20, "{path}?{q}: {}", a.body);
+        }
+    }
+    let a = send(
+        &app,
+        get("/api/nothing")
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn failed_logins_back_off() {
+    let app = app(TestBackend::with_password());
+    let wrong = || json(post("/api/login"), "{\"password\": \"not it\"}");
+    for _ in 0..4 {
+        assert_eq!(send(&app, wrong()).await.status, StatusCode::UNAUTHORIZED);
+    }
+    // Now even the right password waits.
+    let a = send(
+        &app,
+        json(
+            post("/api/login"),
+            &format!("{{\"password\": \"{PASSWORD}\"}}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
+    assert!(a.headers.contains_key(header::RETRY_AFTER));
+    assert!(a.body.contains("try again in"), "{}", a.body);
+    // The form says so too.
+    let page = send(&app, get("/login").body(Body::empty()).unwrap()).await;
+    let pre = page.cookie("cage_pre").unwrap();
+    let token = pre.split_once('=').unwrap().1.to_owned();
+    let a = send(
+        &app,
+        form(
+            post("/login").header(header::COOKIE, &pre),
+            &format!("csrf={token}&password={PASSWORD}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    login(&app).await;
+}
+
+#[tokio::test]
+async fn the_dashboard_isolates_and_releases_with_a_confirmation() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    let page = |app: Router, cookie: String| async move {
+        send(
+            &app,
+            get("/")
+                .header(header::COOKIE, cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+    };
+    let a = page(app.clone(), cookie.clone()).await;
+    for id in [
+        "id=cage-state data-state=\"open\"",
+        "action=\"/isolate\"",
+        "id=isolate-reason",
+        "id=isolate ",
+        "id=nav-dashboard",
+        "id=nav-hosts",
+        "id=nav-flows",
+        "id=nav-alerts",
+        "id=nav-settings",
+        "id=logout",
+    ] {
+        assert!(a.body.contains(id), "{id}");
+    }
+    let a = send(
+        &app,
+        form(
+            post("/isolate").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&reason=looks+odd"),
+        ),
+    )
+    .await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
+    assert!(backend.isolated());
+    assert_eq!(backend.0.lock().unwrap().reason, "looks odd");
+    assert!(backend.0.lock().unwrap().who.starts_with("web:"));
+    let a = page(app.clone(), cookie.clone()).await;
+    assert!(a.body.contains("data-state=\"isolated\""));
+    assert!(a.body.contains("action=\"/release\""));
+    assert!(a.body.contains("id=release "));
+    // The release button leads to a confirmation, and nothing is released yet.
+    let a = send(
+        &app,
+        form(
+            post("/release").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&reason=ok"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("id=release-confirm"), "{}", a.body);
+    assert!(backend.isolated());
+    let a = send(
+        &app,
+        form(
+            post("/release").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&reason=ok&confirm=yes"),
+        ),
+    )
+    .await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
+    assert!(!backend.isolated());
+    // The API does the same in one step each.
+    let api = |uri: &str| {
+        json(
+            post(uri)
+                .header(header::COOKIE, cookie.clone())
+                .header("x-csrf-token", csrf.clone()),
+            "{\"reason\": \"script\"}",
+        )
+    };
+    let a = send(&app, api("/api/isolate")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("\"state\":\"isolated\""), "{}", a.body);
+    let a = send(&app, api("/api/release")).await;
+    assert!(a.body.contains("\"state\":\"open\""), "{}", a.body);
+}
+
+#[tokio::test]
+async fn pages_api_and_downloads_answer_with_a_session() {
+    let app = app(TestBackend::with_password());
+    let (cookie, _) = login(&app).await;
+    let read = |uri: &str| {
+        get(uri)
+            .header(header::COOKIE, cookie.clone())
+            .body(Body::empty())
+            .unwrap()
+    };
+    for page in PAGES {
+        let a = send(&app, read(page)).await;
+        assert_eq!(a.status, StatusCode::OK, "{page}: {}", a.body);
+    }
+    // What comes from the log is escaped.
+    let a = send(&app, read("/alerts")).await;
+    assert!(
+        a.body.contains("3 &lt;b&gt;records&lt;/b&gt;"),
+        "{}",
+        a.body
+    );
+    let a = send(&app, read("/flows?verdict=blocked&limit=3")).await;
+    assert_eq!(a.body.matches("<tr class=blocked>").count(), 3);
+    let a = send(&app, read("/api/flows?verdict=blocked&port=443&limit=2")).await;
+    let v: Vec<Flow> = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v.len(), 2);
+    assert!(v.iter().all(|f| f.verdict == "blocked"));
+    let a = send(&app, read("/api/hosts")).await;
+    let hosts: Vec<Host> = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(hosts.len(), 2);
+    let a = send(&app, read("/flows.csv")).await;
+    assert!(a.headers[header::CONTENT_DISPOSITION]
+        .to_str()
+        .unwrap()
+        .contains("cage-flows.csv"));
+    assert_eq!(a.body.lines().count(), 31);
+    assert!(
+        a.body.contains("\"'=evil,\"\"name\"\"\""),
+        "formula defused: {}",
+        a.body.lines().nth(1).unwrap()
+    );
+    let a = send(&app, read("/flows.jsonl?host=192.168.10.10")).await;
+    assert_eq!(a.body.lines().count(), 15);
+    for line in a.body.lines() {
+        serde_json::from_str::<Flow>(line).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn security_headers_are_on_every_response() {
+    let app = app(TestBackend::with_password());
+    let (cookie, _) = login(&app).await;
+    for (req, store) in [
+        (get("/login").body(Body::empty()).unwrap(), true),
+        (
+            get("/")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+            true,
+        ),
+        (get("/api/state").body(Body::empty()).unwrap(), true),
+        (get("/nothing").body(Body::empty()).unwrap(), true),
+        (
+            Request::get("/")
+                .header(header::HOST, "evil.example")
+                .body(Body::empty())
+                .unwrap(),
+            true,
+        ),
+        (get("/assets/cage.js").body(Body::empty()).unwrap(), false),
+    ] {
+        let what = req.uri().to_string();
+        let a = send(&app, req).await;
+        let h = |n: header::HeaderName| a.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            h(header::CONTENT_SECURITY_POLICY).as_deref(),
+            Some(crate::security::CSP),
+            "{what}"
+        );
+        assert!(crate::security::CSP.contains("frame-ancestors 'none'"));
+        assert_eq!(
+            h(header::X_CONTENT_TYPE_OPTIONS).as_deref(),
+            Some("nosniff"),
+            "{what}"
+        );
+        assert_eq!(
+            h(header::REFERRER_POLICY).as_deref(),
+            Some("no-referrer"),
+            "{what}"
+        );
+        assert_eq!(
+            h(header::X_FRAME_OPTIONS).as_deref(),
+            Some("DENY"),
+            "{what}"
+        );
+        assert_eq!(
+            h(header::CACHE_CONTROL).as_deref() == Some("no-store"),
+            store,
+            "{what}"
+        );
+    }
+    // The session cookie's attributes.
+    let a = send(
+        &app,
+        json(
+            post("/api/login"),
+            &format!("{{\"password\": \"{PASSWORD}\"}}"),
+        ),
+    )
+    .await;
+    let set = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let token = set.split(';').next().unwrap().split_once('=').unwrap().1;
+    assert_eq!(token.len(), 64, "256 bits as hex");
+    // No inline script or style anywhere.
+    let a = send(
+        &app,
+        get("/")
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        !a.body.contains("<script>") && !a.body.contains("style=") && !a.body.contains("<style")
+    );
+}
+
+#[tokio::test]
+async fn logout_and_a_password_change_end_sessions() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    let (one, csrf_one) = login(&app).await;
+    let (two, _) = login(&app).await;
+    let state = |c: String| {
+        get("/api/state")
+            .header(header::COOKIE, c)
+            .body(Body::empty())
+            .unwrap()
+    };
+    // A wrong current password changes nothing.
+    let a = send(
+        &app,
+        form(
+            post("/settings/password").header(header::COOKIE, &one),
+            &format!("csrf={csrf_one}&current=wrong&password=newpassword&confirm=newpassword"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.body.contains("current password is wrong"));
+    let a = send(
+        &app,
+        form(
+            post("/settings/password").header(header::COOKIE, &one),
+            &format!("csrf={csrf_one}&current={PASSWORD}&password=newpassword&confirm=newpassword"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.location()),
+        (StatusCode::SEE_OTHER, "/settings?saved=password")
+    );
+    assert!(crate::verify_password(
+        "newpassword",
+        backend.0.lock().unwrap().hash.as_ref().unwrap()
+    ));
+    assert_eq!(
+        send(&app, state(two)).await.status,
+        StatusCode::UNAUTHORIZED,
+        "the other session ended"
+    );
+    assert_eq!(send(&app, state(one.clone())).await.status, StatusCode::OK);
+    let a = send(
+        &app,
+        form(
+            post("/logout").header(header::COOKIE, &one),
+            &format!("csrf={csrf_one}"),
+        ),
+    )
+    .await;
+    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/login"));
+    assert_eq!(
+        send(&app, state(one)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn settings_are_shown_and_applied() {
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    let a = send(
+        &app,
+        form(
+            post("/settings").header(header::COOKIE, &cookie),
+            &format!(
+                "csrf={csrf}&address=192.168.10.1%2F24&ipv6=1&address6=fd00%3A%3A1%2F64\
+                 &admin_hosts=192.168.8.10%0D%0A192.168.8.11&auto_blocked=20&auto_upload_bytes=\
+                 &auto_window=10&web_hostnames=cage.lan"
+            ),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.location()),
+        (StatusCode::SEE_OTHER, "/settings?saved=settings")
+    );
+    let s = backend.0.lock().unwrap().settings.clone();
+    assert_eq!(s.admin_hosts, vec!["192.168.8.10", "192.168.8.11"]);
+    assert!(s.ipv6);
+    assert_eq!(s.auto_upload_bytes, "");
+    let a = send(
+        &app,
+        get("/settings?saved=settings")
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(a.body.contains("Saved and applied"));
+    assert!(a.body.contains("192.168.8.11"));
+    // Refused: the message, the form as sent, nothing changed.
+    let a = send(
+        &app,
+        form(
+            post("/settings").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&address=10.0.0.300"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(a.body.contains("Nothing was changed") && a.body.contains("10.0.0.300"));
+    assert_eq!(backend.0.lock().unwrap().settings, s);
+}
+
+mod fuzz {
+    //! Whatever comes in a form or a JSON body, on every POST route, with or without a
+    //! valid session and token: no panic, and never a 5xx.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const ROUTES: [&str; 11] = [
+        "/isolate",
+        "/release",
+        "/settings",
+        "/settings/password",
+        "/logout",
+        "/login",
+        "/setup",
+        "/api/login",
+        "/api/isolate",
+        "/api/release",
+        "/api/logout",
+    ];
+    const FIELDS: [&str; 16] = [
+        "csrf",
+        "reason",
+        "confirm",
+        "password",
+        "confirm",
+        "current",
+        "address",
+        "ipv6",
+        "address6",
+        "admin_hosts",
+        "auto_blocked",
+        "auto_upload_bytes",
+        "auto_window",
+        "web_hostnames",
+        "limit",
+        "x",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            "[0-9./:a-f]{0,30}",
+            Just("yes".to_owned()),
+            Just("1".to_owned()),
+            Just("\u{0}\n\r%ff".to_owned()),
+            "x{190,260}",
+        ]
+    }
+
+    fn form_body() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::collection::vec((prop::sample::select(FIELDS.to_vec()), value()), 0..8)
+                .prop_map(|pairs| serde_urlencoded::to_string(pairs).unwrap_or_default()),
+            // Raw bytes that may not even be a form.
+            ".{0,200}",
+            "[%&=a-z0-9+]{0,200}",
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            value().prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec!["reason", "password", "csrf", "x"])
+                        .prop_map(str::to_owned),
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn body() -> impl Strategy<Value = (bool, String)> {
+        prop_oneof![
+            form_body().prop_map(|b| (false, b)),
+            json_value().prop_map(|v| (true, v.to_string())),
+            ".{0,100}".prop_map(|b| (true, b)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn post_routes_never_fail_with_a_5xx(
+            route in prop::sample::select(ROUTES.to_vec()),
+            (is_json, raw) in body(),
+            session in any::<bool>(),
+            token in prop_oneof![Just(0u8), Just(1), Just(2)],
+            with_header in any::<bool>(),
+            content_type in prop_oneof![
+                Just("application/json"),
+                Just("application/x-www-form-urlencoded"),
+                Just("text/plain"),
+                Just(""),
+            ],
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let status = rt.block_on(async {
+                let app = app(TestBackend::with_password());
+                let (cookie, csrf) = login(&app).await;
+                let token = match token { 0 => String::new(), 1 => csrf.clone(), _ => "00".repeat(32) };
+                let mut body = raw.clone();
+                if !is_json && !token.is_empty() && !with_header {
+                    body = format!("csrf={token}&{body}");
+                }
+                let mut b = post(route);
+                if session {
+                    b = b.header(header::COOKIE, format!("{cookie}; cage_pre={token}"));
+                }
+                if with_header {
+                    b = b.header("x-csrf-token", token.clone());
+                }
+                if !content_type.is_empty() {
+                    b = b.header(header::CONTENT_TYPE, content_type);
+                }
+                send(&app, b.body(Body::from(body)).unwrap()).await.status
+            });
+            prop_assert!(status.as_u16() < 500, "{route}: {status} for {raw:?}");
+        }
+    }
+}
