@@ -1,4 +1,5 @@
-//! `cargo xtask bench killswitch | flows`: Cage's costs, measured in the lab.
+//! `cargo xtask bench killswitch | flows | web`: Cage's costs, measured in the lab
+//! (`web`: on loopback).
 //!
 //! `killswitch`: how fast the kill switch cuts a running stream. In the lab, a caged host
 //! sends a steady UDP stream (one datagram every 200 µs) to the internet host, which
@@ -983,4 +984,49 @@ fn record(title: &str, method: &str, body: &str) -> Result<()> {
     std::fs::write(path, all)?;
     println!("xtask bench: recorded in {path}");
     Ok(())
+}
+
+// ---- web ------------------------------------------------------------------------------
+
+/// `cargo xtask bench web`: the page and the API with 10 000 flows in the log. The
+/// measuring program is `cage-agent/examples/web_bench.rs`, built with the release
+/// profile the routers get, so the figures are those of the shipped code.
+pub fn web() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "cage-agent",
+        "--example",
+        "web_bench",
+    ]))?;
+    let out = Command::new("target/release/examples/web_bench")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running target/release/examples/web_bench")?;
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{table}");
+    if !out.status.success() {
+        bail!("the web benchmark failed ({})", out.status);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    record(
+        "Web page and API latency with 10 000 flows",
+        &format!(
+            "Load average at the start: {}. The real router (`cage_web::router`) over the \
+             real backend (`cage_agent::web::AgentBackend`, the loop `cage run` serves \
+             with) on loopback, release build; a flow log of 10 000 records (20 caged \
+             hosts, one flow in ten blocked); logged in once through `POST /api/login`; \
+             then 300 sequential requests per route after one warm-up, each on a new TCP \
+             connection, timed from connect to the last byte. The dashboard runs `cage \
+             status`'s gathering (nft, netlink) on this machine's kernel, which holds no \
+             Cage policy here. Milliseconds.",
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        &table,
+    )
 }

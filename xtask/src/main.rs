@@ -20,6 +20,7 @@ usage: cargo xtask <command>
   test               setup, build, run every test, check nothing was left behind
   bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
   bench flows        throughput with/without the eBPF flow counter, new-flow rate (bench/RESULTS.md)
+  bench web          page and API latency with 10 000 flows, the agent's memory (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         ["test"] => setup::install().and_then(|()| test()),
         ["bench", "killswitch"] => setup::install().and_then(|()| bench::killswitch()),
         ["bench", "flows"] => setup::install().and_then(|()| bench::flows()),
+        ["bench", "web"] => bench::web(),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {
             Ok(s) => fuzz::run_fuzz(s),
