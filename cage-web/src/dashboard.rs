@@ -27,7 +27,9 @@ fn headline(state: CageState) -> &'static str {
     }
 }
 
-fn render(s: &Status, csrf: &str) -> String {
+/// The dashboard; with `confirm` (the reason given), the release's confirmation step
+/// stands where the buttons are, under the state as it is.
+fn render(s: &Status, csrf: &str, confirm: Option<&str>) -> String {
     let mut o = String::new();
     let _ = write!(
         o,
@@ -64,26 +66,40 @@ fn render(s: &Status, csrf: &str) -> String {
         );
     }
     o.push_str("</section>");
-    // Both forms are on the page; the one that does not apply is hidden, so that the
-    // script can switch them when the state changes elsewhere (`cage isolate`).
-    let _ = write!(
-        o,
-        "<form method=post action=\"/isolate\" class=isolate id=isolate-form{}>{}\
-         <label for=isolate-reason>Reason (optional)</label>\
-         <input id=isolate-reason name=reason maxlength={MAX_REASON}>\
-         <button id=isolate class=big-red type=submit>ISOLATE</button></form>",
-        if s.isolated { " hidden" } else { "" },
-        html::csrf_field(csrf)
-    );
-    let _ = write!(
-        o,
-        "<form method=post action=\"/release\" class=release id=release-form{}>{}\
-         <label for=release-reason>Reason (for the audit log)</label>\
-         <input id=release-reason name=reason maxlength={MAX_REASON}>\
-         <button id=release type=submit>Release…</button></form>",
-        if s.isolated { "" } else { " hidden" },
-        html::csrf_field(csrf)
-    );
+    if let Some(reason) = confirm {
+        let _ = write!(
+            o,
+            "<form method=post action=\"/release\" class=release id=release-confirm-form>{}\
+             <p><b>Release the cage?</b> The caged hosts get their usual access again: the \
+             internet, and nothing else.</p>\
+             <input type=hidden name=reason value=\"{}\"><input type=hidden name=confirm value=yes>\
+             <button id=release-confirm type=submit>Yes, release</button> \
+             <a href=\"/\" id=release-cancel>Cancel</a></form>",
+            html::csrf_field(csrf),
+            esc(reason)
+        );
+    } else {
+        // Both forms are on the page; the one that does not apply is hidden, so that the
+        // script can switch them when the state changes elsewhere (`cage isolate`).
+        let _ = write!(
+            o,
+            "<form method=post action=\"/isolate\" class=isolate id=isolate-form{}>{}\
+             <label for=isolate-reason>Reason (optional)</label>\
+             <input id=isolate-reason name=reason maxlength={MAX_REASON}>\
+             <button id=isolate class=big-red type=submit>ISOLATE</button></form>",
+            if s.isolated { " hidden" } else { "" },
+            html::csrf_field(csrf)
+        );
+        let _ = write!(
+            o,
+            "<form method=post action=\"/release\" class=release id=release-form{}>{}\
+             <label for=release-reason>Reason (for the audit log)</label>\
+             <input id=release-reason name=reason maxlength={MAX_REASON}>\
+             <button id=release type=submit>Release…</button></form>",
+            if s.isolated { "" } else { " hidden" },
+            html::csrf_field(csrf)
+        );
+    }
     let _ = write!(
         o,
         "<section class=counts><div><b id=count-flows>{}</b> flows logged</div>\
@@ -122,7 +138,7 @@ pub async fn page(State(state): State<AppState>, authed: Authed) -> Html<String>
         "Dashboard",
         "dashboard",
         &authed.session.csrf,
-        &render(&s, &authed.session.csrf),
+        &render(&s, &authed.session.csrf, None),
     )
 }
 
@@ -151,17 +167,11 @@ pub async fn release(
 ) -> Result<Response, WebError> {
     let reason = short_text("reason", &form.reason, MAX_REASON)?;
     if form.confirm != "yes" {
-        let body = format!(
-            "<h1>Release the cage?</h1><p>The caged hosts get their usual access again: \
-             the internet, and nothing else.</p>\
-             <form method=post action=\"/release\">{}<input type=hidden name=reason value=\"{}\">\
-             <input type=hidden name=confirm value=yes>\
-             <button id=release-confirm type=submit>Yes, release</button> \
-             <a href=\"/\" id=release-cancel>Cancel</a></form>",
-            html::csrf_field(&authed.session.csrf),
-            esc(&reason)
+        let s = state.backend.status().await;
+        let body = render(&s, &authed.session.csrf, Some(&reason));
+        return Ok(
+            html::page("Release?", "dashboard", &authed.session.csrf, &body).into_response(),
         );
-        return Ok(html::page("Release", "dashboard", &authed.session.csrf, &body).into_response());
     }
     state.backend.release(reason, authed.who()).await?;
     Ok(Redirect::to("/").into_response())

@@ -16,6 +16,13 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
 base-uri 'none'";
 
+/// `same-origin`, not `no-referrer`: under `no-referrer` a browser sends `Origin: null`
+/// with this page's own POSTs, and on plain HTTP no Sec-Fetch-Site either, so the Origin
+/// check could not tell the page's own forms from a foreign page that also chose
+/// `no-referrer`. `same-origin` sends the Referer to this page only, never to another
+/// site, and gives this page's own POSTs their real Origin.
+pub const REFERRER_POLICY: &str = "same-origin";
+
 /// Whether the Host header names this page: the listen address (with or without its
 /// port) or one of `cage.main.web_hostname` (with or without the port).
 pub fn host_allowed(host: &str, access: &Access) -> bool {
@@ -85,9 +92,11 @@ fn origin_allowed(headers: &HeaderMap, host: &str) -> Result<(), String> {
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        // Under `Referrer-Policy: no-referrer` (ours) browsers send `Origin: null` with a
-        // form or fetch POST, even to the same origin (Fetch standard, "append a request
-        // Origin header"); then Sec-Fetch-Site must vouch for it.
+        // A page under `Referrer-Policy: no-referrer` sends `Origin: null` with every form
+        // or fetch POST, even to its own origin (Fetch standard, "append a request
+        // `Origin` header"). A foreign page can choose that policy to hide where it is;
+        // so `null` passes only when Sec-Fetch-Site vouches for it, which browsers send
+        // to secure contexts only (not to this plain-HTTP page).
         if origin == "null" {
             return if site.as_deref() == Some("same-origin") {
                 Ok(())
@@ -171,7 +180,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static(REFERRER_POLICY),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !cacheable {

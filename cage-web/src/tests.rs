@@ -576,7 +576,7 @@ async fn changes_from_another_site_are_refused() {
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{name}: {value}");
     }
     assert!(!backend.isolated());
-    // A browser's own form under Referrer-Policy no-referrer: Origin null, same-origin.
+    // A form of a page under Referrer-Policy no-referrer, vouched for by the browser.
     let a = send(
         &app,
         form(
@@ -812,6 +812,11 @@ async fn the_dashboard_isolates_and_releases_with_a_confirmation() {
     .await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.body.contains("id=release-confirm"), "{}", a.body);
+    assert!(
+        a.body.contains("data-state=\"isolated\""),
+        "the confirmation step shows the state as it is: {}",
+        a.body
+    );
     assert!(backend.isolated());
     let a = send(
         &app,
@@ -927,7 +932,7 @@ async fn security_headers_are_on_every_response() {
         );
         assert_eq!(
             h(header::REFERRER_POLICY).as_deref(),
-            Some("no-referrer"),
+            Some(crate::security::REFERRER_POLICY),
             "{what}"
         );
         assert_eq!(
