@@ -114,6 +114,18 @@ impl AgentBackend {
         Ok(cfg)
     }
 
+    /// An option's text as the file has it, from the first section of `kind`.
+    fn raw_option(&self, kind: &str, option: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let raw = config::uci::parse(&text).ok()?;
+        let section = raw.sections.iter().find(|s| s.kind == kind)?;
+        section
+            .options
+            .iter()
+            .find(|o| o.name == option)
+            .map(|o| o.value.clone())
+    }
+
     async fn records(&self, filter: FlowFilter) -> Result<Vec<Flow>, BackendError> {
         let cfg = self.config();
         let filter = flows::Filter {
@@ -386,10 +398,13 @@ impl Backend for AgentBackend {
             Ok(Settings {
                 address: cfg.segment.address.to_string(),
                 ipv6: cfg.segment.ipv6,
+                // With IPv6 off the validated configuration drops address6; the file may
+                // still have it, and saving the page must not lose it.
                 address6: cfg
                     .segment
                     .address6
                     .map(|a| a.to_string())
+                    .or_else(|| self.raw_option("segment", "address6"))
                     .unwrap_or_default(),
                 admin_hosts: cfg.lan.admin_hosts.iter().map(|h| h.to_string()).collect(),
                 auto_blocked: cfg.killswitch.auto_blocked.to_string(),

@@ -139,6 +139,21 @@ async fn a_bad_setting_changes_nothing_and_says_why() {
     assert_eq!(cfg.killswitch.auto_blocked, 20);
     assert_eq!(cfg.main.web_hostnames, vec!["cage.lan"]);
     assert_eq!(b.access().hostnames, vec!["cage.lan"]);
+
+    // IPv6 off with an address6 kept in the file: the page shows it and keeps it.
+    let off = Settings {
+        ipv6: false,
+        address6: "fd00:cafe:10::1/64".into(),
+        ..b.settings().await.unwrap()
+    };
+    b.apply_settings(off).await.unwrap();
+    let s = b.settings().await.unwrap();
+    assert!(!s.ipv6);
+    assert_eq!(s.address6, "fd00:cafe:10::1/64");
+    b.apply_settings(s).await.unwrap();
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .contains("option address6 'fd00:cafe:10::1/64'"));
 }
 
 #[tokio::test]

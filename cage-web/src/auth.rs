@@ -6,7 +6,7 @@
 //! form field or the `X-CSRF-Token` header; else 403); then it is parsed (else 400 with
 //! what was wrong). So the order of refusals is always: no session, no token, bad input.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -38,8 +38,8 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub fn client_ip(parts: &Parts) -> IpAddr {
     parts
         .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .get::<ConnectInfo<crate::listener::Peer>>()
+        .map(|c| c.0 .0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 

@@ -16,12 +16,12 @@ pub mod error;
 pub mod flows;
 pub mod hosts;
 pub mod html;
+pub mod listener;
 pub mod login;
 pub mod security;
 pub mod session;
 pub mod settings;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::DefaultBodyLimit;
@@ -116,8 +116,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        listener::Bounded::new(listener),
+        router(state).into_make_service_with_connect_info::<listener::Peer>(),
     )
     .with_graceful_shutdown(shutdown)
     .await

@@ -1084,6 +1084,38 @@ async fn settings_are_shown_and_applied() {
     assert_eq!(backend.0.lock().unwrap().settings, s);
 }
 
+#[tokio::test]
+async fn connections_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = AppState::new(TestBackend::with_password());
+    tokio::spawn(crate::serve(listener, state, std::future::pending()));
+    let request = format!("GET /login HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    // Every slot taken by a connection that says nothing.
+    let mut idle = Vec::new();
+    for _ in 0..crate::listener::MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();
+    waiting.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        waiting.read(&mut buf),
+    )
+    .await;
+    assert!(early.is_err(), "a connection beyond the limit was served");
+    // One slot frees up: the waiting connection is served.
+    drop(idle.pop());
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), waiting.read(&mut buf))
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
 mod fuzz {
     //! Whatever comes in a form or a JSON body, on every POST route, with or without a
     //! valid session and token: no panic, and never a 5xx.
