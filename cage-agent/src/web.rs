@@ -437,10 +437,13 @@ impl Backend for AgentBackend {
                 false,
             )
             .await?;
-            log::info("web page: the password was set");
             Ok(())
         }
         .boxed()
+    }
+
+    fn event(&self, message: &str) {
+        log::info(message);
     }
 }
 

@@ -258,4 +258,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The argon2 PHC string of the password, if one is set.
     fn password_hash(&self) -> BoxFuture<'_, Option<String>>;
     fn set_password_hash(&self, phc: String) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// A security event for the agent's log (logins, failed logins, password changes).
+    /// Events a client can cause at will are only reported while the login backoff lets
+    /// it try, so this cannot flood the log.
+    fn event(&self, message: &str) {
+        let _ = message;
+    }
 }

@@ -177,9 +177,13 @@ async fn try_login(
         .unwrap_or(false);
     if !ok {
         state.limiter().failure(ip, Instant::now());
+        state
+            .backend
+            .event(&format!("web page: failed login from {ip}"));
         return Err(WebError::new(StatusCode::UNAUTHORIZED, "wrong password").api(api));
     }
     state.limiter().success(ip);
+    state.backend.event(&format!("web page: login from {ip}"));
     Ok(state.sessions().create(Instant::now()))
 }
 
@@ -218,7 +222,7 @@ pub async fn setup(State(state): State<AppState>, req: Request) -> Response {
     if state.backend.password_hash().await.is_some() {
         return WebError::forbidden("a password is already set: log in at /login").into_response();
     }
-    let (_, form) = match pre_checked::<SetupForm>(req, &state).await {
+    let (ip, form) = match pre_checked::<SetupForm>(req, &state).await {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -236,6 +240,9 @@ pub async fn setup(State(state): State<AppState>, req: Request) -> Response {
     if let Err(e) = state.backend.set_password_hash(phc).await {
         return WebError::from(e).into_response();
     }
+    state.backend.event(&format!(
+        "web page: the password was set by the first-run setup from {ip}"
+    ));
     let active = state.sessions().create(Instant::now());
     logged_in(&active)
 }

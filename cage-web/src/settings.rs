@@ -275,5 +275,9 @@ pub async fn password(
         .map_err(|e| WebError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
     state.backend.set_password_hash(phc).await?;
     state.sessions().retain_only(&authed.session.token);
+    state.backend.event(&format!(
+        "web page: the password was changed from {}; other sessions ended",
+        authed.ip
+    ));
     Ok(Redirect::to("/settings?saved=password").into_response())
 }
