@@ -206,9 +206,21 @@ impl Browser {
     pub fn wait_attr(&self, css: &str, name: &str, want: &str, limit: Duration) -> String {
         let until = Instant::now() + limit;
         loop {
-            let got = self.attr(css, name).unwrap_or_default();
-            if got == want || Instant::now() > until {
-                return got;
+            // Right after a click that submits a form, the old page is still there: the
+            // element can be found on it and then go stale when the new page replaces
+            // it. That is "not yet", not a failure; only the deadline is.
+            let got = self.rt.block_on(async {
+                let el = self.client.find(Locator::Css(css)).await?;
+                el.attr(name).await
+            });
+            match got {
+                Ok(v) if v.as_deref() == Some(want) || Instant::now() > until => {
+                    return v.unwrap_or_default()
+                }
+                Err(e) if Instant::now() > until => {
+                    panic!("attribute {name} of {css} at {}: {e}", self.url())
+                }
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(100));
         }
