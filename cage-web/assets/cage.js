@@ -4,6 +4,8 @@
   var POLL_MS = 3000;
 
   function getJSON(url, done) {
+    // A page nobody looks at does not keep the router busy.
+    if (document.hidden) { return; }
     fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (r) {
         if (r.status === 401) { location.href = "/login"; return null; }
