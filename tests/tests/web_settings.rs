@@ -1,0 +1,144 @@
+//! The web page's settings, end to end in the lab: from the LAN host, over HTTP, a
+//! setting saved on the page is written to the configuration file and `cage run` (told
+//! by SIGHUP) applies it to the kernel; a setting the validator refuses comes back with
+//! the validator's message and leaves the file byte for byte as it was.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use cage_agent::probe::NetNs;
+use cage_tests::browser;
+use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4};
+use cage_tests::require_root;
+
+const PASSWORD: &str = "correct horse battery";
+
+/// One HTTP/1.1 request from inside `ns`: status, head and body.
+fn http(ns: &NetNs, addr: SocketAddr, request: String) -> Result<(u16, String, String), String> {
+    browser::in_namespace(ns, move || {
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((status, head.to_owned(), body.to_owned()))
+    })
+}
+
+fn form_post(ui: SocketAddr, path: &str, cookie: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {ui}\r\nOrigin: http://{ui}\r\nCookie: {cookie}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let path = lab.write_config("");
+    cage_agent::web::set_password(&path, PASSWORD, PASSWORD).expect("cage passwd");
+    let run = lab.spawn_cage_run();
+    run.wait_applied();
+    let lan = lab.netns(Node::Lan);
+    let ui = SocketAddr::new(ROUTER_LAN4, 8080);
+
+    let until = Instant::now() + Duration::from_secs(15);
+    let login = "{\"password\": \"correct horse battery\"}";
+    let (head, answer) = loop {
+        match http(
+            &lan,
+            ui,
+            format!(
+                "POST /api/login HTTP/1.1\r\nHost: {ui}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{login}",
+                login.len()
+            ),
+        ) {
+            Ok((200, head, body)) => break (head, body),
+            other => {
+                assert!(
+                    Instant::now() < until,
+                    "no login on {ui}: {other:?}\ncage run:\n{}",
+                    run.log()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            k.eq_ignore_ascii_case("set-cookie").then_some(v)
+        })
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("login JSON");
+    let csrf = v["csrf"].as_str().expect("a CSRF token").to_owned();
+    assert!(
+        !lab.nft_ruleset(Node::Router).contains("192.168.8.20"),
+        "an admin host before any was set"
+    );
+
+    // A good change: an admin host. Written, reloaded, in the kernel.
+    let good = format!(
+        "csrf={csrf}&address=192.168.10.1%2F24&ipv6=1&address6=fd00%3Acafe%3A10%3A%3A1%2F64\
+         &admin_hosts=192.168.8.20&auto_blocked=&auto_upload_bytes=&auto_window=10&web_hostnames="
+    );
+    let (status, head, body) =
+        http(&lan, ui, form_post(ui, "/settings", &cookie, &good)).expect("POST /settings");
+    assert_eq!(status, 303, "{head}\n{body}");
+    assert!(head.contains("/settings?saved=settings"), "{head}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("list admin_host '192.168.8.20'"), "{text}");
+    let until = Instant::now() + Duration::from_secs(15);
+    while !lab.nft_ruleset(Node::Router).contains("192.168.8.20") {
+        assert!(
+            Instant::now() < until,
+            "the admin host saved on the page never reached the kernel\ncage run:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(run.log().contains("SIGHUP"), "{}", run.log());
+
+    // A bad change: the validator's message, and the file as it was.
+    let before = std::fs::read(&path).unwrap();
+    let bad = format!(
+        "csrf={csrf}&address=192.168.10.300%2F24&ipv6=1&address6=fd00%3Acafe%3A10%3A%3A1%2F64\
+         &admin_hosts=&auto_blocked=&auto_upload_bytes=&auto_window=10&web_hostnames="
+    );
+    let (status, _, body) =
+        http(&lan, ui, form_post(ui, "/settings", &cookie, &bad)).expect("POST /settings");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("cage.ai.address (line")
+            && body.contains("is not an IPv4 address with prefix, e.g. 192.168.10.1/24"),
+        "{body}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "a refused setting touched the file"
+    );
+    assert!(
+        lab.nft_ruleset(Node::Router).contains("192.168.8.20"),
+        "the running policy changed"
+    );
+    run.stop();
+}
