@@ -128,9 +128,7 @@ fn main() {
     let (rss_before, hwm_before) = memory();
     let backend = Arc::new(AgentBackend::new(&path, cfg));
     std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        cage_agent::web::runtime()
             .unwrap()
             .block_on(cage_agent::web::serve_forever(backend))
     });

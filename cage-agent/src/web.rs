@@ -453,10 +453,7 @@ pub fn spawn(config_path: &Path, cfg: Config) -> std::io::Result<std::thread::Jo
     std::thread::Builder::new()
         .name("cage-web".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     log::error(&format!(
@@ -467,6 +464,17 @@ pub fn spawn(config_path: &Path, cfg: Config) -> std::io::Result<std::thread::Jo
             };
             rt.block_on(serve_forever(backend));
         })
+}
+
+/// The page's runtime: one thread for the requests, and at most two more for the work
+/// that blocks (reading the flow log, hashing a password), so that a burst of requests
+/// cannot make threads (and their memory) without end.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .thread_name("cage-web")
+        .build()
 }
 
 /// Bind `web_listen` (again and again until it can), serve, and move when the

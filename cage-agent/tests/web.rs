@@ -286,9 +286,7 @@ fn the_page_is_served_on_web_listen_by_the_daemons_loop() {
     let squatter = TcpListener::bind(listen).unwrap();
     let b = Arc::new(backend(&path));
     std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        cage_agent::web::runtime()
             .unwrap()
             .block_on(cage_agent::web::serve_forever(b))
     });

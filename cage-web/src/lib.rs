@@ -47,6 +47,9 @@ pub struct AppState {
     limiter: Arc<Mutex<session::Limiter>>,
     /// Held while the first-run setup sets the password, so two cannot race.
     setup: Arc<tokio::sync::Mutex<()>>,
+    /// One argon2 computation at a time: each takes 19 MiB, and a router has little
+    /// memory; a burst of logins waits rather than running the router out of memory.
+    argon2: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -56,7 +59,18 @@ impl AppState {
             sessions: Arc::default(),
             limiter: Arc::default(),
             setup: Arc::default(),
+            argon2: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Run `f` (an argon2 hash or verification) off the async thread, one at a time;
+    /// `None` if it could not run.
+    pub(crate) async fn argon2<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _one = self.argon2.acquire().await.ok()?;
+        tokio::task::spawn_blocking(f).await.ok()
     }
 
     /// The sessions. A poisoned lock is taken as it is: its data is a map that a panic

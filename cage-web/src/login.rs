@@ -172,7 +172,8 @@ async fn try_login(
         .api(api));
     };
     // Hashing takes a good fraction of a second on a router: not on the async threads.
-    let ok = tokio::task::spawn_blocking(move || session::verify_password(&password, &hash))
+    let ok = state
+        .argon2(move || session::verify_password(&password, &hash))
         .await
         .unwrap_or(false);
     if !ok {
@@ -230,9 +231,10 @@ pub async fn setup(State(state): State<AppState>, req: Request) -> Response {
         return setup_form(StatusCode::BAD_REQUEST, Some(&problem));
     }
     let password = form.password;
-    let hashed = tokio::task::spawn_blocking(move || session::hash_password(&password))
+    let hashed = state
+        .argon2(move || session::hash_password(&password))
         .await
-        .unwrap_or_else(|e| Err(format!("cannot hash the password: {e}")));
+        .unwrap_or_else(|| Err("cannot hash the password now; try again".into()));
     let phc = match hashed {
         Ok(h) => h,
         Err(e) => return WebError::new(StatusCode::SERVICE_UNAVAILABLE, e).into_response(),

@@ -252,7 +252,8 @@ pub async fn password(
     let current_ok = match state.backend.password_hash().await {
         Some(hash) if form.current.len() <= session::MAX_PASSWORD => {
             let current = form.current.clone();
-            tokio::task::spawn_blocking(move || session::verify_password(&current, &hash))
+            state
+                .argon2(move || session::verify_password(&current, &hash))
                 .await
                 .unwrap_or(false)
         }
@@ -269,9 +270,10 @@ pub async fn password(
         .await);
     }
     let password = form.password.clone();
-    let phc = tokio::task::spawn_blocking(move || session::hash_password(&password))
+    let phc = state
+        .argon2(move || session::hash_password(&password))
         .await
-        .unwrap_or_else(|e| Err(format!("cannot hash the password: {e}")))
+        .unwrap_or_else(|| Err("cannot hash the password now; try again".into()))
         .map_err(|e| WebError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
     state.backend.set_password_hash(phc).await?;
     state.sessions().retain_only(&authed.session.token);
