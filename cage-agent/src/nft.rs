@@ -126,6 +126,45 @@ pub fn apply(rs: &Nftables) -> Result<(), NftError> {
     run(&["-j", "-f", "-"], Some(&json(rs)), "apply the ruleset").map(|_| ())
 }
 
+/// Put addresses learned from one DNS answer into the allow sets (`allow4`/`allow6`), each
+/// with its timeout in seconds, in one transaction. Each element is added, deleted and
+/// added again so that one already there gets the new timeout (a plain add would keep
+/// the old one), and the batch is valid either way.
+pub fn add_allowed(entries: &[(std::net::IpAddr, u32)]) -> Result<(), NftError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut batch = nftables::batch::Batch::new();
+    for &(addr, timeout) in entries {
+        let set = crate::policy::ALLOW_SETS[usize::from(addr.is_ipv6())];
+        let elem = |timeout: Option<u32>| {
+            NfListObject::Element(nftables::schema::Element {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: set.into(),
+                elem: std::borrow::Cow::Owned(vec![Expression::Named(NamedExpression::Elem(
+                    nftables::expr::Elem {
+                        val: Box::new(Expression::String(addr.to_string().into())),
+                        timeout,
+                        expires: None,
+                        comment: None,
+                        counter: None,
+                    },
+                ))]),
+            })
+        };
+        batch.add(elem(Some(timeout)));
+        batch.delete(elem(None));
+        batch.add(elem(Some(timeout)));
+    }
+    run(
+        &["-j", "-f", "-"],
+        Some(&json(&batch.to_nftables())),
+        "add learned addresses to the allow sets",
+    )
+    .map(|_| ())
+}
+
 /// Whether this kernel matches bridged frames by bridge name (`meta ibrname` in the
 /// bridge family, module nft_meta_bridge). Asked with a dry run that commits nothing.
 pub fn supports_bridge_meta() -> bool {

@@ -50,6 +50,7 @@ fn example_config_parses_to_the_expected_config() {
             },
             flowlog: Default::default(),
             selftest: Default::default(),
+            dns: Default::default(),
         }
     );
 }
@@ -87,6 +88,7 @@ fn empty_config_is_all_defaults() {
             killswitch: KillSwitch::default(),
             flowlog: Default::default(),
             selftest: Default::default(),
+            dns: Default::default(),
         }
     );
 }
