@@ -9,6 +9,7 @@
 //! Everything here needs root: namespaces, veths and raw sockets.
 
 pub mod contract;
+pub mod dns;
 pub mod lab;
 
 /// Panic with a clear message unless running as root: a test that cannot run must fail,
