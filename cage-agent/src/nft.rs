@@ -569,6 +569,11 @@ fn statement(st: &Statement) -> String {
         Statement::Jump(j) => format!("jump {}", j.target),
         Statement::Goto(j) => format!("goto {}", j.target),
         Statement::Masquerade(None) => "masquerade".into(),
+        Statement::Redirect(Some(nftables::stmt::NAT {
+            addr: None,
+            port: Some(Expression::Number(port)),
+            ..
+        })) => format!("redirect to :{port}"),
         Statement::Log(Some(l)) => {
             let mut t = "log".to_owned();
             if let Some(p) = &l.prefix {

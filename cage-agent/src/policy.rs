@@ -1031,9 +1031,14 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
         let dns = &cfg.dns;
         if dns.enabled {
             // DNS over TLS would hide names from Cage; DNS over HTTPS by address too.
-            for proto in ["tcp", "udp"] {
-                c.reject("deny:dot", vec![l4proto(proto), dport(proto, 853)]);
-            }
+            // DNS over TLS (TCP) and over QUIC (UDP) use port 853.
+            c.reject(
+                "deny:dot",
+                vec![
+                    is(meta(MetaKey::L4proto), anon_set(vec![s("tcp"), s("udp")])),
+                    is(payload("th", "dport"), Expression::Number(853)),
+                ],
+            );
             if !dns.doh_block_ips.is_empty() {
                 c.reject(
                     "deny:doh",

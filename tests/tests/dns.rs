@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use cage_tests::contract;
 use cage_tests::dns::{connects, resolve, Answer, AuthServer, Listeners, Resolved};
 use cage_tests::lab::{
     self, CageRun, Lab, Node, AI1_4, PUBLIC4, PUBLIC6, ROUTER_SEG4, ROUTER_SEG6,
@@ -505,4 +506,42 @@ fn without_cage_run_dns_fails_closed() {
         );
     }
     assert_eq!(l.outside.queries(), 0);
+}
+
+/// The whole connectivity contract still holds with DNS through Cage (open mode): the
+/// redirect loosens nothing. The checks that probe port 53 where the contract allows it
+/// (the router's DNS, UDP 53 on the internet host) are left out: a probe there is now
+/// answered by Cage's forwarder, not by the probed host, which the tests above prove
+/// with real DNS queries.
+#[test]
+fn the_contract_holds_with_dns_through_cage() {
+    require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    lab.write_config(&format!(
+        "{}\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n",
+        contract::CONFIG_EXTRA
+    ));
+    let run = lab.spawn_cage_run();
+    run.wait_applied();
+    let checks: Vec<_> = contract::checks()
+        .into_iter()
+        .filter(|c| {
+            !(c.port == 53
+                && c.expect == contract::Expect::Allow
+                && c.from != contract::Host::Lan
+                && c.from != contract::Host::LanAdmin)
+        })
+        .collect();
+    let left_out = contract::checks().len() - checks.len();
+    assert_eq!(
+        left_out, 6,
+        "router DNS (2 addresses x UDP, TCP) and internet UDP 53 (2)"
+    );
+    let report = contract::run_matrix(&lab, &checks);
+    assert!(
+        report.failures().is_empty(),
+        "the contract does not hold with DNS through Cage:\n{report}"
+    );
+    drop(run);
 }
