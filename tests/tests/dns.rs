@@ -545,3 +545,37 @@ fn the_contract_holds_with_dns_through_cage() {
     );
     drop(run);
 }
+
+/// `cage selftest` on a router with DNS through Cage: every check holds (the router's
+/// DNS is probed at the forwarder's port, where the redirect takes it).
+#[test]
+fn selftest_holds_with_dns_through_cage() {
+    let l = dns_lab(ALLOWLIST);
+    let run = start(&l);
+    let router = l.lab.netns(Node::Router);
+    for addr in [lab::LAN_HOST4, lab::LAN_HOST6] {
+        let _ = cage_agent::probe::probe_in(&router, &cage_agent::probe::Probe::icmp(addr));
+    }
+    let out = l.lab.cage(&["selftest", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    let failed: Vec<String> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c.to_string())
+        .collect();
+    assert!(
+        out.status.success() && failed.is_empty(),
+        "{}\n{}",
+        report["verdict"],
+        failed.join("\n")
+    );
+    assert!(report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["name"] == "caged -> router DNS" && c["ok"] == true));
+    drop(run);
+}
