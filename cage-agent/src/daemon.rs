@@ -183,6 +183,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                         Err(e) => log::error(&format!("automatic isolation failed: {e}")),
                     }
                     auto.reset();
+                    d.dns_shared.restart_violations();
                 }
             }
             _ = selftest_timer.tick() => {

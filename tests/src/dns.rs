@@ -23,7 +23,7 @@ pub enum Answer {
     Cname(String),
 }
 
-/// An authoritative DNS server on UDP and TCP port 53 of the given addresses. Every name
+/// An authoritative DNS server on UDP and TCP at the given addresses. Every name
 /// of `zone` is answered with its records (a CNAME is followed within the zone), others
 /// with NXDOMAIN. Counts the queries it got.
 pub struct AuthServer {
@@ -35,7 +35,7 @@ pub struct AuthServer {
 impl AuthServer {
     pub fn start(
         ns: &NetNs,
-        addrs: &[IpAddr],
+        addrs: &[SocketAddr],
         zone: HashMap<String, Answer>,
         ttl: u32,
     ) -> Result<AuthServer, ProbeError> {
@@ -43,8 +43,7 @@ impl AuthServer {
         let queries = Arc::new(AtomicU64::new(0));
         let zone = Arc::new(zone);
         let mut threads = Vec::new();
-        for &a in addrs {
-            let sa = SocketAddr::new(a, 53);
+        for &sa in addrs {
             let (st, q, z) = (stop.clone(), queries.clone(), zone.clone());
             let io = |op: &str, source| ProbeError::Io {
                 ns: ns.name().to_owned(),

@@ -81,13 +81,24 @@ fn dns_lab(dns_section: &str) -> DnsLab {
         .unwrap();
     }
     let inet = lab.netns(Node::Inet);
-    let auth = AuthServer::start(&inet, &[PUBLIC4, PUBLIC6], zone(), 300).expect("auth server");
+    let auth = AuthServer::start(
+        &inet,
+        &[SocketAddr::new(PUBLIC4, 53), SocketAddr::new(PUBLIC6, 53)],
+        zone(),
+        300,
+    )
+    .expect("auth server");
     let mut wrong = HashMap::new();
     for name in ["allowed.test", "other.test"] {
         wrong.insert(name.to_owned(), Answer::Addrs(vec![ip("203.0.113.99")]));
     }
-    let outside = AuthServer::start(&inet, &[ip(OUTSIDE_DNS4), ip(OUTSIDE_DNS6)], wrong, 300)
-        .expect("outside server");
+    let outside = AuthServer::start(
+        &inet,
+        &[sa(OUTSIDE_DNS4, 53), sa(OUTSIDE_DNS6, 53)],
+        wrong,
+        300,
+    )
+    .expect("outside server");
     let listeners = Listeners::start(&inet, &[443, 853]).expect("listeners");
     lab.write_config(&format!(
         "\nconfig flowlog 'flowlog'\n\toption idle_timeout '1'\n\n{dns_section}"
@@ -578,4 +589,53 @@ fn selftest_holds_with_dns_through_cage() {
         .iter()
         .any(|c| c["name"] == "caged -> router DNS" && c["ok"] == true));
     drop(run);
+}
+
+/// `cage dns allow` refuses what it cannot do, with a clear error, and leaves the file
+/// as it was: a bad name, or DNS through Cage off.
+#[test]
+fn dns_allow_refuses_bad_input_and_leaves_the_file() {
+    let bin = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!("cage-dns-allow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cage.conf");
+    let cage = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let no_dns = format!("config cage 'main'\n\toption log_dir '{}'\n", dir.display());
+    std::fs::write(&path, &no_dns).unwrap();
+    let out = cage(&["dns", "allow", "api.example.com"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DNS through Cage is off"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), no_dns);
+
+    let with_dns =
+        format!("{no_dns}\n# my comment\nconfig dns 'dns'\n\toption egress 'allowlist'\n");
+    std::fs::write(&path, &with_dns).unwrap();
+    for bad in ["bad name.com", "*.com", "a..b"] {
+        let out = cage(&["dns", "allow", bad]);
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is not a domain name or wildcard"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), with_dns);
+    }
+    // A good one is added, comments kept; again, nothing changes.
+    let out = cage(&["dns", "allow", "API.Example.com"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("# my comment"), "{text}");
+    assert!(
+        text.contains("list allow_domain 'api.example.com'"),
+        "{text}"
+    );
+    let out = cage(&["dns", "allow", "api.example.com"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already allowed"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    let _ = std::fs::remove_dir_all(&dir);
 }

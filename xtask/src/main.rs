@@ -5,6 +5,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_dns;
 mod demo;
 mod dist;
 mod fuzz;
@@ -20,6 +21,7 @@ usage: cargo xtask <command>
   test               setup, build, run every test, check nothing was left behind
   bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
   bench flows        throughput with/without the eBPF flow counter, new-flow rate (bench/RESULTS.md)
+  bench dns          lookup latency through Cage's DNS forwarder against direct (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         ["test"] => setup::install().and_then(|()| test()),
         ["bench", "killswitch"] => setup::install().and_then(|()| bench::killswitch()),
         ["bench", "flows"] => setup::install().and_then(|()| bench::flows()),
+        ["bench", "dns"] => setup::install().and_then(|()| bench_dns::dns()),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {
             Ok(s) => fuzz::run_fuzz(s),

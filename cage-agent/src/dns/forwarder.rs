@@ -36,6 +36,10 @@ const MAX_TCP: usize = 64;
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often statistics and the refused names are written out.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Learned addresses kept for re-adding at most; beyond it, expired ones are dropped.
+/// (The kernel's sets hold them regardless; only a reload during such a flood could
+/// forget some, which the hosts' next lookups put back.)
+const MAX_LEARNED: usize = 65_536;
 /// Token buckets kept at most (one per host address seen).
 const MAX_BUCKETS: usize = 4096;
 
@@ -60,6 +64,8 @@ struct State {
     learned: Mutex<HashMap<IpAddr, (String, Instant)>>,
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
     refused: Mutex<(BTreeMap<String, RefusedName>, bool)>,
+    /// The statistics as last written (written again only when they changed).
+    saved: Mutex<Option<super::DnsStats>>,
     log_gate: Mutex<HashMap<&'static str, (Instant, u64)>>,
     tcp_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -152,6 +158,7 @@ impl Forwarder {
             learned: Mutex::default(),
             buckets: Mutex::default(),
             refused: Mutex::new((refused::load(&cfg.main.log_dir), false)),
+            saved: Mutex::default(),
             log_gate: Mutex::default(),
             tcp_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TCP)),
         });
@@ -236,9 +243,16 @@ impl Forwarder {
         };
         if let Err(e) = crate::nft::add_allowed(&entries) {
             log::error(&format!(
-                "DNS forwarder: cannot put {} learned addresses back into the allow sets: {e}",
+                "DNS forwarder: cannot put {} learned addresses back into the allow sets: {e}; \
+                 the hosts' next lookups add them",
                 entries.len()
             ));
+            // Not in the sets: forget them, so the next answers add them again.
+            self.state
+                .learned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
     }
 
@@ -275,13 +289,22 @@ impl State {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let write = || -> io::Result<()> {
+            if saved.as_ref() == Some(&stats) {
+                return Ok(());
+            }
             std::fs::create_dir_all(&log_dir)?;
             let tmp = log_dir.join("dns.json.tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&stats)?)?;
             std::fs::rename(tmp, stats_path(&log_dir))
         };
-        if let Err(e) = write() {
+        let result = write();
+        if result.is_ok() {
+            *saved = Some(stats.clone());
+        }
+        drop(saved);
+        if let Err(e) = result {
             self.log_limited(
                 "save",
                 format!("DNS forwarder: cannot write its statistics: {e}"),
@@ -342,6 +365,13 @@ impl State {
     }
 
     fn violation(&self, host: IpAddr, kind: &'static str, msg: String) {
+        *self
+            .shared
+            .auto_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(host)
+            .or_default() += 1;
         self.count(|s| {
             *s.violations.entry(host).or_default() += 1;
             match kind {
@@ -525,20 +555,32 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         Err(_) => (Vec::new(), None),
     };
     if allowlist && !addrs.is_empty() {
-        let entries = addrs.clone();
-        let added = tokio::task::spawn_blocking(move || crate::nft::add_allowed(&entries)).await;
-        match added {
-            Ok(Ok(())) => {
-                let now = Instant::now();
-                let mut learned = st.learned.lock().unwrap_or_else(|e| e.into_inner());
-                for &(a, ttl) in &addrs {
-                    learned.insert(
-                        a,
-                        (qname.clone(), now + Duration::from_secs(u64::from(ttl))),
-                    );
-                }
-            }
-            Ok(Err(e)) => {
+        // Only what the sets do not already keep for as long as the host may cache the
+        // answer: running nft costs milliseconds, a repeated lookup should not.
+        let now = Instant::now();
+        let entries: Vec<(IpAddr, u32)> = {
+            let learned = st.learned.lock().unwrap_or_else(|e| e.into_inner());
+            addrs
+                .iter()
+                .filter(|(a, ttl)| {
+                    learned.get(a).is_none_or(|(_, until)| {
+                        until.saturating_duration_since(now) < Duration::from_secs(u64::from(*ttl))
+                    })
+                })
+                .map(|&(a, ttl)| (a, with_slack(ttl)))
+                .collect()
+        };
+        if !entries.is_empty() {
+            let added = {
+                let entries = entries.clone();
+                tokio::task::spawn_blocking(move || crate::nft::add_allowed(&entries)).await
+            };
+            let failed = match added {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
                 st.count(|s| s.set_failures += 1);
                 st.log_limited(
                     "nft",
@@ -546,18 +588,27 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
                 );
                 return reply(&parsed, RCODE::ServerFailure);
             }
-            Err(e) => {
-                st.count(|s| s.set_failures += 1);
-                st.log_limited(
-                    "nft",
-                    format!("DNS: cannot allow the addresses of {qname}: {e}: SERVFAIL"),
+            let mut learned = st.learned.lock().unwrap_or_else(|e| e.into_inner());
+            if learned.len() >= MAX_LEARNED {
+                learned.retain(|_, (_, until)| *until > now);
+            }
+            for &(a, timeout) in &entries {
+                learned.insert(
+                    a,
+                    (qname.clone(), now + Duration::from_secs(u64::from(timeout))),
                 );
-                return reply(&parsed, RCODE::ServerFailure);
             }
         }
     }
     st.shared.remember(host, &addrs, &qname);
     Some(capped.unwrap_or(response))
+}
+
+/// How long a learned address stays in the allow set: its TTL (floored and capped) and
+/// half as much again, so that lookups of the same name within that slack need no nft
+/// run (the set still keeps the address at least as long as the answer's TTL).
+pub fn with_slack(ttl: u32) -> u32 {
+    ttl.saturating_add(ttl / 2)
 }
 
 /// The response rebuilt with every TTL at most `max`, or `None` if none is above it.

@@ -84,6 +84,9 @@ pub fn read_stats(cfg: &Config) -> Option<DnsStats> {
 pub struct Shared {
     names: Mutex<Names>,
     pub(crate) stats: Mutex<DnsStats>,
+    /// Per-host violations since automatic isolation last started afresh (see
+    /// [`Shared::violations`]); `stats.violations` keeps the totals.
+    pub(crate) auto_counts: Mutex<HashMap<IpAddr, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -128,13 +131,22 @@ impl Shared {
         }
     }
 
-    /// Per-host limit violations so far (cumulative), for automatic isolation.
+    /// Per-host limit violations (cumulative since the last [`Shared::restart_violations`]),
+    /// for automatic isolation.
     pub fn violations(&self) -> HashMap<IpAddr, u64> {
-        self.stats
+        self.auto_counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .violations
             .clone()
+    }
+
+    /// Start the counts for automatic isolation from zero (after it fired: a released
+    /// segment must not be isolated again for what it did before).
+    pub fn restart_violations(&self) {
+        self.auto_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -154,6 +166,13 @@ pub fn refused(cfg: &Config) -> Vec<RefusedName> {
 pub enum AllowError {
     #[error("'{name}' is not a domain name or wildcard ({why}); e.g. api.anthropic.com")]
     BadName { name: String, why: &'static str },
+    #[error(
+        "DNS through Cage is off in {path} (no dns section, or enabled '0'): allowing a \
+         name needs it on, in allowlist mode"
+    )]
+    DnsOff { path: std::path::PathBuf },
+    #[error(transparent)]
+    Load(#[from] config::LoadError),
     #[error(transparent)]
     Edit(#[from] config::edit::EditError),
     #[error("the configuration was changed, but cage run could not be told to reload: {0}")]
@@ -179,14 +198,18 @@ pub fn allow(config_path: &Path, name: &str) -> Result<Allowed, AllowError> {
         name: name.to_owned(),
         why,
     })?;
-    if let Ok(cfg) = config::load(config_path) {
-        if cfg.dns.allow_domains.contains(&pattern) {
-            return Ok(Allowed {
-                name: pattern,
-                added: false,
-                reloaded: false,
-            });
-        }
+    let cfg = config::load(config_path)?;
+    if !cfg.dns.enabled {
+        return Err(AllowError::DnsOff {
+            path: config_path.to_owned(),
+        });
+    }
+    if cfg.dns.allow_domains.contains(&pattern) {
+        return Ok(Allowed {
+            name: pattern,
+            added: false,
+            reloaded: false,
+        });
     }
     let cfg = config::edit::edit_file(
         config_path,
