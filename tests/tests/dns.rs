@@ -266,6 +266,14 @@ fn allowlist_allows_only_answers_to_allowed_names_over_ipv4_and_ipv6() {
         r["peer"] == OTHER4 && r["verdict"] == "blocked"
     });
     assert_eq!(rec["rule"], "deny:not-allowlisted", "{rec}");
+    // A blocked flow to a resolved name's address carries the name too (DoT to
+    // allowed.test), and says which rule blocked it.
+    let rec = wait_flow(&l.lab, "blocked DoT to allowed.test", |r| {
+        r["peer"] == ALLOWED4 && r["peer_port"] == 853
+    });
+    assert_eq!(rec["verdict"], "blocked", "{rec}");
+    assert_eq!(rec["rule"], "deny:dot", "{rec}");
+    assert_eq!(rec["name"], "allowed.test", "{rec}");
     let table = String::from_utf8_lossy(&l.lab.cage(&["flows", "-n", "0"]).stdout).into_owned();
     assert!(
         table.contains("(allowed.test)"),
@@ -363,6 +371,37 @@ fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
         "{out:?}"
     );
     assert_eq!(std::fs::read_to_string(l.lab.config_path()).unwrap(), text);
+
+    // A bad configuration on reload is refused and the running policy and forwarder
+    // stay: both names still resolve and are reachable.
+    let bad = text.replace("option egress 'allowlist'", "option egress 'closed'");
+    assert_ne!(bad, text);
+    std::fs::write(l.lab.config_path(), &bad).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run.log().contains("new configuration refused") {
+        assert!(
+            Instant::now() < deadline,
+            "reload not refused:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (name, addr) in [("other.test", OTHER4), ("allowed.test", ALLOWED4)] {
+        let r = ask(&l, Node::Ai1, router_dns4(), name, false, false);
+        assert_eq!(r.addrs, vec![ip(addr)], "{name} after a refused reload");
+        assert!(
+            connects(&ai1, sa(addr, 443), T),
+            "{addr} after a refused reload"
+        );
+    }
+    let r = ask(&l, Node::Ai2, router_dns4(), "unlisted.test", false, false);
+    assert_eq!(
+        r.rcode,
+        RCODE::Refused,
+        "allow-list mode lost in a refused reload"
+    );
 }
 
 #[test]
@@ -458,7 +497,9 @@ fn dns_violations_can_isolate_the_segment() {
 
 #[test]
 fn open_mode_sends_all_dns_through_cage_and_names_flows() {
-    let l = dns_lab("config dns 'dns'\n\tlist upstream '203.0.113.10'\n");
+    let l = dns_lab(
+        "config dns 'dns'\n\tlist upstream '203.0.113.10'\n\tlist doh_block_ip '203.0.113.88'\n",
+    );
     let run = start(&l);
     let ai1 = l.lab.netns(Node::Ai1);
     for (server, v6) in [
@@ -482,6 +523,13 @@ fn open_mode_sends_all_dns_through_cage_and_names_flows() {
     assert!(!l.listeners.reached(sa(OUTSIDE_DNS4, 853)));
     let r = ask(&l, Node::Ai1, router_dns4(), "dns.google", false, false);
     assert_eq!(r.rcode, RCODE::NameError);
+    // A DoH endpoint listed by address is blocked even in open mode.
+    assert!(!connects(&ai1, sa("203.0.113.88", 443), T));
+    assert!(!l.listeners.reached(sa("203.0.113.88", 443)));
+    let rec = wait_flow(&l.lab, "blocked to the DoH address", |r| {
+        r["peer"] == "203.0.113.88" && r["verdict"] == "blocked"
+    });
+    assert_eq!(rec["rule"], "deny:doh", "{rec}");
     let rec = wait_flow(&l.lab, "to other.test", |r| {
         r["peer"] == OTHER4 && r["peer_port"] == 443
     });

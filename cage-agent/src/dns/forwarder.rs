@@ -352,16 +352,8 @@ impl State {
                 b.clear();
             }
         }
-        let (tokens, at) = b.entry(host).or_insert((f64::from(burst), now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * f64::from(qps))
-            .min(f64::from(burst));
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let bucket = b.entry(host).or_insert((f64::from(burst), now));
+        take(bucket, now, qps, burst)
     }
 
     fn violation(&self, host: IpAddr, kind: &'static str, msg: String) {
@@ -380,6 +372,21 @@ impl State {
             }
         });
         self.log_limited(kind, msg);
+    }
+}
+
+/// One token from a bucket `(tokens, last refill)` that holds `burst` and refills at `qps`
+/// a second: whether there was one.
+fn take(bucket: &mut (f64, Instant), now: Instant, qps: u32, burst: u32) -> bool {
+    let (tokens, at) = bucket;
+    *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * f64::from(qps))
+        .min(f64::from(burst));
+    *at = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
     }
 }
 
@@ -684,4 +691,79 @@ async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     conn.read_exact(&mut buf).await?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simple_dns::rdata::{RData, A};
+    use simple_dns::{Name, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE};
+
+    #[test]
+    fn the_bucket_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = (40.0, t0);
+        let taken = (0..100).filter(|_| take(&mut b, t0, 20, 40)).count();
+        assert_eq!(taken, 40);
+        // Half a second later: 10 more.
+        let t1 = t0 + Duration::from_millis(500);
+        let taken = (0..100).filter(|_| take(&mut b, t1, 20, 40)).count();
+        assert_eq!(taken, 10);
+        // A long pause refills to the burst, not beyond.
+        let t2 = t1 + Duration::from_secs(3600);
+        let taken = (0..100).filter(|_| take(&mut b, t2, 20, 40)).count();
+        assert_eq!(taken, 40);
+    }
+
+    fn answer_with_ttl(ttl: u32) -> Vec<u8> {
+        let mut p = Packet::new_reply(7);
+        p.questions.push(Question::new(
+            Name::new_unchecked("a.example"),
+            QTYPE::TYPE(TYPE::A),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        p.answers.push(ResourceRecord::new(
+            Name::new_unchecked("a.example"),
+            CLASS::IN,
+            ttl,
+            RData::A(A::from(Ipv4Addr::new(203, 0, 113, 20))),
+        ));
+        p.build_bytes_vec().unwrap()
+    }
+
+    #[test]
+    fn ttls_above_the_cap_are_cut_and_others_left_alone() {
+        let long = answer_with_ttl(86400);
+        let capped = cap_ttls(Packet::parse(&long).unwrap(), 3600).expect("rebuilt");
+        let p = Packet::parse(&capped).unwrap();
+        assert_eq!(p.id(), 7);
+        assert_eq!(p.answers[0].ttl, 3600);
+        assert!(matches!(p.answers[0].rdata, RData::A(_)));
+        let short = answer_with_ttl(60);
+        assert!(cap_ttls(Packet::parse(&short).unwrap(), 3600).is_none());
+        assert_eq!(with_slack(60), 90);
+        assert_eq!(with_slack(u32::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn refusals_answer_the_question_with_the_code() {
+        let mut q = Packet::new_query(99);
+        q.set_flags(PacketFlag::RECURSION_DESIRED);
+        q.questions.push(Question::new(
+            Name::new_unchecked("x.example"),
+            QTYPE::TYPE(TYPE::AAAA),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        let bytes = q.build_bytes_vec().unwrap();
+        let q = Packet::parse(&bytes).unwrap();
+        let r = reply(&q, RCODE::Refused).unwrap();
+        let r = Packet::parse(&r).unwrap();
+        assert_eq!(r.id(), 99);
+        assert!(r.has_flags(PacketFlag::RESPONSE | PacketFlag::RECURSION_DESIRED));
+        assert_eq!(r.rcode(), RCODE::Refused);
+        assert_eq!(r.questions[0].qname.to_string(), "x.example");
+        assert!(r.answers.is_empty());
+    }
 }
