@@ -22,7 +22,8 @@ usage: cargo xtask <command>
   bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
   bench flows        throughput with/without the eBPF flow counter, new-flow rate (bench/RESULTS.md)
   bench dns          lookup latency through Cage's DNS forwarder against direct (bench/RESULTS.md)
-  fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
+  fuzz [SECONDS]     fuzz the configuration parser and the policy renderer, then DNS
+                     message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
 ";

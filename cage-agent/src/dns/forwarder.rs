@@ -542,25 +542,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         return reply(&parsed, RCODE::ServerFailure);
     };
     st.count(|s| s.forwarded += 1);
-    let (addrs, capped) = match Packet::parse(&response) {
-        Ok(p) => {
-            let addrs: Vec<(IpAddr, u32)> = p
-                .answers
-                .iter()
-                .filter_map(|rr| {
-                    let ip = match &rr.rdata {
-                        simple_dns::rdata::RData::A(a) => IpAddr::V4(Ipv4Addr::from(a.address)),
-                        simple_dns::rdata::RData::AAAA(a) => IpAddr::V6(Ipv6Addr::from(a.address)),
-                        _ => return None,
-                    };
-                    Some((ip, rr.ttl.min(dns.ttl_max).max(dns.ttl_floor).max(1)))
-                })
-                .collect();
-            (addrs, cap_ttls(p, dns.ttl_max))
-        }
-        // Relayed as it is: the host's resolver judges it. No addresses are learned.
-        Err(_) => (Vec::new(), None),
-    };
+    let (addrs, capped) = digest(&response, dns);
     if allowlist && !addrs.is_empty() {
         // Only what the sets do not already keep for as long as the host may cache the
         // answer: running nft costs milliseconds, a repeated lookup should not.
@@ -609,6 +591,45 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
     }
     st.shared.remember(host, &addrs, &qname);
     Some(capped.unwrap_or(response))
+}
+
+/// What an upstream answer means: its A and AAAA addresses with their TTL (floored at
+/// `ttl_floor`, cut to `ttl_max`), and the answer rebuilt with its TTLs cut, if any was
+/// above `ttl_max`. An answer that does not parse teaches nothing and is relayed as it
+/// is (the host's resolver judges it). Pure: the fuzz target `dns` drives it.
+pub fn digest(response: &[u8], dns: &crate::config::Dns) -> (Vec<(IpAddr, u32)>, Option<Vec<u8>>) {
+    let Ok(p) = Packet::parse(response) else {
+        return (Vec::new(), None);
+    };
+    let addrs = p
+        .answers
+        .iter()
+        .filter_map(|rr| {
+            let ip = match &rr.rdata {
+                simple_dns::rdata::RData::A(a) => IpAddr::V4(Ipv4Addr::from(a.address)),
+                simple_dns::rdata::RData::AAAA(a) => IpAddr::V6(Ipv6Addr::from(a.address)),
+                _ => return None,
+            };
+            Some((ip, rr.ttl.min(dns.ttl_max).max(dns.ttl_floor).max(1)))
+        })
+        .collect();
+    (addrs, cap_ttls(p, dns.ttl_max))
+}
+
+/// A query from a caged host, if the bytes are one: not a response, exactly one
+/// question. Its name in lower case. Pure: the fuzz target `dns` drives it.
+pub fn query_name(query: &[u8]) -> Option<String> {
+    match Packet::parse(query) {
+        Ok(p) if !p.has_flags(PacketFlag::RESPONSE) && p.questions.len() == 1 => {
+            Some(p.questions[0].qname.to_string().to_ascii_lowercase())
+        }
+        _ => None,
+    }
+}
+
+/// The refusal of a query (REFUSED, NXDOMAIN, SERVFAIL), if the bytes are a query.
+pub fn refusal(query: &[u8], rcode: RCODE) -> Option<Vec<u8>> {
+    reply(&Packet::parse(query).ok()?, rcode)
 }
 
 /// How long a learned address stays in the allow set: its TTL (floored and capped) and
