@@ -569,11 +569,15 @@ fn statement(st: &Statement) -> String {
         Statement::Jump(j) => format!("jump {}", j.target),
         Statement::Goto(j) => format!("goto {}", j.target),
         Statement::Masquerade(None) => "masquerade".into(),
-        Statement::Redirect(Some(nftables::stmt::NAT {
-            addr: None,
+        Statement::DNAT(Some(nftables::stmt::NAT {
+            addr: Some(Expression::String(addr)),
+            family,
             port: Some(Expression::Number(port)),
-            ..
-        })) => format!("redirect to :{port}"),
+            flags: None,
+        })) => match family {
+            Some(nftables::stmt::NATFamily::IP6) => format!("dnat ip6 to [{addr}]:{port}"),
+            _ => format!("dnat ip to {addr}:{port}"),
+        },
         Statement::Log(Some(l)) => {
             let mut t = "log".to_owned();
             if let Some(p) = &l.prefix {

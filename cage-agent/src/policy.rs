@@ -742,9 +742,11 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
     rules.push(into_segment(cfg));
 
     // DNS through the router: every query the segment sends to port 53, to the router or
-    // to any server outside, is answered by Cage's forwarder (redirected to its port on
-    // the router's segment address). Without `cage run` the port has no listener, so DNS
-    // fails closed. Spoofed sources were dropped before (prerouting at -300).
+    // to any server outside, is answered by Cage's forwarder (translated to its port on
+    // the router's segment address of the same family: explicitly, not `redirect`, which
+    // takes whichever address the bridge lists first, where the forwarder may not
+    // listen). Without `cage run` the port has no listener, so DNS fails closed. Spoofed
+    // sources were dropped before (prerouting at -300).
     if dns.enabled {
         batch.add(base_chain(
             inet,
@@ -754,22 +756,34 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
             PRIO_DSTNAT,
         ));
         let mut nat = ChainRules::new(inet, "dns_redirect");
-        for proto in ["udp", "tcp"] {
-            nat.rule(
-                "redirect:dns",
-                vec![
-                    iifname(bridge),
-                    l4proto(proto),
-                    dport(proto, 53),
-                    counter(),
-                    Statement::Redirect(Some(stmt::NAT {
-                        addr: None,
-                        family: None,
-                        port: Some(Expression::Number(u32::from(dns.listen_port))),
-                        flags: None,
-                    })),
-                ],
-            );
+        let targets = std::iter::once((
+            "ipv4",
+            stmt::NATFamily::IP,
+            std::net::IpAddr::V4(seg.router4()),
+        ))
+        .chain(
+            seg.router6()
+                .map(|r| ("ipv6", stmt::NATFamily::IP6, std::net::IpAddr::V6(r))),
+        );
+        for (family, nat_family, router) in targets {
+            for proto in ["udp", "tcp"] {
+                nat.rule(
+                    "redirect:dns",
+                    vec![
+                        iifname(bridge),
+                        is(meta(MetaKey::Nfproto), s(family)),
+                        l4proto(proto),
+                        dport(proto, 53),
+                        counter(),
+                        Statement::DNAT(Some(stmt::NAT {
+                            addr: Some(s(router.to_string())),
+                            family: Some(nat_family),
+                            port: Some(Expression::Number(u32::from(dns.listen_port))),
+                            flags: None,
+                        })),
+                    ],
+                );
+            }
         }
         rules.push(nat);
     }
