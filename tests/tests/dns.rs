@@ -687,3 +687,98 @@ fn dns_allow_refuses_bad_input_and_leaves_the_file() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The allow sets are filled over nfnetlink directly (the fast path, no `nft` process):
+/// every address lands in its set with its timeout, a second add renews the timeout, and
+/// a kernel refusal (no such set) is an error, not a silent success.
+#[test]
+fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
+    require_root();
+    let ns = format!("cgt-setelem-{}", std::process::id());
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .output();
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    let _gone = Gone(ns.clone());
+    let nft = |script: &str| {
+        use std::io::Write;
+        let mut c = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success(), "nft {script}");
+    };
+    let list = |set: &str| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "nft", "-j", "list", "set", "inet", "cage", set,
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut elems = Vec::new();
+        for o in v["nftables"].as_array().unwrap() {
+            for e in o["set"]["elem"].as_array().into_iter().flatten() {
+                elems.push((
+                    e["elem"]["val"].as_str().unwrap().to_owned(),
+                    e["elem"]["timeout"].as_u64().unwrap(),
+                ));
+            }
+        }
+        elems.sort();
+        elems
+    };
+    let netns = cage_agent::probe::NetNs::named(ns.clone());
+    let add = move |entries: Vec<(IpAddr, u32)>| {
+        netns
+            .run("setelem", move || {
+                Ok(cage_agent::nft::add_allowed_netlink(&entries).map_err(|e| e.to_string()))
+            })
+            .unwrap()
+    };
+    // No table yet: the kernel refuses, and the error says so.
+    let e = add(vec![(ip(ALLOWED4), 60)]).expect_err("added to a set that does not exist");
+    assert!(
+        e.contains("No such file") || e.contains("os error 2"),
+        "{e}"
+    );
+    nft(
+        "table inet cage {\n set allow4 {\n type ipv4_addr\n flags timeout\n }\n \
+         set allow6 {\n type ipv6_addr\n flags timeout\n }\n}\n",
+    );
+    add(vec![
+        (ip(ALLOWED4), 90),
+        (ip(ALLOWED6), 90),
+        (ip(OTHER4), 600),
+    ])
+    .unwrap();
+    assert_eq!(
+        list("allow4"),
+        vec![(ALLOWED4.to_owned(), 90), (OTHER4.to_owned(), 600)]
+    );
+    assert_eq!(list("allow6"), vec![(ALLOWED6.to_owned(), 90)]);
+    // Again, with a new timeout: renewed, not kept.
+    add(vec![(ip(ALLOWED4), 300)]).unwrap();
+    assert_eq!(
+        list("allow4"),
+        vec![(ALLOWED4.to_owned(), 300), (OTHER4.to_owned(), 600)]
+    );
+}
