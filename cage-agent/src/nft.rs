@@ -126,24 +126,41 @@ pub fn apply(rs: &Nftables) -> Result<(), NftError> {
     run(&["-j", "-f", "-"], Some(&json(rs)), "apply the ruleset").map(|_| ())
 }
 
-/// Put addresses learned from one DNS answer into the allow sets (`allow4`/`allow6`), each
-/// with its timeout in seconds, in one transaction. Each element is added, deleted and
-/// added again so that one already there gets the new timeout (a plain add would keep
-/// the old one), and the batch is valid either way.
+/// One address for the allow sets (`allow4`/`allow6`), with its timeout in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowElement {
+    pub addr: std::net::IpAddr,
+    pub timeout: u32,
+    /// The element may be in the set already: it is added, deleted and added again, so
+    /// that it gets the new timeout (a plain add keeps the old one). That costs the
+    /// kernel a grace period (milliseconds), so a new address is just added.
+    pub renew: bool,
+}
+
+/// Put addresses learned from one DNS answer into the allow sets, in one transaction.
 ///
 /// The transaction goes to the kernel over nfnetlink directly (tens of microseconds); if
 /// that fails for any reason, through the `nft` program as everything else (milliseconds:
 /// nft reads the whole ruleset first), which then says what is wrong.
-pub fn add_allowed(entries: &[(std::net::IpAddr, u32)]) -> Result<(), NftError> {
+pub fn add_allowed(entries: &[AllowElement]) -> Result<(), NftError> {
     if entries.is_empty() {
         return Ok(());
     }
-    if add_allowed_netlink(entries).is_ok() {
-        return Ok(());
+    match add_allowed_netlink(entries) {
+        Ok(()) => return Ok(()),
+        Err(e) => {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                crate::log::warn(&format!(
+                    "adding to the allow sets over nfnetlink failed ({e}); using nft \
+                     (slower) whenever it fails"
+                ));
+            }
+        }
     }
     let mut batch = nftables::batch::Batch::new();
-    for &(addr, timeout) in entries {
-        let set = crate::policy::ALLOW_SETS[usize::from(addr.is_ipv6())];
+    for e in entries {
+        let set = crate::policy::ALLOW_SETS[usize::from(e.addr.is_ipv6())];
         let elem = |timeout: Option<u32>| {
             NfListObject::Element(nftables::schema::Element {
                 family: NfFamily::INet,
@@ -151,7 +168,7 @@ pub fn add_allowed(entries: &[(std::net::IpAddr, u32)]) -> Result<(), NftError> 
                 name: set.into(),
                 elem: std::borrow::Cow::Owned(vec![Expression::Named(NamedExpression::Elem(
                     nftables::expr::Elem {
-                        val: Box::new(Expression::String(addr.to_string().into())),
+                        val: Box::new(Expression::String(e.addr.to_string().into())),
                         timeout,
                         expires: None,
                         comment: None,
@@ -160,9 +177,11 @@ pub fn add_allowed(entries: &[(std::net::IpAddr, u32)]) -> Result<(), NftError> 
                 ))]),
             })
         };
-        batch.add(elem(Some(timeout)));
-        batch.delete(elem(None));
-        batch.add(elem(Some(timeout)));
+        batch.add(elem(Some(e.timeout)));
+        if e.renew {
+            batch.delete(elem(None));
+            batch.add(elem(Some(e.timeout)));
+        }
     }
     run(
         &["-j", "-f", "-"],
@@ -173,7 +192,7 @@ pub fn add_allowed(entries: &[(std::net::IpAddr, u32)]) -> Result<(), NftError> 
 }
 
 /// [`add_allowed`]'s fast path alone: the transaction over nfnetlink, no fallback.
-pub fn add_allowed_netlink(entries: &[(std::net::IpAddr, u32)]) -> std::io::Result<()> {
+pub fn add_allowed_netlink(entries: &[AllowElement]) -> std::io::Result<()> {
     setelem::add(entries)
 }
 
@@ -695,7 +714,8 @@ fn expr(e: &Expression, quote: bool) -> String {
 }
 
 /// Adding elements to the allow sets over nfnetlink, without the `nft` program: one batch
-/// (begin; per address: add, delete, add with the new timeout; end), each message acked.
+/// (begin; per address: add, or add, delete, add with the new timeout; end), each message
+/// acked.
 mod setelem {
     use std::io;
     use std::net::IpAddr;
@@ -792,7 +812,7 @@ mod setelem {
         attrs
     }
 
-    pub fn add(entries: &[(IpAddr, u32)]) -> io::Result<()> {
+    pub fn add(entries: &[super::AllowElement]) -> io::Result<()> {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
@@ -827,12 +847,18 @@ mod setelem {
         );
         let mut acks = 0;
         let kind = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
-        for &(addr, timeout) in entries {
-            for (m, t, flags) in [
-                (NFT_MSG_NEWSETELEM, Some(timeout), NLM_F_CREATE),
-                (NFT_MSG_DELSETELEM, None, 0),
-                (NFT_MSG_NEWSETELEM, Some(timeout), NLM_F_CREATE),
-            ] {
+        for e in entries {
+            let (addr, timeout) = (e.addr, e.timeout);
+            let steps: &[(u16, Option<u32>, u16)] = if e.renew {
+                &[
+                    (NFT_MSG_NEWSETELEM, Some(timeout), NLM_F_CREATE),
+                    (NFT_MSG_DELSETELEM, None, 0),
+                    (NFT_MSG_NEWSETELEM, Some(timeout), NLM_F_CREATE),
+                ]
+            } else {
+                &[(NFT_MSG_NEWSETELEM, Some(timeout), NLM_F_CREATE)]
+            };
+            for &(m, t, flags) in steps {
                 seq = seq.wrapping_add(1);
                 message(
                     &mut batch,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use cage_agent::nft::AllowElement;
 use cage_tests::contract;
 use cage_tests::dns::{connects, resolve, Answer, AuthServer, Listeners, Resolved};
 use cage_tests::lab::{
@@ -747,7 +748,15 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
         elems
     };
     let netns = cage_agent::probe::NetNs::named(ns.clone());
-    let add = move |entries: Vec<(IpAddr, u32)>| {
+    let add = move |entries: Vec<(IpAddr, u32, bool)>| {
+        let entries: Vec<AllowElement> = entries
+            .into_iter()
+            .map(|(addr, timeout, renew)| AllowElement {
+                addr,
+                timeout,
+                renew,
+            })
+            .collect();
         netns
             .run("setelem", move || {
                 Ok(cage_agent::nft::add_allowed_netlink(&entries).map_err(|e| e.to_string()))
@@ -755,7 +764,7 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
             .unwrap()
     };
     // No table yet: the kernel refuses, and the error says so.
-    let e = add(vec![(ip(ALLOWED4), 60)]).expect_err("added to a set that does not exist");
+    let e = add(vec![(ip(ALLOWED4), 60, false)]).expect_err("added to a set that does not exist");
     assert!(
         e.contains("No such file") || e.contains("os error 2"),
         "{e}"
@@ -765,9 +774,9 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
          set allow6 {\n type ipv6_addr\n flags timeout\n }\n}\n",
     );
     add(vec![
-        (ip(ALLOWED4), 90),
-        (ip(ALLOWED6), 90),
-        (ip(OTHER4), 600),
+        (ip(ALLOWED4), 90, false),
+        (ip(ALLOWED6), 90, false),
+        (ip(OTHER4), 600, false),
     ])
     .unwrap();
     assert_eq!(
@@ -775,10 +784,16 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
         vec![(ALLOWED4.to_owned(), 90), (OTHER4.to_owned(), 600)]
     );
     assert_eq!(list("allow6"), vec![(ALLOWED6.to_owned(), 90)]);
-    // Again, with a new timeout: renewed, not kept.
-    add(vec![(ip(ALLOWED4), 300)]).unwrap();
+    // A plain add of an element that is there is accepted (whether it renews the timeout
+    // depends on the kernel: 6.18 does, older ones keep the old one); a renewal always
+    // sets the new timeout.
+    add(vec![(ip(ALLOWED4), 30, false)]).unwrap();
+    let t = list("allow4")[0].1;
+    assert!(t == 90 || t == 30, "timeout {t}");
+    add(vec![(ip(ALLOWED4), 300, true), (ip(ALLOWED6), 120, true)]).unwrap();
     assert_eq!(
         list("allow4"),
         vec![(ALLOWED4.to_owned(), 300), (OTHER4.to_owned(), 600)]
     );
+    assert_eq!(list("allow6"), vec![(ALLOWED6.to_owned(), 120)]);
 }

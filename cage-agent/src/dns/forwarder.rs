@@ -24,6 +24,7 @@ use super::refused::{self, RefusedName};
 use super::{name, stats_path, Shared};
 use crate::config::{Config, Egress};
 use crate::log;
+use crate::nft::AllowElement;
 
 /// How long one upstream may take to answer before the next is tried.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,6 +41,8 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// (The kernel's sets hold them regardless; only a reload during such a flood could
 /// forget some, which the hosts' next lookups put back.)
 const MAX_LEARNED: usize = 65_536;
+/// How long after its timeout a learned address may be forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Token buckets kept at most (one per host address seen).
 const MAX_BUCKETS: usize = 4096;
 
@@ -231,14 +234,19 @@ impl Forwarder {
             return;
         }
         let now = Instant::now();
-        let entries: Vec<(IpAddr, u32)> = {
+        let entries: Vec<AllowElement> = {
             let mut learned = self.state.learned.lock().unwrap_or_else(|e| e.into_inner());
             learned.retain(|_, (n, until)| {
                 *until > now && name::any_matches(&cfg.dns.allow_domains, n)
             });
+            // The sets were replaced: each address is new there.
             learned
                 .iter()
-                .map(|(a, (_, until))| (*a, (until.duration_since(now).as_secs() as u32).max(1)))
+                .map(|(a, (_, until))| AllowElement {
+                    addr: *a,
+                    timeout: (until.duration_since(now).as_secs() as u32).max(1),
+                    renew: false,
+                })
                 .collect()
         };
         if let Err(e) = crate::nft::add_allowed(&entries) {
@@ -547,16 +555,22 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         // Only what the sets do not already keep for as long as the host may cache the
         // answer: running nft costs milliseconds, a repeated lookup should not.
         let now = Instant::now();
-        let entries: Vec<(IpAddr, u32)> = {
+        let entries: Vec<AllowElement> = {
             let learned = st.learned.lock().unwrap_or_else(|e| e.into_inner());
             addrs
                 .iter()
-                .filter(|(a, ttl)| {
-                    learned.get(a).is_none_or(|(_, until)| {
-                        until.saturating_duration_since(now) < Duration::from_secs(u64::from(*ttl))
+                .filter_map(|&(addr, ttl)| {
+                    let known = learned.get(&addr);
+                    let enough = known.is_some_and(|(_, until)| {
+                        until.saturating_duration_since(now) >= Duration::from_secs(u64::from(ttl))
+                    });
+                    (!enough).then_some(AllowElement {
+                        addr,
+                        timeout: with_slack(ttl),
+                        // Known (even just expired): it may still be in the set.
+                        renew: known.is_some(),
                     })
                 })
-                .map(|&(a, ttl)| (a, with_slack(ttl)))
                 .collect()
         };
         if !entries.is_empty() {
@@ -579,12 +593,17 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
             }
             let mut learned = st.learned.lock().unwrap_or_else(|e| e.into_inner());
             if learned.len() >= MAX_LEARNED {
-                learned.retain(|_, (_, until)| *until > now);
+                // Only what the kernel has surely dropped too: an address forgotten
+                // here is added without renewal next time.
+                learned.retain(|_, (_, until)| *until + FORGET_AFTER > now);
             }
-            for &(a, timeout) in &entries {
+            for e in &entries {
                 learned.insert(
-                    a,
-                    (qname.clone(), now + Duration::from_secs(u64::from(timeout))),
+                    e.addr,
+                    (
+                        qname.clone(),
+                        now + Duration::from_secs(u64::from(e.timeout)),
+                    ),
                 );
             }
         }
