@@ -6,8 +6,9 @@
 //! forwarder, which relays it to port 53 upstream) and a direct one (to port 5300, which
 //! the redirect leaves alone: the same server over the same routed path, without the
 //! forwarder). Medians of each, and their ratio, in open mode and in allow-list mode
-//! (where every answer also goes into the allow sets, one nft transaction, before it is
-//! relayed). Release binary. Appended to `bench/RESULTS.md`.
+//! (where an answer's new addresses also go into the allow sets, one nftables transaction,
+//! before it is relayed), asking for the same name each time and for a new name (with an
+//! address of its own) each time. Release binary. Appended to `bench/RESULTS.md`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -117,7 +118,8 @@ pub fn dns() -> Result<()> {
          internet host) with {QUERIES} direct ones (the same server on port {DIRECT_PORT}, \
          over the same routed path, which the redirect leaves alone). Release binary. \
          Milliseconds; ratio and difference of the medians. In allow-list mode each \
-         answer's addresses go into the allow sets (one `nft` run) before it is relayed, \
+         answer's addresses go into the allow sets (one nftables transaction over \
+         nfnetlink) before it is relayed, \
          unless the sets already keep them as long as the answer's TTL (a repeated lookup); \
          \"a new name each time\" asks for {QUERIES} names with an address each."
     );
