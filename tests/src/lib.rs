@@ -3,11 +3,13 @@
 //! - [`lab`]: a simulated travel router in network namespaces (router, two caged hosts,
 //!   a LAN host, the hotel's gateway and one of its hosts, "the internet"), made by a
 //!   guard type that tears everything down again, also after a crash.
+//! - [`browser`]: a real headless Chromium in a lab namespace, over WebDriver.
 //! - [`contract`]: MISSION.md's connectivity contract as a table of checks, and a runner
 //!   that proves each one with real packets (see `cage_agent::probe`) and prints a matrix.
 //!
 //! Everything here needs root: namespaces, veths and raw sockets.
 
+pub mod browser;
 pub mod contract;
 pub mod dns;
 pub mod lab;

@@ -70,7 +70,10 @@ fn up_removes_what_a_crashed_run_left_behind() {
             .output()
             .expect("ip netns pids");
         let pids = String::from_utf8_lossy(&pids.stdout);
-        if pids.split_whitespace().any(|p| p == orphan.id().to_string()) {
+        if pids
+            .split_whitespace()
+            .any(|p| p == orphan.id().to_string())
+        {
             break;
         }
         assert!(

@@ -1,7 +1,8 @@
 //! Install what building and testing Cage needs, idempotently and quickly when it is
-//! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3) and the
-//! rustup components the checks use, and the eBPF toolchain (nightly's rust-src and a
-//! bpf-linker built against the nightly toolchain's own libLLVM).
+//! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3, and
+//! Chromium with its WebDriver for the web page's browser test), the rustup components
+//! the checks use, and the eBPF toolchain (nightly's rust-src and a bpf-linker built
+//! against the nightly toolchain's own libLLVM).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +19,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
+    // The web page's end-to-end test drives a real headless Chromium.
+    ("chromium", "chromium"),
+    ("chromium-driver", "chromedriver"),
 ];
 
 fn have(program: &str) -> bool {

@@ -1,0 +1,225 @@
+//! The LAN web page, end to end: `cage run` in the lab serves it on the router's LAN
+//! address; a real headless Chromium on the LAN host sets the first password, logs in,
+//! presses the big red button, and the caged host loses the internet (packets that do
+//! not come back); release with its confirmation, and they come back. The page follows a
+//! `cage isolate` from the command line without a reload. From a caged host the UI port
+//! does not answer; from the LAN host it does.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cage_agent::probe::{probe_in, NetNs, Probe, Servers, Service};
+use cage_tests::browser::{self, Browser, Driver};
+use cage_tests::contract;
+use cage_tests::lab::{self, Lab, Node, PUBLIC4, PUBLIC6, ROUTER_LAN4, ROUTER_SEG4};
+use cage_tests::require_root;
+
+const UI_PORT: u16 = 8080;
+const PASSWORD: &str = "correct horse battery";
+
+/// Does ai1 reach the internet host (UDP echo and ping)? Each probe has 500 ms.
+fn internet_answers(ai1: &NetNs) -> (bool, bool) {
+    let t = Duration::from_millis(500);
+    let udp = probe_in(ai1, &Probe::udp(PUBLIC4, 53).timeout(t)).expect("probe");
+    let icmp = probe_in(ai1, &Probe::icmp(PUBLIC6).timeout(t)).expect("probe");
+    (udp.outcome.answered(), icmp.outcome.answered())
+}
+
+/// Wait up to `limit` for ai1's reachability to become `want`; the last observation.
+fn wait_internet(ai1: &NetNs, want: (bool, bool), limit: Duration) -> (bool, bool) {
+    let until = Instant::now() + limit;
+    loop {
+        let got = internet_answers(ai1);
+        if got == want || Instant::now() > until {
+            return got;
+        }
+    }
+}
+
+/// A TCP connection from inside `ns` to `addr`, within 2 s.
+fn tcp_connects(ns: &NetNs, addr: SocketAddr) -> Result<(), String> {
+    browser::in_namespace(ns, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn screenshot_path() -> PathBuf {
+    // target/web-e2e/dashboard.png; docs/dashboard.png in the repository is a copy.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("web-e2e").join("dashboard.png")
+}
+
+#[test]
+fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
+    require_root();
+    browser::require_chromium();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    lab.write_config(contract::CONFIG_EXTRA);
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(53)],
+        Duration::from_secs(300),
+    )
+    .expect("servers on the internet host");
+    let run = lab.spawn_cage_run();
+    run.wait_applied();
+    lab.wait_segment_ready().expect("segment");
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let ai1 = lab.netns(Node::Ai1);
+    let lan = lab.netns(Node::Lan);
+    let ui = SocketAddr::new(ROUTER_LAN4, UI_PORT);
+
+    // The UI answers on the LAN (it may take the daemon a moment to bind).
+    let until = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = tcp_connects(&lan, ui) {
+        assert!(
+            Instant::now() < until,
+            "the web page does not answer on {ui} from the LAN host: {e}\ncage run:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // From a caged host it does not, on any of the router's addresses.
+    for addr in [ROUTER_LAN4, ROUTER_SEG4] {
+        let to = SocketAddr::new(addr, UI_PORT);
+        assert!(
+            tcp_connects(&ai1, to).is_err(),
+            "a caged host connected to the web page at {to}"
+        );
+    }
+    assert_eq!(
+        wait_internet(&ai1, (true, true), Duration::from_secs(5)),
+        (true, true),
+        "before anything: the caged host reaches the internet"
+    );
+
+    let driver = Driver::start(&lab.ns(Node::Lan), lab.dir());
+    let base = format!("http://{ui}");
+    let shot = screenshot_path();
+    browser::in_namespace(&lan, || {
+        let b = Browser::open(1100, 1000);
+
+        // First run: no password yet, so the page asks for one.
+        b.goto(&format!("{base}/"));
+        assert!(
+            b.url().ends_with("/setup"),
+            "first visit should lead to /setup, got {}",
+            b.url()
+        );
+        b.type_into("#password", PASSWORD);
+        b.type_into("#confirm", PASSWORD);
+        b.click("#setup-submit");
+        assert_eq!(
+            b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10)),
+            "open"
+        );
+        // The setup page is gone once a password is set.
+        b.goto(&format!("{base}/setup"));
+        assert!(
+            !b.has("#setup-submit"),
+            "/setup still offers to set a password: {}",
+            b.url()
+        );
+
+        // Log out, and the dashboard is behind the login again; a wrong password fails.
+        b.goto(&format!("{base}/"));
+        b.click("#logout");
+        b.goto(&format!("{base}/"));
+        assert!(b.url().ends_with("/login"), "after logout: {}", b.url());
+        b.type_into("#password", "not the password");
+        b.click("#login-submit");
+        assert!(
+            !b.has("#cage-state"),
+            "a wrong password opened the dashboard"
+        );
+        b.goto(&format!("{base}/login"));
+        b.type_into("#password", PASSWORD);
+        b.click("#login-submit");
+        assert_eq!(
+            b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10)),
+            "open"
+        );
+        b.screenshot(&shot);
+
+        // The big red button.
+        b.type_into("#isolate-reason", "browser test");
+        b.click("#isolate");
+        assert_eq!(
+            b.wait_attr(
+                "#cage-state",
+                "data-state",
+                "isolated",
+                Duration::from_secs(10)
+            ),
+            "isolated"
+        );
+        assert_eq!(
+            internet_answers(&ai1),
+            (false, false),
+            "isolated from the web page, yet the caged host reaches the internet"
+        );
+
+        // Release asks for a confirmation first.
+        b.click("#release");
+        assert_eq!(
+            b.attr("#cage-state", "data-state").as_deref(),
+            Some("isolated"),
+            "release acted before it was confirmed"
+        );
+        assert_eq!(internet_answers(&ai1), (false, false));
+        b.click("#release-confirm");
+        assert_eq!(
+            b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10)),
+            "open"
+        );
+        assert_eq!(
+            wait_internet(&ai1, (true, true), Duration::from_secs(5)),
+            (true, true),
+            "released from the web page, but the caged host does not reach the internet"
+        );
+
+        // An isolation from elsewhere shows on the open page by itself.
+        b.goto(&format!("{base}/"));
+        let out = lab.cage(&["isolate", "--reason", "from the shell"]);
+        assert!(out.status.success(), "cage isolate: {out:?}");
+        assert_eq!(
+            b.wait_attr(
+                "#cage-state",
+                "data-state",
+                "isolated",
+                Duration::from_secs(15)
+            ),
+            "isolated",
+            "the dashboard did not follow a `cage isolate` without a reload"
+        );
+        b.click("#release");
+        b.click("#release-confirm");
+        assert_eq!(
+            b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10)),
+            "open"
+        );
+        b.close();
+    });
+    drop(driver);
+    assert_eq!(
+        wait_internet(&ai1, (true, true), Duration::from_secs(5)),
+        (true, true)
+    );
+
+    // Every press is in the audit log, with its source and who.
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let audit = v["audit"].to_string();
+    assert!(
+        audit.contains("browser test") && audit.contains("web"),
+        "the web page's isolate is not in the audit log: {audit}"
+    );
+    assert!(shot.exists(), "no screenshot at {}", shot.display());
+    println!("dashboard screenshot: {}", shot.display());
+}
