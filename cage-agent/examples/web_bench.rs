@@ -107,6 +107,7 @@ fn main() {
                 }
                 .into(),
                 peer_port: Some(if blocked { 22 } else { 443 }),
+                name: (!blocked).then(|| format!("api{}.example.com", i % 50)),
                 direction: "out".into(),
                 packets_out: 12 + u64::from(i % 100),
                 bytes_out: 1500 * u64::from(i % 1000),

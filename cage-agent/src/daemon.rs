@@ -20,6 +20,7 @@ use ipnet::IpNet;
 
 use crate::apply::{self, ApplyError, Checked};
 use crate::config::Config;
+use crate::dns;
 use crate::flows::{self, Blocked, FlowLog, Persister, Sweeper};
 use crate::killswitch::{self, AutoWatch, Source};
 use crate::log;
@@ -104,7 +105,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         applied_text: nft::list_structure()?,
         current,
         segment_error: None,
+        dns: None,
+        dns_shared: Arc::new(dns::Shared::default()),
     };
+    d.sync_dns();
     save(&d.state, &d.current.config.main.log_dir);
     // Said once the state file is there, so whoever reads the log and then looks for the
     // daemon (`cage disable`, `cage status`) finds it.
@@ -130,6 +134,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     auto_tick.tick().await;
     let mut auto = AutoWatch::default();
     let mut collector = Collector::start(&d.current.config);
+    collector.names = Some(d.dns_shared.clone());
     // Self-tests the daemon runs (config `selftest`): on a schedule, and after a change
     // of the applied policy. One at a time, on a blocking thread.
     let mut selftest_timer = tokio::time::interval(Duration::from_secs(
@@ -159,10 +164,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = auto_tick.tick() => {
                 let ks = &d.current.config.killswitch;
-                if (ks.auto_blocked == 0 && ks.auto_upload_bytes == 0) || d.current.isolated {
+                let dns_auto = d.dns.is_some() && d.current.config.dns.auto_violations > 0;
+                if (ks.auto_blocked == 0 && ks.auto_upload_bytes == 0 && !dns_auto)
+                    || d.current.isolated
+                {
                     continue;
                 }
-                if let Some(trigger) = auto.observe(&d.current.config, std::time::Instant::now()) {
+                let now = std::time::Instant::now();
+                let mut fired = None;
+                if ks.auto_blocked > 0 || ks.auto_upload_bytes > 0 {
+                    fired = auto.observe(&d.current.config, now);
+                }
+                if fired.is_none() && dns_auto {
+                    fired = auto.observe_dns(&d.current.config, &d.dns_shared.violations(), now);
+                }
+                if let Some(trigger) = fired {
                     log::warn(&format!("{trigger}: isolating the segment"));
                     let cfg = d.current.config.clone();
                     match killswitch::isolate(&cfg, Source::Auto, &trigger.to_string(), "cage").await {
@@ -174,6 +190,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                         Err(e) => log::error(&format!("automatic isolation failed: {e}")),
                     }
                     auto.reset();
+                    d.dns_shared.restart_violations();
                 }
             }
             _ = selftest_timer.tick() => {
@@ -201,6 +218,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     collector.flush(&d.current.config);
     collector.persist(&d.current.config, true);
     collector.stop();
+    if let Some(f) = d.dns.take() {
+        f.stop();
+    }
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
     Ok(())
 }
@@ -213,6 +233,11 @@ struct Daemon {
     applied_text: String,
     /// The last segment setup error, logged once rather than at every tick.
     segment_error: Option<String>,
+    /// The DNS forwarder, while the configuration has DNS through Cage.
+    dns: Option<dns::Forwarder>,
+    /// What it shares with the flow log and automatic isolation; outlives restarts of
+    /// the forwarder.
+    dns_shared: Arc<dns::Shared>,
 }
 
 impl Daemon {
@@ -227,6 +252,7 @@ impl Daemon {
                     }
                     log::info("policy applied");
                     self.current = next;
+                    self.sync_dns();
                     Ok(())
                 }
                 Err(e) => Err(format!("applying failed: {e}")),
@@ -242,6 +268,39 @@ impl Daemon {
         self.state.wan_devices = self.current.facts.wan_devices.clone();
         self.applied_text = nft::list_structure().unwrap_or_default();
         save(&self.state, &self.current.config.main.log_dir);
+    }
+
+    /// Start, reconfigure or stop the DNS forwarder to match the applied configuration,
+    /// and put learned addresses back into the (new, empty) allow sets.
+    fn sync_dns(&mut self) {
+        let cfg = &self.current.config;
+        match (&mut self.dns, cfg.dns.enabled) {
+            (Some(f), true) => f.reapplied(cfg),
+            (None, true) => match dns::Forwarder::start(cfg, self.dns_shared.clone()) {
+                Ok(f) => {
+                    log::info(&format!(
+                        "DNS forwarder on port {} of the segment's addresses ({} mode)",
+                        cfg.dns.listen_port,
+                        if cfg.dns.egress == crate::config::Egress::Allowlist {
+                            "allow-list"
+                        } else {
+                            "open"
+                        }
+                    ));
+                    self.dns = Some(f);
+                }
+                Err(e) => log::error(&format!(
+                    "DNS forwarder cannot start: {e}; the segment has no DNS (it fails closed)"
+                )),
+            },
+            (Some(_), false) => {
+                if let Some(f) = self.dns.take() {
+                    f.stop();
+                }
+                log::info("DNS forwarder stopped (no dns section in the configuration)");
+            }
+            (None, false) => {}
+        }
     }
 
     /// The segment too: a port re-created or re-bridged by someone else comes back
@@ -347,6 +406,8 @@ struct Collector {
     /// The batched copy to `flowlog.persist_dir`, and when it was last written.
     persister: Option<Persister>,
     persisted_at: std::time::Instant,
+    /// DNS names for the records (the forwarder's answers), when DNS goes through Cage.
+    names: Option<Arc<dns::Shared>>,
 }
 
 impl Collector {
@@ -397,6 +458,7 @@ impl Collector {
                     .ok()
             }),
             persisted_at: std::time::Instant::now(),
+            names: None,
         }
     }
 
@@ -467,6 +529,11 @@ impl Collector {
                     ended = done;
                 }
                 Err(e) => log::error(&format!("flow log: cannot read the eBPF flow map: {e}")),
+            }
+        }
+        if let Some(names) = &self.names {
+            for r in &mut records {
+                r.name = names.name_of(r.host, r.peer);
             }
         }
         records.sort_by(|a, b| a.start.cmp(&b.start));

@@ -60,6 +60,10 @@ pub struct FlowRecord {
     /// The caged host's name from its DHCP lease, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The DNS name the caged host resolved to reach the peer (the name it asked for,
+    /// whatever CNAMEs led there), when Cage's forwarder saw the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Whether a MAC address is one of `cage selftest`'s probe hosts.
@@ -346,6 +350,7 @@ impl Blocked {
                     tag: f.mac.filter(is_selftest_mac).map(|_| "selftest".to_owned()),
                     tcp_flags: None,
                     hostname: None,
+                    name: None,
                 }
             })
             .collect()
@@ -417,6 +422,10 @@ pub fn table_line(r: &FlowRecord) -> String {
         (a, None) => a.to_string(),
     };
     let arrow = if r.direction == "in" { "<-" } else { "->" };
+    let peer = match &r.name {
+        Some(n) => format!("{} ({n})", end(r.peer, r.peer_port)),
+        None => end(r.peer, r.peer_port),
+    };
     format!(
         "{} {:<7} {:<22} {:<6} {} {arrow} {}  out {} pkt/{} B  in {} pkt/{} B",
         &r.start,
@@ -424,7 +433,7 @@ pub fn table_line(r: &FlowRecord) -> String {
         r.rule.as_deref().unwrap_or("-"),
         r.proto,
         end(r.host, r.host_port),
-        end(r.peer, r.peer_port),
+        peer,
         r.packets_out,
         r.bytes_out,
         r.packets_in,
@@ -665,6 +674,7 @@ impl Sweeper {
                         )
                     }),
                     hostname: hostnames.get(&k.client_ip()).cloned(),
+                    name: None,
                 });
             }
             if is_idle {
@@ -819,6 +829,7 @@ mod persist_tests {
             tag: None,
             tcp_flags: None,
             hostname: None,
+            name: None,
         }
     }
 

@@ -377,36 +377,85 @@ impl AutoWatch {
                 };
                 for (host, count) in counts {
                     let value = if bytes { count.bytes } else { count.packets };
-                    let h = self.history.entry((*meter, host)).or_default();
-                    if h.back().is_some_and(|&(_, last)| value < last) {
-                        h.clear();
-                    }
-                    if h.is_empty() {
-                        // A host seen for the first time got its meter entry since the
-                        // last reading (the meters start empty with each applied
-                        // policy): all of its count is recent, as if it read 0 just now.
-                        h.push_back((now, 0));
-                    }
-                    h.push_back((now, value));
-                    // The baseline is the oldest reading within the window.
-                    while h.len() > 1 && now.duration_since(h[0].0) > window {
-                        h.pop_front();
-                    }
-                    let baseline = h[0].1;
-                    let amount = value.saturating_sub(baseline);
-                    if amount > limit && !self.exempt.contains_key(&host) {
-                        return Some(Trigger {
-                            host,
-                            what,
-                            amount,
-                            limit,
-                            window: ks.auto_window,
-                        });
+                    let t = self.step(meter, host, value, limit, what, ks.auto_window, now);
+                    if t.is_some() {
+                        return t;
                     }
                 }
             }
         }
         None
+    }
+
+    /// Take one reading of the DNS forwarder's per-host limit violations (cumulative,
+    /// see `dns::Shared::violations`) and say whether a host went over
+    /// `dns.auto_violations` within the window.
+    pub fn observe_dns(
+        &mut self,
+        cfg: &Config,
+        violations: &HashMap<IpAddr, u64>,
+        now: Instant,
+    ) -> Option<Trigger> {
+        let limit = u64::from(cfg.dns.auto_violations);
+        if limit == 0 {
+            return None;
+        }
+        let mut hosts: Vec<_> = violations.iter().collect();
+        hosts.sort();
+        for (&host, &value) in hosts {
+            let t = self.step(
+                "dns_violations",
+                host,
+                value,
+                limit,
+                "DNS limit violations",
+                cfg.killswitch.auto_window,
+                now,
+            );
+            if t.is_some() {
+                return t;
+            }
+        }
+        None
+    }
+
+    /// One reading of one host's cumulative counter: the trigger if it grew by more than
+    /// `limit` within the window.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        counter: &'static str,
+        host: IpAddr,
+        value: u64,
+        limit: u64,
+        what: &'static str,
+        window_secs: u32,
+        now: Instant,
+    ) -> Option<Trigger> {
+        let window = Duration::from_secs(u64::from(window_secs));
+        let h = self.history.entry((counter, host)).or_default();
+        if h.back().is_some_and(|&(_, last)| value < last) {
+            h.clear();
+        }
+        if h.is_empty() {
+            // A host seen for the first time got its entry since the last reading (the
+            // meters start empty with each applied policy, the forwarder's counts with
+            // each daemon): all of its count is recent, as if it read 0 just now.
+            h.push_back((now, 0));
+        }
+        h.push_back((now, value));
+        // The baseline is the oldest reading within the window.
+        while h.len() > 1 && now.duration_since(h[0].0) > window {
+            h.pop_front();
+        }
+        let amount = value.saturating_sub(h[0].1);
+        (amount > limit && !self.exempt.contains_key(&host)).then_some(Trigger {
+            host,
+            what,
+            amount,
+            limit,
+            window: window_secs,
+        })
     }
 
     /// Forget all readings (after an isolation, so a release starts afresh).

@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod ebpf;
 pub mod flows;
 pub mod killswitch;

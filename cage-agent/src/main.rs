@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cage_agent::killswitch::{self, ButtonAction, Source};
-use cage_agent::{apply, config, daemon, flows, nft, selftest, status};
+use cage_agent::{apply, config, daemon, dns, flows, nft, selftest, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -94,6 +94,24 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// DNS through the router: review refused names, allow one.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsCommand {
+    /// The names refused in allow-list mode (most recent first), with counts, last time
+    /// and the hosts that asked.
+    Refused {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow a name (or `*.domain`): adds `list allow_domain` to the configuration and
+    /// makes the running `cage run` reload it.
+    Allow { name: String },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -128,6 +146,7 @@ async fn main() -> ExitCode {
             json,
             follow,
         ),
+        Command::Dns { command } => dns_command(&cli.config, command),
     };
     match result {
         Ok(code) => code,
@@ -269,6 +288,49 @@ fn self_test(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn dns_command(path: &std::path::Path, command: DnsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DnsCommand::Refused { json } => {
+            let cfg = config::load(path)?;
+            let list = dns::refused(&cfg);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                eprintln!("cage: no refused names");
+            } else {
+                for r in list {
+                    let hosts: Vec<String> = r.hosts.iter().map(|h| h.to_string()).collect();
+                    println!(
+                        "{:<40} {:>6}x  last {}  by {}",
+                        r.name,
+                        r.count,
+                        r.last,
+                        hosts.join(", ")
+                    );
+                }
+            }
+        }
+        DnsCommand::Allow { name } => {
+            let a = dns::allow(path, &name)?;
+            match (a.added, a.reloaded) {
+                (false, _) => eprintln!("cage: {} is already allowed", a.name),
+                (true, true) => eprintln!(
+                    "cage: {} allowed (added to {}); cage run reloads it",
+                    a.name,
+                    path.display()
+                ),
+                (true, false) => eprintln!(
+                    "cage: {} allowed (added to {}); cage run is not running, it takes \
+                     effect when it starts",
+                    a.name,
+                    path.display()
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn show_flows(

@@ -26,7 +26,7 @@ use nftables::stmt::{self, Counter, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, Egress};
 
 /// The name of both of Cage's tables (`inet cage` and `bridge cage`).
 pub const TABLE: &str = "cage";
@@ -65,6 +65,13 @@ fn meter_chain(name: &'static str, meters: [&'static str; 2]) -> ChainRules {
     }
     c
 }
+
+/// The sets of addresses learned from DNS answers to allowed names (allow-list mode):
+/// `ipv4_addr`/`ipv6_addr` with per-element timeouts, filled by the forwarder.
+pub const ALLOW_SETS: [&str; 2] = ["allow4", "allow6"];
+/// The NAT chain's priority: before fw4's `dstnat` (-100), so Cage's DNS redirect is the
+/// one that counts.
+pub const PRIO_DSTNAT: i32 = -110;
 
 /// The set of `inet cage` that holds the segment's bridge while the kill switch is on.
 pub const ISOLATED_SET: &str = "isolated";
@@ -595,6 +602,41 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
         bytes: None,
     }));
 
+    let dns = &cfg.dns;
+    if dns.enabled && dns.egress == Egress::Allowlist {
+        for (name, v6) in [(ALLOW_SETS[0], false), (ALLOW_SETS[1], true)] {
+            batch.add(NfListObject::Set(Box::new(schema::Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: name.into(),
+                set_type: schema::SetTypeValue::Single(if v6 {
+                    schema::SetType::Ipv6Addr
+                } else {
+                    schema::SetType::Ipv4Addr
+                }),
+                flags: Some([schema::SetFlag::Timeout].into_iter().collect()),
+                comment: Some("addresses from DNS answers to allowed names".into()),
+                ..Default::default()
+            })));
+        }
+    }
+    if dns.enabled && !dns.doh_block_ips.is_empty() {
+        let (d4, d6): (Vec<std::net::IpAddr>, Vec<std::net::IpAddr>) =
+            dns.doh_block_ips.iter().partition(|a| a.is_ipv4());
+        batch.add(addr_set(
+            "doh4",
+            false,
+            d4.into_iter().map(IpNet::from).collect(),
+            "DNS-over-HTTPS endpoints by address",
+        ));
+        batch.add(addr_set(
+            "doh6",
+            true,
+            d6.into_iter().map(IpNet::from).collect(),
+            "DNS-over-HTTPS endpoints by address",
+        ));
+    }
+
     // The kill switch: while the segment's bridge is in this set, everything to and
     // from it is dropped, first thing in every base chain. Isolating or releasing is one
     // element added or flushed (`isolation`), not a new ruleset.
@@ -698,6 +740,53 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
 
     rules.push(segment_egress(cfg, facts));
     rules.push(into_segment(cfg));
+
+    // DNS through the router: every query the segment sends to port 53, to the router or
+    // to any server outside, is answered by Cage's forwarder (translated to its port on
+    // the router's segment address of the same family: explicitly, not `redirect`, which
+    // takes whichever address the bridge lists first, where the forwarder may not
+    // listen). Without `cage run` the port has no listener, so DNS fails closed. Spoofed
+    // sources were dropped before (prerouting at -300).
+    if dns.enabled {
+        batch.add(base_chain(
+            inet,
+            "dns_redirect",
+            NfChainType::NAT,
+            NfHook::Prerouting,
+            PRIO_DSTNAT,
+        ));
+        let mut nat = ChainRules::new(inet, "dns_redirect");
+        let targets = std::iter::once((
+            "ipv4",
+            stmt::NATFamily::IP,
+            std::net::IpAddr::V4(seg.router4()),
+        ))
+        .chain(
+            seg.router6()
+                .map(|r| ("ipv6", stmt::NATFamily::IP6, std::net::IpAddr::V6(r))),
+        );
+        for (family, nat_family, router) in targets {
+            for proto in ["udp", "tcp"] {
+                nat.rule(
+                    "redirect:dns",
+                    vec![
+                        iifname(bridge),
+                        is(meta(MetaKey::Nfproto), s(family)),
+                        l4proto(proto),
+                        dport(proto, 53),
+                        counter(),
+                        Statement::DNAT(Some(stmt::NAT {
+                            addr: Some(s(router.to_string())),
+                            family: Some(nat_family),
+                            port: Some(Expression::Number(u32::from(dns.listen_port))),
+                            flags: None,
+                        })),
+                    ],
+                );
+            }
+        }
+        rules.push(nat);
+    }
 
     // NAT, only where there is a WAN to leave through.
     if cfg.wan.masquerade && !facts.wan_devices.is_empty() {
@@ -844,12 +933,19 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
         .counting_blocked(cfg.killswitch.auto_blocked > 0);
     c.rule("allow:dhcp", vec![dport("udp", 67), accept()]);
     let router4 = IpNet::from(std::net::IpAddr::V4(seg.router4()));
+    // With DNS through Cage, port 53 never arrives here (redirected to the forwarder's
+    // port in prerouting); without, the router's own resolver answers on 53.
+    let dns_port = if cfg.dns.enabled {
+        cfg.dns.listen_port
+    } else {
+        53
+    };
     for proto in ["udp", "tcp"] {
         c.rule(
             "allow:dns",
             vec![
                 is(payload("ip", "daddr"), net(router4)),
-                dport(proto, 53),
+                dport(proto, dns_port),
                 accept(),
             ],
         );
@@ -872,7 +968,7 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
                 "allow:dns",
                 vec![
                     is(payload("ip6", "daddr"), net(router6)),
-                    dport(proto, 53),
+                    dport(proto, dns_port),
                     accept(),
                 ],
             );
@@ -946,6 +1042,39 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
             "deny:not-wan",
             vec![is_not(meta(MetaKey::Oifname), names(&facts.wan_devices))],
         );
+        let dns = &cfg.dns;
+        if dns.enabled {
+            // DNS over TLS would hide names from Cage; DNS over HTTPS by address too.
+            // DNS over TLS (TCP) and over QUIC (UDP) use port 853.
+            c.reject(
+                "deny:dot",
+                vec![
+                    is(meta(MetaKey::L4proto), anon_set(vec![s("tcp"), s("udp")])),
+                    is(payload("th", "dport"), Expression::Number(853)),
+                ],
+            );
+            if !dns.doh_block_ips.is_empty() {
+                c.reject(
+                    "deny:doh",
+                    vec![is(payload("ip", "daddr"), set_ref("doh4"))],
+                );
+                c.reject(
+                    "deny:doh",
+                    vec![is(payload("ip6", "daddr"), set_ref("doh6"))],
+                );
+            }
+            if dns.egress == Egress::Allowlist {
+                // Only what answers to allowed names pointed at, while their TTL lasts.
+                c.reject(
+                    "deny:not-allowlisted",
+                    vec![is_not(payload("ip", "daddr"), set_ref(ALLOW_SETS[0]))],
+                );
+                c.reject(
+                    "deny:not-allowlisted",
+                    vec![is_not(payload("ip6", "daddr"), set_ref(ALLOW_SETS[1]))],
+                );
+            }
+        }
         if cfg.killswitch.auto_upload_bytes > 0 {
             c.rule("count:auto", vec![jump(COUNT_UPLOAD_CHAIN)]);
         }
@@ -1028,6 +1157,7 @@ mod tests {
             killswitch: Default::default(),
             flowlog: Default::default(),
             selftest: Default::default(),
+            dns: Default::default(),
         }
     }
 

@@ -1434,12 +1434,19 @@ fn plan(p: &Planning) -> Plan {
     let seg_addrs: Vec<IpAddr> = std::iter::once(router4).chain(router6).collect();
 
     // The router's DNS and DHCP: allowed (the router's witness tells whether the policy
-    // let them through; the prober whether anything listens).
+    // let them through; the prober whether anything listens). With DNS through Cage,
+    // port 53 is redirected to the forwarder's port, so the policy's allow is probed
+    // there (the witness sees packets after the redirect).
+    let dns_port = if p.cfg.dns.enabled {
+        p.cfg.dns.listen_port
+    } else {
+        53
+    };
     for &r in &seg_addrs {
         probes.towards_router(
             "caged -> router DNS",
             r,
-            &[Svc::Udp(53), Svc::Tcp(53)],
+            &[Svc::Udp(dns_port), Svc::Tcp(dns_port)],
             Allow,
         );
     }
@@ -1459,7 +1466,7 @@ fn plan(p: &Planning) -> Plan {
     }
 
     // The router's other services, on every address it has.
-    let (tcp_ports, udp_ports) = router_ports(p.cfg.main.web_listen.port());
+    let (tcp_ports, udp_ports) = router_ports(p.cfg.main.web_listen.port(), dns_port);
     let mut addrs: Vec<IpAddr> = seg_addrs.clone();
     for (_, net) in &p.view.addresses {
         let a = net.addr();
@@ -1481,8 +1488,10 @@ fn plan(p: &Planning) -> Plan {
     for &a in &addrs {
         let mut svcs: Vec<Svc> = tcp_ports.iter().map(|&t| Svc::Tcp(t)).collect();
         svcs.extend(udp_ports.iter().map(|&u| Svc::Udp(u)));
-        if !seg_addrs.contains(&a) {
-            // DNS is allowed on the segment's router address only.
+        if !seg_addrs.contains(&a) && !p.cfg.dns.enabled {
+            // DNS is allowed on the segment's router address only. (With DNS through
+            // Cage, port 53 to any address is answered by Cage's forwarder, by design:
+            // nothing reaches the router's other addresses on it.)
             svcs.extend([Svc::Tcp(53), Svc::Udp(53)]);
         }
         svcs.push(Svc::Icmp);
@@ -1729,15 +1738,16 @@ fn private_ranges() -> Vec<(&'static str, [IpAddr; 2])> {
 
 /// Ports to probe on the router's addresses: the usual web and shell ports and Cage's
 /// own web port, and whatever the router listens on (TCP) or has bound (UDP) on an
-/// address other than loopback, DNS and DHCP aside (checked on their own).
-fn router_ports(web_port: u16) -> (Vec<u16>, Vec<u16>) {
+/// address other than loopback, DNS (53, or Cage's forwarder's port) and DHCP aside
+/// (checked on their own).
+fn router_ports(web_port: u16, dns_port: u16) -> (Vec<u16>, Vec<u16>) {
     let mut tcp = vec![22, 80, 443, web_port];
     let mut udp = vec![161];
     tcp.extend(bound_ports("tcp", 0x0a));
     tcp.extend(bound_ports("tcp6", 0x0a));
     udp.extend(bound_ports("udp", 0x07));
     udp.extend(bound_ports("udp6", 0x07));
-    let skip = [53, 67, 68, 546, 547];
+    let skip = [53, dns_port, 67, 68, 546, 547];
     let tidy = |v: &mut Vec<u16>, max: usize| {
         let fixed: Vec<u16> = v.iter().take(4).copied().collect();
         v.retain(|p| !skip.contains(p));

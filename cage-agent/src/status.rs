@@ -39,6 +39,9 @@ pub struct Status {
     pub selftest: Option<crate::selftest::Last>,
     /// The flow log's totals and losses.
     pub flow_log: Option<flows::LogStats>,
+    /// What the DNS forwarder counted (queries, refusals, limit violations), when DNS goes
+    /// through Cage.
+    pub dns: Option<crate::dns::DnsStats>,
     /// The eBPF program: its counters and the kill switch's flag, when it is pinned.
     pub ebpf: Option<EbpfStatus>,
     /// Denied packets not logged because they were over the kernel's log rate limit.
@@ -148,6 +151,11 @@ pub async fn gather(config_path: &Path) -> Status {
         Err(_) => (None, vec![]),
     };
     let flow_log = cfg.as_ref().ok().and_then(flows::read_stats);
+    let dns = cfg
+        .as_ref()
+        .ok()
+        .filter(|c| c.dns.enabled)
+        .and_then(crate::dns::read_stats);
     let ebpf = match &cfg {
         Ok(c) => ebpf_status(c).unwrap_or_else(|e| {
             problems.push(format!("cannot read the eBPF maps: {e}"));
@@ -206,6 +214,7 @@ pub async fn gather(config_path: &Path) -> Status {
         audit,
         selftest,
         flow_log,
+        dns,
         ebpf,
         unlogged,
         problems,
@@ -311,6 +320,27 @@ pub fn render_text(s: &Status) -> String {
         }
         None => {
             let _ = writeln!(o, "flows:   no flow log yet (cage run writes it)");
+        }
+    }
+    if let Some(d) = &s.dns {
+        let _ = writeln!(
+            o,
+            "dns:     {} queries, {} forwarded; refused: {} not allow-listed, {} over the \
+             rate limit, {} names too long; {} DoH names blocked; {} upstream failures; \
+             {} limit violations",
+            d.queries,
+            d.forwarded,
+            d.refused_not_allowed,
+            d.refused_rate,
+            d.refused_long,
+            d.doh_blocked,
+            d.upstream_failures,
+            d.violations_total()
+        );
+        let mut hosts: Vec<_> = d.violations.iter().collect();
+        hosts.sort_by(|a, b| b.1.cmp(a.1));
+        for (h, n) in hosts.into_iter().take(5) {
+            let _ = writeln!(o, "         {h:<26} {n:>10} violations");
         }
     }
     if let Some(e) = &s.ebpf {

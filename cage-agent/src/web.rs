@@ -161,6 +161,7 @@ pub fn flow(r: FlowRecord) -> Flow {
         tag: r.tag,
         tcp_flags: r.tcp_flags,
         hostname: r.hostname,
+        name: r.name,
     }
 }
 

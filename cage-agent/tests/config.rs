@@ -52,6 +52,10 @@ fn example_config_parses_to_the_expected_config() {
             },
             flowlog: Default::default(),
             selftest: Default::default(),
+            dns: config::Dns {
+                enabled: true,
+                ..Default::default()
+            },
         }
     );
 }
@@ -91,6 +95,7 @@ fn empty_config_is_all_defaults() {
             killswitch: KillSwitch::default(),
             flowlog: Default::default(),
             selftest: Default::default(),
+            dns: Default::default(),
         }
     );
 }
@@ -287,4 +292,103 @@ fn mutated_configs_never_panic() {
         accepted > 0 && rejected > 0,
         "{accepted} accepted, {rejected} rejected"
     );
+}
+
+#[test]
+fn dns_section_options_and_defaults() {
+    // No section: DNS is left to the router.
+    let config = config::parse("config cage 'main'\n").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.dns.enabled);
+    // An empty section: on, open, the defaults.
+    let config = config::parse("config dns 'dns'\n").unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.dns.enabled);
+    assert_eq!(config.dns.egress, config::Egress::Open);
+    assert_eq!(config.dns.listen_port, 5354);
+    assert!(config.dns.doh_block.iter().any(|d| d == "dns.google"));
+    let text = "config dns 'dns'\n\
+                \toption egress 'allowlist'\n\
+                \tlist allow_domain 'API.Anthropic.com.'\n\
+                \tlist allow_domain '*.githubusercontent.com'\n\
+                \tlist upstream '127.0.0.1'\n\
+                \tlist upstream '[2001:db8::53]:5353'\n\
+                \toption ttl_floor '30'\n\
+                \toption ttl_max '600'\n\
+                \toption max_qps '5'\n\
+                \toption burst '10'\n\
+                \toption max_name_length '80'\n\
+                \tlist doh_block 'doh.example.net'\n\
+                \tlist doh_block_ip '9.9.9.9'\n\
+                \toption auto_violations '50'\n";
+    let d = config::parse(text).unwrap_or_else(|e| panic!("{e}")).dns;
+    assert_eq!(d.egress, config::Egress::Allowlist);
+    assert_eq!(
+        d.allow_domains,
+        ["api.anthropic.com", "*.githubusercontent.com"]
+    );
+    assert_eq!(
+        d.upstreams,
+        [
+            "127.0.0.1:53".parse().unwrap(),
+            "[2001:db8::53]:5353".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        (d.ttl_floor, d.ttl_max, d.max_qps, d.burst),
+        (30, 600, 5, 10)
+    );
+    assert_eq!(d.max_name_length, 80);
+    // A doh_block list replaces the built-in one.
+    assert_eq!(d.doh_block, ["doh.example.net"]);
+    assert_eq!(
+        d.doh_block_ips,
+        ["9.9.9.9".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(d.auto_violations, 50);
+    let off = config::parse("config dns 'dns'\n\toption enabled '0'\n").unwrap();
+    assert!(!off.dns.enabled);
+}
+
+#[test]
+fn bad_dns_options_are_refused_with_place_and_example() {
+    let text = "config dns 'dns'\n\
+                \toption egress 'closed'\n\
+                \tlist allow_domain 'bad name.com'\n\
+                \tlist allow_domain '*.com'\n\
+                \tlist upstream 'resolver.local'\n\
+                \toption listen_port '53'\n\
+                \toption ttl_floor '7200'\n\
+                \toption ttl_max '3600'\n\
+                \toption max_qps '0'\n\
+                \toption max_name_length '500'\n\
+                \tlist doh_block_ip 'dns.google'\n\
+                \toption allow_domains 'x.com'\n";
+    let errors = config::parse(text).expect_err("bad dns options accepted").0;
+    let text_of = |option: &str| {
+        errors
+            .iter()
+            .filter(|e| e.option.as_deref() == Some(option))
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(text_of("egress")
+        .contains("cage.dns.egress (line 2): 'closed' is not an egress mode; give open"));
+    let allow = text_of("allow_domain");
+    assert!(
+        allow.contains("(line 3): 'bad name.com' is not a domain name"),
+        "{allow}"
+    );
+    assert!(allow.contains("(line 4): '*.com' is not a domain name or wildcard (a wildcard needs at least two labels"), "{allow}");
+    assert!(text_of("upstream").contains("give IP or IP:PORT, e.g. 127.0.0.1:53"));
+    assert!(text_of("listen_port").contains("from 1024 to 65535"));
+    assert!(text_of("ttl_floor").contains("ttl_floor 7200 is above ttl_max 3600"));
+    assert!(text_of("max_qps").contains("'0' is not a whole number from 1 to"));
+    assert!(text_of("max_name_length").contains("from 16 to 253"));
+    assert!(text_of("doh_block_ip").contains("is not an IPv4 or IPv6 address"));
+    assert!(
+        text_of("allow_domains").contains("did you mean 'allow_domain'"),
+        "{}",
+        text_of("allow_domains")
+    );
+    assert_eq!(errors.len(), 10, "{errors:?}");
 }

@@ -166,6 +166,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
         killswitch: Default::default(),
         flowlog: Default::default(),
         selftest: Default::default(),
+        dns: Default::default(),
     }
 }
 

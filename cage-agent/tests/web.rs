@@ -200,6 +200,7 @@ fn record(i: u32, host: [u8; 4], verdict: &str) -> FlowRecord {
         tag: None,
         tcp_flags: Some("SAF/SAF".into()),
         hostname: Some(format!("agent{}", host[3])),
+        name: (verdict == "allowed").then(|| "api.example.com".into()),
     }
 }
 

@@ -88,7 +88,7 @@
           cell(tr, f.verdict);
           cell(tr, f.proto);
           cell(tr, endpoint(f.host, f.host_port));
-          cell(tr, endpoint(f.peer, f.peer_port));
+          cell(tr, (f.name ? f.name + " " : "") + endpoint(f.peer, f.peer_port));
           cell(tr, (f.rule || "") + (f.hostname ? " " + f.hostname : ""));
           cell(tr, bytes(f.bytes_out), "num");
           cell(tr, bytes(f.bytes_in), "num");

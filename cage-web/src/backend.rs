@@ -102,6 +102,9 @@ pub struct Flow {
     pub tcp_flags: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The DNS name the caged host resolved to reach the peer (Cage's DNS forwarder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Which flows: the filters of `GET /api/flows` and of the flows page.

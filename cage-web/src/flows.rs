@@ -103,6 +103,15 @@ fn endpoint(ip: IpAddr, port: Option<u16>) -> String {
     }
 }
 
+/// The peer as the caged host named it (DNS) and its address.
+fn peer_cell(f: &Flow) -> String {
+    let at = esc(&endpoint(f.peer, f.peer_port));
+    match &f.name {
+        Some(name) => format!("{} <span class=dim>{at}</span>", esc(name)),
+        None => at,
+    }
+}
+
 /// The table's rows, newest first.
 fn rows(flows: &[Flow]) -> String {
     let mut o = String::with_capacity(flows.len() * 300);
@@ -115,7 +124,7 @@ fn rows(flows: &[Flow]) -> String {
             esc(&f.verdict),
             esc(&f.proto),
             esc(&endpoint(f.host, f.host_port)),
-            esc(&endpoint(f.peer, f.peer_port)),
+            peer_cell(f),
             esc(f.rule.as_deref().unwrap_or("")),
             f.hostname.as_deref().map(|h| format!(" {}", esc(h))).unwrap_or_default(),
             esc(&html::bytes(f.bytes_out)),
@@ -223,7 +232,7 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-pub const CSV_HEADER: &str = "start,end,verdict,rule,proto,host,host_port,mac,hostname,peer,peer_port,direction,packets_out,bytes_out,packets_in,bytes_in,tag,tcp_flags";
+pub const CSV_HEADER: &str = "start,end,verdict,rule,proto,host,host_port,mac,hostname,peer,peer_port,name,direction,packets_out,bytes_out,packets_in,bytes_in,tag,tcp_flags";
 
 pub fn csv(flows: &[Flow]) -> String {
     let mut o = String::with_capacity(flows.len() * 200);
@@ -234,7 +243,7 @@ pub fn csv(flows: &[Flow]) -> String {
     for f in flows {
         let _ = write!(
             o,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
             csv_field(&f.start),
             csv_field(&f.end),
             csv_field(&f.verdict),
@@ -246,6 +255,7 @@ pub fn csv(flows: &[Flow]) -> String {
             opt(&f.hostname),
             f.peer,
             port(f.peer_port),
+            opt(&f.name),
             csv_field(&f.direction),
             f.packets_out,
             f.bytes_out,

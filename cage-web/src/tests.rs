@@ -74,6 +74,7 @@ impl TestBackend {
                 tag: None,
                 tcp_flags: None,
                 hostname: Some("=evil,\"name\"".into()),
+                name: (i % 3 != 0).then(|| format!("<b>api{i}</b>.example.com")),
             })
             .collect()
     }
@@ -867,6 +868,18 @@ async fn pages_api_and_downloads_answer_with_a_session() {
     );
     let a = send(&app, read("/flows?verdict=blocked&limit=3")).await;
     assert_eq!(a.body.matches("<tr class=blocked>").count(), 3);
+    // The name the caged host resolved is shown with the address, escaped.
+    let a = send(&app, read("/flows?verdict=allowed&limit=3")).await;
+    assert!(
+        a.body
+            .contains("&lt;b&gt;api29&lt;/b&gt;.example.com <span class=dim>203.0.113.10:443"),
+        "{}",
+        a.body
+    );
+    assert!(
+        !a.body.contains("<b>api"),
+        "a name reached the page unescaped"
+    );
     let a = send(&app, read("/api/flows?verdict=blocked&port=443&limit=2")).await;
     let v: Vec<Flow> = serde_json::from_str(&a.body).unwrap();
     assert_eq!(v.len(), 2);

@@ -11,6 +11,7 @@
 
 pub mod browser;
 pub mod contract;
+pub mod dns;
 pub mod lab;
 
 /// Panic with a clear message unless running as root: a test that cannot run must fail,

@@ -723,6 +723,9 @@ fn uci_defaults_declares_the_segment_once() {
     assert_eq!(get("firewall.cage_wan.src"), "cage");
     assert_eq!(get("firewall.cage_wan.dest"), "wan");
     assert_eq!(get("firewall.cage_dns.dest_port"), "53");
+    // Cage's DNS forwarder, where Cage redirects the segment's port 53.
+    assert_eq!(get("firewall.cage_dnsfwd.dest_port"), "5354");
+    assert_eq!(get("firewall.cage_dnsfwd.src"), "cage");
     assert_eq!(get("firewall.cage_dhcp.dest_port"), "67");
     let forwardings = std::fs::read_to_string(&store)
         .unwrap()

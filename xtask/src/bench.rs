@@ -959,7 +959,7 @@ fn send_flows(
 
 /// Append one result section to `bench/RESULTS.md`: a heading with `title` and the date,
 /// the machine, `method` (what was measured, how), then `body` (tables, summary lines).
-fn record(title: &str, method: &str, body: &str) -> Result<()> {
+pub(crate) fn record(title: &str, method: &str, body: &str) -> Result<()> {
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()

@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz [SECONDS]`: fuzz the configuration parser, validator and renderer
-//! with cargo-fuzz (libFuzzer, nightly), seeded with every configuration in the repo.
+//! with cargo-fuzz (libFuzzer, nightly), seeded with every configuration in the repo; then
+//! the DNS forwarder's handling of messages (queries and answers), as long again.
 
 use std::path::Path;
 use std::process::Command;
@@ -46,5 +47,17 @@ pub fn run_fuzz(seconds: u64) -> Result<()> {
         .arg(&corpus)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
-        .arg("-max_len=4096"))
+        .arg("-max_len=4096"))?;
+    // DNS messages (hostile queries, upstream answers): the forwarder's parsing.
+    let dns_corpus = Path::new("target/fuzz-corpus/dns");
+    std::fs::create_dir_all(dns_corpus)?;
+    let dns_corpus = std::fs::canonicalize(dns_corpus)?;
+    println!("xtask fuzz: {seconds} s of libFuzzer on the DNS forwarder's message handling");
+    run(Command::new("cargo")
+        .current_dir("cage-agent")
+        .args(["+nightly", "fuzz", "run", "dns"])
+        .arg(&dns_corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-max_len=1500"))
 }

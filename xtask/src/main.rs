@@ -5,6 +5,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_dns;
 mod demo;
 mod dist;
 mod fuzz;
@@ -21,7 +22,9 @@ usage: cargo xtask <command>
   bench killswitch   isolate latency over 60 presses, daemon up and down (bench/RESULTS.md)
   bench flows        throughput with/without the eBPF flow counter, new-flow rate (bench/RESULTS.md)
   bench web          page and API latency with 10 000 flows, the agent's memory (bench/RESULTS.md)
-  fuzz [SECONDS]     fuzz the configuration parser and the policy renderer (default 60 s)
+  bench dns          lookup latency through Cage's DNS forwarder against direct (bench/RESULTS.md)
+  fuzz [SECONDS]     fuzz the configuration parser and the policy renderer, then DNS
+                     message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
 ";
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         ["bench", "killswitch"] => setup::install().and_then(|()| bench::killswitch()),
         ["bench", "flows"] => setup::install().and_then(|()| bench::flows()),
         ["bench", "web"] => bench::web(),
+        ["bench", "dns"] => setup::install().and_then(|()| bench_dns::dns()),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {
             Ok(s) => fuzz::run_fuzz(s),

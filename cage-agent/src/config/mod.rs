@@ -32,6 +32,102 @@ pub struct Config {
     pub killswitch: KillSwitch,
     pub flowlog: FlowLog,
     pub selftest: SelfTest,
+    pub dns: Dns,
+}
+
+/// `config dns 'dns'`: DNS through the router (Cage's forwarder in `cage run`), names on
+/// flows, the egress allow-list by domain and the DNS exfiltration limits. On when the
+/// configuration has a `dns` section (and `enabled` is not '0').
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dns {
+    pub enabled: bool,
+    /// `open` (default): the internet is reachable as before, DNS only goes through Cage.
+    /// `allowlist`: only addresses from answers to allowed names are reachable.
+    pub egress: Egress,
+    /// Allowed names, lower case; `*.example.com` is any name below example.com.
+    pub allow_domains: Vec<String>,
+    /// Where the forwarder sends queries; empty: the router's own resolver (127.0.0.1:53)
+    /// and then the nameservers of /etc/resolv.conf.
+    pub upstreams: Vec<SocketAddr>,
+    /// The port the forwarder listens on, on the router's segment addresses; all port-53
+    /// traffic from the segment is redirected there. Default 5354.
+    pub listen_port: u16,
+    /// Learned addresses stay in the allow sets at least this long (seconds). Default 60.
+    pub ttl_floor: u32,
+    /// Answer TTLs are cut to this (seconds), so a host never caches an address longer
+    /// than the allow set keeps it. Default 3600.
+    pub ttl_max: u32,
+    /// Queries a second per caged host (token bucket); beyond it, REFUSED. Default 20.
+    pub max_qps: u32,
+    /// The bucket's size: queries a host may make at once. Default 40.
+    pub burst: u32,
+    /// Longest query name accepted (characters). Default 100.
+    pub max_name_length: usize,
+    /// DNS-over-HTTPS endpoints whose names are answered NXDOMAIN (`*.x` allowed).
+    pub doh_block: Vec<String>,
+    /// DoH endpoints by address: denied like any other blocked destination.
+    pub doh_block_ips: Vec<IpAddr>,
+    /// Isolate when one host has more than this many DNS limit violations within
+    /// `killswitch.auto_window` seconds; 0 (default) is off.
+    pub auto_violations: u32,
+}
+
+/// `dns.egress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    Open,
+    Allowlist,
+}
+
+/// Well-known DNS-over-HTTPS endpoints, refused unless `list doh_block` replaces them.
+pub const DEFAULT_DOH_BLOCK: &[&str] = &[
+    "dns.google",
+    "dns.google.com",
+    "cloudflare-dns.com",
+    "*.cloudflare-dns.com",
+    "one.one.one.one",
+    "1dot1dot1dot1.cloudflare-dns.com",
+    "dns.quad9.net",
+    "dns9.quad9.net",
+    "dns10.quad9.net",
+    "dns11.quad9.net",
+    "doh.opendns.com",
+    "doh.familyshield.opendns.com",
+    "dns.adguard.com",
+    "dns.adguard-dns.com",
+    "*.dns.adguard-dns.com",
+    "doh.cleanbrowsing.org",
+    "dns.nextdns.io",
+    "*.nextdns.io",
+    "doh.mullvad.net",
+    "dns.mullvad.net",
+    "mozilla.cloudflare-dns.com",
+    "use-application-dns.net",
+    "chrome.cloudflare-dns.com",
+    "doh.dns.sb",
+    "dns.twnic.tw",
+    "ordns.he.net",
+];
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            enabled: false,
+            egress: Egress::Open,
+            allow_domains: Vec::new(),
+            upstreams: Vec::new(),
+            listen_port: 5354,
+            ttl_floor: 60,
+            ttl_max: 3600,
+            max_qps: 20,
+            burst: 40,
+            max_name_length: 100,
+            doh_block: DEFAULT_DOH_BLOCK.iter().map(|s| s.to_string()).collect(),
+            doh_block_ips: Vec::new(),
+            auto_violations: 0,
+        }
+    }
 }
 
 /// `config selftest 'selftest'`: when `cage run` proves the cage by itself.

@@ -17,7 +17,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
-    Attach, Config, FlowLog, KillSwitch, Lan, Main, Mode, Segment, SelfTest, Wan, WanDevices,
+    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Main, Mode, Segment, SelfTest, Wan,
+    WanDevices,
 };
 
 /// One problem in a configuration, with its place.
@@ -160,7 +161,26 @@ const SELFTEST: SectionType = SectionType {
         ("target", Arity::Many),
     ],
 };
-const TYPES: [&SectionType; 7] = [
+const DNS: SectionType = SectionType {
+    kind: "dns",
+    usual_name: "dns",
+    options: &[
+        ("enabled", Arity::One),
+        ("egress", Arity::One),
+        ("allow_domain", Arity::Many),
+        ("upstream", Arity::Many),
+        ("listen_port", Arity::One),
+        ("ttl_floor", Arity::One),
+        ("ttl_max", Arity::One),
+        ("max_qps", Arity::One),
+        ("burst", Arity::One),
+        ("max_name_length", Arity::One),
+        ("doh_block", Arity::Many),
+        ("doh_block_ip", Arity::Many),
+        ("auto_violations", Arity::One),
+    ],
+};
+const TYPES: [&SectionType; 8] = [
     &CAGE,
     &SEGMENT,
     &LAN,
@@ -168,6 +188,7 @@ const TYPES: [&SectionType; 7] = [
     &KILLSWITCH,
     &FLOWLOG,
     &SELFTEST,
+    &DNS,
 ];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
@@ -189,7 +210,7 @@ fn default_address() -> Ipv4Net {
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     let mut v = Validator::default();
     let sections = v.sections(raw);
-    let [cage, segment, lan, wan, killswitch, flowlog, selftest] = sections;
+    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns] = sections;
 
     // Section by section: every option parsed into its type on its own.
     let state_dir = v.one(&cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
@@ -355,6 +376,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         d.persist_budget,
         in_range(4096, 1 << 40, 8 << 20),
     );
+
+    let dns = dns_section(&mut v, &dns);
 
     // Cross-checks, between options that are each valid on their own.
     let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
@@ -534,6 +557,149 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             after_change: st_after.value,
             targets: st_targets.into_iter().map(|t| t.value).collect(),
         },
+        dns,
+    })
+}
+
+/// `config dns 'dns'`: on when the section is in the file, unless `enabled '0'`.
+fn dns_section(v: &mut Validator, dns: &Section) -> Dns {
+    let d = Dns::default();
+    let enabled = v.one(dns, "enabled", dns.line > 0, boolean);
+    let egress = v.one(dns, "egress", d.egress, |s| match s {
+        "open" => Ok(Egress::Open),
+        "allowlist" => Ok(Egress::Allowlist),
+        _ => Err(format!(
+            "'{}' is not an egress mode; give open (the default: the internet is reachable, \
+             DNS goes through Cage) or allowlist (only names in allow_domain)",
+            printable(s)
+        )),
+    });
+    let allow = v.many(dns, "allow_domain", |s| {
+        crate::dns::name::pattern(s).map_err(|why| {
+            format!(
+                "'{}' is not a domain name or wildcard ({why}); e.g. api.anthropic.com or \
+                 *.githubusercontent.com",
+                printable(s)
+            )
+        })
+    });
+    let upstreams = v.many(dns, "upstream", upstream);
+    let listen_port = v.one(
+        dns,
+        "listen_port",
+        u64::from(d.listen_port),
+        |s| match count(s, 65535, "5354") {
+            Ok(n) if n >= 1024 => Ok(n),
+            _ => Err(format!(
+                "'{}' is not a port from 1024 to 65535 (53 is the router's own resolver); \
+                 e.g. 5354",
+                printable(s)
+            )),
+        },
+    );
+    let ttl_floor = v.one(dns, "ttl_floor", u64::from(d.ttl_floor), |s| {
+        count(s, 86400, "60")
+    });
+    let ttl_max = v.one(dns, "ttl_max", u64::from(d.ttl_max), |s| {
+        match count(s, 604800, "3600") {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!(
+                "'{}' is not a whole number of seconds from 1 to 604800; e.g. 3600",
+                printable(s)
+            )),
+        }
+    });
+    if ttl_floor.valid && ttl_max.valid && ttl_floor.value > ttl_max.value {
+        v.error(
+            dns,
+            "ttl_floor",
+            ttl_floor.line.or(ttl_max.line).unwrap_or(dns.line),
+            format!(
+                "ttl_floor {} is above ttl_max {}; the floor must not exceed the cap",
+                ttl_floor.value, ttl_max.value
+            ),
+        );
+    }
+    let positive = |max: u64, example: &'static str| {
+        move |s: &str| match count(s, max, example) {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!(
+                "'{}' is not a whole number from 1 to {max}; e.g. {example}",
+                printable(s)
+            )),
+        }
+    };
+    let max_qps = v.one(
+        dns,
+        "max_qps",
+        u64::from(d.max_qps),
+        positive(100_000, "20"),
+    );
+    let burst = v.one(dns, "burst", u64::from(d.burst), positive(1_000_000, "40"));
+    let max_name_length = v.one(
+        dns,
+        "max_name_length",
+        d.max_name_length as u64,
+        |s| match count(s, 253, "100") {
+            Ok(n) if n >= 16 => Ok(n),
+            _ => Err(format!(
+                "'{}' is not a length from 16 to 253 (the longest DNS name); e.g. 100",
+                printable(s)
+            )),
+        },
+    );
+    let doh = v.many(dns, "doh_block", |s| {
+        crate::dns::name::pattern(s).map_err(|why| {
+            format!(
+                "'{}' is not a domain name or wildcard ({why}); e.g. dns.google",
+                printable(s)
+            )
+        })
+    });
+    let doh_ips = v.many(dns, "doh_block_ip", |s| {
+        s.parse::<IpAddr>().map_err(|_| {
+            format!(
+                "'{}' is not an IPv4 or IPv6 address; e.g. 8.8.8.8 or 2001:4860:4860::8888",
+                printable(s)
+            )
+        })
+    });
+    let auto_violations = v.one(dns, "auto_violations", 0, |s| {
+        count(s, 1_000_000, "50 (0 switches it off)")
+    });
+    Dns {
+        enabled: enabled.value,
+        egress: egress.value,
+        allow_domains: allow.into_iter().map(|a| a.value).collect(),
+        upstreams: upstreams.into_iter().map(|u| u.value).collect(),
+        listen_port: listen_port.value as u16,
+        ttl_floor: ttl_floor.value as u32,
+        ttl_max: ttl_max.value as u32,
+        max_qps: max_qps.value as u32,
+        burst: burst.value as u32,
+        max_name_length: max_name_length.value as usize,
+        // A `doh_block` list replaces the default list; none keeps it.
+        doh_block: if dns.has("doh_block") {
+            doh.into_iter().map(|d| d.value).collect()
+        } else {
+            d.doh_block
+        },
+        doh_block_ips: doh_ips.into_iter().map(|d| d.value).collect(),
+        auto_violations: auto_violations.value as u32,
+    }
+}
+
+/// `dns.upstream`: `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+fn upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!(
+            "'{}' is not a resolver address; give IP or IP:PORT, e.g. 127.0.0.1:53, \
+             9.9.9.9 or [2001:db8::53]:53",
+            printable(s)
+        )
     })
 }
 
@@ -603,8 +769,8 @@ impl Validator {
     /// Sort the sections by type, one of each, and the options of each by name, with
     /// every structural problem reported: unknown types, a type given twice, names used
     /// twice, unknown options, `list` for a single-valued option, an option set twice.
-    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 7] {
-        let mut found: [Option<Section<'a>>; 7] = Default::default();
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 8] {
+        let mut found: [Option<Section<'a>>; 8] = Default::default();
         let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
         let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
 
