@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cage_web::{
-    Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow, FlowFilter, Host, SelfTest,
-    Settings, Status,
+    Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow, FlowFilter, Host,
+    RefusedName, Review, SelfTest, Settings, Status,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -377,6 +377,29 @@ impl Backend for AgentBackend {
                     }
                 }
             }
+            if let Some(d) = crate::dns::read_stats(&self.config()) {
+                let limited = d.refused_rate + d.refused_long;
+                if limited > 0 {
+                    let mut hosts: Vec<_> = d.violations.iter().collect();
+                    hosts.sort_by(|a, b| b.1.cmp(a.1));
+                    let who: Vec<String> = hosts
+                        .iter()
+                        .take(5)
+                        .map(|(h, n)| format!("{h} ({n})"))
+                        .collect();
+                    alerts.push(Alert {
+                        time: None,
+                        kind: "dns-limits".into(),
+                        text: format!(
+                            "{limited} DNS queries refused over the query rate or name length \
+                             limits ({} rate, {} length), by {}",
+                            d.refused_rate,
+                            d.refused_long,
+                            who.join(", ")
+                        ),
+                    });
+                }
+            }
             for p in s
                 .problems
                 .iter()
@@ -439,6 +462,62 @@ impl Backend for AgentBackend {
             )
             .await?;
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn review(&self) -> BoxFuture<'_, Result<Review, BackendError>> {
+        async move {
+            let cfg = self.config();
+            let egress = if !cfg.dns.enabled {
+                "off"
+            } else if cfg.dns.egress == config::Egress::Allowlist {
+                "allowlist"
+            } else {
+                "open"
+            };
+            let refused = crate::dns::refused(&cfg)
+                .into_iter()
+                .map(|r| RefusedName {
+                    name: r.name,
+                    count: r.count,
+                    first: r.first,
+                    last: r.last,
+                    hosts: r.hosts,
+                })
+                .collect();
+            Ok(Review {
+                egress: egress.into(),
+                allowed: cfg.dns.allow_domains.clone(),
+                refused,
+            })
+        }
+        .boxed()
+    }
+
+    fn allow_name(&self, name: String, who: String) -> BoxFuture<'_, Result<String, BackendError>> {
+        async move {
+            let path = self.path.clone();
+            let asked = name.clone();
+            let allowed = tokio::task::spawn_blocking(move || crate::dns::allow(&path, &asked))
+                .await
+                .map_err(failed)?
+                .map_err(|e| match e {
+                    crate::dns::AllowError::Reload(_) => failed(e),
+                    e => BackendError::Refused(e.to_string()),
+                })?;
+            if allowed.added {
+                log::info(&format!(
+                    "web page: {who} allowed the name {} (list allow_domain); cage run {}",
+                    allowed.name,
+                    if allowed.reloaded {
+                        "reloads the configuration"
+                    } else {
+                        "is not running to apply it"
+                    }
+                ));
+            }
+            Ok(allowed.name)
         }
         .boxed()
     }

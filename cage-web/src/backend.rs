@@ -236,6 +236,29 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// The DNS review (Cage's forwarder): the egress mode, the allowed names, and the names
+/// refused in allow-list mode, most recent first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    /// `off` (DNS does not go through Cage), `open` or `allowlist`.
+    pub egress: String,
+    pub allowed: Vec<String>,
+    pub refused: Vec<RefusedName>,
+}
+
+/// One name the forwarder refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedName {
+    pub name: String,
+    /// How often it was asked for and refused.
+    pub count: u64,
+    /// First and last refusal, RFC 3339.
+    pub first: String,
+    pub last: String,
+    /// The caged hosts that asked.
+    pub hosts: Vec<IpAddr>,
+}
+
 /// The agent, as the web page sees it. Implementations must not panic: a panic in the
 /// `cage` binary (built with `panic = "abort"`) would end the daemon.
 pub trait Backend: Send + Sync + 'static {
@@ -261,6 +284,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The argon2 PHC string of the password, if one is set.
     fn password_hash(&self) -> BoxFuture<'_, Option<String>>;
     fn set_password_hash(&self, phc: String) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// The DNS review: names refused in allow-list mode.
+    fn review(&self) -> BoxFuture<'_, Result<Review, BackendError>>;
+    /// Allow a name (`list allow_domain`), validated like the file; the daemon reloads.
+    /// The name as written.
+    fn allow_name(&self, name: String, who: String) -> BoxFuture<'_, Result<String, BackendError>>;
     /// A security event for the agent's log (logins, failed logins, password changes).
     /// Events a client can cause at will are only reported while the login backoff lets
     /// it try, so this cannot flood the log.

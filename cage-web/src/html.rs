@@ -27,11 +27,12 @@ const HEAD: &str = "<!doctype html><html lang=en><head><meta charset=utf-8>\
 <script src=\"/assets/cage.js\" defer></script>";
 
 /// The pages of the navigation bar: (id, path, label).
-const NAV: [(&str, &str, &str); 5] = [
+const NAV: [(&str, &str, &str); 6] = [
     ("dashboard", "/", "Dashboard"),
     ("hosts", "/hosts", "Hosts"),
     ("flows", "/flows", "Flows"),
     ("alerts", "/alerts", "Alerts"),
+    ("dns", "/dns", "DNS"),
     ("settings", "/settings", "Settings"),
 ];
 

@@ -18,6 +18,7 @@ pub mod hosts;
 pub mod html;
 pub mod listener;
 pub mod login;
+pub mod review;
 pub mod security;
 pub mod session;
 pub mod settings;
@@ -30,7 +31,7 @@ use axum::Router;
 
 pub use backend::{
     hosts_from_flows, Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow,
-    FlowFilter, Host, SelfTest, Settings, Status,
+    FlowFilter, Host, RefusedName, Review, SelfTest, Settings, Status,
 };
 pub use error::WebError;
 pub use session::{check_phc, hash_password, password_problem, verify_password};
@@ -102,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .route("/flows.jsonl", get(flows::download_jsonl))
         .route("/flows.csv", get(flows::download_csv))
         .route("/alerts", get(alerts::page))
+        .route("/dns", get(review::page))
+        .route("/dns/allow", post(review::allow))
         .route("/settings", get(settings::page).post(settings::apply))
         .route("/settings/password", post(settings::password))
         .route("/logout", post(login::logout))
@@ -114,6 +117,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/hosts", get(hosts::api_hosts))
         .route("/api/audit", get(alerts::api_audit))
         .route("/api/alerts", get(alerts::api_alerts))
+        .route("/api/dns", get(review::api_review))
+        .route("/api/dns/allow", post(review::api_allow))
         .fallback(security::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(

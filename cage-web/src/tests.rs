@@ -38,6 +38,7 @@ struct Inner {
     hash: Option<String>,
     settings: Settings,
     audit: Vec<AuditEntry>,
+    allowed: Vec<String>,
 }
 
 /// The agent, in memory.
@@ -187,6 +188,54 @@ impl Backend for TestBackend {
         self.0.lock().unwrap().hash = Some(phc);
         async { Ok(()) }.boxed()
     }
+
+    fn review(&self) -> BoxFuture<'_, Result<Review, BackendError>> {
+        let allowed = self.0.lock().unwrap().allowed.clone();
+        let refused = ["<i>exfil</i>.example.net", "pypi.org"]
+            .into_iter()
+            .filter(|n| !allowed.iter().any(|a| a == n))
+            .map(|n| RefusedName {
+                name: n.into(),
+                count: 3,
+                first: "2026-11-25T10:00:00Z".into(),
+                last: "2026-11-25T10:05:00Z".into(),
+                hosts: vec![IpAddr::from([192, 168, 10, 11])],
+            })
+            .collect();
+        async move {
+            Ok(Review {
+                egress: "allowlist".into(),
+                allowed,
+                refused,
+            })
+        }
+        .boxed()
+    }
+
+    fn allow_name(
+        &self,
+        name: String,
+        _who: String,
+    ) -> BoxFuture<'_, Result<String, BackendError>> {
+        // The agent validates names with the configuration's rules; a stand-in here.
+        let ok = name.contains('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c));
+        if ok {
+            self.0.lock().unwrap().allowed.push(name.to_lowercase());
+        }
+        async move {
+            if ok {
+                Ok(name.to_lowercase())
+            } else {
+                Err(BackendError::Refused(format!(
+                    "'{name}' is not a domain name; e.g. api.anthropic.com"
+                )))
+            }
+        }
+        .boxed()
+    }
 }
 
 fn app(backend: Arc<TestBackend>) -> Router {
@@ -267,8 +316,9 @@ async fn login(app: &Router) -> (String, String) {
     )
 }
 
-const PAGES: [&str; 8] = [
+const PAGES: [&str; 9] = [
     "/",
+    "/dns",
     "/hosts",
     "/flows",
     "/flows.jsonl",
@@ -277,21 +327,28 @@ const PAGES: [&str; 8] = [
     "/settings",
     "/flows?host=192.168.10.10",
 ];
-const API_GETS: [&str; 5] = [
+const API_GETS: [&str; 6] = [
+    "/api/dns",
     "/api/state",
     "/api/flows",
     "/api/hosts",
     "/api/audit",
     "/api/alerts",
 ];
-const PAGE_POSTS: [&str; 5] = [
+const PAGE_POSTS: [&str; 6] = [
+    "/dns/allow",
     "/isolate",
     "/release",
     "/settings",
     "/settings/password",
     "/logout",
 ];
-const API_POSTS: [&str; 3] = ["/api/isolate", "/api/release", "/api/logout"];
+const API_POSTS: [&str; 4] = [
+    "/api/isolate",
+    "/api/release",
+    "/api/logout",
+    "/api/dns/allow",
+];
 
 #[tokio::test]
 async fn every_page_and_api_route_needs_a_session() {
@@ -1136,7 +1193,9 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
-    const ROUTES: [&str; 11] = [
+    const ROUTES: [&str; 13] = [
+        "/dns/allow",
+        "/api/dns/allow",
         "/isolate",
         "/release",
         "/settings",
@@ -1149,7 +1208,8 @@ mod fuzz {
         "/api/release",
         "/api/logout",
     ];
-    const FIELDS: [&str; 16] = [
+    const FIELDS: [&str; 17] = [
+        "name",
         "csrf",
         "reason",
         "confirm",
@@ -1287,4 +1347,79 @@ mod fuzz {
             prop_assert!(status.as_u16() < 500, "{route}?{query}: {status}");
         }
     }
+}
+
+#[tokio::test]
+async fn refused_names_are_listed_escaped_and_allowed_with_one_action() {
+    let app = app(TestBackend::with_password());
+    let (cookie, csrf) = login(&app).await;
+    let read = |uri: &str| {
+        get(uri)
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let a = send(&app, read("/dns")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.body.contains("&lt;i&gt;exfil&lt;/i&gt;.example.net"),
+        "{}",
+        a.body
+    );
+    assert!(
+        !a.body.contains("<i>exfil"),
+        "a refused name reached the page unescaped"
+    );
+    assert!(a.body.contains("pypi.org"));
+    // One action: the row's form.
+    let a = send(
+        &app,
+        form(
+            post("/dns/allow").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&name=pypi.org"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
+    assert_eq!(a.location(), "/dns");
+    let a = send(&app, read("/api/dns")).await;
+    let review: Review = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(review.allowed, vec!["pypi.org".to_owned()]);
+    assert!(review.refused.iter().all(|r| r.name != "pypi.org"));
+    // A name the agent refuses: 422 with its message; an empty one: 400.
+    let a = send(
+        &app,
+        json(
+            post("/api/dns/allow")
+                .header(header::COOKIE, &cookie)
+                .header("x-csrf-token", &csrf),
+            "{\"name\": \"not a name\"}",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.body);
+    assert!(a.body.contains("is not a domain name"), "{}", a.body);
+    let a = send(
+        &app,
+        json(
+            post("/api/dns/allow")
+                .header(header::COOKIE, &cookie)
+                .header("x-csrf-token", &csrf),
+            "{\"name\": \"  \"}",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    let a = send(
+        &app,
+        json(
+            post("/api/dns/allow")
+                .header(header::COOKIE, &cookie)
+                .header("x-csrf-token", &csrf),
+            "{\"name\": \"api.github.com\"}",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(a.body.contains("api.github.com"));
 }
