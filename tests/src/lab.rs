@@ -94,6 +94,11 @@ pub const PRIVATE: [(IpAddr, &str); 8] = [
 
 /// MAC addresses of the caged hosts' `eth0`, fixed so that static neighbour entries can
 /// name them.
+/// The port of the lab's web page (`cage.main.web_listen` on the router's LAN address):
+/// not one the contract matrix probes with its echo servers (8080 is one), so the page
+/// and the matrix never want the same port.
+pub const WEB_PORT: u16 = 8081;
+
 pub const AI1_MAC: &str = "02:ca:9e:00:00:11";
 pub const AI2_MAC: &str = "02:ca:9e:00:00:12";
 
@@ -922,7 +927,7 @@ impl Lab {
              config cage 'main'\n\
              \toption state_dir '{dir}/state'\n\
              \toption log_dir '{dir}/log'\n\
-             \toption web_listen '192.168.8.1:8080'\n\
+             \toption web_listen '192.168.8.1:{web_port}'\n\
              \toption bpf_dir '{bpf}'\n\
              \n\
              config segment 'ai'\n\
@@ -941,6 +946,7 @@ impl Lab {
              \tlist device 'br-lan'\n",
             prefix = self.prefix,
             bpf = bpf_dir(&self.prefix).display(),
+            web_port = WEB_PORT,
         )
     }
 

@@ -15,7 +15,7 @@ use cage_tests::contract;
 use cage_tests::lab::{self, Lab, Node, PUBLIC4, PUBLIC6, ROUTER_LAN4, ROUTER_SEG4};
 use cage_tests::require_root;
 
-const UI_PORT: u16 = 8080;
+const UI_PORT: u16 = lab::WEB_PORT;
 const PASSWORD: &str = "correct horse battery";
 
 /// Does ai1 reach the internet host (UDP echo and ping)? Each probe has 500 ms.

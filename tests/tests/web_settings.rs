@@ -54,7 +54,7 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
     let run = lab.spawn_cage_run();
     run.wait_applied();
     let lan = lab.netns(Node::Lan);
-    let ui = SocketAddr::new(ROUTER_LAN4, 8080);
+    let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
 
     let until = Instant::now() + Duration::from_secs(15);
     let login = "{\"password\": \"correct horse battery\"}";

@@ -77,6 +77,9 @@ pub fn up() -> Result<()> {
          \x20 $C flows -n 20                     # the flow log (allowed and blocked)\n\
          \x20 $C isolate --reason demo           # the kill switch ($C release ends it)\n\
          \x20 $C selftest --target 203.0.113.10  # prove the cage from inside\n\
+         \x20 echo 'a long password' | $C passwd  # the web page's password\n\
+         \x20 ip netns exec {lan} curl -si http://192.168.8.1:{web}/login | head -1   # the web page, from the LAN\n\
+         \x20 ip netns exec {ai1} curl -m2 http://192.168.8.1:{web}/   # ... not from a caged host\n\
          \x20 kill -HUP $(ip netns pids {router})               # reload (a bad config is refused)\n\
          \x20 tail -f {log}                                      # cage run's log\n\
          \x20 cargo xtask lab down                              # remove the lab\n",
@@ -84,6 +87,7 @@ pub fn up() -> Result<()> {
         lan = ns("lan"),
         router = ns("router"),
         c = cage_cmd,
+        web = lab::WEB_PORT,
         log = log_path.display(),
     );
     let failed = report.failures().len();
