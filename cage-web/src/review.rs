@@ -47,13 +47,14 @@ pub async fn page(State(state): State<AppState>, authed: Authed) -> Result<Html<
                 o,
                 "<tr><td>{}</td><td class=num>{}</td><td>{}</td><td>{}</td><td>\
                  <form method=post action=\"/dns/allow\"><input type=hidden name=csrf value=\"{}\">\
-                 <input type=hidden name=name value=\"{}\"><button class=allow>Allow</button></form>\
-                 </td></tr>",
+                 <input type=hidden name=name value=\"{}\">\
+                 <button class=allow data-name=\"{}\">Allow</button></form></td></tr>",
                 esc(&r.name),
                 r.count,
                 esc(&html::rfc3339_short(&r.last)),
                 esc(&hosts.join(" ")),
                 esc(&authed.session.csrf),
+                esc(&r.name),
                 esc(&r.name),
             );
         }

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use cage_agent::nft::AllowElement;
+use cage_tests::browser::{self, Browser, Driver};
 use cage_tests::contract;
 use cage_tests::dns::{connects, resolve, Answer, AuthServer, Listeners, Resolved};
 use cage_tests::lab::{
@@ -796,4 +797,110 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
         vec![(ALLOWED4.to_owned(), 300), (OTHER4.to_owned(), 600)]
     );
     assert_eq!(list("allow6"), vec![(ALLOWED6.to_owned(), 120)]);
+}
+
+/// The review on the web page: a refused name is listed on the DNS tab, one press of its
+/// Allow button (a real Chromium on the LAN host) writes it to the configuration, the
+/// running daemon reloads, and the caged host resolves and reaches it.
+#[test]
+fn a_refused_name_is_allowed_from_the_web_page() {
+    browser::require_chromium();
+    let l = dns_lab(ALLOWLIST);
+    let run = start(&l);
+    let pid = run.pid();
+    let ai1 = l.lab.netns(Node::Ai1);
+    let mut passwd = l
+        .lab
+        .cage_command(&["passwd"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("cage passwd");
+    use std::io::Write as _;
+    passwd
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"correct horse battery\n")
+        .unwrap();
+    assert!(passwd.wait().unwrap().success(), "cage passwd failed");
+
+    for _ in 0..2 {
+        let r = ask(&l, Node::Ai1, router_dns4(), "other.test", false, false);
+        assert_eq!(r.rcode, RCODE::Refused);
+    }
+    assert!(
+        !connects(&ai1, sa(OTHER4, 443), T),
+        "refused, yet reachable"
+    );
+
+    let driver = Driver::start(&l.lab.ns(Node::Lan), l.lab.dir());
+    let base = format!("http://{}:{}", lab::ROUTER_LAN4, lab::WEB_PORT);
+    let button = "button.allow[data-name=\"other.test\"]";
+    browser::in_namespace(&l.lab.netns(Node::Lan), || {
+        let b = Browser::open(1100, 900);
+        b.goto(&format!("{base}/login"));
+        b.type_into("#password", "correct horse battery");
+        b.click("#login-submit");
+        b.find("#cage-state");
+        b.click("#nav-dns");
+        assert_eq!(
+            b.attr("#dns-mode", "data-mode").as_deref(),
+            Some("allowlist")
+        );
+        // The refused list is written within a second or two.
+        let until = Instant::now() + Duration::from_secs(10);
+        while !b.has(button) {
+            assert!(
+                Instant::now() < until,
+                "other.test is not listed for review"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            b.goto(&format!("{base}/dns"));
+        }
+        b.click(button);
+        let until = Instant::now() + Duration::from_secs(10);
+        while b.has(button) {
+            assert!(
+                Instant::now() < until,
+                "other.test still listed after Allow"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            b.goto(&format!("{base}/dns"));
+        }
+        assert!(b.text("#allowed").contains("other.test"));
+        b.close();
+    });
+    drop(driver);
+
+    let text = std::fs::read_to_string(l.lab.config_path()).unwrap();
+    assert!(
+        text.contains("list allow_domain 'other.test'"),
+        "config:\n{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = ask(&l, Node::Ai1, router_dns4(), "other.test", false, false);
+        if r.rcode == RCODE::NoError {
+            assert_eq!(r.addrs, vec![ip(OTHER4)]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "other.test still refused after Allow on the web page:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        connects(&ai1, sa(OTHER4, 443), T),
+        "other.test not reachable after Allow on the web page"
+    );
+    assert!(l.listeners.reached(sa(OTHER4, 443)));
+    assert_eq!(run.pid(), pid, "cage run was restarted");
+    assert!(
+        run.log().contains("allowed the name other.test"),
+        "{}",
+        run.log()
+    );
 }
