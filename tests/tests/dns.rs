@@ -320,32 +320,9 @@ fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
     let pid = run.pid();
     let out = l.lab.cage(&["dns", "allow", "other.test"]);
     assert!(out.status.success(), "cage dns allow: {out:?}");
-    let text = std::fs::read_to_string(l.lab.config_path()).unwrap();
-    assert!(
-        text.contains("list allow_domain 'other.test'"),
-        "config:\n{text}"
-    );
-
     // The running daemon reloads: the name resolves and its address is reachable.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = ask(&l, Node::Ai1, router_dns4(), "other.test", false, false);
-        if r.rcode == RCODE::NoError {
-            assert_eq!(r.addrs, vec![ip(OTHER4)]);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "other.test still refused after cage dns allow:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        connects(&ai1, sa(OTHER4, 443), T),
-        "other.test not reachable after allow"
-    );
-    assert!(l.listeners.reached(sa(OTHER4, 443)));
+    other_test_allowed(&l, &run, "cage dns allow");
+    let text = std::fs::read_to_string(l.lab.config_path()).unwrap();
     // The address learned before the reload is still allowed (put back after it).
     assert!(
         connects(&ai1, sa(ALLOWED4, 443), T),
@@ -873,34 +850,40 @@ fn a_refused_name_is_allowed_from_the_web_page() {
     });
     drop(driver);
 
-    let text = std::fs::read_to_string(l.lab.config_path()).unwrap();
-    assert!(
-        text.contains("list allow_domain 'other.test'"),
-        "config:\n{text}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = ask(&l, Node::Ai1, router_dns4(), "other.test", false, false);
-        if r.rcode == RCODE::NoError {
-            assert_eq!(r.addrs, vec![ip(OTHER4)]);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "other.test still refused after Allow on the web page:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        connects(&ai1, sa(OTHER4, 443), T),
-        "other.test not reachable after Allow on the web page"
-    );
-    assert!(l.listeners.reached(sa(OTHER4, 443)));
+    other_test_allowed(&l, &run, "Allow on the web page");
     assert_eq!(run.pid(), pid, "cage run was restarted");
     assert!(
         run.log().contains("allowed the name other.test"),
         "{}",
         run.log()
     );
+}
+
+/// After other.test was allowed (by `how`): it is in the configuration file, and the
+/// running daemon has reloaded it: the name resolves and its address is reachable.
+fn other_test_allowed(l: &DnsLab, run: &CageRun, how: &str) {
+    let text = std::fs::read_to_string(l.lab.config_path()).unwrap();
+    assert!(
+        text.contains("list allow_domain 'other.test'"),
+        "{how}: config:\n{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = ask(l, Node::Ai1, router_dns4(), "other.test", false, false);
+        if r.rcode == RCODE::NoError {
+            assert_eq!(r.addrs, vec![ip(OTHER4)]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "other.test still refused after {how}:\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        connects(&l.lab.netns(Node::Ai1), sa(OTHER4, 443), T),
+        "other.test not reachable after {how}"
+    );
+    assert!(l.listeners.reached(sa(OTHER4, 443)));
 }
