@@ -510,6 +510,15 @@ fn regular_chain(family: NfFamily, name: &'static str) -> NfListObject<'static> 
     })
 }
 
+/// The type of a set of IPv6 or IPv4 addresses.
+fn addr_type(v6: bool) -> schema::SetTypeValue<'static> {
+    schema::SetTypeValue::Single(if v6 {
+        schema::SetType::Ipv6Addr
+    } else {
+        schema::SetType::Ipv4Addr
+    })
+}
+
 fn addr_set(
     name: &'static str,
     v6: bool,
@@ -521,11 +530,7 @@ fn addr_set(
         family: NfFamily::INet,
         table: TABLE.into(),
         name: name.into(),
-        set_type: schema::SetTypeValue::Single(if v6 {
-            schema::SetType::Ipv6Addr
-        } else {
-            schema::SetType::Ipv4Addr
-        }),
+        set_type: addr_type(v6),
         flags: interval.then(|| [schema::SetFlag::Interval].into_iter().collect()),
         elem: (!elems.is_empty())
             .then(|| Cow::Owned(elems.into_iter().map(net).collect::<Vec<_>>())),
@@ -609,11 +614,7 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
                 family: NfFamily::INet,
                 table: TABLE.into(),
                 name: name.into(),
-                set_type: schema::SetTypeValue::Single(if v6 {
-                    schema::SetType::Ipv6Addr
-                } else {
-                    schema::SetType::Ipv4Addr
-                }),
+                set_type: addr_type(v6),
                 flags: Some([schema::SetFlag::Timeout].into_iter().collect()),
                 comment: Some("addresses from DNS answers to allowed names".into()),
                 ..Default::default()

@@ -192,24 +192,29 @@ pub async fn api_isolate(
     State(state): State<AppState>,
     ApiJson(authed, body): ApiJson<ReasonBody>,
 ) -> Result<Json<Status>, WebError> {
-    let reason = short_text("reason", &body.reason, MAX_REASON).map_err(|e| e.api(true))?;
-    state
-        .backend
-        .isolate(reason, authed.who())
-        .await
-        .map_err(|e| WebError::from(e).api(true))?;
-    Ok(Json(state.backend.status().await))
+    api_press(&state, &authed, &body, true).await
 }
 
 pub async fn api_release(
     State(state): State<AppState>,
     ApiJson(authed, body): ApiJson<ReasonBody>,
 ) -> Result<Json<Status>, WebError> {
+    api_press(&state, &authed, &body, false).await
+}
+
+/// Isolate or release for the JSON API; the new state.
+async fn api_press(
+    state: &AppState,
+    authed: &Authed,
+    body: &ReasonBody,
+    isolate: bool,
+) -> Result<Json<Status>, WebError> {
     let reason = short_text("reason", &body.reason, MAX_REASON).map_err(|e| e.api(true))?;
-    state
-        .backend
-        .release(reason, authed.who())
-        .await
-        .map_err(|e| WebError::from(e).api(true))?;
+    let pressed = if isolate {
+        state.backend.isolate(reason, authed.who()).await
+    } else {
+        state.backend.release(reason, authed.who()).await
+    };
+    pressed.map_err(|e| WebError::from(e).api(true))?;
     Ok(Json(state.backend.status().await))
 }

@@ -44,24 +44,8 @@ pub fn parse_query(
             "the query is not as expected: {e}; give host, port, verdict, limit"
         ))
     })?;
-    let host = match q.host.trim() {
-        "" => None,
-        h => Some(h.parse::<IpAddr>().map_err(|_| {
-            WebError::bad(format!(
-                "host: '{}' is not an IP address, e.g. 192.168.10.11",
-                h.chars().take(60).collect::<String>()
-            ))
-        })?),
-    };
-    let port = match q.port.trim() {
-        "" => None,
-        p => Some(p.parse::<u16>().map_err(|_| {
-            WebError::bad(format!(
-                "port: '{}' is not a port number from 0 to 65535, e.g. 443",
-                p.chars().take(60).collect::<String>()
-            ))
-        })?),
-    };
+    let host = optional::<IpAddr>(&q.host, "host", "an IP address, e.g. 192.168.10.11")?;
+    let port = optional::<u16>(&q.port, "port", "a port number from 0 to 65535, e.g. 443")?;
     let verdict = match q.verdict.trim() {
         "" | "any" => None,
         v @ ("allowed" | "blocked") => Some(v.to_owned()),
@@ -109,6 +93,24 @@ fn peer_cell(f: &Flow) -> String {
     match &f.name {
         Some(name) => format!("{} <span class=dim>{at}</span>", esc(name)),
         None => at,
+    }
+}
+
+/// An optional query field: empty is `None`; otherwise it must parse as `T`, or the
+/// error names the field, what was given (cut to 60 characters) and what is accepted.
+fn optional<T: std::str::FromStr>(
+    value: &str,
+    field: &str,
+    accepted: &str,
+) -> Result<Option<T>, WebError> {
+    match value.trim() {
+        "" => Ok(None),
+        v => v.parse::<T>().map(Some).map_err(|_| {
+            WebError::bad(format!(
+                "{field}: '{}' is not {accepted}",
+                v.chars().take(60).collect::<String>()
+            ))
+        }),
     }
 }
 
