@@ -538,8 +538,68 @@ impl Backend for AgentBackend {
         .boxed()
     }
 
+    fn ai_port(&self) -> BoxFuture<'_, Result<cage_web::AiPort, BackendError>> {
+        async move {
+            let cfg = self.config();
+            let report = tokio::task::spawn_blocking(move || crate::aiport::show(&cfg))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            Ok(page_port(report))
+        }
+        .boxed()
+    }
+
+    fn set_ai_port(
+        &self,
+        choice: String,
+        who: String,
+    ) -> BoxFuture<'_, Result<cage_web::AiPort, BackendError>> {
+        async move {
+            let cfg = self.config();
+            let wanted = if choice == "none" {
+                crate::aiport::Choice::None
+            } else {
+                crate::aiport::Choice::Port(choice.clone())
+            };
+            // Never forced from the page: the owner must keep a way in.
+            let report =
+                tokio::task::spawn_blocking(move || crate::aiport::set(&cfg, &wanted, false))
+                    .await
+                    .map_err(failed)?
+                    .map_err(|e| match e {
+                        crate::aiport::PortError::Refused(_)
+                        | crate::aiport::PortError::Standalone(_) => {
+                            BackendError::Refused(e.to_string())
+                        }
+                        e => failed(e),
+                    })?;
+            log::info(&format!(
+                "web page: {who} made the AI port {choice}; {}",
+                report.lines().join("; ")
+            ));
+            Ok(page_port(report))
+        }
+        .boxed()
+    }
+
     fn event(&self, message: &str) {
         log::info(message);
+    }
+}
+
+fn page_port(r: crate::aiport::Report) -> cage_web::AiPort {
+    cage_web::AiPort {
+        layout: r.layout,
+        ai_ports: r
+            .ai_ports
+            .into_iter()
+            .map(|p| (p.device, p.label))
+            .collect(),
+        lan_ports: r.lan_ports,
+        wifi_lan: r.wifi_lan,
+        wifi_ai: r.wifi_ai,
+        notes: r.notes,
     }
 }
 
