@@ -5,17 +5,31 @@
 //! here are what the JSON API returns, so they are part of its contract.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-/// Where the page may be reached: the listen address and the names in
+/// Where the page may be reached: the addresses it listens on (the configured one, or
+/// the LAN's as the router has them now), its port, and the names in
 /// `list web_hostname`. A request whose Host header names anything else is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Access {
-    pub listen: SocketAddr,
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
     pub hostnames: Vec<String>,
+}
+
+impl Access {
+    /// The page's address as a person types it: the first listen address (IPv4 first)
+    /// and the port, e.g. `192.168.8.1:2243` or `[fd00::1]:2243`.
+    pub fn url_host(&self) -> String {
+        match self.addresses.first() {
+            Some(IpAddr::V4(a)) => format!("{a}:{}", self.port),
+            Some(IpAddr::V6(a)) => format!("[{a}]:{}", self.port),
+            None => format!("<the router's LAN address>:{}", self.port),
+        }
+    }
 }
 
 /// The kill switch as the page shows it.

@@ -128,14 +128,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve the page on `listener` until `shutdown` completes.
+/// Serve the page on `listeners` (at least one) until `shutdown` completes.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: Vec<tokio::net::TcpListener>,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
-        listener::Bounded::new(listener),
+        listener::Bounded::new(listeners),
         router(state).into_make_service_with_connect_info::<listener::Peer>(),
     )
     .with_graceful_shutdown(shutdown)

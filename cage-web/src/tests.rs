@@ -83,8 +83,10 @@ impl TestBackend {
 
 impl Backend for TestBackend {
     fn access(&self) -> Access {
+        let host: std::net::SocketAddr = HOST.parse().unwrap();
         Access {
-            listen: HOST.parse().unwrap(),
+            addresses: vec![host.ip()],
+            port: host.port(),
             hostnames: vec!["cage.lan".into()],
         }
     }
@@ -1165,7 +1167,7 @@ async fn connections_are_bounded() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = AppState::new(TestBackend::with_password());
-    tokio::spawn(crate::serve(listener, state, std::future::pending()));
+    tokio::spawn(crate::serve(vec![listener], state, std::future::pending()));
     let request = format!("GET /login HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
     // Every slot taken by a connection that says nothing.
     let mut idle = Vec::new();
@@ -1427,4 +1429,39 @@ async fn refused_names_are_listed_escaped_and_allowed_with_one_action() {
     .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert!(a.body.contains("api.github.com"));
+}
+
+/// The page listens on every address it was given (the LAN's IPv4 and IPv6 addresses),
+/// each answering, and stops on all of them when told to.
+#[tokio::test]
+async fn every_listen_address_answers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addrs = [first.local_addr().unwrap(), second.local_addr().unwrap()];
+    let state = AppState::new(TestBackend::with_password());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve(vec![first, second], state, async {
+        let _ = stopped.await;
+    }));
+    let request = format!("GET /login HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    for addr in addrs {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{addr}: {answer}");
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("the page stops when told to")
+        .unwrap()
+        .unwrap();
+    for addr in addrs {
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still accepts after the page stopped"
+        );
+    }
 }

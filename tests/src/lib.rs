@@ -13,6 +13,7 @@ pub mod browser;
 pub mod contract;
 pub mod dns;
 pub mod lab;
+pub mod openwrt;
 
 /// Panic with a clear message unless running as root: a test that cannot run must fail,
 /// not pass silently.

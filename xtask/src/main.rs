@@ -9,6 +9,7 @@ mod bench_dns;
 mod demo;
 mod dist;
 mod fuzz;
+mod openwrt;
 mod package;
 mod setup;
 
