@@ -6,6 +6,7 @@
 //! `apply` strings them together, `daemon` keeps the policy in force, `status` reports,
 //! `probe` sends and witnesses test packets (lab and self-test).
 
+pub mod aiport;
 pub mod apply;
 pub mod config;
 pub mod daemon;

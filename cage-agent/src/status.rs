@@ -46,6 +46,10 @@ pub struct Status {
     pub ebpf: Option<EbpfStatus>,
     /// Denied packets not logged because they were over the kernel's log rate limit.
     pub unlogged: u64,
+    /// Where the agent's machine plugs in and the owner's way in (`cage port`).
+    pub ai_port: Option<crate::aiport::Report>,
+    /// Where the web page is served now (`web_listen`, the LAN's addresses resolved).
+    pub web: Vec<String>,
     pub problems: Vec<String>,
 }
 
@@ -199,6 +203,37 @@ pub async fn gather(config_path: &Path) -> Status {
             problems.push(format!("the daemon's last apply failed: {e}"));
         }
     }
+    let ai_port = match &cfg {
+        Ok(c) => match crate::aiport::show(c) {
+            Ok(r) => {
+                if !r.has_wired_ai_port() && r.layout != "standalone" {
+                    problems.push(
+                        "no wired AI port: a machine plugged into a LAN port is NOT caged \
+                         (`cage port` says why and how to choose one)"
+                            .into(),
+                    );
+                }
+                Some(r)
+            }
+            Err(e) => {
+                problems.push(format!("cannot tell the AI port: {e}"));
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let web = match &cfg {
+        Ok(c) => match crate::web::listen_addresses(c).await {
+            Ok(addrs) => addrs.iter().map(crate::web::url).collect(),
+            Err(e) => {
+                problems.push(format!(
+                    "cannot read the LAN's addresses for the web page: {e}"
+                ));
+                vec![]
+            }
+        },
+        Err(_) => vec![],
+    };
     Status {
         enforcing,
         lockdown,
@@ -217,6 +252,8 @@ pub async fn gather(config_path: &Path) -> Status {
         dns,
         ebpf,
         unlogged,
+        ai_port,
+        web,
         problems,
     }
 }
@@ -286,6 +323,22 @@ pub fn render_text(s: &Status) -> String {
     if let Some(last) = &s.selftest {
         let _ = writeln!(o, "selftest: {}", last.line());
     }
+    if let Some(r) = &s.ai_port {
+        if r.layout != "standalone" {
+            for line in r.lines() {
+                let _ = writeln!(o, "{line}");
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "web:     {}",
+        if s.web.is_empty() {
+            "no LAN address yet".to_owned()
+        } else {
+            s.web.join(" ")
+        }
+    );
     for p in &s.ports {
         let _ = writeln!(
             o,

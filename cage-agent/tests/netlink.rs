@@ -8,7 +8,6 @@
 //! namespace when the test ends, failed or not.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::process::Command;
 
 use cage_agent::config::{Config, Lan, Main, Segment, Wan, WanDevices};
@@ -116,7 +115,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
         main: Main {
             state_dir: "/etc/cage".into(),
             log_dir: "/tmp/cage".into(),
-            web_listen: "192.168.8.1:8080".parse::<SocketAddr>().unwrap(),
+            web_listen: "192.168.8.1:8080".parse().unwrap(),
             bpf_dir: "/sys/fs/bpf/cage".into(),
             mode: cage_agent::config::Mode::Auto,
             password_hash: None,

@@ -13,6 +13,7 @@ pub mod browser;
 pub mod contract;
 pub mod dns;
 pub mod lab;
+pub mod openwrt;
 
 /// Whether this process runs as root (effective user id 0).
 pub fn is_root() -> bool {

@@ -13,6 +13,7 @@ mod bench;
 mod demo;
 mod dist;
 mod fuzz;
+mod openwrt;
 mod package;
 mod setup;
 

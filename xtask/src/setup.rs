@@ -68,6 +68,7 @@ pub fn install() -> Result<()> {
     }
     ebpf_toolchain()?;
     cross_toolchain()?;
+    crate::openwrt::install(&crate::dist::workspace_root())?;
     println!("xtask setup: ready");
     Ok(())
 }

@@ -142,6 +142,55 @@ pub struct SelfTest {
     pub targets: Vec<String>,
 }
 
+/// Where the LAN web page listens (`cage.main.web_listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebListen {
+    /// `lan:PORT`: every address of the LAN devices (`cage.lan.device`) as the router has
+    /// them, read at run time and followed when they change, so the page comes up on
+    /// whatever LAN address the firmware gives the router (OpenWrt's 192.168.1.1,
+    /// GL.iNet's 192.168.8.1, the owner's own). Never an address inside the segment.
+    Lan { port: u16 },
+    /// `IP:PORT`: that address only.
+    Address(SocketAddr),
+}
+
+/// The page's default port: one that no target firmware uses (OpenWrt's uhttpd has 80
+/// and 443; GL.iNet's nginx 80 and 443 and its LuCI 8080 and 8443). 2243 is "CAGE" on a
+/// phone's keypad.
+pub const DEFAULT_WEB_PORT: u16 = 2243;
+
+impl WebListen {
+    pub fn port(&self) -> u16 {
+        match self {
+            WebListen::Lan { port } => *port,
+            WebListen::Address(addr) => addr.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for WebListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WebListen::Lan { port } => write!(f, "lan:{port}"),
+            WebListen::Address(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl std::str::FromStr for WebListen {
+    type Err = String;
+    /// As `web_listen` takes it: `lan:PORT` or `IP:PORT`, with the validator's message.
+    fn from_str(s: &str) -> Result<WebListen, String> {
+        validate::web_listen(s)
+    }
+}
+
+impl Serialize for WebListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// `config cage 'main'`: where Cage keeps its own files and listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Main {
@@ -149,8 +198,9 @@ pub struct Main {
     pub state_dir: PathBuf,
     /// Logs (flow log, audit log). Default `/tmp/cage` (RAM on OpenWrt).
     pub log_dir: PathBuf,
-    /// Where the LAN web page listens (used by the web UI). Default `192.168.8.1:8080`.
-    pub web_listen: SocketAddr,
+    /// Where the LAN web page listens. Default `lan:2243`: every address the LAN
+    /// devices have, read at run time.
+    pub web_listen: WebListen,
     /// Where the eBPF program's maps and links are pinned (a bpffs), one directory per
     /// bridge below it. Default `/sys/fs/bpf/cage`.
     pub bpf_dir: PathBuf,
