@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cage_agent::killswitch::{self, ButtonAction, Source};
-use cage_agent::{apply, config, daemon, dns, flows, nft, selftest, status};
+use cage_agent::isolation::{self, Source};
+use cage_agent::killswitch::{self, ButtonAction};
+use cage_agent::{apply, config, daemon, dns, flows, nft, running, selftest, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -255,14 +256,14 @@ async fn show_status(path: &std::path::Path, json: bool) -> anyhow::Result<ExitC
 fn disable(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     if let Ok(cfg) = config::load(path) {
         // Removing the tables would also end an isolation, which only `release` may do.
-        if killswitch::load(&cfg).isolated {
+        if isolation::load(&cfg).isolated {
             anyhow::bail!(
                 "the kill switch is on (the segment is isolated); `cage release` first \
                  if you really mean to uncage it"
             );
         }
         // A running daemon would put the tables back: stop it first.
-        status::stop_daemon(&cfg.main.log_dir)?;
+        running::stop_daemon(&cfg.main.log_dir)?;
     }
     if let Ok(cfg) = config::load(path) {
         let bridge = &cfg.segment.bridge;

@@ -197,7 +197,7 @@ pub struct PortState {
 /// Linux gets untagged member ports. (The development kernel has neither 802.1Q devices
 /// nor bridge VLAN filtering, so OpenWrt mode is tested elsewhere.)
 pub async fn setup_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
-    if cfg.main.mode.resolve() == crate::config::Mode::OpenWrt {
+    if cfg.main.mode.resolve(crate::config::on_openwrt()) == crate::config::Mode::OpenWrt {
         return adopt_segment(cfg).await;
     }
     let seg = &cfg.segment;

@@ -24,7 +24,8 @@ use futures::FutureExt;
 use crate::config::edit::{self, Edit};
 use crate::config::{self, Config};
 use crate::flows::{self, FlowRecord};
-use crate::killswitch::{self, Source};
+use crate::isolation::{self, Source};
+use crate::killswitch;
 use crate::log;
 use crate::status;
 
@@ -108,7 +109,7 @@ impl AgentBackend {
             })?;
         self.remember(cfg.clone());
         if reload {
-            match edit::request_reload(&cfg) {
+            match crate::running::request_reload(&cfg) {
                 Ok(true) => {}
                 Ok(false) => log::warn(
                     "web page: settings saved, but no `cage run` is running to apply them",
@@ -172,7 +173,7 @@ pub fn flow(r: FlowRecord) -> Flow {
     }
 }
 
-fn audit_entry(e: killswitch::AuditEntry) -> AuditEntry {
+fn audit_entry(e: isolation::AuditEntry) -> AuditEntry {
     AuditEntry {
         time: e.time,
         action: e.action,
@@ -323,7 +324,7 @@ impl Backend for AgentBackend {
     fn audit(&self, n: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
         async move {
             let cfg = self.config();
-            tokio::task::spawn_blocking(move || killswitch::audit_tail(&cfg, n))
+            tokio::task::spawn_blocking(move || isolation::audit_tail(&cfg, n))
                 .await
                 .unwrap_or_default()
                 .into_iter()

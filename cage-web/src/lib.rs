@@ -35,7 +35,7 @@ pub use backend::{
     FlowFilter, Host, RefusedName, Review, SelfTest, Settings, Status,
 };
 pub use error::WebError;
-pub use session::{check_phc, hash_password, password_problem, verify_password};
+pub use session::{hash_password, password_problem, verify_password};
 
 /// Request bodies larger than this are refused (413): every form and JSON body of the
 /// page is a few hundred bytes.

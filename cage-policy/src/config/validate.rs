@@ -236,7 +236,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     });
 
     let password_hash = v.one(&cage, "password_hash", None, |s| {
-        cage_web::check_phc(s)
+        super::phc::check(s)
             .map(|()| Some(s.to_owned()))
             .map_err(|e| format!("the value {e}"))
     });
