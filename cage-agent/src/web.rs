@@ -26,6 +26,7 @@ use crate::config::{self, Config};
 use crate::flows::{self, FlowRecord};
 use crate::isolation::{self, Source};
 use crate::killswitch;
+use crate::listen::{self, url};
 use crate::log;
 use crate::status;
 
@@ -634,37 +635,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Where the page should listen now: the configured address, or (`lan:PORT`) every
-/// address of the LAN devices the router has at this moment. Never an address inside the
-/// segment, whatever the LAN says.
-pub async fn listen_addresses(
-    cfg: &Config,
-) -> Result<Vec<SocketAddr>, crate::netlink::NetlinkError> {
-    let port = cfg.main.web_listen.port();
-    let ips = match cfg.main.web_listen {
-        config::WebListen::Address(addr) => vec![addr.ip()],
-        config::WebListen::Lan { .. } => crate::netlink::device_addresses(&cfg.lan.devices).await?,
-    };
-    Ok(ips
-        .into_iter()
-        .filter(|ip| !in_segment(cfg, *ip))
-        .map(|ip| SocketAddr::new(ip, port))
-        .collect())
-}
-
-fn in_segment(cfg: &Config, ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => cfg.segment.subnet4().contains(&ip),
-        IpAddr::V6(ip) => cfg.segment.subnet6().is_some_and(|net| net.contains(&ip)),
-    }
-}
-
-/// `http://192.168.8.1:2243/`, `http://[fd00::1]:2243/`.
-pub fn url(addr: &SocketAddr) -> String {
-    format!("http://{addr}/")
-}
-
-/// Listen where [`listen_addresses`] says (again and again until it can), serve, and
+/// Listen where [`listen::listen_addresses`] says (again and again until it can), serve, and
 /// move when the configuration or the LAN's addresses move.
 pub async fn serve_forever(backend: Arc<AgentBackend>) {
     let state = cage_web::AppState::new(backend.clone());
@@ -681,7 +652,7 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
     };
     loop {
         let cfg = backend.config();
-        let wanted = match listen_addresses(&cfg).await {
+        let wanted = match listen::listen_addresses(&cfg).await {
             Ok(w) => w,
             Err(e) => {
                 problem(
@@ -743,7 +714,7 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
                 tokio::time::sleep(LISTEN_CHECK).await;
                 let cfg = watch.config();
                 // A failed look-up keeps the page where it is.
-                if let Ok(now) = listen_addresses(&cfg).await {
+                if let Ok(now) = listen::listen_addresses(&cfg).await {
                     if now != wanted {
                         let now: Vec<String> = now.iter().map(url).collect();
                         log::info(&format!(
