@@ -8,7 +8,7 @@ use nftables::schema::Nftables;
 
 use crate::config::{self, Config};
 use crate::ebpf;
-use crate::killswitch;
+use crate::isolation;
 use crate::netlink;
 use crate::nft;
 use crate::policy::{self, Facts};
@@ -50,7 +50,7 @@ pub async fn check_config(config: Config) -> Result<Checked, ApplyError> {
     facts.bridge_meta = nft::supports_bridge_meta();
     let mut ruleset = policy::render(&config, &facts);
     // A pressed kill switch is part of every policy Cage applies until it is released.
-    let isolated = killswitch::load(&config).isolated;
+    let isolated = isolation::load(&config).isolated;
     if isolated {
         let on = policy::isolation(&config, true);
         ruleset.objects.to_mut().extend(on.objects.iter().cloned());

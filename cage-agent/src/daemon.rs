@@ -6,10 +6,9 @@
 //! every few seconds when the facts it was rendered from change (the WAN got a new
 //! address) or when Cage's tables were removed or altered behind its back.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,11 +21,13 @@ use crate::apply::{self, ApplyError, Checked};
 use crate::config::Config;
 use crate::dns;
 use crate::flows::{self, Blocked, FlowLog, Persister, Sweeper};
-use crate::killswitch::{self, AutoWatch, Source};
+use crate::isolation::{self, Source};
+use crate::killswitch::{self, AutoWatch};
 use crate::log;
 use crate::nflog::{self, Denied, NflogCounts, NflogStats};
 use crate::nft;
 use crate::policy;
+use crate::running::{self, DaemonState};
 
 /// How often the daemon verifies the kernel state and re-detects the facts.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
@@ -40,41 +41,11 @@ const NFLOG_QUEUE: usize = 16_384;
 /// How often automatic isolation reads its meters (only when a rule is on).
 pub const AUTO_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What the daemon tells `cage status`, written to `<log_dir>/daemon.json` on every
-/// change (the log directory is RAM on OpenWrt, so this costs no flash writes).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct DaemonState {
-    pub pid: u32,
-    pub config: PathBuf,
-    pub started: u64,
-    pub last_apply: Option<u64>,
-    pub applies: u64,
-    pub last_error: Option<String>,
-    pub wan_devices: Vec<String>,
-}
-
-pub fn state_path(log_dir: &Path) -> PathBuf {
-    log_dir.join("daemon.json")
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn save(state: &DaemonState, log_dir: &Path) {
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(log_dir)?;
-        let tmp = log_dir.join("daemon.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-        std::fs::rename(tmp, state_path(log_dir))
-    };
-    if let Err(e) = write() {
+    if let Err(e) = running::store(state, log_dir) {
         log::warn(&format!(
             "cannot write {}: {e}",
-            state_path(log_dir).display()
+            running::state_path(log_dir).display()
         ));
     }
 }
@@ -96,8 +67,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         state: DaemonState {
             pid: std::process::id(),
             config: config_path.to_owned(),
-            started: now(),
-            last_apply: Some(now()),
+            started: crate::clock::unix_now(),
+            last_apply: Some(crate::clock::unix_now()),
             applies: 1,
             last_error: None,
             wan_devices: current.facts.wan_devices.clone(),
@@ -264,7 +235,7 @@ impl Daemon {
         }
         self.state.last_error = outcome.err();
         self.state.applies += 1;
-        self.state.last_apply = Some(now());
+        self.state.last_apply = Some(crate::clock::unix_now());
         self.state.wan_devices = self.current.facts.wan_devices.clone();
         self.applied_text = nft::list_structure().unwrap_or_default();
         save(&self.state, &self.current.config.main.log_dir);
@@ -349,7 +320,7 @@ async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
     }
     // The kill switch's state on disk is the truth; the kernel must follow it, whoever
     // changed either (`cage isolate` from another process, or a hand edit of the set).
-    let wanted = killswitch::load(&current.config).isolated;
+    let wanted = isolation::load(&current.config).isolated;
     match nft::isolated_now() {
         Ok(now) if now != wanted => {
             return Some(if wanted {

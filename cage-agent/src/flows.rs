@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::nflog::Denied;
 
@@ -79,10 +80,6 @@ pub fn proto_name(p: u8) -> String {
         58 => "icmpv6".into(),
         n => n.to_string(),
     }
-}
-
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 pub fn mac_text(m: [u8; 6]) -> String {

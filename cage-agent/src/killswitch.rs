@@ -1,8 +1,8 @@
 //! The kill switch: isolate the segment at once, keep it isolated across restarts and
 //! reboots, release only on purpose, and write every press to an audit log.
 //!
-//! The state lives in `<state_dir>/isolation.json` (persistent, so a reboot comes back
-//! isolated) and is written, synced, before the kernel is touched: any policy rendered
+//! The state lives in `<state_dir>/isolation.json` (`isolation`: persistent, so a reboot
+//! comes back isolated) and is written, synced, before the kernel is touched: any policy rendered
 //! after that moment (by `cage run` reapplying, or at its start) already includes the
 //! isolation, so no concurrent reapply can undo it. The kernel part is one element added
 //! to (or the set flushed from) the `isolated` set of Cage's table, which drops
@@ -14,64 +14,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use serde::{Deserialize, Serialize};
 
 use crate::apply;
 use crate::config::Config;
+use crate::isolation::{self, AuditEntry, Source, State};
 use crate::nft;
 use crate::policy;
-
-/// Who pressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    Cli,
-    Web,
-    Button,
-    Auto,
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Source::Cli => "cli",
-            Source::Web => "web",
-            Source::Button => "button",
-            Source::Auto => "auto",
-        })
-    }
-}
-
-/// The kill switch's state as stored on disk; the default is "never pressed".
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
-    pub isolated: bool,
-    /// Unix time of the last isolate or release.
-    pub since: u64,
-    pub source: Option<Source>,
-    pub reason: String,
-    pub who: String,
-}
-
-/// One line of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Unix time, seconds.
-    pub time: u64,
-    /// `isolate` or `release`.
-    pub action: String,
-    pub source: Source,
-    pub reason: String,
-    pub who: String,
-    /// `ok`, or what went wrong (the state was still written).
-    pub result: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KillSwitchError {
@@ -82,105 +33,6 @@ pub enum KillSwitchError {
     },
     #[error("the state says isolated, but the kernel could not be told: {0}")]
     Kernel(String),
-}
-
-/// Audit logs larger than this are rotated to `audit.log.1` (one old file is kept).
-pub const AUDIT_MAX_BYTES: u64 = 256 * 1024;
-
-pub fn state_path(cfg: &Config) -> PathBuf {
-    cfg.main.state_dir.join("isolation.json")
-}
-
-pub fn audit_path(cfg: &Config) -> PathBuf {
-    cfg.main.state_dir.join("audit.log")
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The stored state. No file: not isolated (nothing was ever pressed). A file that cannot
-/// be read or parsed: isolated, because the cage must not open on a damaged disk.
-pub fn load(cfg: &Config) -> State {
-    let path = state_path(cfg);
-    match std::fs::read(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-        Err(e) => damaged(&path, &e.to_string()),
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| damaged(&path, &e.to_string()))
-        }
-    }
-}
-
-fn damaged(path: &Path, why: &str) -> State {
-    State {
-        isolated: true,
-        since: 0,
-        source: None,
-        reason: format!(
-            "the kill-switch state {} is unreadable ({why}); isolated until released",
-            path.display()
-        ),
-        who: "cage".into(),
-    }
-}
-
-/// Write `bytes` to `path` so that after a crash or power loss the file holds either the
-/// old or the new content: a temporary file, synced, renamed, directory synced.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn store(cfg: &Config, state: &State) -> Result<(), KillSwitchError> {
-    let path = state_path(cfg);
-    let bytes = serde_json::to_vec_pretty(state).expect("the state always serialises");
-    write_durably(&path, &bytes).map_err(|source| KillSwitchError::State { path, source })
-}
-
-fn audit(cfg: &Config, entry: &AuditEntry) {
-    let path = audit_path(cfg);
-    let write = || -> std::io::Result<()> {
-        if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > AUDIT_MAX_BYTES {
-            std::fs::rename(&path, path.with_extension("log.1"))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        let mut line = serde_json::to_vec(entry).expect("an audit entry always serialises");
-        line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_data()
-    };
-    if let Err(e) = write() {
-        crate::log::error(&format!(
-            "cannot append to the audit log {}: {e}",
-            path.display()
-        ));
-    }
-}
-
-/// The last `n` audit entries, oldest first.
-pub fn audit_tail(cfg: &Config, n: usize) -> Vec<AuditEntry> {
-    let text = std::fs::read_to_string(audit_path(cfg)).unwrap_or_default();
-    let entries: Vec<AuditEntry> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let skip = entries.len().saturating_sub(n);
-    entries.into_iter().skip(skip).collect()
 }
 
 /// Who is at the keyboard, for the audit log of a local command.
@@ -232,7 +84,7 @@ async fn switch(
 ) -> Result<State, KillSwitchError> {
     let state = State {
         isolated: on,
-        since: now(),
+        since: crate::clock::unix_now(),
         source: Some(source),
         reason: reason.to_owned(),
         who: who.to_owned(),
@@ -246,9 +98,13 @@ async fn switch(
         result: "ok".into(),
     };
     // Disk first: see the module documentation.
-    if let Err(e) = store(cfg, &state) {
+    if let Err(source) = isolation::store(cfg, &state) {
+        let e = KillSwitchError::State {
+            path: isolation::state_path(cfg),
+            source,
+        };
         entry.result = e.to_string();
-        audit(cfg, &entry);
+        isolation::audit(cfg, &entry);
         if on {
             // Isolate anyway: the press must take effect even if the disk fails.
             enforce(cfg, true).await?;
@@ -259,7 +115,7 @@ async fn switch(
     if let Err(e) = &result {
         entry.result = e.to_string();
     }
-    audit(cfg, &entry);
+    isolation::audit(cfg, &entry);
     result.map(|()| state)
 }
 

@@ -6,19 +6,29 @@
 //! `apply` strings them together, `daemon` keeps the policy in force, `status` reports,
 //! `probe` sends and witnesses test packets (lab and self-test).
 
+pub mod aiport;
 pub mod apply;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod flows;
+pub mod isolation;
 pub mod killswitch;
+#[cfg(test)]
+mod layers;
+pub mod listen;
 pub mod log;
 pub mod netlink;
 pub mod nflog;
 pub mod nft;
-pub mod policy;
 pub mod probe;
+pub mod running;
 pub mod selftest;
 pub mod status;
 pub mod web;
+
+/// The policy is rendered by the pure crate; re-exported so that `cage_agent::policy` is
+/// where the rest of the agent and its tests find it.
+pub use cage_policy::policy;

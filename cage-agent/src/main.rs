@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cage_agent::killswitch::{self, ButtonAction, Source};
-use cage_agent::{apply, config, daemon, dns, flows, nft, selftest, status};
+use cage_agent::isolation::{self, Source};
+use cage_agent::killswitch::{self, ButtonAction};
+use cage_agent::{apply, config, daemon, dns, flows, nft, running, selftest, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -99,6 +100,36 @@ enum Command {
         #[command(subcommand)]
         command: DnsCommand,
     },
+    /// The AI port: which wired port the agent's machine plugs into (OpenWrt). Without
+    /// a subcommand, show it and the owner's way in.
+    Port {
+        #[command(subcommand)]
+        command: Option<PortCommand>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortCommand {
+    /// Make DEV (a wired LAN port, e.g. eth1 or lan5) the AI port; the previous one goes
+    /// back to the LAN. Refused when it would leave you no way into the router.
+    Set {
+        device: String,
+        /// Do it even if no LAN port or LAN Wi-Fi is left for you to reach the router.
+        #[arg(long)]
+        force: bool,
+    },
+    /// No wired AI port: every wired port back on the LAN.
+    None {
+        #[arg(long)]
+        force: bool,
+    },
+    /// The board's default, as the package chose it at install.
+    Auto {
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -147,6 +178,7 @@ async fn main() -> ExitCode {
             follow,
         ),
         Command::Dns { command } => dns_command(&cli.config, command),
+        Command::Port { command, json } => port_command(&cli.config, command, json),
     };
     match result {
         Ok(code) => code,
@@ -155,6 +187,36 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn port_command(
+    path: &std::path::Path,
+    command: Option<PortCommand>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use cage_agent::aiport::{self, Choice};
+    let cfg = config::load(path)?;
+    let report = match command {
+        None => aiport::show(&cfg)?,
+        Some(c) => {
+            let (choice, force) = match c {
+                PortCommand::Set { device, force } => (Choice::Port(device), force),
+                PortCommand::None { force } => (Choice::None, force),
+                PortCommand::Auto { force } => (Choice::Auto, force),
+            };
+            let report = aiport::set(&cfg, &choice, force)?;
+            eprintln!("cage: the network reloads with the new AI port; cage run isolates it");
+            report
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for line in report.lines() {
+            println!("{line}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn check(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -194,14 +256,14 @@ async fn show_status(path: &std::path::Path, json: bool) -> anyhow::Result<ExitC
 fn disable(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     if let Ok(cfg) = config::load(path) {
         // Removing the tables would also end an isolation, which only `release` may do.
-        if killswitch::load(&cfg).isolated {
+        if isolation::load(&cfg).isolated {
             anyhow::bail!(
                 "the kill switch is on (the segment is isolated); `cage release` first \
                  if you really mean to uncage it"
             );
         }
         // A running daemon would put the tables back: stop it first.
-        status::stop_daemon(&cfg.main.log_dir)?;
+        running::stop_daemon(&cfg.main.log_dir)?;
     }
     if let Ok(cfg) = config::load(path) {
         let bridge = &cfg.segment.bridge;

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
@@ -197,7 +197,7 @@ pub struct PortState {
 /// Linux gets untagged member ports. (The development kernel has neither 802.1Q devices
 /// nor bridge VLAN filtering, so OpenWrt mode is tested elsewhere.)
 pub async fn setup_segment(cfg: &Config) -> Result<SetupReport, NetlinkError> {
-    if cfg.main.mode.resolve() == crate::config::Mode::OpenWrt {
+    if cfg.main.mode.resolve(crate::config::on_openwrt()) == crate::config::Mode::OpenWrt {
         return adopt_segment(cfg).await;
     }
     let seg = &cfg.segment;
@@ -375,6 +375,48 @@ pub async fn detect_facts(cfg: &Config) -> Result<Facts, NetlinkError> {
         upstream6,
         ..Default::default()
     })
+}
+
+/// The addresses of `devices` that a service can listen on, IPv4 first: not IPv6
+/// link-local ones (a browser cannot be given one without a zone), and not IPv6 ones that
+/// are still tentative or failed duplicate address detection (they cannot be bound).
+/// A device that does not exist (yet) has none.
+pub async fn device_addresses(devices: &[String]) -> Result<Vec<IpAddr>, NetlinkError> {
+    let nl = Rtnl::connect()?;
+    let links = nl.links().await?;
+    let wanted: Vec<u32> = links
+        .iter()
+        .filter(|l| devices.contains(&l.name))
+        .map(|l| l.index)
+        .collect();
+    let msgs: Vec<_> = nl
+        .handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| dump_error("list addresses", e))?;
+    let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed;
+    let mut found: Vec<IpAddr> = msgs
+        .iter()
+        .filter(|m| wanted.contains(&m.header.index))
+        .filter(|m| {
+            !m.attributes.iter().any(|a| match a {
+                AddressAttribute::Flags(f) => f.intersects(unusable),
+                _ => false,
+            })
+        })
+        .filter_map(Address::from_message)
+        .map(|a| a.local.addr())
+        .filter(|ip| match ip {
+            IpAddr::V4(ip) => !ip.is_loopback(),
+            IpAddr::V6(ip) => !ip.is_loopback() && !is_link_local6(*ip),
+        })
+        .collect();
+    found.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+    found.dedup();
+    Ok(found)
 }
 
 /// The state of every configured segment port, in configuration order.

@@ -56,7 +56,7 @@ use crate::netlink::selftest::{self as nl, RouterView};
 use crate::netlink::{self, NetlinkError};
 use crate::nft;
 use crate::probe::{
-    self, Attempt, NetNs, Outcome, Probe, ProbeError, Proto, Servers, Service, Witness,
+    self, Attempt, NetNs, NetNsGuard, Outcome, Probe, ProbeError, Proto, Servers, Service, Witness,
     WitnessLimits,
 };
 
@@ -571,14 +571,15 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<Report, SelftestError> {
         if let Some((net, _)) = v6 {
             addrs.push(IpNet::new(free6[i], net.prefix_len()).unwrap());
         }
-        let ns = new_netns(&name)?;
-        rig.namespaces.push(ns.clone());
+        let ns = NetNsGuard::anonymous(&name)?;
+        let (netns, fd) = (ns.netns().clone(), ns.fd().expect("an anonymous namespace"));
+        rig.namespaces.push(ns);
         rig.router_neighbours.extend(addrs.iter().map(|a| a.addr()));
         hosts.push(HostSetup {
             name,
             port,
-            ns: ns.ns,
-            fd: ns.fd,
+            ns: netns,
+            fd,
             addrs,
             mac: HOST_MAC[i],
             port_mac: PORT_MAC[i],
@@ -814,50 +815,6 @@ fn block_on<Fut: std::future::Future>(fut: Fut) -> Result<Fut::Output, ProbeErro
 
 // ---- probe namespaces -----------------------------------------------------------------
 
-#[derive(Clone)]
-struct ProbeNs {
-    ns: NetNs,
-    fd: i32,
-    _file: std::sync::Arc<File>,
-}
-
-/// A new, anonymous network namespace, kept alive by a file descriptor of this process.
-fn new_netns(name: &str) -> Result<ProbeNs, SelftestError> {
-    let file = std::thread::Builder::new()
-        .name(format!("unshare@{name}"))
-        .spawn(|| -> io::Result<File> {
-            // SAFETY: unshare(CLONE_NEWNET) changes only this thread's network
-            // namespace; the thread ends right after opening it.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-            File::open(format!("/proc/self/task/{tid}/ns/net"))
-        })
-        .map_err(io_err("starting a thread"))?
-        .join()
-        .map_err(|_| SelftestError::Setup("the unshare thread panicked".into()))?
-        .map_err(|source| SelftestError::Io {
-            what: format!(
-                "creating network namespace {name}{}",
-                if source.raw_os_error() == Some(libc::EINVAL) {
-                    " (this kernel has no network namespaces, CONFIG_NET_NS)"
-                } else {
-                    ""
-                }
-            ),
-            source,
-        })?;
-    let fd = file.as_raw_fd();
-    let path = format!("/proc/{}/fd/{fd}", std::process::id());
-    Ok(ProbeNs {
-        ns: NetNs::at_path(name, path),
-        fd,
-        _file: std::sync::Arc::new(file),
-    })
-}
-
 /// Sysctls of a probe host, before its `eth0` exists: no router advertisements, no
 /// autoconfiguration, no duplicate address detection (its addresses are checked free
 /// beforehand), ping sockets allowed; IPv6 off when the segment has none.
@@ -881,7 +838,7 @@ fn prepare_namespace(ns: &NetNs, ipv6: bool) -> Result<(), SelftestError> {
 struct Rig {
     bridge: String,
     ports: Vec<String>,
-    namespaces: Vec<ProbeNs>,
+    namespaces: Vec<NetNsGuard>,
     router_neighbours: Vec<IpAddr>,
     /// `<log_dir>/selftest.running.json`, once written.
     running_file: Option<PathBuf>,

@@ -7,11 +7,11 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config;
-use crate::daemon::{self, DaemonState};
 use crate::flows;
-use crate::killswitch;
+use crate::isolation;
 use crate::netlink::{self, PortState};
 use crate::nft::{self, Count};
+use crate::running::{self, cage_running, DaemonState};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -30,11 +30,11 @@ pub struct Status {
     pub denied_total: u64,
     pub ports: Vec<PortState>,
     /// The kill switch as stored (the kernel follows it while Cage's tables are in).
-    pub isolation: Option<killswitch::State>,
+    pub isolation: Option<isolation::State>,
     /// Whether the kernel's policy has the segment in its `isolated` set right now.
     pub kernel_isolated: bool,
     /// The last kill-switch events, oldest first.
-    pub audit: Vec<killswitch::AuditEntry>,
+    pub audit: Vec<isolation::AuditEntry>,
     /// The last `cage selftest` (`<log_dir>/selftest.json`), if one ran.
     pub selftest: Option<crate::selftest::Last>,
     /// The flow log's totals and losses.
@@ -46,6 +46,10 @@ pub struct Status {
     pub ebpf: Option<EbpfStatus>,
     /// Denied packets not logged because they were over the kernel's log rate limit.
     pub unlogged: u64,
+    /// Where the agent's machine plugs in and the owner's way in (`cage port`).
+    pub ai_port: Option<crate::aiport::Report>,
+    /// Where the web page is served now (`web_listen`, the LAN's addresses resolved).
+    pub web: Vec<String>,
     pub problems: Vec<String>,
 }
 
@@ -71,20 +75,6 @@ fn ebpf_status(cfg: &config::Config) -> Result<Option<EbpfStatus>, crate::ebpf::
         flow_capacity: maps.flow_capacity()?,
         stats: maps.stats()?,
     }))
-}
-
-/// Whether a process with this pid is a running `cage` (a zombie is not running).
-pub fn cage_running(pid: u32) -> bool {
-    // /proc/PID/stat is "pid (comm) state …"; comm may hold spaces and parentheses.
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return false;
-    };
-    let comm = &stat[open + 1..close];
-    let state = stat[close + 1..].split_whitespace().next().unwrap_or("");
-    comm == "cage" && state != "Z" && state != "X"
 }
 
 pub async fn gather(config_path: &Path) -> Status {
@@ -122,9 +112,7 @@ pub async fn gather(config_path: &Path) -> Status {
 
     let (daemon, ports) = match &cfg {
         Ok(cfg) => {
-            let state: Option<DaemonState> = std::fs::read(daemon::state_path(&cfg.main.log_dir))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let state = running::load(&cfg.main.log_dir);
             let ports = match netlink::port_states(cfg).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -147,7 +135,7 @@ pub async fn gather(config_path: &Path) -> Status {
     let daemon_running = daemon.as_ref().is_some_and(|d| cage_running(d.pid));
     let kernel_isolated = nft::isolated_now().unwrap_or(false);
     let (isolation, audit) = match &cfg {
-        Ok(cfg) => (Some(killswitch::load(cfg)), killswitch::audit_tail(cfg, 10)),
+        Ok(cfg) => (Some(isolation::load(cfg)), isolation::audit_tail(cfg, 10)),
         Err(_) => (None, vec![]),
     };
     let flow_log = cfg.as_ref().ok().and_then(flows::read_stats);
@@ -168,7 +156,7 @@ pub async fn gather(config_path: &Path) -> Status {
             "no eBPF program on {}: no flow counting, and the kill switch acts in nftables only",
             c.segment.bridge
         )),
-        (Some(e), Ok(c)) if e.isolated_flag != killswitch::load(c).isolated => {
+        (Some(e), Ok(c)) if e.isolated_flag != isolation::load(c).isolated => {
             problems.push("the eBPF kill-switch flag differs from the kill switch's state".into())
         }
         _ => {}
@@ -199,6 +187,37 @@ pub async fn gather(config_path: &Path) -> Status {
             problems.push(format!("the daemon's last apply failed: {e}"));
         }
     }
+    let ai_port = match &cfg {
+        Ok(c) => match crate::aiport::show(c) {
+            Ok(r) => {
+                if !r.has_wired_ai_port() && r.layout != "standalone" {
+                    problems.push(
+                        "no wired AI port: a machine plugged into a LAN port is NOT caged \
+                         (`cage port` says why and how to choose one)"
+                            .into(),
+                    );
+                }
+                Some(r)
+            }
+            Err(e) => {
+                problems.push(format!("cannot tell the AI port: {e}"));
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let web = match &cfg {
+        Ok(c) => match crate::listen::listen_addresses(c).await {
+            Ok(addrs) => addrs.iter().map(crate::listen::url).collect(),
+            Err(e) => {
+                problems.push(format!(
+                    "cannot read the LAN's addresses for the web page: {e}"
+                ));
+                vec![]
+            }
+        },
+        Err(_) => vec![],
+    };
     Status {
         enforcing,
         lockdown,
@@ -217,6 +236,8 @@ pub async fn gather(config_path: &Path) -> Status {
         dns,
         ebpf,
         unlogged,
+        ai_port,
+        web,
         problems,
     }
 }
@@ -286,6 +307,22 @@ pub fn render_text(s: &Status) -> String {
     if let Some(last) = &s.selftest {
         let _ = writeln!(o, "selftest: {}", last.line());
     }
+    if let Some(r) = &s.ai_port {
+        if r.layout != "standalone" {
+            for line in r.lines() {
+                let _ = writeln!(o, "{line}");
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "web:     {}",
+        if s.web.is_empty() {
+            "no LAN address yet".to_owned()
+        } else {
+            s.web.join(" ")
+        }
+    );
     for p in &s.ports {
         let _ = writeln!(
             o,
@@ -381,28 +418,4 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(o, "PROBLEM: {p}");
     }
     o
-}
-
-/// Stop a running `cage run` (SIGTERM, then wait up to 5 s). Used by `cage disable`,
-/// which would otherwise see the daemon restore the tables it removed.
-pub fn stop_daemon(log_dir: &Path) -> anyhow::Result<()> {
-    let Some(state): Option<DaemonState> = std::fs::read(daemon::state_path(log_dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    else {
-        return Ok(());
-    };
-    if !cage_running(state.pid) || state.pid == std::process::id() {
-        return Ok(());
-    }
-    eprintln!("cage: stopping the daemon (pid {})", state.pid);
-    // SAFETY: kill(2) with a pid read from our own state file, checked to be a `cage`.
-    unsafe { libc::kill(state.pid as i32, libc::SIGTERM) };
-    for _ in 0..50 {
-        if !cage_running(state.pid) {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    anyhow::bail!("the daemon (pid {}) did not stop within 5 s", state.pid)
 }

@@ -1,6 +1,7 @@
 //! The web page's side of the agent: [`AgentBackend`] gives `cage-web` the real kill
 //! switch, status, flow log, audit log and configuration, and [`spawn`] serves the page
-//! from `cage run` on `cage.main.web_listen`.
+//! from `cage run` on `cage.main.web_listen`: by default every address of the LAN
+//! devices, as the router has them now, followed when they change.
 //!
 //! The page runs on a thread of its own with its own runtime, so a busy page never delays
 //! the daemon's work (draining NFLOG, writing the flow log, watching the policy). It
@@ -8,6 +9,7 @@
 //! not put it on the LAN bridge) is tried again every few seconds, and every error of a
 //! request is an answer, not a crash.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,14 +24,18 @@ use futures::FutureExt;
 use crate::config::edit::{self, Edit};
 use crate::config::{self, Config};
 use crate::flows::{self, FlowRecord};
-use crate::killswitch::{self, Source};
+use crate::isolation::{self, Source};
+use crate::killswitch;
+use crate::listen::{self, url};
 use crate::log;
 use crate::status;
 
 /// How long to wait before trying to bind the listen address again.
 pub const BIND_RETRY: Duration = Duration::from_secs(3);
-/// How often a serving page checks whether `web_listen` was changed.
-const LISTEN_CHECK: Duration = Duration::from_secs(5);
+/// How often a serving page checks whether `web_listen` or the LAN's addresses changed.
+const LISTEN_CHECK: Duration = Duration::from_secs(3);
+/// How often a page that could bind only some of its addresses tries the others again.
+const PARTIAL_RETRY: Duration = Duration::from_secs(30);
 
 /// The configuration as last read, and the file's modification time and size then.
 struct Cached {
@@ -43,6 +49,8 @@ struct Cached {
 pub struct AgentBackend {
     path: PathBuf,
     cached: Mutex<Cached>,
+    /// The addresses the page is listening on right now (the Host check's addresses).
+    listening: Mutex<Vec<IpAddr>>,
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -62,6 +70,7 @@ impl AgentBackend {
                 stamp: stamp(path),
                 cfg,
             }),
+            listening: Mutex::new(Vec::new()),
         }
     }
 
@@ -101,7 +110,7 @@ impl AgentBackend {
             })?;
         self.remember(cfg.clone());
         if reload {
-            match edit::request_reload(&cfg) {
+            match crate::running::request_reload(&cfg) {
                 Ok(true) => {}
                 Ok(false) => log::warn(
                     "web page: settings saved, but no `cage run` is running to apply them",
@@ -165,7 +174,7 @@ pub fn flow(r: FlowRecord) -> Flow {
     }
 }
 
-fn audit_entry(e: killswitch::AuditEntry) -> AuditEntry {
+fn audit_entry(e: isolation::AuditEntry) -> AuditEntry {
     AuditEntry {
         time: e.time,
         action: e.action,
@@ -249,8 +258,17 @@ pub fn settings_edits(s: &Settings) -> Vec<Edit> {
 impl Backend for AgentBackend {
     fn access(&self) -> Access {
         let cfg = self.config();
+        let addresses = match cfg.main.web_listen {
+            config::WebListen::Address(addr) => vec![addr.ip()],
+            config::WebListen::Lan { .. } => self
+                .listening
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        };
         Access {
-            listen: cfg.main.web_listen,
+            addresses,
+            port: cfg.main.web_listen.port(),
             hostnames: cfg.main.web_hostnames,
         }
     }
@@ -307,7 +325,7 @@ impl Backend for AgentBackend {
     fn audit(&self, n: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
         async move {
             let cfg = self.config();
-            tokio::task::spawn_blocking(move || killswitch::audit_tail(&cfg, n))
+            tokio::task::spawn_blocking(move || isolation::audit_tail(&cfg, n))
                 .await
                 .unwrap_or_default()
                 .into_iter()
@@ -522,8 +540,68 @@ impl Backend for AgentBackend {
         .boxed()
     }
 
+    fn ai_port(&self) -> BoxFuture<'_, Result<cage_web::AiPort, BackendError>> {
+        async move {
+            let cfg = self.config();
+            let report = tokio::task::spawn_blocking(move || crate::aiport::show(&cfg))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            Ok(page_port(report))
+        }
+        .boxed()
+    }
+
+    fn set_ai_port(
+        &self,
+        choice: String,
+        who: String,
+    ) -> BoxFuture<'_, Result<cage_web::AiPort, BackendError>> {
+        async move {
+            let cfg = self.config();
+            let wanted = if choice == "none" {
+                crate::aiport::Choice::None
+            } else {
+                crate::aiport::Choice::Port(choice.clone())
+            };
+            // Never forced from the page: the owner must keep a way in.
+            let report =
+                tokio::task::spawn_blocking(move || crate::aiport::set(&cfg, &wanted, false))
+                    .await
+                    .map_err(failed)?
+                    .map_err(|e| match e {
+                        crate::aiport::PortError::Refused(_)
+                        | crate::aiport::PortError::Standalone(_) => {
+                            BackendError::Refused(e.to_string())
+                        }
+                        e => failed(e),
+                    })?;
+            log::info(&format!(
+                "web page: {who} made the AI port {choice}; {}",
+                report.lines().join("; ")
+            ));
+            Ok(page_port(report))
+        }
+        .boxed()
+    }
+
     fn event(&self, message: &str) {
         log::info(message);
+    }
+}
+
+fn page_port(r: crate::aiport::Report) -> cage_web::AiPort {
+    cage_web::AiPort {
+        layout: r.layout,
+        ai_ports: r
+            .ai_ports
+            .into_iter()
+            .map(|p| (p.device, p.label))
+            .collect(),
+        lan_ports: r.lan_ports,
+        wifi_lan: r.wifi_lan,
+        wifi_ai: r.wifi_ai,
+        notes: r.notes,
     }
 }
 
@@ -557,44 +635,113 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Bind `web_listen` (again and again until it can), serve, and move when the
-/// configuration moves the page to another address.
+/// Listen where [`listen::listen_addresses`] says (again and again until it can), serve, and
+/// move when the configuration or the LAN's addresses move.
 pub async fn serve_forever(backend: Arc<AgentBackend>) {
     let state = cage_web::AppState::new(backend.clone());
-    let mut last_error: Option<String> = None;
+    // A problem is logged when it starts or changes, not every retry.
+    let mut last_problem: Option<String> = None;
+    let problem = |last: &mut Option<String>, p: String| {
+        if last.as_ref() != Some(&p) {
+            log::warn(&format!(
+                "web page: {p}; trying again every {} s",
+                BIND_RETRY.as_secs()
+            ));
+            *last = Some(p);
+        }
+    };
     loop {
-        let listen = backend.access().listen;
-        match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => {
-                last_error = None;
-                log::info(&format!("web page on http://{listen}/"));
-                let watch = backend.clone();
-                let moved = async move {
-                    loop {
-                        tokio::time::sleep(LISTEN_CHECK).await;
-                        if watch.access().listen != listen {
-                            log::info("web page: web_listen changed, moving");
-                            break;
-                        }
-                    }
-                };
-                if let Err(e) = cage_web::serve(listener, state.clone(), moved).await {
-                    log::error(&format!("web page on {listen} stopped: {e}"));
-                    tokio::time::sleep(BIND_RETRY).await;
-                }
-            }
+        let cfg = backend.config();
+        let wanted = match listen::listen_addresses(&cfg).await {
+            Ok(w) => w,
             Err(e) => {
-                let e = e.to_string();
-                if last_error.as_ref() != Some(&e) {
-                    log::warn(&format!(
-                        "web page: cannot listen on {listen} ({e}); trying again every {} s",
-                        BIND_RETRY.as_secs()
-                    ));
-                    last_error = Some(e);
-                }
+                problem(
+                    &mut last_problem,
+                    format!("cannot read the LAN's addresses: {e}"),
+                );
                 tokio::time::sleep(BIND_RETRY).await;
+                continue;
+            }
+        };
+        if wanted.is_empty() {
+            problem(
+                &mut last_problem,
+                format!(
+                    "no address to listen on yet ({} has none outside the segment)",
+                    cfg.lan.devices.join(", ")
+                ),
+            );
+            tokio::time::sleep(BIND_RETRY).await;
+            continue;
+        }
+        let mut listeners = Vec::new();
+        let mut bound = Vec::new();
+        let mut failed = Vec::new();
+        for addr in &wanted {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    listeners.push(l);
+                    bound.push(*addr);
+                }
+                Err(e) => failed.push(format!("{addr} ({e})")),
             }
         }
+        if listeners.is_empty() {
+            problem(
+                &mut last_problem,
+                format!("cannot listen on {}", failed.join(", ")),
+            );
+            tokio::time::sleep(BIND_RETRY).await;
+            continue;
+        }
+        last_problem = None;
+        *backend.listening.lock().unwrap_or_else(|e| e.into_inner()) =
+            bound.iter().map(SocketAddr::ip).collect();
+        let urls: Vec<String> = bound.iter().map(url).collect();
+        log::info(&format!("web page on {}", urls.join(" and ")));
+        if !failed.is_empty() {
+            log::warn(&format!(
+                "web page: cannot listen on {} yet; trying again in {} s",
+                failed.join(", "),
+                PARTIAL_RETRY.as_secs()
+            ));
+        }
+        let watch = backend.clone();
+        let partial = !failed.is_empty();
+        let moved = async move {
+            let since = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(LISTEN_CHECK).await;
+                let cfg = watch.config();
+                // A failed look-up keeps the page where it is.
+                if let Ok(now) = listen::listen_addresses(&cfg).await {
+                    if now != wanted {
+                        let now: Vec<String> = now.iter().map(url).collect();
+                        log::info(&format!(
+                            "web page: moving to {}",
+                            if now.is_empty() {
+                                "no address".to_owned()
+                            } else {
+                                now.join(" and ")
+                            }
+                        ));
+                        break;
+                    }
+                }
+                if partial && since.elapsed() >= PARTIAL_RETRY {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = cage_web::serve(listeners, state.clone(), moved).await {
+            log::error(&format!("web page on {} stopped: {e}", urls.join(" and ")));
+            tokio::time::sleep(BIND_RETRY).await;
+        }
+        backend
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 

@@ -3,8 +3,10 @@
 //! policy outlives the daemon, and only `cage disable` removes it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
+
+use cage_agent::probe::NetNsGuard;
 
 const CAGE: &str = env!("CARGO_BIN_EXE_cage");
 
@@ -13,6 +15,8 @@ const CAGE: &str = env!("CARGO_BIN_EXE_cage");
 struct Router {
     ns: String,
     dir: PathBuf,
+    /// Removes the namespace after `Router::drop` has removed the directory.
+    _netns: NetNsGuard,
 }
 
 fn sh(args: &[&str]) {
@@ -27,15 +31,11 @@ impl Router {
             "these tests need root: they build network namespaces and nftables tables"
         );
         let ns = format!("cgt-cli-{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns])
-            .stderr(Stdio::null())
-            .status();
-        sh(&["ip", "netns", "add", &ns]);
+        let _netns = NetNsGuard::named(ns.as_str()).unwrap_or_else(|e| panic!("{e}"));
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let r = Router { ns, dir };
+        let r = Router { ns, dir, _netns };
         for (a, b) in [("wan", "wanpeer"), ("cage1", "host1"), ("cage2", "host2")] {
             sh(&[
                 "ip", "-n", &r.ns, "link", "add", a, "type", "veth", "peer", "name", b,
@@ -130,7 +130,6 @@ impl Router {
 
 impl Drop for Router {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -23,7 +23,7 @@ fn example_config_parses_to_the_expected_config() {
             main: Main {
                 state_dir: "/etc/cage".into(),
                 log_dir: "/tmp/cage".into(),
-                web_listen: "192.168.8.1:8080".parse().unwrap(),
+                web_listen: "lan:2243".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
                 mode: cage_agent::config::Mode::Auto,
                 password_hash: None,
@@ -69,7 +69,7 @@ fn empty_config_is_all_defaults() {
             main: Main {
                 state_dir: "/etc/cage".into(),
                 log_dir: "/tmp/cage".into(),
-                web_listen: "192.168.8.1:8080".parse().unwrap(),
+                web_listen: "lan:2243".parse().unwrap(),
                 bpf_dir: "/sys/fs/bpf/cage".into(),
                 mode: cage_agent::config::Mode::Auto,
                 password_hash: None,

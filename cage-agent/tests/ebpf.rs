@@ -33,6 +33,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use cage_agent::ebpf::{self, AttachMode, HookState, Maps, Options};
+use cage_agent::probe::{NetNs, NetNsGuard};
 use cage_common::{FlowKey, FlowValue, FAMILY_IPV4, FAMILY_IPV6};
 
 const HOST4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -58,12 +59,9 @@ fn sh(args: &[&str]) -> String {
 
 /// Run `f` on a thread that has entered network namespace `ns`.
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    let path = PathBuf::from("/run/netns").join(ns);
+    let ns = NetNs::named(ns);
     thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        ns.enter_this_thread().unwrap_or_else(|e| panic!("{e}"));
         f()
     })
 }
@@ -78,6 +76,8 @@ struct Net {
     host: String,
     server: String,
     pin_dir: PathBuf,
+    /// Dropped after `Net::drop` has detached the program from the router's bridge.
+    _namespaces: Vec<NetNsGuard>,
 }
 
 impl Net {
@@ -90,15 +90,26 @@ impl Net {
              (euid is {euid}); they do not skip"
         );
         let pid = std::process::id();
+        let (router, host, server) = (
+            format!("cgt-eb{tag}-r-{pid}"),
+            format!("cgt-eb{tag}-h-{pid}"),
+            format!("cgt-eb{tag}-s-{pid}"),
+        );
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/cage-test/{tag}-{pid}"));
+        // What a killed earlier run with this pid pinned (the guards replace its
+        // namespaces).
+        unpin(&router, &pin_dir);
+        let _namespaces = [&router, &host, &server]
+            .map(|ns| NetNsGuard::named(ns.as_str()).unwrap_or_else(|e| panic!("{e}")))
+            .into();
         let net = Net {
-            router: format!("cgt-eb{tag}-r-{pid}"),
-            host: format!("cgt-eb{tag}-h-{pid}"),
-            server: format!("cgt-eb{tag}-s-{pid}"),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/cage-test/{tag}-{pid}")),
+            router,
+            host,
+            server,
+            pin_dir,
+            _namespaces,
         };
-        net.cleanup();
         for ns in [&net.router, &net.host, &net.server] {
-            sh(&["ip", "netns", "add", ns]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         let (r, h, s) = (&net.router, &net.host, &net.server);
@@ -241,34 +252,33 @@ impl Net {
             ]);
         }
     }
-
-    fn cleanup(&self) {
-        let pin_dir = self.pin_dir.clone();
-        if self.pin_dir.exists() {
-            let router = self.router.clone();
-            let in_router = Path::new("/run/netns").join(&router).exists();
-            let result = if in_router {
-                join(in_ns(&router, move || ebpf::detach("br0", &pin_dir)))
-            } else {
-                ebpf::detach("br0", &pin_dir)
-            };
-            if let Err(errors) = result {
-                for e in errors {
-                    eprintln!("detach: {e}");
-                }
-            }
-            let _ = std::fs::remove_dir_all(&self.pin_dir);
-        }
-        for ns in [&self.router, &self.host, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
-        self.cleanup();
+        unpin(&self.router, &self.pin_dir);
     }
+}
+
+/// Detach Cage's program from the router's `br0` and remove the pins in `pin_dir`, if
+/// there are any.
+fn unpin(router: &str, pin_dir: &Path) {
+    if !pin_dir.exists() {
+        return;
+    }
+    let in_router = Path::new("/run/netns").join(router).exists();
+    let pins = pin_dir.to_owned();
+    let result = if in_router {
+        join(in_ns(router, move || ebpf::detach("br0", &pins)))
+    } else {
+        ebpf::detach("br0", &pins)
+    };
+    if let Err(errors) = result {
+        for e in errors {
+            eprintln!("detach: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(pin_dir);
 }
 
 // ---- reading flows ----------------------------------------------------------------------

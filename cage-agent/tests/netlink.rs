@@ -8,18 +8,17 @@
 //! namespace when the test ends, failed or not.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::Command;
 
 use cage_agent::config::{Config, Lan, Main, Segment, Wan, WanDevices};
 use cage_agent::netlink::{self, NetlinkError, PortState};
+use cage_agent::probe::NetNsGuard;
 use serde_json::{json, Value};
 
-/// A throwaway network namespace, deleted on drop.
+/// A throwaway network namespace (`cage_agent::probe::NetNsGuard`, deleted on drop) and
+/// the checks from outside that these tests make in it.
 struct NetNs {
-    name: String,
+    guard: NetNsGuard,
 }
 
 impl NetNs {
@@ -32,16 +31,13 @@ impl NetNs {
              they do not skip"
         );
         let name = format!("cage-nl-{tag}-{}", std::process::id());
-        // A namespace left over by a killed earlier run of the same pid would make `add`
-        // fail; remove it first (an error here just means there was none).
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run("ip", &["netns", "add", &name]);
-        NetNs { name }
+        let guard = NetNsGuard::named(name).unwrap_or_else(|e| panic!("{e}"));
+        NetNs { guard }
     }
 
     /// `ip -n NS ARGS…`, which must succeed; returns stdout.
     fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.name.as_str()];
+        let mut all = vec!["-n", self.guard.name()];
         all.extend_from_slice(args);
         run("ip", &all)
     }
@@ -53,7 +49,7 @@ impl NetNs {
     }
 
     fn sysctl(&self, path: &str) -> String {
-        run("ip", &["netns", "exec", &self.name, "cat", path])
+        run("ip", &["netns", "exec", self.guard.name(), "cat", path])
             .trim()
             .to_string()
     }
@@ -64,7 +60,7 @@ impl NetNs {
             &[
                 "netns",
                 "exec",
-                &self.name,
+                self.guard.name(),
                 "sh",
                 "-c",
                 &format!("echo {value} > {path}"),
@@ -80,13 +76,9 @@ impl NetNs {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = T>,
     {
-        let path = PathBuf::from("/run/netns").join(&self.name);
+        let ns = self.guard.netns().clone();
         let thread = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path)
-                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-            // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            ns.enter_this_thread().unwrap_or_else(|e| panic!("{e}"));
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -96,23 +88,6 @@ impl NetNs {
         match thread.join() {
             Ok(v) => v,
             Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "ip netns del {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => eprintln!("ip netns del {}: {e}", self.name),
         }
     }
 }
@@ -140,7 +115,7 @@ fn config(ports: &[&str], wan: WanDevices, upstream: &[&str]) -> Config {
         main: Main {
             state_dir: "/etc/cage".into(),
             log_dir: "/tmp/cage".into(),
-            web_listen: "192.168.8.1:8080".parse::<SocketAddr>().unwrap(),
+            web_listen: "192.168.8.1:8080".parse().unwrap(),
             bpf_dir: "/sys/fs/bpf/cage".into(),
             mode: cage_agent::config::Mode::Auto,
             password_hash: None,

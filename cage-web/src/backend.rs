@@ -5,17 +5,31 @@
 //! here are what the JSON API returns, so they are part of its contract.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-/// Where the page may be reached: the listen address and the names in
+/// Where the page may be reached: the addresses it listens on (the configured one, or
+/// the LAN's as the router has them now), its port, and the names in
 /// `list web_hostname`. A request whose Host header names anything else is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Access {
-    pub listen: SocketAddr,
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
     pub hostnames: Vec<String>,
+}
+
+impl Access {
+    /// The page's address as a person types it: the first listen address (IPv4 first)
+    /// and the port, e.g. `192.168.8.1:2243` or `[fd00::1]:2243`.
+    pub fn url_host(&self) -> String {
+        match self.addresses.first() {
+            Some(IpAddr::V4(a)) => format!("{a}:{}", self.port),
+            Some(IpAddr::V6(a)) => format!("[{a}]:{}", self.port),
+            None => format!("<the router's LAN address>:{}", self.port),
+        }
+    }
 }
 
 /// The kill switch as the page shows it.
@@ -236,6 +250,28 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// Where the agent's machine plugs in (`cage port`): the wired AI ports, the ports and
+/// Wi-Fi that stay the owner's, and why the board got what it got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AiPort {
+    /// `single`, `multi`, `swconfig` (OpenWrt) or `standalone` (the configuration's
+    /// ports, not changeable here).
+    pub layout: String,
+    /// (device, how a person finds it), e.g. ("eth1", "the LAN port").
+    pub ai_ports: Vec<(String, String)>,
+    pub lan_ports: Vec<String>,
+    pub wifi_lan: Vec<String>,
+    pub wifi_ai: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl AiPort {
+    /// Whether the page may change it (OpenWrt only).
+    pub fn changeable(&self) -> bool {
+        self.layout != "standalone" && !self.layout.is_empty()
+    }
+}
+
 /// The DNS review (Cage's forwarder): the egress mode, the allowed names, and the names
 /// refused in allow-list mode, most recent first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +325,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Allow a name (`list allow_domain`), validated like the file; the daemon reloads.
     /// The name as written.
     fn allow_name(&self, name: String, who: String) -> BoxFuture<'_, Result<String, BackendError>>;
+    /// Where the agent's machine plugs in.
+    fn ai_port(&self) -> BoxFuture<'_, Result<AiPort, BackendError>>;
+    /// Make `choice` (a wired port's device name, or `none`) the AI port; refused
+    /// (changing nothing) when the router has no such port or the change would leave the
+    /// owner no way in.
+    fn set_ai_port(
+        &self,
+        choice: String,
+        who: String,
+    ) -> BoxFuture<'_, Result<AiPort, BackendError>>;
     /// A security event for the agent's log (logins, failed logins, password changes).
     /// Events a client can cause at will are only reported while the login backoff lets
     /// it try, so this cannot flood the log.

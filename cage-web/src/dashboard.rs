@@ -134,12 +134,20 @@ fn render(s: &Status, csrf: &str, confirm: Option<&str>) -> String {
 
 pub async fn page(State(state): State<AppState>, authed: Authed) -> Html<String> {
     let s = state.backend.status().await;
-    html::page(
-        "Dashboard",
-        "dashboard",
-        &authed.session.csrf,
-        &render(&s, &authed.session.csrf, None),
-    )
+    let mut body = render(&s, &authed.session.csrf, None);
+    // Where the agent plugs in, on every visit (the first one above all). A router
+    // whose ports cannot be read says so instead.
+    match state.backend.ai_port().await {
+        Ok(p) => body.push_str(&crate::port::summary(&p)),
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<p class=error id=ai-port-error>Cannot tell the AI port: {}</p>",
+                esc(&e.to_string())
+            );
+        }
+    }
+    html::page("Dashboard", "dashboard", &authed.session.csrf, &body)
 }
 
 #[derive(Deserialize)]

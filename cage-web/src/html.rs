@@ -27,12 +27,13 @@ const HEAD: &str = "<!doctype html><html lang=en><head><meta charset=utf-8>\
 <script src=\"/assets/cage.js\" defer></script>";
 
 /// The pages of the navigation bar: (id, path, label).
-const NAV: [(&str, &str, &str); 6] = [
+const NAV: [(&str, &str, &str); 7] = [
     ("dashboard", "/", "Dashboard"),
     ("hosts", "/hosts", "Hosts"),
     ("flows", "/flows", "Flows"),
     ("alerts", "/alerts", "Alerts"),
     ("dns", "/dns", "DNS"),
+    ("port", "/port", "AI port"),
     ("settings", "/settings", "Settings"),
 ];
 

@@ -18,6 +18,7 @@ pub mod hosts;
 pub mod html;
 pub mod listener;
 pub mod login;
+pub mod port;
 pub mod review;
 pub mod security;
 pub mod session;
@@ -30,11 +31,11 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use backend::{
-    hosts_from_flows, Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow,
+    hosts_from_flows, Access, AiPort, Alert, AuditEntry, Backend, BackendError, CageState, Flow,
     FlowFilter, Host, RefusedName, Review, SelfTest, Settings, Status,
 };
 pub use error::WebError;
-pub use session::{check_phc, hash_password, password_problem, verify_password};
+pub use session::{hash_password, password_problem, verify_password};
 
 /// Request bodies larger than this are refused (413): every form and JSON body of the
 /// page is a few hundred bytes.
@@ -105,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .route("/alerts", get(alerts::page))
         .route("/dns", get(review::page))
         .route("/dns/allow", post(review::allow))
+        .route("/port", get(port::page).post(port::set))
         .route("/settings", get(settings::page).post(settings::apply))
         .route("/settings/password", post(settings::password))
         .route("/logout", post(login::logout))
@@ -118,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit", get(alerts::api_audit))
         .route("/api/alerts", get(alerts::api_alerts))
         .route("/api/dns", get(review::api_review))
+        .route("/api/port", get(port::api_port))
         .route("/api/dns/allow", post(review::api_allow))
         .fallback(security::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -128,14 +131,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve the page on `listener` until `shutdown` completes.
+/// Serve the page on `listeners` (at least one) until `shutdown` completes.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: Vec<tokio::net::TcpListener>,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
-        listener::Bounded::new(listener),
+        listener::Bounded::new(listeners),
         router(state).into_make_service_with_connect_info::<listener::Peer>(),
     )
     .with_graceful_shutdown(shutdown)

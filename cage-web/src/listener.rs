@@ -3,6 +3,8 @@
 //! LAN that opens connections without end (or keeps them open, sending a byte a minute)
 //! must not use up the daemon's file descriptors; past the limit, new connections wait
 //! in the kernel's backlog. Browsers reopen a closed keep-alive connection by themselves.
+//! One listener may accept on several sockets (the LAN's IPv4 and IPv6 addresses), with
+//! one limit for all of them.
 
 use std::future::Future;
 use std::io;
@@ -23,12 +25,14 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const LIFETIME: Duration = Duration::from_secs(120);
 
 pub struct Bounded {
-    inner: TcpListener,
+    inner: Vec<TcpListener>,
     slots: Arc<Semaphore>,
 }
 
 impl Bounded {
-    pub fn new(inner: TcpListener) -> Bounded {
+    /// Accept on every one of `inner` (at least one).
+    pub fn new(inner: Vec<TcpListener>) -> Bounded {
+        assert!(!inner.is_empty(), "a listener needs a socket to accept on");
         Bounded {
             inner,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -98,7 +102,11 @@ impl Listener for Bounded {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
-            match self.inner.accept().await {
+            // Whichever socket has a connection first; accept is cancel-safe, so the
+            // others lose nothing.
+            let accepts = self.inner.iter().map(|l| Box::pin(l.accept()));
+            let (accepted, _, _) = futures::future::select_all(accepts).await;
+            match accepted {
                 Ok((stream, addr)) => {
                     return (
                         Conn {
@@ -117,7 +125,7 @@ impl Listener for Bounded {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.inner[0].local_addr()
     }
 }
 

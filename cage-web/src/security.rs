@@ -23,11 +23,11 @@ base-uri 'none'";
 /// site, and gives this page's own POSTs their real Origin.
 pub const REFERRER_POLICY: &str = "same-origin";
 
-/// Whether the Host header names this page: the listen address (with or without its
-/// port) or one of `cage.main.web_hostname` (with or without the port).
+/// Whether the Host header names this page: one of its listen addresses (with or
+/// without its port) or one of `cage.main.web_hostname` (with or without the port).
 pub fn host_allowed(host: &str, access: &Access) -> bool {
     let (name, port) = split_host(host);
-    if port.is_some_and(|p| p != access.listen.port()) {
+    if port.is_some_and(|p| p != access.port) {
         return false;
     }
     if let Ok(ip) = name
@@ -37,7 +37,7 @@ pub fn host_allowed(host: &str, access: &Access) -> bool {
     {
         // An IPv6 literal must come bracketed, an IPv4 one must not.
         let bracketed = name.starts_with('[') && name.ends_with(']');
-        return ip == access.listen.ip() && bracketed == ip.is_ipv6();
+        return access.addresses.contains(&ip) && bracketed == ip.is_ipv6();
     }
     let name = name.strip_suffix('.').unwrap_or(name);
     access
@@ -154,7 +154,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
                 "this page is not served under the name '{}'; open http://{}/ (or add the \
                  name to cage.main.web_hostname)",
                 h.chars().take(100).collect::<String>(),
-                access.listen
+                access.url_host()
             ),
         )),
         Some(h) if !matches!(*req.method(), Method::GET | Method::HEAD) => {
@@ -206,7 +206,8 @@ mod tests {
 
     fn access() -> Access {
         Access {
-            listen: "192.168.8.1:8080".parse().unwrap(),
+            addresses: vec!["192.168.8.1".parse().unwrap(), "fd00:8::1".parse().unwrap()],
+            port: 8080,
             hostnames: vec!["cage.lan".into()],
         }
     }
@@ -220,6 +221,7 @@ mod tests {
             "cage.lan",
             "CAGE.lan:8080",
             "cage.lan.",
+            "[fd00:8::1]:8080",
         ] {
             assert!(host_allowed(ok, &a), "{ok}");
         }
@@ -233,11 +235,14 @@ mod tests {
             "192.168.8.1:x",
             "",
             ":8080",
+            "[fd00:8::1]:80",
+            "[fd00:8::2]:8080",
         ] {
             assert!(!host_allowed(bad, &a), "{bad}");
         }
         let v6 = Access {
-            listen: "[fd00::1]:8080".parse().unwrap(),
+            addresses: vec!["fd00::1".parse().unwrap()],
+            port: 8080,
             hostnames: vec![],
         };
         assert!(host_allowed("[fd00::1]:8080", &v6));

@@ -39,6 +39,8 @@ struct Inner {
     settings: Settings,
     audit: Vec<AuditEntry>,
     allowed: Vec<String>,
+    /// The router's wired ports: `ai_port` is one of them or none.
+    ai_port: Option<String>,
 }
 
 /// The agent, in memory.
@@ -83,8 +85,10 @@ impl TestBackend {
 
 impl Backend for TestBackend {
     fn access(&self) -> Access {
+        let host: std::net::SocketAddr = HOST.parse().unwrap();
         Access {
-            listen: HOST.parse().unwrap(),
+            addresses: vec![host.ip()],
+            port: host.port(),
             hostnames: vec!["cage.lan".into()],
         }
     }
@@ -236,6 +240,46 @@ impl Backend for TestBackend {
         }
         .boxed()
     }
+    fn ai_port(&self) -> BoxFuture<'_, Result<AiPort, BackendError>> {
+        let port = self.0.lock().unwrap().ai_port.clone();
+        async move { Ok(test_port(port)) }.boxed()
+    }
+    fn set_ai_port(
+        &self,
+        choice: String,
+        _who: String,
+    ) -> BoxFuture<'_, Result<AiPort, BackendError>> {
+        // A two-port router, lan1 and lan2, without Wi-Fi: the agent owns at most one.
+        let result = match choice.as_str() {
+            "lan1" => Err(BackendError::Refused(
+                "lan1 would leave you no way in: lan2 is already the AI port".into(),
+            )),
+            "lan2" => Ok(Some("lan2".to_owned())),
+            "none" => Ok(None),
+            other => Err(BackendError::Refused(format!(
+                "'{other}' is not a wired port of this router"
+            ))),
+        };
+        if let Ok(p) = &result {
+            self.0.lock().unwrap().ai_port.clone_from(p);
+        }
+        async move { result.map(test_port) }.boxed()
+    }
+}
+
+fn test_port(ai: Option<String>) -> AiPort {
+    AiPort {
+        layout: "multi".into(),
+        ai_ports: ai.iter().map(|p| (p.clone(), "LAN <2>".into())).collect(),
+        lan_ports: ["lan1", "lan2"]
+            .into_iter()
+            .filter(|p| ai.as_deref() != Some(*p))
+            .map(String::from)
+            .collect(),
+        wifi_lan: vec![],
+        wifi_ai: vec!["Cage-AI".into()],
+        notes: vec!["the last LAN port is the AI port".into()],
+    }
 }
 
 fn app(backend: Arc<TestBackend>) -> Router {
@@ -316,8 +360,9 @@ async fn login(app: &Router) -> (String, String) {
     )
 }
 
-const PAGES: [&str; 9] = [
+const PAGES: [&str; 10] = [
     "/",
+    "/port",
     "/dns",
     "/hosts",
     "/flows",
@@ -327,16 +372,18 @@ const PAGES: [&str; 9] = [
     "/settings",
     "/flows?host=192.168.10.10",
 ];
-const API_GETS: [&str; 6] = [
+const API_GETS: [&str; 7] = [
     "/api/dns",
+    "/api/port",
     "/api/state",
     "/api/flows",
     "/api/hosts",
     "/api/audit",
     "/api/alerts",
 ];
-const PAGE_POSTS: [&str; 6] = [
+const PAGE_POSTS: [&str; 7] = [
     "/dns/allow",
+    "/port",
     "/isolate",
     "/release",
     "/settings",
@@ -1165,7 +1212,7 @@ async fn connections_are_bounded() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = AppState::new(TestBackend::with_password());
-    tokio::spawn(crate::serve(listener, state, std::future::pending()));
+    tokio::spawn(crate::serve(vec![listener], state, std::future::pending()));
     let request = format!("GET /login HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
     // Every slot taken by a connection that says nothing.
     let mut idle = Vec::new();
@@ -1427,4 +1474,99 @@ async fn refused_names_are_listed_escaped_and_allowed_with_one_action() {
     .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert!(a.body.contains("api.github.com"));
+}
+
+/// The page listens on every address it was given (the LAN's IPv4 and IPv6 addresses),
+/// each answering, and stops on all of them when told to.
+#[tokio::test]
+async fn every_listen_address_answers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addrs = [first.local_addr().unwrap(), second.local_addr().unwrap()];
+    let state = AppState::new(TestBackend::with_password());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve(vec![first, second], state, async {
+        let _ = stopped.await;
+    }));
+    let request = format!("GET /login HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    for addr in addrs {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{addr}: {answer}");
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("the page stops when told to")
+        .unwrap()
+        .unwrap();
+    for addr in addrs {
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still accepts after the page stopped"
+        );
+    }
+}
+
+/// The dashboard says where the agent plugs in and the owner's way in, escaped; the
+/// port page changes it, and a refusal changes nothing and says why.
+#[tokio::test]
+async fn the_ai_port_is_shown_and_changed() {
+    let backend = TestBackend::with_password();
+    backend.0.lock().unwrap().ai_port = Some("lan2".into());
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    let page = |uri: &str| {
+        get(uri)
+            .header(header::COOKIE, &cookie)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let a = send(&app, page("/")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("id=ai-port"), "{}", a.body);
+    assert!(
+        a.body.contains("LAN &lt;2&gt;") && a.body.contains("lan2"),
+        "{}",
+        a.body
+    );
+    assert!(a.body.contains("the LAN port(s) <b>lan1</b>"), "{}", a.body);
+    assert!(a.body.contains("Cage-AI"));
+    let a = send(&app, page("/port")).await;
+    assert!(
+        a.body.contains("<option value=\"lan2\" selected>"),
+        "{}",
+        a.body
+    );
+
+    let choose = |choice: &str| {
+        form(
+            post("/port").header(header::COOKIE, &cookie),
+            &format!("csrf={csrf}&choice={choice}"),
+        )
+    };
+    let a = send(&app, choose("lan1")).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(a.body.contains("no way in"), "{}", a.body);
+    assert_eq!(backend.0.lock().unwrap().ai_port.as_deref(), Some("lan2"));
+    for bad in ["", "eth1%3B%20reboot", "a%20b", &"x".repeat(40)] {
+        let a = send(&app, choose(bad)).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}: {}", a.body);
+    }
+    assert_eq!(backend.0.lock().unwrap().ai_port.as_deref(), Some("lan2"));
+    let a = send(&app, choose("none")).await;
+    assert_eq!(
+        (a.status, a.location()),
+        (StatusCode::SEE_OTHER, "/port?saved=1")
+    );
+    assert_eq!(backend.0.lock().unwrap().ai_port, None);
+    let a = send(&app, page("/port?saved=1")).await;
+    assert!(a.body.contains("id=ai-port-none"), "{}", a.body);
+    let a = send(&app, page("/api/port")).await;
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["ai_ports"], serde_json::json!([]));
+    assert_eq!(v["lan_ports"], serde_json::json!(["lan1", "lan2"]));
 }

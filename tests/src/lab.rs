@@ -26,7 +26,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cage_agent::probe::{self, NetNs, Outcome, Probe, ProbeError};
+use cage_agent::probe::{self, NetNs, NetNsGuard, Outcome, Probe, ProbeError};
 
 // ---- the lab's addresses --------------------------------------------------------------
 
@@ -366,23 +366,26 @@ pub fn down(prefix: &str) -> Result<(), LabError> {
     let mut errors = Vec::new();
     for node in Node::ALL {
         let name = ns_name(prefix, node);
-        if !Path::new(probe::NETNS_RUN_DIR).join(&name).exists() {
-            continue;
-        }
-        // Only processes inside the lab's own namespace, by pid.
-        if let Ok(pids) = checked(Command::new("ip").args(["netns", "pids", &name]), None) {
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) with a pid read from the namespace; no memory involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+        if Path::new(probe::NETNS_RUN_DIR).join(&name).exists() {
+            if let Err(e) = NetNsGuard::remove_by_name(&name) {
+                errors.push(e.to_string());
             }
         }
-        if let Err(e) = checked(Command::new("ip").args(["netns", "del", &name]), None) {
-            errors.push(e.to_string());
-        }
     }
+    errors.extend(remove_dirs(prefix));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Teardown {
+            prefix: prefix.to_owned(),
+            errors,
+        })
+    }
+}
+
+/// Remove the lab's directory and its eBPF pin directory; what failed.
+fn remove_dirs(prefix: &str) -> Vec<String> {
+    let mut errors = Vec::new();
     // The lab's directory, and Cage's eBPF pins (bpffs is one for all namespaces, so
     // each lab's configuration names a pin directory of its own).
     for dir in [lab_dir(prefix), bpf_dir(prefix)] {
@@ -392,14 +395,7 @@ pub fn down(prefix: &str) -> Result<(), LabError> {
             }
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(LabError::Teardown {
-            prefix: prefix.to_owned(),
-            errors,
-        })
-    }
+    errors
 }
 
 /// Links in the root namespace, by name.
@@ -506,6 +502,8 @@ impl Drop for CageRun {
 pub struct Lab {
     prefix: String,
     dir: PathBuf,
+    /// One for each node, in `Node::ALL` order.
+    namespaces: Vec<NetNsGuard>,
     torn_down: bool,
     /// The router's ports to ai1 and ai2, which must both forward in `br-cage` before the
     /// segment is ready: `cage1`, `cage2` here; a board's own names in a prewired lab.
@@ -548,16 +546,16 @@ impl Lab {
     /// removing whatever a previous run with the same prefix left behind. For a router
     /// that runs its own software: make its ports, then [`Lab::build_prewired`].
     pub fn namespaces(prefix: &str) -> Result<Lab, LabError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !crate::is_root() {
             return Err(LabError::NotRoot);
         }
         down(prefix)?;
         let dir = lab_dir(prefix);
         // From here on, a failure drops `lab`, which tears down what was made.
-        let lab = Lab {
+        let mut lab = Lab {
             prefix: prefix.to_owned(),
             dir: dir.clone(),
+            namespaces: Vec::new(),
             torn_down: false,
             segment_ports: ["cage1".into(), "cage2".into()],
         };
@@ -566,10 +564,7 @@ impl Lab {
             source,
         })?;
         for node in Node::ALL {
-            checked(
-                Command::new("ip").args(["netns", "add", &lab.ns(node)]),
-                None,
-            )?;
+            lab.namespaces.push(NetNsGuard::named(lab.ns(node))?);
         }
         Ok(lab)
     }
@@ -1102,12 +1097,34 @@ impl Lab {
     /// poke at it); `down(prefix)` or the next `Lab::up(prefix)` removes it.
     pub fn keep(mut self) {
         self.torn_down = true;
+        for ns in self.namespaces.drain(..) {
+            ns.keep();
+        }
     }
 
     /// Tear the lab down now; every error, not just the first.
     pub fn down(mut self) -> Result<(), LabError> {
+        self.teardown()
+    }
+
+    /// Remove the namespaces (with what runs in them) and the directories.
+    fn teardown(&mut self) -> Result<(), LabError> {
         self.torn_down = true;
-        down(&self.prefix)
+        let mut errors: Vec<String> = self
+            .namespaces
+            .drain(..)
+            .filter_map(|ns| ns.remove().err())
+            .map(|e| e.to_string())
+            .collect();
+        errors.extend(remove_dirs(&self.prefix));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::Teardown {
+                prefix: self.prefix.clone(),
+                errors,
+            })
+        }
     }
 }
 
@@ -1116,7 +1133,7 @@ impl Drop for Lab {
         if self.torn_down {
             return;
         }
-        if let Err(e) = down(&self.prefix) {
+        if let Err(e) = self.teardown() {
             eprintln!("lab {}: {e}", self.prefix);
         }
     }

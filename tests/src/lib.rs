@@ -16,13 +16,17 @@ pub mod lab;
 pub mod openwrt;
 pub mod owlab;
 
+/// Whether this process runs as root (effective user id 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Panic with a clear message unless running as root: a test that cannot run must fail,
 /// not pass silently.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
     assert!(
-        euid == 0,
+        is_root(),
         "this test needs root (network namespaces, veths, raw sockets); run it as root, \
          e.g. `sudo -E cargo test -p cage-tests`"
     );

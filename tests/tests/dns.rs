@@ -674,23 +674,8 @@ fn dns_allow_refuses_bad_input_and_leaves_the_file() {
 fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
     require_root();
     let ns = format!("cgt-setelem-{}", std::process::id());
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
-    let _ = std::process::Command::new("ip")
-        .args(["netns", "del", &ns])
-        .output();
-    assert!(std::process::Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap()
-        .success());
-    let _gone = Gone(ns.clone());
+    let _netns =
+        cage_agent::probe::NetNsGuard::named(ns.as_str()).unwrap_or_else(|e| panic!("{e}"));
     let nft = |script: &str| {
         use std::io::Write;
         let mut c = std::process::Command::new("ip")

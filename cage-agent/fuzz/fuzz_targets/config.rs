@@ -3,7 +3,7 @@
 //! validates must render to a ruleset and print without panicking.
 #![no_main]
 
-use cage_agent::{config, nft, policy};
+use cage_policy::{config, policy, text};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,8 +19,8 @@ fuzz_target!(|data: &[u8]| {
                 bridge_meta: data.len() % 2 == 0,
             };
             let rs = policy::render(&cfg, &facts);
-            let _ = nft::to_text(&rs);
-            let _ = nft::to_json(&rs);
+            let _ = text::to_text(&rs);
+            let _ = text::to_json(&rs);
         }
         Err(errors) => {
             // Every error must render (it is what the user reads).

@@ -4,8 +4,8 @@
 //! with its TTLs cut) must not panic, and what it learns must respect the TTL bounds.
 #![no_main]
 
-use cage_agent::config::Dns;
-use cage_agent::dns::forwarder;
+use cage_policy::config::Dns;
+use cage_policy::dns::{message, name};
 use libfuzzer_sys::fuzz_target;
 use simple_dns::RCODE;
 
@@ -15,17 +15,17 @@ fuzz_target!(|data: &[u8]| {
         ttl_max: 3600,
         ..Dns::default()
     };
-    if let Some(name) = forwarder::query_name(data) {
-        let _ = cage_agent::dns::name::any_matches(&dns.doh_block, &name);
+    if let Some(qname) = message::query_name(data) {
+        let _ = name::any_matches(&dns.doh_block, &qname);
     }
-    let _ = forwarder::refusal(data, RCODE::Refused);
-    let (addrs, capped) = forwarder::digest(data, &dns);
+    let _ = message::refusal(data, RCODE::Refused);
+    let (addrs, capped) = message::digest(data, &dns);
     for (_, ttl) in &addrs {
         assert!((60..=3600).contains(ttl), "ttl {ttl} out of bounds");
     }
     if let Some(bytes) = capped {
         // What is relayed instead must itself be a message with no TTL above the cap.
-        let (again, _) = forwarder::digest(&bytes, &dns);
+        let (again, _) = message::digest(&bytes, &dns);
         assert_eq!(again.len(), addrs.len());
     }
 });

@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
+use cage_policy::dns::message::{digest, reply, with_slack};
+
 use super::refused::{self, RefusedName};
 use super::{name, stats_path, Shared};
 use crate::config::{Config, Egress};
@@ -463,18 +465,6 @@ async fn serve_tcp_conn(st: &State, mut conn: TcpStream, host: IpAddr) -> io::Re
     }
 }
 
-/// A reply to `query` with no records and `rcode`.
-fn reply(query: &Packet, rcode: RCODE) -> Option<Vec<u8>> {
-    let mut r = Packet::new_reply(query.id());
-    r.questions = query.questions.clone();
-    if query.has_flags(PacketFlag::RECURSION_DESIRED) {
-        r.set_flags(PacketFlag::RECURSION_DESIRED);
-    }
-    r.set_flags(PacketFlag::RECURSION_AVAILABLE);
-    *r.rcode_mut() = rcode;
-    r.build_bytes_vec().ok()
-}
-
 /// Answer one query from `host`: `None` means no answer at all (not a DNS query).
 async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let cur = st.current();
@@ -527,7 +517,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
     let allowlist = dns.egress == Egress::Allowlist;
     if allowlist && !name::any_matches(&dns.allow_domains, &qname) {
         st.count(|s| s.refused_not_allowed += 1);
-        let now = crate::flows::rfc3339(std::time::SystemTime::now());
+        let now = crate::clock::rfc3339(std::time::SystemTime::now());
         let mut r = st.refused.lock().unwrap_or_else(|e| e.into_inner());
         refused::note(&mut r.0, &qname, host, &now);
         r.1 = true;
@@ -612,75 +602,6 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
     Some(capped.unwrap_or(response))
 }
 
-/// What an upstream answer means: its A and AAAA addresses with their TTL (floored at
-/// `ttl_floor`, cut to `ttl_max`), and the answer rebuilt with its TTLs cut, if any was
-/// above `ttl_max`. An answer that does not parse teaches nothing and is relayed as it
-/// is (the host's resolver judges it). Pure: the fuzz target `dns` drives it.
-pub fn digest(response: &[u8], dns: &crate::config::Dns) -> (Vec<(IpAddr, u32)>, Option<Vec<u8>>) {
-    let Ok(p) = Packet::parse(response) else {
-        return (Vec::new(), None);
-    };
-    let addrs = p
-        .answers
-        .iter()
-        .filter_map(|rr| {
-            let ip = match &rr.rdata {
-                simple_dns::rdata::RData::A(a) => IpAddr::V4(Ipv4Addr::from(a.address)),
-                simple_dns::rdata::RData::AAAA(a) => IpAddr::V6(Ipv6Addr::from(a.address)),
-                _ => return None,
-            };
-            Some((ip, rr.ttl.min(dns.ttl_max).max(dns.ttl_floor).max(1)))
-        })
-        .collect();
-    (addrs, cap_ttls(p, dns.ttl_max))
-}
-
-/// A query from a caged host, if the bytes are one: not a response, exactly one
-/// question. Its name in lower case. Pure: the fuzz target `dns` drives it.
-pub fn query_name(query: &[u8]) -> Option<String> {
-    match Packet::parse(query) {
-        Ok(p) if !p.has_flags(PacketFlag::RESPONSE) && p.questions.len() == 1 => {
-            Some(p.questions[0].qname.to_string().to_ascii_lowercase())
-        }
-        _ => None,
-    }
-}
-
-/// The refusal of a query (REFUSED, NXDOMAIN, SERVFAIL), if the bytes are a query.
-pub fn refusal(query: &[u8], rcode: RCODE) -> Option<Vec<u8>> {
-    reply(&Packet::parse(query).ok()?, rcode)
-}
-
-/// How long a learned address stays in the allow set: its TTL (floored and capped) and
-/// half as much again, so that lookups of the same name within that slack need no nft
-/// run (the set still keeps the address at least as long as the answer's TTL).
-pub fn with_slack(ttl: u32) -> u32 {
-    ttl.saturating_add(ttl / 2)
-}
-
-/// The response rebuilt with every TTL at most `max`, or `None` if none is above it.
-fn cap_ttls(mut p: Packet, max: u32) -> Option<Vec<u8>> {
-    let over = |p: &Packet| {
-        p.answers
-            .iter()
-            .chain(&p.name_servers)
-            .chain(&p.additional_records)
-            .any(|r| r.ttl > max)
-    };
-    if !over(&p) {
-        return None;
-    }
-    for r in p
-        .answers
-        .iter_mut()
-        .chain(p.name_servers.iter_mut())
-        .chain(p.additional_records.iter_mut())
-    {
-        r.ttl = r.ttl.min(max);
-    }
-    p.build_bytes_vec_compressed().ok()
-}
-
 async fn ask_upstreams(upstreams: &[SocketAddr], query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let id = [*query.first()?, *query.get(1)?];
     for &up in upstreams {
@@ -736,8 +657,6 @@ async fn tcp_exchange(up: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use simple_dns::rdata::{RData, A};
-    use simple_dns::{Name, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE};
 
     #[test]
     fn the_bucket_allows_the_burst_then_the_rate() {
@@ -753,57 +672,5 @@ mod tests {
         let t2 = t1 + Duration::from_secs(3600);
         let taken = (0..100).filter(|_| take(&mut b, t2, 20, 40)).count();
         assert_eq!(taken, 40);
-    }
-
-    fn answer_with_ttl(ttl: u32) -> Vec<u8> {
-        let mut p = Packet::new_reply(7);
-        p.questions.push(Question::new(
-            Name::new_unchecked("a.example"),
-            QTYPE::TYPE(TYPE::A),
-            QCLASS::CLASS(CLASS::IN),
-            false,
-        ));
-        p.answers.push(ResourceRecord::new(
-            Name::new_unchecked("a.example"),
-            CLASS::IN,
-            ttl,
-            RData::A(A::from(Ipv4Addr::new(203, 0, 113, 20))),
-        ));
-        p.build_bytes_vec().unwrap()
-    }
-
-    #[test]
-    fn ttls_above_the_cap_are_cut_and_others_left_alone() {
-        let long = answer_with_ttl(86400);
-        let capped = cap_ttls(Packet::parse(&long).unwrap(), 3600).expect("rebuilt");
-        let p = Packet::parse(&capped).unwrap();
-        assert_eq!(p.id(), 7);
-        assert_eq!(p.answers[0].ttl, 3600);
-        assert!(matches!(p.answers[0].rdata, RData::A(_)));
-        let short = answer_with_ttl(60);
-        assert!(cap_ttls(Packet::parse(&short).unwrap(), 3600).is_none());
-        assert_eq!(with_slack(60), 90);
-        assert_eq!(with_slack(u32::MAX), u32::MAX);
-    }
-
-    #[test]
-    fn refusals_answer_the_question_with_the_code() {
-        let mut q = Packet::new_query(99);
-        q.set_flags(PacketFlag::RECURSION_DESIRED);
-        q.questions.push(Question::new(
-            Name::new_unchecked("x.example"),
-            QTYPE::TYPE(TYPE::AAAA),
-            QCLASS::CLASS(CLASS::IN),
-            false,
-        ));
-        let bytes = q.build_bytes_vec().unwrap();
-        let q = Packet::parse(&bytes).unwrap();
-        let r = reply(&q, RCODE::Refused).unwrap();
-        let r = Packet::parse(&r).unwrap();
-        assert_eq!(r.id(), 99);
-        assert!(r.has_flags(PacketFlag::RESPONSE | PacketFlag::RECURSION_DESIRED));
-        assert_eq!(r.rcode(), RCODE::Refused);
-        assert_eq!(r.questions[0].qname.to_string(), "x.example");
-        assert!(r.answers.is_empty());
     }
 }

@@ -17,8 +17,9 @@
 //!   log can name its flows (`Shared::name_of`).
 
 pub mod forwarder;
-pub mod name;
 pub mod refused;
+
+pub use cage_policy::dns::name;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -220,7 +221,7 @@ pub fn allow(config_path: &Path, name: &str) -> Result<Allowed, AllowError> {
             &pattern,
         )],
     )?;
-    let reloaded = config::edit::request_reload(&cfg).map_err(AllowError::Reload)?;
+    let reloaded = crate::running::request_reload(&cfg).map_err(AllowError::Reload)?;
     Ok(Allowed {
         name: pattern,
         added: true,

@@ -18,7 +18,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
     Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Main, Mode, Segment, SelfTest, Wan,
-    WanDevices,
+    WanDevices, WebListen,
 };
 
 /// One problem in a configuration, with its place.
@@ -194,8 +194,9 @@ const TYPES: [&SectionType; 8] = [
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
 const DEFAULT_LOG_DIR: &str = "/tmp/cage";
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/cage";
-const DEFAULT_WEB_LISTEN: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 8, 1)), 8080);
+const DEFAULT_WEB_LISTEN: WebListen = WebListen::Lan {
+    port: super::DEFAULT_WEB_PORT,
+};
 const DEFAULT_BRIDGE: &str = "br-cage";
 const DEFAULT_LAN_DEVICE: &str = "br-lan";
 
@@ -235,7 +236,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     });
 
     let password_hash = v.one(&cage, "password_hash", None, |s| {
-        cage_web::check_phc(s)
+        super::phc::check(s)
             .map(|()| Some(s.to_owned()))
             .map_err(|e| format!("the value {e}"))
     });
@@ -435,47 +436,23 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
-    if web_listen.valid {
+    // `lan:PORT` never listens on the segment either: addresses inside it are left out at
+    // run time (`cage_agent::listen::listen_addresses`).
+    if let (true, WebListen::Address(listen)) = (web_listen.valid, web_listen.value) {
         for net in &segment_nets {
-            if !net.contains(&web_listen.value.ip()) {
+            if !net.contains(&listen.ip()) {
                 continue;
             }
-            // Put the error on whichever of the two was written down.
-            if let Some(line) = web_listen.line {
-                v.error(
-                    &cage,
-                    "web_listen",
-                    line,
-                    format!(
-                        "'{}' is inside the segment {net}; the web UI must never be served \
-                         on the segment: give a LAN address of the router, e.g. 192.168.8.1:8080",
-                        web_listen.value
-                    ),
-                );
-            } else {
-                let option = if net.addr().is_ipv4() {
-                    "address"
-                } else {
-                    "address6"
-                };
-                let line = if option == "address" {
-                    address.line
-                } else {
-                    address6.line
-                };
-                v.error(
-                    &segment,
-                    option,
-                    line.unwrap_or(segment.line),
-                    format!(
-                        "the segment {net} contains the web UI's default address {}; \
-                         the web UI must never be served on the segment: choose a segment \
-                         subnet apart from the LAN, e.g. 192.168.10.1/24, or set web_listen \
-                         in the cage section",
-                        web_listen.value
-                    ),
-                );
-            }
+            // An address is only ever what the file says (the default is `lan:PORT`).
+            v.error(
+                &cage,
+                "web_listen",
+                web_listen.line.unwrap_or(cage.line),
+                format!(
+                    "'{listen}' is inside the segment {net}; the web UI must never be served \
+                     on the segment: give a LAN address of the router, e.g. 192.168.8.1:8080"
+                ),
+            );
         }
     }
 
@@ -1220,11 +1197,24 @@ fn web_hostname(s: &str) -> Result<String, String> {
     Ok(name)
 }
 
-fn web_listen(s: &str) -> Result<SocketAddr, String> {
+pub(super) fn web_listen(s: &str) -> Result<WebListen, String> {
+    if let Some(port) = s.strip_prefix("lan:") {
+        return match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(WebListen::Lan { port: p }),
+            _ => Err(format!(
+                "'{}' does not end in a port from 1 to 65535; 'lan:PORT' listens on every \
+                 LAN address of the router, e.g. lan:{}",
+                printable(s),
+                super::DEFAULT_WEB_PORT
+            )),
+        };
+    }
     let addr: SocketAddr = s.parse().map_err(|_| {
         format!(
-            "'{}' is not an IP address with a port, e.g. 192.168.8.1:8080 or [fd00::1]:8080",
-            printable(s)
+            "'{}' is not an IP address with a port, e.g. 192.168.8.1:8080 or [fd00::1]:8080, \
+             nor lan:PORT (every LAN address of the router, e.g. lan:{})",
+            printable(s),
+            super::DEFAULT_WEB_PORT
         )
     })?;
     let ip = addr.ip();
@@ -1245,7 +1235,7 @@ fn web_listen(s: &str) -> Result<SocketAddr, String> {
             "'{s}' has port 0; give a port from 1 to 65535, e.g. 192.168.8.1:8080"
         ));
     }
-    Ok(addr)
+    Ok(WebListen::Address(addr))
 }
 
 /// The router's IPv4 address on the segment, with the segment's prefix.
@@ -1530,7 +1520,13 @@ mod tests {
     fn listen_addresses() {
         assert!(web_listen("192.168.8.1:8080").is_ok());
         assert!(web_listen("[fd00::1]:8080").is_ok());
+        assert_eq!(web_listen("lan:2243"), Ok(WebListen::Lan { port: 2243 }));
         for bad in [
+            "lan:0",
+            "lan:",
+            "lan:65536",
+            "lan:x",
+            "lan",
             "192.168.8.1",
             "0.0.0.0:8080",
             "[::]:80",

@@ -1204,7 +1204,7 @@ mod tests {
     #[test]
     fn no_wan_means_no_internet() {
         let rs = render(&lab_config(), &Facts::default());
-        let text = crate::nft::to_text(&rs);
+        let text = crate::text::to_text(&rs);
         assert!(text.contains("comment \"deny:no-wan\""));
         assert!(!text.contains("allow:internet"));
         assert!(!text.contains("masquerade"));
