@@ -15,6 +15,7 @@ pub mod contract;
 pub mod dns;
 pub mod lab;
 pub mod openwrt;
+pub mod owlab;
 pub mod wait;
 
 /// Whether this process runs as root (effective user id 0).
@@ -31,4 +32,24 @@ pub fn require_root() {
         "this test needs root (network namespaces, veths, raw sockets); the kernel tests \
          run as root with `cargo xtask test`"
     );
+}
+
+/// Say on stderr that something could not be checked on this machine, and add it to the
+/// list that `cargo xtask test` prints at the end of the run
+/// (`<target>/tmp/cage-test-warnings.txt`): loudly, never a silent pass.
+pub fn warn(msg: &str) {
+    use std::io::Write;
+    eprintln!("WARNING: {msg}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("tmp");
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("cage-test-warnings.txt"))
+    {
+        let _ = writeln!(f, "{msg}");
+    }
 }

@@ -722,7 +722,11 @@ fn uci_defaults_declares_the_segment_once() {
         .lines()
         .filter(|l| l.ends_with("=forwarding"))
         .count();
-    assert_eq!(forwardings, 1, "only cage -> wan");
+    // cage -> wan, and lan -> cage: fw4 rejects forwarding between zones without one, so
+    // it is what lets the admin hosts in (Cage's table lets no other LAN host in).
+    assert_eq!(forwardings, 2, "only cage -> wan and lan -> cage");
+    assert_eq!(get("firewall.cage_lan.src"), "lan");
+    assert_eq!(get("firewall.cage_lan.dest"), "cage");
     let commits = std::fs::read_to_string(dir.join("store.commits")).unwrap();
     for pkg in ["network", "dhcp", "wireless", "firewall"] {
         assert!(commits.contains(&format!("commit {pkg}")), "{commits}");
