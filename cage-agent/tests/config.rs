@@ -28,6 +28,7 @@ fn example_config_parses_to_the_expected_config() {
                 mode: cage_agent::config::Mode::Auto,
                 password_hash: None,
                 web_hostnames: vec![],
+                log_level: cage_agent::config::LogLevel::Info,
             },
             segment: Segment {
                 bridge: "br-cage".into(),
@@ -74,6 +75,7 @@ fn empty_config_is_all_defaults() {
                 mode: cage_agent::config::Mode::Auto,
                 password_hash: None,
                 web_hostnames: vec![],
+                log_level: cage_agent::config::LogLevel::Info,
             },
             segment: Segment {
                 bridge: "br-cage".into(),

@@ -17,8 +17,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
-    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Main, Mode, Segment, SelfTest, Wan,
-    WanDevices, WebListen,
+    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, LogLevel, Main, Mode, Segment, SelfTest,
+    Wan, WanDevices, WebListen,
 };
 
 /// One problem in a configuration, with its place.
@@ -98,6 +98,7 @@ const CAGE: SectionType = SectionType {
         ("mode", Arity::One),
         ("password_hash", Arity::One),
         ("web_hostname", Arity::Many),
+        ("log_level", Arity::One),
     ],
 };
 const SEGMENT: SectionType = SectionType {
@@ -241,6 +242,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             .map_err(|e| format!("the value {e}"))
     });
     let web_hostnames = v.many(&cage, "web_hostname", web_hostname);
+    let log_level = v.one(&cage, "log_level", LogLevel::Info, str::parse);
 
     let bridge = v.one(&segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
         interface(s, "br-cage")
@@ -489,6 +491,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             mode: mode.value,
             password_hash: password_hash.value,
             web_hostnames: web_hostnames.into_iter().map(|h| h.value).collect(),
+            log_level: log_level.value,
         },
         segment: Segment {
             bridge: bridge.value,
@@ -1535,6 +1538,23 @@ mod tests {
         ] {
             assert!(web_listen(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn log_levels() {
+        let cfg = crate::config::parse("config cage 'main'\n\toption log_level 'debug'\n").unwrap();
+        assert_eq!(cfg.main.log_level, LogLevel::Debug);
+        assert_eq!(
+            crate::config::parse("").unwrap().main.log_level,
+            LogLevel::Info
+        );
+        let e = crate::config::parse("config cage 'main'\n\toption log_level 'loud'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cage.main.log_level (line 2): 'loud' is not a log level; give error, warning, info (the default)"),
+            "{e}"
+        );
     }
 
     #[test]
