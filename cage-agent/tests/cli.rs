@@ -163,6 +163,7 @@ fn stderr(o: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn check_prints_a_ruleset_that_nft_accepts() {
     let r = Router::new("check");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt/files/etc/config/cage");
@@ -176,6 +177,7 @@ fn check_prints_a_ruleset_that_nft_accepts() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn every_bad_config_is_refused_and_changes_nothing() {
     let r = Router::new("bad");
     let good = r.config("good.conf", "");
@@ -224,6 +226,7 @@ fn every_bad_config_is_refused_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn apply_twice_changes_nothing() {
     let r = Router::new("twice");
     let good = r.config("good.conf", "");
@@ -242,6 +245,7 @@ fn apply_twice_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn reload_keeps_the_running_policy_on_a_bad_config_and_takes_a_good_one() {
     let r = Router::new("reload");
     let path = r.config("cage.conf", "");
@@ -269,6 +273,7 @@ fn reload_keeps_the_running_policy_on_a_bad_config_and_takes_a_good_one() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn the_policy_outlives_the_daemon_and_only_disable_removes_it() {
     let r = Router::new("kill");
     let path = r.config("cage.conf", "");
@@ -314,6 +319,7 @@ fn the_policy_outlives_the_daemon_and_only_disable_removes_it() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn disable_stops_a_running_daemon_first() {
     let r = Router::new("disable");
     let path = r.config("cage.conf", "");
@@ -335,6 +341,7 @@ fn disable_stops_a_running_daemon_first() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
     let r = Router::new("repair");
     let path = r.config("cage.conf", "");
@@ -362,6 +369,7 @@ fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn a_broken_configuration_at_boot_locks_the_segment_down() {
     let r = Router::new("lockdown");
     // A reboot with a broken file: no Cage policy in the kernel, and cage run cannot use

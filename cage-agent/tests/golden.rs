@@ -141,6 +141,7 @@ fn netns(tag: &str) -> NetNsGuard {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn every_golden_ruleset_passes_nft_check_and_applies() {
     let ns = netns("check");
     let kernel_bridge_meta = nft::supports_bridge_meta();

@@ -4,6 +4,7 @@
 //!   a LAN host, the hotel's gateway and one of its hosts, "the internet"), made by a
 //!   guard type that tears everything down again, also after a crash.
 //! - [`browser`]: a real headless Chromium in a lab namespace, over WebDriver.
+//! - [`wait`]: waiting on a condition, bounded in time, instead of fixed sleeps.
 //! - [`contract`]: MISSION.md's connectivity contract as a table of checks, and a runner
 //!   that proves each one with real packets (see `cage_agent::probe`) and prints a matrix.
 //!
@@ -15,6 +16,7 @@ pub mod dns;
 pub mod lab;
 pub mod openwrt;
 pub mod owlab;
+pub mod wait;
 
 /// Whether this process runs as root (effective user id 0).
 pub fn is_root() -> bool {
@@ -27,8 +29,8 @@ pub fn is_root() -> bool {
 pub fn require_root() {
     assert!(
         is_root(),
-        "this test needs root (network namespaces, veths, raw sockets); run it as root, \
-         e.g. `sudo -E cargo test -p cage-tests`"
+        "this test needs root (network namespaces, veths, raw sockets); the kernel tests \
+         run as root with `cargo xtask test`"
     );
 }
 

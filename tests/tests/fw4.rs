@@ -202,11 +202,13 @@ fn fw4_beside_cage(fw4: Fw4) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn fw4_23_05_renders_the_zone_and_cage_holds_through_reload_and_restart() {
     fw4_beside_cage(Fw4::Release2305);
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn fw4_main_renders_the_zone_and_cage_holds_through_reload_and_restart() {
     fw4_beside_cage(Fw4::Main);
 }

@@ -83,6 +83,7 @@ fn output(cmd: &mut Command) -> Output {
 // ---- the binaries ---------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs the router builds: cargo xtask test"]
 fn binaries_are_static_for_the_right_machine() {
     for &(triple, _, machine, class, _) in CHECKED {
         let elf = std::fs::read(binary(triple)).unwrap();
@@ -166,6 +167,7 @@ fn program_header_types(elf: &[u8]) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "needs the router builds: cargo xtask test"]
 fn binaries_run_under_qemu() {
     for &(triple, qemu, ..) in CHECKED {
         let out = output(
@@ -194,6 +196,7 @@ fn netns(tag: &str) -> NetNsGuard {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_check_passes_under_qemu() {
     let config = root().join("openwrt/files/etc/config/cage");
     for &(triple, qemu, ..) in CHECKED {
@@ -311,6 +314,7 @@ fn control_fields(text: &str) -> BTreeMap<String, String> {
 }
 
 #[test]
+#[ignore = "needs the router builds: cargo xtask test"]
 fn ipk_has_the_opkg_layout_fields_and_permissions() {
     for &(triple, _, _, _, arch) in CHECKED {
         let path = ipk(arch);

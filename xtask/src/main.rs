@@ -104,6 +104,8 @@ fn test() -> Result<()> {
     // The router binaries and packages that tests/tests/package.rs checks under qemu
     // (aarch64, armv7); `cargo xtask dist` builds x86_64 and mipsel too.
     package::run_package(&["aarch64", "armv7"])?;
+    // The kernel tests are `#[ignore = "needs root: cargo xtask test"]`, so that a plain
+    // `cargo test` as anyone passes and says what it skipped; here they run too.
     // `--show-output` prints what passing tests printed (the contract matrix, the
     // restart figures), grouped by test after the run.
     let tests = run(cargo().args([
@@ -112,6 +114,7 @@ fn test() -> Result<()> {
         "--locked",
         "--no-fail-fast",
         "--",
+        "--include-ignored",
         "--show-output",
     ]));
     // Checks the kernel here could not run: said loudly, at the end, every time.
