@@ -89,8 +89,9 @@ fn test() -> Result<()> {
     let _ = std::fs::remove_file(warnings);
     run(cargo().args(["build", "--workspace", "--locked"]))?;
     // The router binaries and packages that tests/tests/package.rs checks under qemu
-    // (aarch64, armv7); `cargo xtask dist` builds x86_64 and mipsel too.
-    package::run_package(&["aarch64", "armv7"])?;
+    // (aarch64, armv7), and the x86_64 package that tests/tests/install.rs installs with
+    // OpenWrt's own opkg in a board's root; `cargo xtask dist` builds mipsel too.
+    package::run_package(&["aarch64", "armv7", "x86_64"])?;
     // `--show-output` prints what passing tests printed (the contract matrix, the
     // restart figures), grouped by test after the run.
     let tests = run(cargo().args([
