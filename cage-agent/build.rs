@@ -7,11 +7,11 @@
 //! builds never compile it; its build goes to `target/[<triple>/]ebpf`, shared by every
 //! profile and by clippy, so it is built once and then only when its sources change.
 //!
-//! When the toolchain is missing the binary is still built, without the program, and says
-//! so: at build time as a warning, at run time as the error of every eBPF operation.
-//! That keeps `cargo xtask setup` (which links this crate) working on a fresh machine.
-//! Set `CAGE_REQUIRE_EBPF=1` to make a missing toolchain a build error instead (for
-//! packages), or `CAGE_EBPF_OBJECT=path` to embed an object built elsewhere.
+//! When the toolchain is missing the build fails and says what is missing: a `cage`
+//! without its eBPF program would have no flow log and no kill-switch fast path, and must
+//! never ship quietly. `cargo xtask setup` installs the toolchain (xtask links none of
+//! Cage, so it runs before anything here is built). Set `CAGE_EBPF_OBJECT=path` to embed
+//! an object built elsewhere.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,6 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=CAGE_EBPF_OBJECT");
-    println!("cargo:rerun-if-env-changed=CAGE_REQUIRE_EBPF");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out_dir.join("cage-ebpf.o");
 
@@ -50,17 +49,15 @@ fn main() {
     );
 
     if let Err(missing) = toolchain() {
-        let required = env::var_os("CAGE_REQUIRE_EBPF").is_some_and(|v| v == "1");
-        if required {
-            panic!("cannot build the eBPF program: {missing}; run `cargo xtask setup`");
-        }
-        println!(
-            "cargo:warning=building cage WITHOUT its eBPF program (flow log, kill switch fast path): \
-             {missing}; run `cargo xtask setup`, then build again"
+        // Cargo shows a failed build script's stderr in full.
+        eprintln!(
+            "error: cannot build cage's eBPF program (the flow log and the kill switch's \
+             fast path): {missing}.\n\
+             Run `cargo xtask setup` (it installs nightly's rust-src and a bpf-linker built \
+             against nightly's LLVM), then build again; or set CAGE_EBPF_OBJECT to an \
+             object built elsewhere."
         );
-        std::fs::write(&object, b"").expect("write OUT_DIR/cage-ebpf.o");
-        println!("cargo:rustc-env=CAGE_EBPF_MISSING={missing}");
-        return;
+        std::process::exit(1);
     }
 
     let big_endian = env::var("CARGO_CFG_TARGET_ENDIAN").is_ok_and(|e| e == "big");

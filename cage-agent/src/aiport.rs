@@ -179,7 +179,7 @@ fn run_helper(args: &[&str]) -> Result<String, PortError> {
 
 /// The AI port as things stand.
 pub fn show(cfg: &Config) -> Result<Report, PortError> {
-    match cfg.main.mode.resolve() {
+    match cfg.main.mode.resolve(crate::config::on_openwrt()) {
         Mode::OpenWrt => Ok(Report::parse(&run_helper(&["show"])?)),
         _ => Ok(Report {
             layout: "standalone".into(),
@@ -214,7 +214,7 @@ pub enum Choice {
 /// `force`). Cage's policy holds the segment by the bridge's name meanwhile, and
 /// `cage run` isolates the port netifd adds.
 pub fn set(cfg: &Config, choice: &Choice, force: bool) -> Result<Report, PortError> {
-    if cfg.main.mode.resolve() != Mode::OpenWrt {
+    if cfg.main.mode.resolve(crate::config::on_openwrt()) != Mode::OpenWrt {
         return Err(PortError::Standalone(cfg.segment.ports.join(" ")));
     }
     let mut args: Vec<&str> = match choice {

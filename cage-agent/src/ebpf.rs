@@ -52,11 +52,8 @@ use cage_common::{
     STAT_ISOLATED_DROPPED, STAT_MALFORMED, STAT_NOT_IP,
 };
 
-/// The eBPF object, built by `build.rs` (empty when the toolchain was missing).
+/// The eBPF object, built by `build.rs` (which fails when it cannot build it).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cage-ebpf.o"));
-
-/// Why `build.rs` could not build the object, when it could not.
-const MISSING: Option<&str> = option_env!("CAGE_EBPF_MISSING");
 
 /// Where Cage pins its BPF objects, one directory per bridge below.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/cage";
@@ -72,11 +69,6 @@ const BPF_FS_MAGIC: u32 = 0xCAFE_4A11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error(
-        "this cage binary was built without its eBPF program ({0}); \
-         run `cargo xtask setup` and build again"
-    )]
-    NotBuilt(&'static str),
     #[error("{op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -272,17 +264,9 @@ pub struct Attachment {
     pub flow_capacity: u32,
 }
 
-fn object() -> Result<&'static [u8], EbpfError> {
-    match MISSING {
-        Some(why) => Err(EbpfError::NotBuilt(why)),
-        None => Ok(OBJECT),
-    }
-}
-
 /// Load (or find) Cage's program and attach it to both hooks of `opts.bridge`;
 /// idempotent (see the module documentation).
 pub fn attach(opts: &Options) -> Result<Attachment, EbpfError> {
-    let object = object()?;
     if_index(&opts.bridge)?;
     ensure_pin_dir(&opts.pin_dir)?;
     let mode = opts.mode.resolve();
@@ -299,7 +283,7 @@ pub fn attach(opts: &Options) -> Result<Attachment, EbpfError> {
         loader.map_pin_path(name, path.as_path());
     }
     let mut bpf = loader
-        .load(object)
+        .load(OBJECT)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
     let mut states = Vec::new();

@@ -18,54 +18,11 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use cage_common::records::{FlowFilter, FlowRecord};
+
 use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::nflog::Denied;
-
-/// One flow, as written to the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowRecord {
-    /// First and last packet, RFC 3339 UTC with milliseconds.
-    pub start: String,
-    pub end: String,
-    /// `allowed` or `blocked`.
-    pub verdict: String,
-    /// The rule that blocked it (`deny:lan`, …); none for an allowed flow.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    /// `tcp`, `udp`, `icmp`, `icmpv6`, or the protocol number.
-    pub proto: String,
-    /// The caged host.
-    pub host: IpAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    /// The other end.
-    pub peer: IpAddr,
-    /// The peer's port (for ICMP, the type).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer_port: Option<u16>,
-    /// `out` when the caged host spoke first, `in` when the peer did.
-    pub direction: String,
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    /// `selftest` for the probe traffic of `cage selftest` (known by its MAC prefix).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tag: Option<String>,
-    /// TCP flags seen, from the caged host / to it (`SAF/SAF`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp_flags: Option<String>,
-    /// The caged host's name from its DHCP lease, when there is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    /// The DNS name the caged host resolved to reach the peer (the name it asked for,
-    /// whatever CNAMEs led there), when Cage's forwarder saw the answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
 
 /// Whether a MAC address is one of `cage selftest`'s probe hosts.
 pub fn is_selftest_mac(m: &[u8; 6]) -> bool {
@@ -354,27 +311,9 @@ impl Blocked {
     }
 }
 
-/// Which records `cage flows` shows.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub host: Option<IpAddr>,
-    pub port: Option<u16>,
-    pub verdict: Option<String>,
-}
-
-impl Filter {
-    pub fn matches(&self, r: &FlowRecord) -> bool {
-        self.host.is_none_or(|h| r.host == h || r.peer == h)
-            && self
-                .port
-                .is_none_or(|p| r.peer_port == Some(p) || r.host_port == Some(p))
-            && self.verdict.as_ref().is_none_or(|v| &r.verdict == v)
-    }
-}
-
 /// All records in the log, oldest first, that match `filter`. Lines that are not records
 /// (a torn last line after a power cut) are skipped and counted.
-pub fn read(dir: &Path, keep: u32, filter: &Filter) -> (Vec<FlowRecord>, usize) {
+pub fn read(dir: &Path, keep: u32, filter: &FlowFilter) -> (Vec<FlowRecord>, usize) {
     let mut out = Vec::new();
     let mut bad = 0;
     for path in files(dir, keep) {
@@ -393,7 +332,7 @@ pub fn read(dir: &Path, keep: u32, filter: &Filter) -> (Vec<FlowRecord>, usize) 
 /// All records that match `filter`, oldest first: the log and, when
 /// `flowlog.persist_dir` is set, its copy on flash (after a reboot the RAM log starts
 /// empty; the copy has the past, and where the two overlap each record is shown once).
-pub fn read_all(cfg: &Config, filter: &Filter) -> (Vec<FlowRecord>, usize) {
+pub fn read_all(cfg: &Config, filter: &FlowFilter) -> (Vec<FlowRecord>, usize) {
     let (mut records, bad) = read(&dir(cfg), cfg.flowlog.log_files, filter);
     if let Some(persist) = &cfg.flowlog.persist_dir {
         let (old, _) = read(persist, cfg.flowlog.log_files, filter);
@@ -857,7 +796,7 @@ mod persist_tests {
                 .unwrap(),
             1
         );
-        let (records, bad) = read(&dir, 4, &Filter::default());
+        let (records, bad) = read(&dir, 4, &FlowFilter::default());
         assert_eq!((records.len(), bad), (11, 0));
         let _ = std::fs::remove_dir_all(&dir);
     }

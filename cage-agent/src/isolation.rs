@@ -6,34 +6,14 @@
 //! (`apply`, which must include a pressed kill switch) and pressing the switch
 //! (`killswitch`, which then applies) do not depend on each other.
 
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use cage_common::records::{AuditEntry, Source};
+
 use crate::config::Config;
-
-/// Who pressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    Cli,
-    Web,
-    Button,
-    Auto,
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Source::Cli => "cli",
-            Source::Web => "web",
-            Source::Button => "button",
-            Source::Auto => "auto",
-        })
-    }
-}
 
 /// The kill switch's state as stored on disk; the default is "never pressed".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,20 +24,6 @@ pub struct State {
     pub source: Option<Source>,
     pub reason: String,
     pub who: String,
-}
-
-/// One line of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Unix time, seconds.
-    pub time: u64,
-    /// `isolate` or `release`.
-    pub action: String,
-    pub source: Source,
-    pub reason: String,
-    pub who: String,
-    /// `ok`, or what went wrong (the state was still written).
-    pub result: String,
 }
 
 /// Audit logs larger than this are rotated to `audit.log.1` (one old file is kept).

@@ -18,6 +18,7 @@ pub mod isolation;
 pub mod killswitch;
 #[cfg(test)]
 mod layers;
+pub mod listen;
 pub mod log;
 pub mod netlink;
 pub mod nflog;

@@ -168,7 +168,7 @@ async fn main() -> ExitCode {
             follow,
         } => show_flows(
             &cli.config,
-            &flows::Filter {
+            &flows::FlowFilter {
                 host,
                 port,
                 verdict,
@@ -397,7 +397,7 @@ fn dns_command(path: &std::path::Path, command: DnsCommand) -> anyhow::Result<Ex
 
 fn show_flows(
     path: &std::path::Path,
-    filter: &flows::Filter,
+    filter: &flows::FlowFilter,
     limit: usize,
     json: bool,
     follow: bool,
@@ -433,7 +433,7 @@ fn show_flows(
         if now_written <= written {
             continue;
         }
-        let all = flows::read(&dir, cfg.flowlog.log_files, &flows::Filter::default()).0;
+        let all = flows::read(&dir, cfg.flowlog.log_files, &flows::FlowFilter::default()).0;
         let new = (now_written - written) as usize;
         all[all.len().saturating_sub(new)..]
             .iter()

@@ -207,8 +207,8 @@ pub async fn gather(config_path: &Path) -> Status {
         Err(_) => None,
     };
     let web = match &cfg {
-        Ok(c) => match crate::web::listen_addresses(c).await {
-            Ok(addrs) => addrs.iter().map(crate::web::url).collect(),
+        Ok(c) => match crate::listen::listen_addresses(c).await {
+            Ok(addrs) => addrs.iter().map(crate::listen::url).collect(),
             Err(e) => {
                 problems.push(format!(
                     "cannot read the LAN's addresses for the web page: {e}"

@@ -15,17 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cage_web::{
-    Access, Alert, AuditEntry, Backend, BackendError, CageState, Flow, FlowFilter, Host,
-    RefusedName, Review, SelfTest, Settings, Status,
+    Access, Alert, AuditEntry, Backend, BackendError, CageState, FlowFilter, FlowRecord, Host,
+    Review, SelfTest, Settings, Status,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::config::edit::{self, Edit};
 use crate::config::{self, Config};
-use crate::flows::{self, FlowRecord};
+use crate::flows;
 use crate::isolation::{self, Source};
 use crate::killswitch;
+use crate::listen::{self, url};
 use crate::log;
 use crate::status;
 
@@ -134,53 +135,12 @@ impl AgentBackend {
             .map(|o| o.value.clone())
     }
 
-    async fn records(&self, filter: FlowFilter) -> Result<Vec<Flow>, BackendError> {
+    async fn records(&self, filter: FlowFilter) -> Result<Vec<FlowRecord>, BackendError> {
         let cfg = self.config();
-        let filter = flows::Filter {
-            host: filter.host,
-            port: filter.port,
-            verdict: filter.verdict,
-        };
         let (records, _bad) = tokio::task::spawn_blocking(move || flows::read_all(&cfg, &filter))
             .await
             .map_err(failed)?;
-        Ok(records.into_iter().map(flow).collect())
-    }
-}
-
-/// A flow log record as the page's type (the same fields).
-pub fn flow(r: FlowRecord) -> Flow {
-    Flow {
-        start: r.start,
-        end: r.end,
-        verdict: r.verdict,
-        rule: r.rule,
-        proto: r.proto,
-        host: r.host,
-        host_port: r.host_port,
-        mac: r.mac,
-        peer: r.peer,
-        peer_port: r.peer_port,
-        direction: r.direction,
-        packets_out: r.packets_out,
-        bytes_out: r.bytes_out,
-        packets_in: r.packets_in,
-        bytes_in: r.bytes_in,
-        tag: r.tag,
-        tcp_flags: r.tcp_flags,
-        hostname: r.hostname,
-        name: r.name,
-    }
-}
-
-fn audit_entry(e: isolation::AuditEntry) -> AuditEntry {
-    AuditEntry {
-        time: e.time,
-        action: e.action,
-        source: e.source.to_string(),
-        reason: e.reason,
-        who: e.who,
-        result: e.result,
+        Ok(records)
     }
 }
 
@@ -302,7 +262,7 @@ impl Backend for AgentBackend {
         &self,
         filter: FlowFilter,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Flow>, BackendError>> {
+    ) -> BoxFuture<'_, Result<Vec<FlowRecord>, BackendError>> {
         async move {
             let mut all = self.records(filter).await?;
             if limit > 0 && all.len() > limit {
@@ -327,9 +287,6 @@ impl Backend for AgentBackend {
             tokio::task::spawn_blocking(move || isolation::audit_tail(&cfg, n))
                 .await
                 .unwrap_or_default()
-                .into_iter()
-                .map(audit_entry)
-                .collect()
         }
         .boxed()
     }
@@ -340,7 +297,7 @@ impl Backend for AgentBackend {
             let mut alerts = Vec::new();
             let audit = self.audit(cage_web::alerts::AUDIT_TAIL).await;
             for e in audit.iter().rev() {
-                if e.source == "auto" && e.action == "isolate" {
+                if e.source == Source::Auto && e.action == "isolate" {
                     alerts.push(Alert {
                         time: Some(e.time),
                         kind: "auto-isolation".into(),
@@ -493,16 +450,7 @@ impl Backend for AgentBackend {
             } else {
                 "open"
             };
-            let refused = crate::dns::refused(&cfg)
-                .into_iter()
-                .map(|r| RefusedName {
-                    name: r.name,
-                    count: r.count,
-                    first: r.first,
-                    last: r.last,
-                    hosts: r.hosts,
-                })
-                .collect();
+            let refused = crate::dns::refused(&cfg);
             Ok(Review {
                 egress: egress.into(),
                 allowed: cfg.dns.allow_domains.clone(),
@@ -634,37 +582,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Where the page should listen now: the configured address, or (`lan:PORT`) every
-/// address of the LAN devices the router has at this moment. Never an address inside the
-/// segment, whatever the LAN says.
-pub async fn listen_addresses(
-    cfg: &Config,
-) -> Result<Vec<SocketAddr>, crate::netlink::NetlinkError> {
-    let port = cfg.main.web_listen.port();
-    let ips = match cfg.main.web_listen {
-        config::WebListen::Address(addr) => vec![addr.ip()],
-        config::WebListen::Lan { .. } => crate::netlink::device_addresses(&cfg.lan.devices).await?,
-    };
-    Ok(ips
-        .into_iter()
-        .filter(|ip| !in_segment(cfg, *ip))
-        .map(|ip| SocketAddr::new(ip, port))
-        .collect())
-}
-
-fn in_segment(cfg: &Config, ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => cfg.segment.subnet4().contains(&ip),
-        IpAddr::V6(ip) => cfg.segment.subnet6().is_some_and(|net| net.contains(&ip)),
-    }
-}
-
-/// `http://192.168.8.1:2243/`, `http://[fd00::1]:2243/`.
-pub fn url(addr: &SocketAddr) -> String {
-    format!("http://{addr}/")
-}
-
-/// Listen where [`listen_addresses`] says (again and again until it can), serve, and
+/// Listen where [`listen::listen_addresses`] says (again and again until it can), serve, and
 /// move when the configuration or the LAN's addresses move.
 pub async fn serve_forever(backend: Arc<AgentBackend>) {
     let state = cage_web::AppState::new(backend.clone());
@@ -681,7 +599,7 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
     };
     loop {
         let cfg = backend.config();
-        let wanted = match listen_addresses(&cfg).await {
+        let wanted = match listen::listen_addresses(&cfg).await {
             Ok(w) => w,
             Err(e) => {
                 problem(
@@ -743,7 +661,7 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
                 tokio::time::sleep(LISTEN_CHECK).await;
                 let cfg = watch.config();
                 // A failed look-up keeps the page where it is.
-                if let Ok(now) = listen_addresses(&cfg).await {
+                if let Ok(now) = listen::listen_addresses(&cfg).await {
                     if now != wanted {
                         let now: Vec<String> = now.iter().map(url).collect();
                         log::info(&format!(
@@ -835,4 +753,109 @@ pub fn set_password(path: &Path, password: &str, confirm: &str) -> Result<(), Pa
     let phc = cage_web::hash_password(password).map_err(PasswdError::Refused)?;
     edit::edit_file(path, &[Edit::set("cage", "main", "password_hash", &phc)])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A flow with every field set, so that none is left out of its JSON.
+    fn full_record() -> FlowRecord {
+        FlowRecord {
+            start: "2026-11-25T10:31:00.123Z".into(),
+            end: "2026-11-25T10:31:05.456Z".into(),
+            verdict: "blocked".into(),
+            rule: Some("deny:lan".into()),
+            proto: "tcp".into(),
+            host: "192.168.10.10".parse().unwrap(),
+            host_port: Some(40000),
+            mac: Some("02:00:00:00:00:0a".into()),
+            peer: "192.168.8.10".parse().unwrap(),
+            peer_port: Some(22),
+            direction: "out".into(),
+            packets_out: 3,
+            bytes_out: 180,
+            packets_in: 0,
+            bytes_in: 0,
+            tag: Some("selftest".into()),
+            tcp_flags: Some("S/".into()),
+            hostname: Some("agent-box".into()),
+            name: Some("lan.example".into()),
+        }
+    }
+
+    fn keys(v: serde_json::Value) -> BTreeSet<String> {
+        v.as_object()
+            .expect("a JSON object")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// One schema per record: the flow log on disk, the API (`GET /api/flows` answers the
+    /// backend's records as JSON) and the CSV download carry the same fields, so a field
+    /// added to `FlowRecord` cannot silently go missing from one of them.
+    #[tokio::test]
+    async fn the_flow_log_the_api_and_the_csv_carry_the_same_fields() {
+        let dir = std::env::temp_dir().join(format!("cage-web-schema-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cage");
+        std::fs::write(
+            &path,
+            format!(
+                "config cage 'main'\n\toption log_dir '{d}/log'\n\toption state_dir '{d}/state'\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let cfg = config::load(&path).unwrap();
+        flows::FlowLog::open(&cfg)
+            .unwrap()
+            .write(&[full_record()])
+            .unwrap();
+
+        let files = flows::files(&flows::dir(&cfg), cfg.flowlog.log_files);
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        let line = text.lines().next().expect("the record was written");
+        let in_file = keys(serde_json::from_str(line).unwrap());
+
+        let served = AgentBackend::new(&path, cfg)
+            .flows(FlowFilter::default(), 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            served,
+            vec![full_record()],
+            "the API serves what the log holds"
+        );
+        let in_api = keys(serde_json::to_value(&served[0]).unwrap());
+
+        let csv = cage_web::flows::csv(&served);
+        let mut rows = csv.lines();
+        let header: Vec<String> = rows.next().unwrap().split(',').map(String::from).collect();
+        let row: Vec<&str> = rows.next().unwrap().split(',').collect();
+        let in_csv: BTreeSet<String> = header.iter().cloned().collect();
+
+        assert_eq!(in_file.len(), 19, "{in_file:?}");
+        assert_eq!(in_api, in_file, "the API and the flow log");
+        assert_eq!(in_csv, in_file, "the CSV's columns and the flow log");
+        assert_eq!(header.len(), in_csv.len(), "no CSV column twice");
+        assert_eq!(
+            row.len(),
+            header.len(),
+            "a value for every CSV column: {row:?}"
+        );
+        for (column, value) in header.iter().zip(&row) {
+            let json = &serde_json::to_value(&served[0]).unwrap()[column];
+            let want = json
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| json.to_string());
+            assert_eq!(*value, want, "CSV column {column}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

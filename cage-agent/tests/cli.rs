@@ -3,8 +3,10 @@
 //! policy outlives the daemon, and only `cage disable` removes it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
+
+use cage_agent::probe::NetNsGuard;
 
 const CAGE: &str = env!("CARGO_BIN_EXE_cage");
 
@@ -13,6 +15,8 @@ const CAGE: &str = env!("CARGO_BIN_EXE_cage");
 struct Router {
     ns: String,
     dir: PathBuf,
+    /// Removes the namespace after `Router::drop` has removed the directory.
+    _netns: NetNsGuard,
 }
 
 fn sh(args: &[&str]) {
@@ -27,15 +31,11 @@ impl Router {
             "these tests need root: they build network namespaces and nftables tables"
         );
         let ns = format!("cgt-cli-{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns])
-            .stderr(Stdio::null())
-            .status();
-        sh(&["ip", "netns", "add", &ns]);
+        let _netns = NetNsGuard::named(ns.as_str()).unwrap_or_else(|e| panic!("{e}"));
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(&ns);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let r = Router { ns, dir };
+        let r = Router { ns, dir, _netns };
         for (a, b) in [("wan", "wanpeer"), ("cage1", "host1"), ("cage2", "host2")] {
             sh(&[
                 "ip", "-n", &r.ns, "link", "add", a, "type", "veth", "peer", "name", b,
@@ -130,7 +130,6 @@ impl Router {
 
 impl Drop for Router {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -164,6 +163,7 @@ fn stderr(o: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn check_prints_a_ruleset_that_nft_accepts() {
     let r = Router::new("check");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt/files/etc/config/cage");
@@ -177,6 +177,7 @@ fn check_prints_a_ruleset_that_nft_accepts() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn every_bad_config_is_refused_and_changes_nothing() {
     let r = Router::new("bad");
     let good = r.config("good.conf", "");
@@ -225,6 +226,7 @@ fn every_bad_config_is_refused_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn apply_twice_changes_nothing() {
     let r = Router::new("twice");
     let good = r.config("good.conf", "");
@@ -243,6 +245,7 @@ fn apply_twice_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn reload_keeps_the_running_policy_on_a_bad_config_and_takes_a_good_one() {
     let r = Router::new("reload");
     let path = r.config("cage.conf", "");
@@ -270,6 +273,7 @@ fn reload_keeps_the_running_policy_on_a_bad_config_and_takes_a_good_one() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn the_policy_outlives_the_daemon_and_only_disable_removes_it() {
     let r = Router::new("kill");
     let path = r.config("cage.conf", "");
@@ -315,6 +319,7 @@ fn the_policy_outlives_the_daemon_and_only_disable_removes_it() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn disable_stops_a_running_daemon_first() {
     let r = Router::new("disable");
     let path = r.config("cage.conf", "");
@@ -336,6 +341,7 @@ fn disable_stops_a_running_daemon_first() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
     let r = Router::new("repair");
     let path = r.config("cage.conf", "");
@@ -363,6 +369,7 @@ fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn a_broken_configuration_at_boot_locks_the_segment_down() {
     let r = Router::new("lockdown");
     // A reboot with a broken file: no Cage policy in the kernel, and cage run cannot use

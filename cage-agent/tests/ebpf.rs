@@ -33,6 +33,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use cage_agent::ebpf::{self, AttachMode, HookState, Maps, Options};
+use cage_agent::probe::{NetNs, NetNsGuard};
 use cage_common::{FlowKey, FlowValue, FAMILY_IPV4, FAMILY_IPV6};
 
 const HOST4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -58,12 +59,9 @@ fn sh(args: &[&str]) -> String {
 
 /// Run `f` on a thread that has entered network namespace `ns`.
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    let path = PathBuf::from("/run/netns").join(ns);
+    let ns = NetNs::named(ns);
     thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        ns.enter_this_thread().unwrap_or_else(|e| panic!("{e}"));
         f()
     })
 }
@@ -78,6 +76,8 @@ struct Net {
     host: String,
     server: String,
     pin_dir: PathBuf,
+    /// Dropped after `Net::drop` has detached the program from the router's bridge.
+    _namespaces: Vec<NetNsGuard>,
 }
 
 impl Net {
@@ -90,15 +90,26 @@ impl Net {
              (euid is {euid}); they do not skip"
         );
         let pid = std::process::id();
+        let (router, host, server) = (
+            format!("cgt-eb{tag}-r-{pid}"),
+            format!("cgt-eb{tag}-h-{pid}"),
+            format!("cgt-eb{tag}-s-{pid}"),
+        );
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/cage-test/{tag}-{pid}"));
+        // What a killed earlier run with this pid pinned (the guards replace its
+        // namespaces).
+        unpin(&router, &pin_dir);
+        let _namespaces = [&router, &host, &server]
+            .map(|ns| NetNsGuard::named(ns.as_str()).unwrap_or_else(|e| panic!("{e}")))
+            .into();
         let net = Net {
-            router: format!("cgt-eb{tag}-r-{pid}"),
-            host: format!("cgt-eb{tag}-h-{pid}"),
-            server: format!("cgt-eb{tag}-s-{pid}"),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/cage-test/{tag}-{pid}")),
+            router,
+            host,
+            server,
+            pin_dir,
+            _namespaces,
         };
-        net.cleanup();
         for ns in [&net.router, &net.host, &net.server] {
-            sh(&["ip", "netns", "add", ns]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         let (r, h, s) = (&net.router, &net.host, &net.server);
@@ -241,34 +252,33 @@ impl Net {
             ]);
         }
     }
-
-    fn cleanup(&self) {
-        let pin_dir = self.pin_dir.clone();
-        if self.pin_dir.exists() {
-            let router = self.router.clone();
-            let in_router = Path::new("/run/netns").join(&router).exists();
-            let result = if in_router {
-                join(in_ns(&router, move || ebpf::detach("br0", &pin_dir)))
-            } else {
-                ebpf::detach("br0", &pin_dir)
-            };
-            if let Err(errors) = result {
-                for e in errors {
-                    eprintln!("detach: {e}");
-                }
-            }
-            let _ = std::fs::remove_dir_all(&self.pin_dir);
-        }
-        for ns in [&self.router, &self.host, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
-        self.cleanup();
+        unpin(&self.router, &self.pin_dir);
     }
+}
+
+/// Detach Cage's program from the router's `br0` and remove the pins in `pin_dir`, if
+/// there are any.
+fn unpin(router: &str, pin_dir: &Path) {
+    if !pin_dir.exists() {
+        return;
+    }
+    let in_router = Path::new("/run/netns").join(router).exists();
+    let pins = pin_dir.to_owned();
+    let result = if in_router {
+        join(in_ns(router, move || ebpf::detach("br0", &pins)))
+    } else {
+        ebpf::detach("br0", &pins)
+    };
+    if let Err(errors) = result {
+        for e in errors {
+            eprintln!("detach: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(pin_dir);
 }
 
 // ---- reading flows ----------------------------------------------------------------------
@@ -343,10 +353,13 @@ fn ip_header(addr: IpAddr) -> u64 {
 // ---- traffic ----------------------------------------------------------------------------
 
 /// A UDP echo server in `ns` that answers each datagram with one `extra` bytes longer;
-/// it stops when `stop` is set.
+/// it stops when `stop` is set. Bound when this returns (a socket stays in the namespace
+/// it was made in), so a client may send at once.
 fn udp_server(ns: &str, bind: SocketAddr, extra: usize, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
-    in_ns(ns, move || {
-        let sock = UdpSocket::bind(bind).expect("bind the UDP server");
+    let sock = join(in_ns(ns, move || {
+        UdpSocket::bind(bind).expect("bind the UDP server")
+    }));
+    thread::spawn(move || {
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let mut answered = 0;
@@ -660,7 +673,6 @@ fn exact_counts(tag: &str, mode: AttachMode) {
     let stop = Arc::new(AtomicBool::new(false));
     // One dual-stack socket serves both families.
     let server = udp_server(&net.server, "[::]:5001".parse().unwrap(), 3, stop.clone());
-    thread::sleep(Duration::from_millis(50));
     let sizes = vec![1, 100, 1000, 1400, 0, 512, 37];
     for (host, server) in [
         (IpAddr::V4(HOST4), IpAddr::V4(SERVER4)),
@@ -791,11 +803,13 @@ fn host_mac(net: &Net) -> [u8; 6] {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn exact_counts_tcx() {
     exact_counts("tcx", AttachMode::Tcx);
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn exact_counts_netlink() {
     exact_counts("nl", AttachMode::Netlink);
 }
@@ -842,11 +856,13 @@ fn gso(tag: &str, mode: AttachMode) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn gso_tcx() {
     gso("gtcx", AttachMode::Tcx);
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn gso_netlink() {
     gso("gnl", AttachMode::Netlink);
 }
@@ -966,9 +982,18 @@ fn isolation(tag: &str, mode: AttachMode) {
     maps.set_isolated(true).unwrap();
     let isolated_at = ebpf::monotonic_ns();
     assert!(maps.isolated().unwrap());
-    // Let what was in flight land, then nothing more may arrive.
-    thread::sleep(Duration::from_millis(50));
-    let before: Vec<u64> = streams.iter().map(Stream::received).collect();
+    // Let what was in flight land: the senders send every 0.5 ms, so 20 ms without an
+    // arrival on any stream means the rest is being dropped. Then nothing more may arrive.
+    let counts = || streams.iter().map(Stream::received).collect::<Vec<u64>>();
+    let (mut last, mut since) = (counts(), Instant::now());
+    wait_for("the streams to fall silent", Duration::from_secs(2), || {
+        let now = counts();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        since.elapsed() >= Duration::from_millis(20)
+    });
+    let before: Vec<u64> = counts();
     thread::sleep(Duration::from_millis(500));
     for (s, b) in streams.iter().zip(&before) {
         assert_eq!(s.received(), *b, "a packet arrived while isolated");
@@ -1018,11 +1043,13 @@ fn isolation(tag: &str, mode: AttachMode) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn isolation_tcx() {
     isolation("itcx", AttachMode::Tcx);
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn isolation_netlink() {
     isolation("inl", AttachMode::Netlink);
 }
@@ -1066,7 +1093,6 @@ fn count_udp(net: &Net, n: usize) -> u64 {
         0,
         stop.clone(),
     );
-    thread::sleep(Duration::from_millis(30));
     let port = udp_client(
         &net.host,
         SocketAddr::new(SERVER4.into(), 5009),
@@ -1088,6 +1114,7 @@ fn count_udp(net: &Net, n: usize) -> u64 {
 /// A second attach finds the pinned program and changes nothing; switching the mode
 /// leaves one attachment; each packet is still counted once.
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn reattach_is_idempotent() {
     let net = Net::new("re");
     for mode in [AttachMode::Netlink, AttachMode::Tcx, AttachMode::Netlink] {
@@ -1127,6 +1154,7 @@ fn reattach_is_idempotent() {
 /// When the bridge goes away and comes back (netifd restarting the segment), its
 /// attachments are gone with it: attaching again attaches anew, once, on the pinned maps.
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn reattach_after_the_bridge_is_recreated() {
     let net = Net::new("br");
     for mode in [AttachMode::Tcx, AttachMode::Netlink] {
@@ -1179,14 +1207,19 @@ fn reattach_after_the_bridge_is_recreated() {
 /// Maps, program and attachment outlive the process that attached (a child process
 /// here): packets are still counted and the kill switch still drops.
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn pinned_state_survives_the_loader() {
+    if std::env::var_os("CAGE_EBPF_CHILD_NS").is_some() {
+        return child_attaches_and_exits();
+    }
     let net = Net::new("pin");
     for mode in [AttachMode::Tcx, AttachMode::Netlink] {
+        // This very test, in a child process that only attaches (see above).
         let status = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "child_attaches_and_exits",
-                "--ignored",
+                "pinned_state_survives_the_loader",
+                "--include-ignored",
                 "--nocapture",
             ])
             .env("CAGE_EBPF_CHILD_NS", &net.router)
@@ -1235,16 +1268,14 @@ fn pinned_state_survives_the_loader() {
     println!("attached by a child process that exited: still counting, still dropping when isolated (TCX and netlink); detach leaves nothing");
 }
 
-/// Not a test on its own: `pinned_state_survives_the_loader` runs it in a child process.
-#[test]
-#[ignore = "run by pinned_state_survives_the_loader in a child process"]
+/// The child process of `pinned_state_survives_the_loader`: attach as told, and exit.
 fn child_attaches_and_exits() {
     let (Ok(ns), Ok(pin_dir), Ok(mode)) = (
         std::env::var("CAGE_EBPF_CHILD_NS"),
         std::env::var("CAGE_EBPF_CHILD_PIN_DIR"),
         std::env::var("CAGE_EBPF_CHILD_MODE"),
     ) else {
-        return;
+        panic!("the child is told where to attach by CAGE_EBPF_CHILD_NS, _PIN_DIR and _MODE");
     };
     let mode = match mode.as_str() {
         "Tcx" => AttachMode::Tcx,
@@ -1261,6 +1292,7 @@ fn child_attaches_and_exits() {
 
 /// Counters the collector and `cage status` will read: created flows, non-IP frames.
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn map_size_and_counters() {
     let net = Net::new("sz");
     let opts = Options {

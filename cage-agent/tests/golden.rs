@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use cage_agent::probe::NetNsGuard;
 use cage_agent::{config, nft, policy};
 
 fn golden_dir() -> PathBuf {
@@ -129,40 +130,20 @@ fn warn(msg: &str) {
 }
 
 /// A network namespace for the duration of a test, removed on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> NetNs {
-        assert!(
-            unsafe { libc_geteuid() } == 0,
-            "this test needs root: it runs nft in a throwaway network namespace"
-        );
-        let name = format!("cgt-golden-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip netns add {name} failed");
-        NetNs(name)
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+fn netns(tag: &str) -> NetNsGuard {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root: it runs nft in a throwaway network namespace"
+    );
+    NetNsGuard::named(format!("cgt-golden-{tag}-{}", std::process::id()))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn every_golden_ruleset_passes_nft_check_and_applies() {
-    let ns = NetNs::new("check");
+    let ns = netns("check");
     let kernel_bridge_meta = nft::supports_bridge_meta();
     for (name, text, mut facts, _) in cases() {
         let cfg = config::parse(&text).unwrap();
@@ -177,7 +158,7 @@ fn every_golden_ruleset_passes_nft_check_and_applies() {
         let json = nft::to_json(&policy::render(&cfg, &facts));
         for args in [&["--check", "-j", "-f", "-"][..], &["-j", "-f", "-"][..]] {
             let mut child = Command::new("ip")
-                .args(["netns", "exec", &ns.0, "nft"])
+                .args(["netns", "exec", ns.name(), "nft"])
                 .args(args)
                 .stdin(Stdio::piped())
                 .stderr(Stdio::piped())

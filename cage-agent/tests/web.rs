@@ -332,7 +332,7 @@ fn the_page_is_served_on_web_listen_by_the_daemons_loop() {
         &format!("GET /api/flows?limit=5 HTTP/1.1\r\n{host}Cookie: {cookie}\r\n\r\n"),
     );
     assert_eq!(status, 200);
-    let flows: Vec<cage_web::Flow> = serde_json::from_str(&flows).unwrap();
+    let flows: Vec<cage_web::FlowRecord> = serde_json::from_str(&flows).unwrap();
     assert_eq!(flows.len(), 5);
     // A name the page does not know is refused (DNS rebinding).
     let (status, _, _) = http(

@@ -7,7 +7,16 @@
 //! uninitialised padding (the verifier rejects passing those to a map helper, and hash
 //! keys are compared byte by byte). Integers are in host byte order: the object is built
 //! for the router's endianness (`bpfel`/`bpfeb`).
+//!
+//! With the `serde` feature (user space only), `records` adds the records Cage writes to
+//! its logs and serves on its page, so the agent and the web crate share one definition.
 #![no_std]
+
+#[cfg(feature = "serde")]
+extern crate alloc;
+
+#[cfg(feature = "serde")]
+pub mod records;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -46,7 +46,7 @@ pub async fn page(State(state): State<AppState>, authed: Authed) -> Html<String>
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&html::time(e.time)),
             esc(&e.action),
-            esc(&e.source),
+            esc(&e.source.to_string()),
             esc(&e.who),
             esc(&e.reason),
             esc(&e.result)

@@ -10,6 +10,8 @@ use std::net::IpAddr;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub use cage_common::records::{AuditEntry, FlowFilter, FlowRecord, RefusedName, Source};
+
 /// Where the page may be reached: the addresses it listens on (the configured one, or
 /// the LAN's as the router has them now), its port, and the names in
 /// `list web_hostname`. A request whose Host header names anything else is refused.
@@ -88,58 +90,6 @@ pub struct Status {
     pub problems: Vec<String>,
 }
 
-/// One flow record, the same fields as a line of the flow log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Flow {
-    pub start: String,
-    pub end: String,
-    pub verdict: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    pub proto: String,
-    pub host: IpAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    pub peer: IpAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer_port: Option<u16>,
-    pub direction: String,
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tag: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp_flags: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    /// The DNS name the caged host resolved to reach the peer (Cage's DNS forwarder).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
-
-/// Which flows: the filters of `GET /api/flows` and of the flows page.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FlowFilter {
-    pub host: Option<IpAddr>,
-    pub port: Option<u16>,
-    /// `allowed` or `blocked`.
-    pub verdict: Option<String>,
-}
-
-impl FlowFilter {
-    pub fn matches(&self, f: &Flow) -> bool {
-        self.host.is_none_or(|h| f.host == h || f.peer == h)
-            && self
-                .port
-                .is_none_or(|p| f.peer_port == Some(p) || f.host_port == Some(p))
-            && self.verdict.as_ref().is_none_or(|v| &f.verdict == v)
-    }
-}
-
 /// A caged host, as its flows show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
@@ -157,7 +107,7 @@ pub struct Host {
 
 /// Per-host totals of the flows, busiest uploader first. Self-test probe traffic is left
 /// out (it is Cage's own).
-pub fn hosts_from_flows(flows: &[Flow]) -> Vec<Host> {
+pub fn hosts_from_flows(flows: &[FlowRecord]) -> Vec<Host> {
     let mut by_ip: HashMap<IpAddr, Host> = HashMap::new();
     for f in flows.iter().filter(|f| f.tag.is_none()) {
         let h = by_ip.entry(f.host).or_insert_with(|| Host {
@@ -196,17 +146,6 @@ pub fn hosts_from_flows(flows: &[Flow]) -> Vec<Host> {
     let mut hosts: Vec<Host> = by_ip.into_values().collect();
     hosts.sort_by(|a, b| b.bytes_up.cmp(&a.bytes_up).then(a.ip.cmp(&b.ip)));
     hosts
-}
-
-/// One kill-switch event of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    pub time: u64,
-    pub action: String,
-    pub source: String,
-    pub reason: String,
-    pub who: String,
-    pub result: String,
 }
 
 /// Something the owner should look at.
@@ -282,19 +221,6 @@ pub struct Review {
     pub refused: Vec<RefusedName>,
 }
 
-/// One name the forwarder refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefusedName {
-    pub name: String,
-    /// How often it was asked for and refused.
-    pub count: u64,
-    /// First and last refusal, RFC 3339.
-    pub first: String,
-    pub last: String,
-    /// The caged hosts that asked.
-    pub hosts: Vec<IpAddr>,
-}
-
 /// The agent, as the web page sees it. Implementations must not panic: a panic in the
 /// `cage` binary (built with `panic = "abort"`) would end the daemon.
 pub trait Backend: Send + Sync + 'static {
@@ -308,7 +234,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         filter: FlowFilter,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Flow>, BackendError>>;
+    ) -> BoxFuture<'_, Result<Vec<FlowRecord>, BackendError>>;
     fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>>;
     /// The last `n` audit entries, oldest first.
     fn audit(&self, n: usize) -> BoxFuture<'_, Vec<AuditEntry>>;

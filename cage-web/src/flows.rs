@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use crate::auth::Authed;
-use crate::backend::{Flow, FlowFilter};
+use crate::backend::{FlowFilter, FlowRecord};
 use crate::html::{self, esc};
 use crate::{AppState, WebError};
 
@@ -88,7 +88,7 @@ fn endpoint(ip: IpAddr, port: Option<u16>) -> String {
 }
 
 /// The peer as the caged host named it (DNS) and its address.
-fn peer_cell(f: &Flow) -> String {
+fn peer_cell(f: &FlowRecord) -> String {
     let at = esc(&endpoint(f.peer, f.peer_port));
     match &f.name {
         Some(name) => format!("{} <span class=dim>{at}</span>", esc(name)),
@@ -115,7 +115,7 @@ fn optional<T: std::str::FromStr>(
 }
 
 /// The table's rows, newest first.
-fn rows(flows: &[Flow]) -> String {
+fn rows(flows: &[FlowRecord]) -> String {
     let mut o = String::with_capacity(flows.len() * 300);
     for f in flows.iter().rev() {
         let _ = write!(
@@ -236,7 +236,7 @@ fn csv_field(s: &str) -> String {
 
 pub const CSV_HEADER: &str = "start,end,verdict,rule,proto,host,host_port,mac,hostname,peer,peer_port,name,direction,packets_out,bytes_out,packets_in,bytes_in,tag,tcp_flags";
 
-pub fn csv(flows: &[Flow]) -> String {
+pub fn csv(flows: &[FlowRecord]) -> String {
     let mut o = String::with_capacity(flows.len() * 200);
     o.push_str(CSV_HEADER);
     o.push_str("\r\n");
@@ -289,7 +289,7 @@ pub async fn api_flows(
     State(state): State<AppState>,
     _: Authed,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Vec<Flow>>, WebError> {
+) -> Result<Json<Vec<FlowRecord>>, WebError> {
     let (filter, limit, _) = parse_query(raw.as_deref(), DEFAULT_LIMIT).map_err(|e| e.api(true))?;
     let flows = state
         .backend

@@ -31,8 +31,8 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use backend::{
-    hosts_from_flows, Access, AiPort, Alert, AuditEntry, Backend, BackendError, CageState, Flow,
-    FlowFilter, Host, RefusedName, Review, SelfTest, Settings, Status,
+    hosts_from_flows, Access, AiPort, Alert, AuditEntry, Backend, BackendError, CageState,
+    FlowFilter, FlowRecord, Host, RefusedName, Review, SelfTest, Settings, Status,
 };
 pub use error::WebError;
 pub use session::{hash_password, password_problem, verify_password};

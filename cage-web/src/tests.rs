@@ -56,9 +56,9 @@ impl TestBackend {
     fn isolated(&self) -> bool {
         self.0.lock().unwrap().isolated
     }
-    fn flows() -> Vec<Flow> {
+    fn flows() -> Vec<FlowRecord> {
         (0..30u16)
-            .map(|i| Flow {
+            .map(|i| FlowRecord {
                 start: format!("2026-11-25T10:{:02}:00.000Z", i),
                 end: format!("2026-11-25T10:{:02}:01.000Z", i),
                 verdict: if i % 3 == 0 { "blocked" } else { "allowed" }.into(),
@@ -120,7 +120,7 @@ impl Backend for TestBackend {
         i.audit.push(AuditEntry {
             time: 1,
             action: "isolate".into(),
-            source: "web".into(),
+            source: Source::Web,
             reason: reason.clone(),
             who: who.clone(),
             result: "ok".into(),
@@ -140,8 +140,8 @@ impl Backend for TestBackend {
         &self,
         filter: FlowFilter,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Flow>, BackendError>> {
-        let mut v: Vec<Flow> = TestBackend::flows()
+    ) -> BoxFuture<'_, Result<Vec<FlowRecord>, BackendError>> {
+        let mut v: Vec<FlowRecord> = TestBackend::flows()
             .into_iter()
             .filter(|f| filter.matches(f))
             .collect();
@@ -990,7 +990,7 @@ async fn pages_api_and_downloads_answer_with_a_session() {
         "a name reached the page unescaped"
     );
     let a = send(&app, read("/api/flows?verdict=blocked&port=443&limit=2")).await;
-    let v: Vec<Flow> = serde_json::from_str(&a.body).unwrap();
+    let v: Vec<FlowRecord> = serde_json::from_str(&a.body).unwrap();
     assert_eq!(v.len(), 2);
     assert!(v.iter().all(|f| f.verdict == "blocked"));
     let a = send(&app, read("/api/hosts")).await;
@@ -1010,7 +1010,7 @@ async fn pages_api_and_downloads_answer_with_a_session() {
     let a = send(&app, read("/flows.jsonl?host=192.168.10.10")).await;
     assert_eq!(a.body.lines().count(), 15);
     for line in a.body.lines() {
-        serde_json::from_str::<Flow>(line).unwrap();
+        serde_json::from_str::<FlowRecord>(line).unwrap();
     }
 }
 

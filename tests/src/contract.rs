@@ -396,20 +396,14 @@ impl Report {
 
     /// The matrix as a table, failures detailed at the end.
     pub fn table(&self) -> String {
-        let mut rows: Vec<[String; 9]> = vec![[
-            "check".into(),
-            "from".into(),
-            "to".into(),
-            "proto".into(),
-            "family".into(),
-            "expected".into(),
-            "observed".into(),
-            "ok".into(),
-            "time".into(),
-        ]];
+        let mut rows: Vec<Vec<String>> = vec![[
+            "check", "from", "to", "proto", "family", "expected", "observed", "ok", "time",
+        ]
+        .map(String::from)
+        .into()];
         for r in &self.results {
             let c = &r.check;
-            rows.push([
+            rows.push(vec![
                 c.row.into(),
                 c.from.label().into(),
                 c.target(),
@@ -421,25 +415,7 @@ impl Report {
                 format!("{} ms", r.elapsed.as_millis()),
             ]);
         }
-        let mut widths = [0usize; 9];
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let mut out = String::new();
-        for (i, row) in rows.iter().enumerate() {
-            let line: Vec<String> = row
-                .iter()
-                .zip(widths)
-                .map(|(cell, w)| format!("{cell:<w$}"))
-                .collect();
-            let _ = writeln!(out, "{}", line.join("  ").trim_end());
-            if i == 0 {
-                let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-                let _ = writeln!(out, "{}", "-".repeat(total));
-            }
-        }
+        let mut out = cage_agent::selftest::text_table(&rows);
         let failures = self.failures();
         let _ = writeln!(
             out,

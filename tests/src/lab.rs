@@ -26,7 +26,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cage_agent::probe::{self, NetNs, Outcome, Probe, ProbeError};
+use cage_agent::probe::{self, NetNs, NetNsGuard, Outcome, Probe, ProbeError};
 
 // ---- the lab's addresses --------------------------------------------------------------
 
@@ -207,7 +207,7 @@ pub enum LabError {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Run a command to completion with `stdin` fed in, killing it after `timeout`.
-fn run_command(
+pub fn run_command(
     cmd: &mut Command,
     stdin: Option<&str>,
     timeout: Duration,
@@ -366,23 +366,26 @@ pub fn down(prefix: &str) -> Result<(), LabError> {
     let mut errors = Vec::new();
     for node in Node::ALL {
         let name = ns_name(prefix, node);
-        if !Path::new(probe::NETNS_RUN_DIR).join(&name).exists() {
-            continue;
-        }
-        // Only processes inside the lab's own namespace, by pid.
-        if let Ok(pids) = checked(Command::new("ip").args(["netns", "pids", &name]), None) {
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) with a pid read from the namespace; no memory involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+        if Path::new(probe::NETNS_RUN_DIR).join(&name).exists() {
+            if let Err(e) = NetNsGuard::remove_by_name(&name) {
+                errors.push(e.to_string());
             }
         }
-        if let Err(e) = checked(Command::new("ip").args(["netns", "del", &name]), None) {
-            errors.push(e.to_string());
-        }
     }
+    errors.extend(remove_dirs(prefix));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Teardown {
+            prefix: prefix.to_owned(),
+            errors,
+        })
+    }
+}
+
+/// Remove the lab's directory and its eBPF pin directory; what failed.
+fn remove_dirs(prefix: &str) -> Vec<String> {
+    let mut errors = Vec::new();
     // The lab's directory, and Cage's eBPF pins (bpffs is one for all namespaces, so
     // each lab's configuration names a pin directory of its own).
     for dir in [lab_dir(prefix), bpf_dir(prefix)] {
@@ -392,14 +395,7 @@ pub fn down(prefix: &str) -> Result<(), LabError> {
             }
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(LabError::Teardown {
-            prefix: prefix.to_owned(),
-            errors,
-        })
-    }
+    errors
 }
 
 /// Links in the root namespace, by name.
@@ -506,7 +502,31 @@ impl Drop for CageRun {
 pub struct Lab {
     prefix: String,
     dir: PathBuf,
+    /// One for each node, in `Node::ALL` order.
+    namespaces: Vec<NetNsGuard>,
     torn_down: bool,
+    /// The router's ports to ai1 and ai2, which must both forward in `br-cage` before the
+    /// segment is ready: `cage1`, `cage2` here; a board's own names in a prewired lab.
+    segment_ports: [String; 2],
+}
+
+/// One veth between the router and a host of a prewired lab (see
+/// [`Lab::build_prewired`]): its router end, named as the router's software knows the
+/// port, and its other end, parked in the router's namespace until the lab plugs it in.
+#[derive(Debug, Clone)]
+pub struct Cable {
+    pub router_end: String,
+    pub parked_end: String,
+}
+
+/// What a prewired router's ports lead to: the two caged hosts, the LAN host and the
+/// hotel's gateway.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    pub ai1: Cable,
+    pub ai2: Cable,
+    pub lan: Cable,
+    pub wan: Cable,
 }
 
 /// How long `Lab::up` waits for addresses and neighbours to be usable.
@@ -516,30 +536,36 @@ impl Lab {
     /// Build the lab under `prefix` (namespaces `{prefix}-router`, `{prefix}-ai1`, …),
     /// after removing whatever a previous run with the same prefix left behind.
     pub fn up(prefix: &str) -> Result<Lab, LabError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        let lab = Lab::namespaces(prefix)?;
+        lab.build()?;
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    /// The lab's namespaces and directory under `prefix`, with nothing in them yet, after
+    /// removing whatever a previous run with the same prefix left behind. For a router
+    /// that runs its own software: make its ports, then [`Lab::build_prewired`].
+    pub fn namespaces(prefix: &str) -> Result<Lab, LabError> {
+        if !crate::is_root() {
             return Err(LabError::NotRoot);
         }
         down(prefix)?;
         let dir = lab_dir(prefix);
         // From here on, a failure drops `lab`, which tears down what was made.
-        let lab = Lab {
+        let mut lab = Lab {
             prefix: prefix.to_owned(),
             dir: dir.clone(),
+            namespaces: Vec::new(),
             torn_down: false,
+            segment_ports: ["cage1".into(), "cage2".into()],
         };
         std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
             what: format!("creating {}", dir.display()),
             source,
         })?;
         for node in Node::ALL {
-            checked(
-                Command::new("ip").args(["netns", "add", &lab.ns(node)]),
-                None,
-            )?;
+            lab.namespaces.push(NetNsGuard::named(lab.ns(node))?);
         }
-        lab.build()?;
-        lab.wait_ready()?;
         Ok(lab)
     }
 
@@ -562,15 +588,44 @@ impl Lab {
     }
 
     fn build(&self) -> Result<(), LabError> {
+        self.build_router()?;
+        self.build_hosts()
+    }
+
+    /// Build the rest of a lab whose router makes its own bridges, addresses, routes and
+    /// firewall (OpenWrt's netifd and fw4: see `owlab`): plug each cable's parked end into
+    /// its host (as `eth0`; `r0` at the hotel's gateway) and build the hosts. The router
+    /// gets only what the kernel of any router has before its software runs: forwarding
+    /// and rp_filter are left to it, except rp_filter's explicit 0 (see [`Lab::up`]).
+    pub fn build_prewired(&mut self, wiring: &Wiring) -> Result<(), LabError> {
+        let router = self.ns(Node::Router);
+        for (cable, node, name) in [
+            (&wiring.ai1, Node::Ai1, "eth0"),
+            (&wiring.ai2, Node::Ai2, "eth0"),
+            (&wiring.lan, Node::Lan, "eth0"),
+            (&wiring.wan, Node::Up, "r0"),
+        ] {
+            let host = self.ns(node);
+            ip(&router, &["link", "set", &cable.parked_end, "netns", &host])?;
+            ip(&host, &["link", "set", &cable.parked_end, "name", name])?;
+        }
+        self.segment_ports = [wiring.ai1.router_end.clone(), wiring.ai2.router_end.clone()];
+        let r = self.netns(Node::Router);
+        r.set_sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        r.set_sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        self.build_hosts()
+    }
+
+    /// The router: its ports, `br-lan` with the LAN's addresses, the WAN, routes,
+    /// forwarding, and the stand-in for fw4.
+    fn build_router(&self) -> Result<(), LabError> {
         let ns = |n| self.ns(n);
-        let (router, ai1, ai2, lan, up, hotel, inet) = (
+        let (router, ai1, ai2, lan, up) = (
             ns(Node::Router),
             ns(Node::Ai1),
             ns(Node::Ai2),
             ns(Node::Lan),
             ns(Node::Up),
-            ns(Node::Hotel),
-            ns(Node::Inet),
         );
         let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
@@ -618,6 +673,23 @@ impl Lab {
              \t}\n\
              }\n",
         )?;
+        Ok(())
+    }
+
+    /// Everything but the router: the hotel's gateway, the hotel host, the internet, the
+    /// LAN host and the caged hosts, each with its `eth0` (`r0` at the gateway) already
+    /// plugged into the router.
+    fn build_hosts(&self) -> Result<(), LabError> {
+        let ns = |n| self.ns(n);
+        let (ai1, ai2, lan, up, hotel, inet) = (
+            ns(Node::Ai1),
+            ns(Node::Ai2),
+            ns(Node::Lan),
+            ns(Node::Up),
+            ns(Node::Hotel),
+            ns(Node::Inet),
+        );
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
         // The hotel's gateway: a bridge for the router and the hotel host, a link to the
         // internet, and every route pointing there.
@@ -768,12 +840,13 @@ impl Lab {
                         && l.contains("state forwarding")
                 })
             };
-            if forwarding("cage1") && forwarding("cage2") {
+            if self.segment_ports.iter().all(|p| forwarding(p)) {
                 return Ok(());
             }
             if Instant::now() >= until {
                 return Err(self.not_ready(format!(
-                    "the ports of br-cage are not both forwarding:\n{out}"
+                    "the ports of br-cage ({}) are not both forwarding:\n{out}",
+                    self.segment_ports.join(", ")
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -1024,12 +1097,34 @@ impl Lab {
     /// poke at it); `down(prefix)` or the next `Lab::up(prefix)` removes it.
     pub fn keep(mut self) {
         self.torn_down = true;
+        for ns in self.namespaces.drain(..) {
+            ns.keep();
+        }
     }
 
     /// Tear the lab down now; every error, not just the first.
     pub fn down(mut self) -> Result<(), LabError> {
+        self.teardown()
+    }
+
+    /// Remove the namespaces (with what runs in them) and the directories.
+    fn teardown(&mut self) -> Result<(), LabError> {
         self.torn_down = true;
-        down(&self.prefix)
+        let mut errors: Vec<String> = self
+            .namespaces
+            .drain(..)
+            .filter_map(|ns| ns.remove().err())
+            .map(|e| e.to_string())
+            .collect();
+        errors.extend(remove_dirs(&self.prefix));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::Teardown {
+                prefix: self.prefix.clone(),
+                errors,
+            })
+        }
     }
 }
 
@@ -1038,7 +1133,7 @@ impl Drop for Lab {
         if self.torn_down {
             return;
         }
-        if let Err(e) = down(&self.prefix) {
+        if let Err(e) = self.teardown() {
             eprintln!("lab {}: {e}", self.prefix);
         }
     }

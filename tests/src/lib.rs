@@ -4,6 +4,7 @@
 //!   a LAN host, the hotel's gateway and one of its hosts, "the internet"), made by a
 //!   guard type that tears everything down again, also after a crash.
 //! - [`browser`]: a real headless Chromium in a lab namespace, over WebDriver.
+//! - [`wait`]: waiting on a condition, bounded in time, instead of fixed sleeps.
 //! - [`contract`]: MISSION.md's connectivity contract as a table of checks, and a runner
 //!   that proves each one with real packets (see `cage_agent::probe`) and prints a matrix.
 //!
@@ -14,15 +15,41 @@ pub mod contract;
 pub mod dns;
 pub mod lab;
 pub mod openwrt;
+pub mod owlab;
+pub mod wait;
+
+/// Whether this process runs as root (effective user id 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
 
 /// Panic with a clear message unless running as root: a test that cannot run must fail,
 /// not pass silently.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
     assert!(
-        euid == 0,
-        "this test needs root (network namespaces, veths, raw sockets); run it as root, \
-         e.g. `sudo -E cargo test -p cage-tests`"
+        is_root(),
+        "this test needs root (network namespaces, veths, raw sockets); the kernel tests \
+         run as root with `cargo xtask test`"
     );
+}
+
+/// Say on stderr that something could not be checked on this machine, and add it to the
+/// list that `cargo xtask test` prints at the end of the run
+/// (`<target>/tmp/cage-test-warnings.txt`): loudly, never a silent pass.
+pub fn warn(msg: &str) {
+    use std::io::Write;
+    eprintln!("WARNING: {msg}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("tmp");
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("cage-test-warnings.txt"))
+    {
+        let _ = writeln!(f, "{msg}");
+    }
 }

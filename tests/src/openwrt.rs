@@ -563,7 +563,7 @@ impl Root {
 
     /// The host's C library and the other shared libraries these programs need (the
     /// tools are built for the host; OpenWrt's own are musl builds of the same sources).
-    fn copy_host_libs(&self, programs: &[PathBuf]) -> Result<(), String> {
+    pub fn copy_host_libs(&self, programs: &[PathBuf]) -> Result<(), String> {
         for program in programs {
             let out = Command::new("ldd")
                 .arg(program)

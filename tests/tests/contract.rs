@@ -43,6 +43,7 @@ fn status_json(lab: &Lab) -> serde_json::Value {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_apply_enforces_the_contract() {
     let lab = lab_with_config();
     let t = Instant::now();
@@ -69,6 +70,7 @@ fn cage_apply_enforces_the_contract() {
 /// `cage run` enforces the same contract, and the kernel keeps enforcing it after the
 /// daemon is killed (fail closed).
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_run_enforces_the_contract_and_it_outlives_the_daemon() {
     let lab = lab_with_config();
     let mut daemon = lab.spawn_cage_run();
@@ -103,6 +105,7 @@ fn cage_run_enforces_the_contract_and_it_outlives_the_daemon() {
 /// arrive again. (Hosts on the segment stay apart: port isolation is the segment's,
 /// not the tables'.)
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn without_cages_tables_the_denied_packets_arrive() {
     let lab = lab_with_config();
     let out = lab.cage(&["apply"]);

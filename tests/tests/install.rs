@@ -79,6 +79,7 @@ fn page(router: &Router) -> String {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn acceptance_table_every_board_after_the_real_install() {
     require_root();
     let ipk = Ipk::x86_64();
@@ -398,6 +399,7 @@ fn refused(router: &Router, args: &str, says: &str) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_port_moves_the_ai_port_between_lan_ports() {
     require_root();
     with_cage(Board::Mt6000, Radio::Off, &Ipk::x86_64(), |router| {
@@ -517,6 +519,7 @@ fn cage_port_moves_the_ai_port_between_lan_ports() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_port_on_a_one_port_router_keeps_the_owner_a_way_in() {
     require_root();
     with_cage(Board::Mt3000, Radio::Off, &Ipk::x86_64(), |router| {
@@ -563,6 +566,7 @@ fn cage_port_on_a_one_port_router_keeps_the_owner_a_way_in() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_port_on_swconfig_is_a_switch_vlan_of_its_own() {
     require_root();
     with_cage(Board::Mt300nV2, Radio::On, &Ipk::x86_64(), |router| {
@@ -661,6 +665,7 @@ impl Drop for Temp {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn init_script_under_procd_runs_cage_and_reloads_only_a_valid_config() {
     require_root();
     with_cage(Board::Mt6000, Radio::Off, &Ipk::x86_64(), |router| {
@@ -759,6 +764,7 @@ fn init_script_under_procd_runs_cage_and_reloads_only_a_valid_config() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn upgrade_keeps_the_owners_config_and_adds_no_section_twice() {
     require_root();
     let dir = Temp::new("upgrade");
@@ -816,6 +822,7 @@ fn upgrade_keeps_the_owners_config_and_adds_no_section_twice() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn remove_leaves_no_cage_table_and_the_segment_switched_off() {
     require_root();
     for (board, radio) in [(Board::Mt6000, Radio::On), (Board::Mt300nV2, Radio::On)] {
@@ -882,6 +889,7 @@ fn remove_leaves_no_cage_table_and_the_segment_switched_off() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn remove_with_the_kill_switch_on_keeps_the_isolation() {
     require_root();
     with_cage(Board::Mt3000, Radio::On, &Ipk::x86_64(), |router| {
@@ -912,6 +920,7 @@ fn break_config(data: &std::path::Path) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn a_bad_config_in_a_fresh_install_declares_nothing() {
     require_root();
     let dir = Temp::new("bad-fresh");
@@ -942,6 +951,7 @@ fn a_bad_config_in_a_fresh_install_declares_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
     require_root();
     let dir = Temp::new("bad-upgrade");
@@ -1005,6 +1015,7 @@ fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn image_build_installs_offline_and_first_boot_declares_the_segment() {
     require_root();
     let root = Root::new(Board::Mt6000).unwrap();

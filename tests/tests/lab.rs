@@ -18,6 +18,7 @@ fn leaked_links(before: &[String]) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn up_and_down_leave_nothing_behind() {
     require_root();
     let before = lab::root_links().unwrap();
@@ -49,6 +50,7 @@ fn up_and_down_leave_nothing_behind() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn up_removes_what_a_crashed_run_left_behind() {
     require_root();
     let before = lab::root_links().unwrap();
@@ -118,6 +120,7 @@ fn up_removes_what_a_crashed_run_left_behind() {
 /// Otherwise a deny in the contract test could pass because the lab does not route the
 /// packet at all.
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn baseline_without_cage_every_destination_is_reachable() {
     require_root();
     let lab = Lab::up(&lab::unique_prefix()).expect("lab up");

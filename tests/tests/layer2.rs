@@ -88,6 +88,7 @@ fn l2_denied_packets(lab: &Lab) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
     isolation_off(&lab);
@@ -102,6 +103,7 @@ fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn port_isolation_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
     remove_bridge_table(&lab);
@@ -111,6 +113,7 @@ fn port_isolation_alone_keeps_caged_hosts_apart() {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn without_either_layer_caged_hosts_reach_each_other() {
     // Not vacuous: with both layers off, the same probes are delivered.
     let lab = applied_lab();

@@ -6,6 +6,7 @@ use cage_tests::openwrt::{Board, Root};
 use cage_tests::require_root;
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn each_board_gets_openwrts_own_first_boot_network() {
     require_root();
     for board in Board::ALL {

@@ -18,6 +18,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use cage_agent::probe::NetNsGuard;
+
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The targets CI builds and checks: (triple, qemu-user program and the CPU it emulates
@@ -82,6 +84,7 @@ fn output(cmd: &mut Command) -> Output {
 // ---- the binaries ---------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs the router builds: cargo xtask test"]
 fn binaries_are_static_for_the_right_machine() {
     for &(triple, _, machine, class, _) in CHECKED {
         let elf = std::fs::read(binary(triple)).unwrap();
@@ -165,6 +168,7 @@ fn program_header_types(elf: &[u8]) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "needs the router builds: cargo xtask test"]
 fn binaries_run_under_qemu() {
     for &(triple, qemu, ..) in CHECKED {
         let out = output(
@@ -187,35 +191,20 @@ fn binaries_run_under_qemu() {
 }
 
 /// A network namespace of this test's own, removed when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("cgt-{}-{tag}", std::process::id());
-        let out = output(Command::new("ip").args(["netns", "add", &name]));
-        assert!(
-            out.status.success(),
-            "ip netns add {name} (this test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+fn netns(tag: &str) -> NetNsGuard {
+    let name = format!("cgt-{}-{tag}", std::process::id());
+    NetNsGuard::named(name).unwrap_or_else(|e| panic!("{e} (this test needs root)"))
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn cage_check_passes_under_qemu() {
     let config = root().join("openwrt/files/etc/config/cage");
     for &(triple, qemu, ..) in CHECKED {
-        let ns = Netns::new(&format!("qemu-{}", &triple[..5]));
+        let ns = netns(&format!("qemu-{}", &triple[..5]));
         let out = output(
             Command::new("ip")
-                .args(["netns", "exec", &ns.0])
+                .args(["netns", "exec", ns.name()])
                 .args(qemu)
                 .arg(binary(triple))
                 .arg("--config")
@@ -326,6 +315,7 @@ fn control_fields(text: &str) -> BTreeMap<String, String> {
 }
 
 #[test]
+#[ignore = "needs the router builds: cargo xtask test"]
 fn ipk_has_the_opkg_layout_fields_and_permissions() {
     for &(triple, _, _, _, arch) in CHECKED {
         let path = ipk(arch);

@@ -29,6 +29,7 @@ fn nft(lab: &Lab, node: Node, script: &str) {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn verdicts_follow_what_the_witness_sees() {
     require_root();
     let lab = Lab::up(&lab::unique_prefix()).expect("lab up");

@@ -55,6 +55,7 @@ fn screenshot_path() -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root: cargo xtask test"]
 fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
     require_root();
     browser::require_chromium();

@@ -1,11 +1,15 @@
 //! `cargo xtask`: set-up, demo, lab and tests, so a fresh machine needs two commands.
+//!
+//! xtask builds tools, not the product: it links nothing of Cage, so `cargo xtask setup`
+//! installs the toolchains before anything of Cage is compiled (`cage-agent`'s build
+//! script needs the eBPF toolchain). What needs Cage's code runs as programs that xtask
+//! builds and starts: `cage-tests`' binaries `demo` and `bench`.
 
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
 mod bench;
-mod bench_dns;
 mod demo;
 mod dist;
 mod fuzz;
@@ -38,10 +42,10 @@ fn main() -> ExitCode {
         ["demo"] => setup::install().and_then(|()| demo::up()),
         ["lab", "down"] => demo::down(),
         ["test"] => setup::install().and_then(|()| test()),
-        ["bench", "killswitch"] => setup::install().and_then(|()| bench::killswitch()),
-        ["bench", "flows"] => setup::install().and_then(|()| bench::flows()),
-        ["bench", "web"] => bench::web(),
-        ["bench", "dns"] => setup::install().and_then(|()| bench_dns::dns()),
+        ["bench", which @ ("killswitch" | "flows" | "dns")] => {
+            setup::install().and_then(|()| bench::run_bench(which))
+        }
+        ["bench", "web"] => bench::run_bench("web"),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {
             Ok(s) => fuzz::run_fuzz(s),
@@ -82,6 +86,15 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Build one of `cage-tests`' programs (`demo`, `bench`) and return a command that runs
+/// it from the workspace's root (where it finds `bench/`, `target/`).
+pub fn lab_program(name: &str) -> Result<Command> {
+    run(cargo().args(["build", "--locked", "-p", "cage-tests", "--bin", name]))?;
+    let mut cmd = Command::new(dist::target_dir().join("debug").join(name));
+    cmd.current_dir(dist::workspace_root());
+    Ok(cmd)
+}
+
 fn test() -> Result<()> {
     setup::require_root("the tests build network namespaces and nftables tables")?;
     let before = leftovers();
@@ -92,6 +105,8 @@ fn test() -> Result<()> {
     // (aarch64, armv7), and the x86_64 package that tests/tests/install.rs installs with
     // OpenWrt's own opkg in a board's root; `cargo xtask dist` builds mipsel too.
     package::run_package(&["aarch64", "armv7", "x86_64"])?;
+    // The kernel tests are `#[ignore = "needs root: cargo xtask test"]`, so that a plain
+    // `cargo test` as anyone passes and says what it skipped; here they run too.
     // `--show-output` prints what passing tests printed (the contract matrix, the
     // restart figures), grouped by test after the run.
     let tests = run(cargo().args([
@@ -100,6 +115,7 @@ fn test() -> Result<()> {
         "--locked",
         "--no-fail-fast",
         "--",
+        "--include-ignored",
         "--show-output",
     ]));
     // Checks the kernel here could not run: said loudly, at the end, every time.

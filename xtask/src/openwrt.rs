@@ -15,6 +15,7 @@
 //! target/openwrt/prefix/sbin      ubusd netifd procd odhcpd opkg
 //! target/openwrt/prefix/lib       libuci libubox libubus libblobmsg_json libjson_script libnl-tiny libucode, ucode/*.so
 //! target/openwrt/prefix/share/libubox/jshn.sh
+//! target/openwrt/prefix/share/netifd  netifd's own shell half (netifd-proto.sh, netifd-wireless.sh, utils.sh; /lib/netifd on a router)
 //! target/openwrt/firewall4-23.05  firewall4 at OpenWrt 23.05.4's pin (root/, tests/, run_tests.sh)
 //! target/openwrt/firewall4-main   firewall4's newest commit
 //! target/openwrt/openwrt-23.05.4  base-files, procd/netifd/dnsmasq scripts, board definitions
@@ -23,6 +24,13 @@
 //! The third-party sources are built as they are, with two build-flag changes that gcc 12
 //! needs: netifd's and procd's CMakeLists.txt turn every warning into an error, and gcc 12
 //! warns where their compilers did not, so `-Werror` is removed from the unpacked copy.
+//!
+//! And one change for the CI kernel, which has no bridge VLAN filtering
+//! (`CONFIG_BRIDGE_VLAN_FILTERING` unset): it refuses to create a bridge whose request
+//! carries `IFLA_BR_VLAN_FILTERING` at all, even 0 (`ip link add b type bridge
+//! vlan_filtering 0` fails the same way), and netifd always sends it, so netifd could make
+//! no bridge here. The unpacked copy sends it only when VLAN filtering is on; 0 is what the
+//! kernel sets for a new bridge anyway, so on a router's kernel nothing changes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,7 +41,7 @@ use anyhow::{bail, Context, Result};
 use crate::run;
 
 /// Bumped whenever the recipe below changes, so a stamp from an older recipe rebuilds.
-const RECIPE: &str = "cage-openwrt-tools 1";
+const RECIPE: &str = "cage-openwrt-tools 2";
 
 /// Debian packages the build needs, and a file each installs.
 const PACKAGES: &[(&str, &str)] = &[
@@ -102,6 +110,16 @@ pub fn install(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&share)?;
     std::fs::copy(build.join("libubox/sh/jshn.sh"), share.join("jshn.sh"))
         .context("copying libubox's jshn.sh")?;
+    // netifd's shell half: the protocol and wireless handler libraries its scripts source.
+    let netifd_share = prefix.join("share/netifd");
+    std::fs::create_dir_all(&netifd_share)?;
+    for script in ["netifd-proto.sh", "netifd-wireless.sh", "utils.sh"] {
+        std::fs::copy(
+            build.join("netifd/scripts").join(script),
+            netifd_share.join(script),
+        )
+        .with_context(|| format!("copying netifd's {script}"))?;
+    }
     for (version, dir) in [("23.05", "firewall4-23.05"), ("main", "firewall4-main")] {
         let tmp = out.join(format!("{dir}.tmp"));
         std::fs::create_dir_all(&tmp)?;
@@ -236,6 +254,11 @@ fn build_one(name: &str, dir: &Path, prefix: &Path) -> Result<()> {
         }
         "netifd" => {
             drop_werror(&dir.join("CMakeLists.txt"))?;
+            replace_once(
+                &dir.join("system-linux.c"),
+                "\tnla_put_u8(msg, IFLA_BR_VLAN_FILTERING, !!cfg->vlan_filtering);",
+                "\tif (cfg->vlan_filtering)\n\t\tnla_put_u8(msg, IFLA_BR_VLAN_FILTERING, 1);",
+            )?;
             cmake.arg("-DLIBNL_LIBS=nl-tiny");
         }
         "procd" => {
@@ -272,6 +295,18 @@ fn build_one(name: &str, dir: &Path, prefix: &Path) -> Result<()> {
         }
         _ => quiet(make.arg("install")),
     }
+}
+
+/// Replace the one occurrence of `from` in a source file of the unpacked copy; an error if
+/// it is not there exactly once (a changed source must not build silently unpatched).
+fn replace_once(file: &Path, from: &str, to: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if text.matches(from).count() != 1 {
+        bail!("{}: expected `{from}` exactly once", file.display());
+    }
+    std::fs::write(file, text.replacen(from, to, 1))
+        .with_context(|| format!("cannot write {}", file.display()))
 }
 
 /// Remove `-Werror` from the unpacked copy's compiler flags (`-Werror=<warning>` stays).

@@ -6,23 +6,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use cage_common::records::RefusedName;
 
 pub const MAX_REFUSED: usize = 256;
 pub const MAX_HOSTS: usize = 8;
-
-/// One refused name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefusedName {
-    pub name: String,
-    /// How often it was asked for and refused.
-    pub count: u64,
-    /// First and last refusal, RFC 3339.
-    pub first: String,
-    pub last: String,
-    /// The caged hosts that asked (at most [`MAX_HOSTS`]).
-    pub hosts: Vec<IpAddr>,
-}
 
 pub fn path(log_dir: &Path) -> PathBuf {
     log_dir.join("dns-refused.json")

@@ -437,7 +437,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     }
 
     // `lan:PORT` never listens on the segment either: addresses inside it are left out at
-    // run time (`web::listen_addresses`).
+    // run time (`cage_agent::listen::listen_addresses`).
     if let (true, WebListen::Address(listen)) = (web_listen.valid, web_listen.value) {
         for net in &segment_nets {
             if !net.contains(&listen.ip()) {

@@ -8,27 +8,23 @@
 //! forwarder). Medians of each, and their ratio, in open mode and in allow-list mode
 //! (where an answer's new addresses also go into the allow sets, one nftables transaction,
 //! before it is relayed), asking for the same name each time and for a new name (with an
-//! address of its own) each time. Release binary. Appended to `bench/RESULTS.md`.
+//! address of its own) each time. Release binary (`$CAGE_BIN`, set by xtask). Appended to
+//! `bench/RESULTS.md`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use cage_tests::dns::{resolve_here, Answer, AuthServer};
 use cage_tests::lab::{self, Lab, Node, PUBLIC4, ROUTER_SEG4};
 
-use crate::bench::record;
-use crate::{cargo, run, setup};
+use crate::results::{median, pct, record};
 
 const QUERIES: usize = 200;
 const DIRECT_PORT: u16 = 5300;
 
 pub fn dns() -> Result<()> {
-    setup::require_root("the benchmark builds a lab in network namespaces")?;
-    run(cargo().args(["build", "--locked", "--release", "-p", "cage-agent"]))?;
-    std::env::set_var("CAGE_BIN", std::fs::canonicalize("target/release/cage")?);
-
     let mut rows = String::new();
     for (mode, section) in [
         (
@@ -75,21 +71,17 @@ pub fn dns() -> Result<()> {
             300,
         )?;
         lab.write_config(section);
-        let r = lab.spawn_cage_run();
-        let start = Instant::now();
-        while !r.log().contains("policy applied") {
-            if start.elapsed() > Duration::from_secs(15) {
-                bail!("cage run did not start:\n{}", r.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let r = crate::cage_run(&lab)?;
         lab.wait_segment_ready()?;
         for fresh in [false, true] {
             let (through, direct) = lab
                 .netns(Node::Ai1)
                 .run("bench-dns", move || Ok(lookups(fresh)))
                 .map_err(|e| anyhow::anyhow!("{e}"))??;
-            let (mt, md) = (median(&through), median(&direct));
+            let (mt, md) = (
+                median(through.iter().copied()),
+                median(direct.iter().copied()),
+            );
             let row = format!(
                 "| {mode} | {} | {QUERIES} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | +{:.3} |",
                 if fresh {
@@ -175,18 +167,4 @@ fn lookups(fresh: bool) -> Result<(Vec<f64>, Vec<f64>), cage_agent::probe::Probe
         }
     }
     Ok((t, d))
-}
-
-fn median(v: &[f64]) -> f64 {
-    pct(v, 50.0)
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
-    s[i.min(s.len() - 1)]
 }

@@ -1,0 +1,72 @@
+//! The benchmarks that `cargo xtask bench …` runs: Cage's costs, measured side by side in
+//! one run (with Cage against without), printed and appended to `bench/RESULTS.md` with
+//! the date and the machine. One file per benchmark:
+//!
+//! - `killswitch`: how fast the kill switch cuts a running stream, daemon up and down;
+//! - `flows`: what the eBPF flow counter costs (throughput with/without) and how many new
+//!   flows a second it records;
+//! - `dns`: what DNS through Cage's forwarder adds to a lookup;
+//! - `web`: page and API latency with 10 000 flows, and the agent's memory (runs the
+//!   `web_bench` programs that xtask built).
+//!
+//! xtask builds what a benchmark measures (the release `cage`, the `web_bench` example)
+//! and runs this program from the workspace's root; it links none of Cage itself.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use cage_tests::lab::{CageRun, Lab};
+
+mod dns;
+mod flows;
+mod killswitch;
+mod results;
+mod web;
+
+const USAGE: &str = "\
+usage: bench killswitch | flows | dns | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
+  (run by `cargo xtask bench …`, which builds what is measured first)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["killswitch"] => require_root().and_then(|()| killswitch::killswitch()),
+        ["flows"] => require_root().and_then(|()| flows::flows()),
+        ["dns"] => require_root().and_then(|()| dns::dns()),
+        ["web", glibc, musl] => web::web(glibc, musl),
+        _ => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn require_root() -> Result<()> {
+    if !cage_tests::is_root() {
+        bail!("run this as root: the benchmark builds a lab in network namespaces");
+    }
+    Ok(())
+}
+
+/// `cage run` in the lab's router, once it has applied its policy (at most 15 s).
+fn cage_run(lab: &Lab) -> Result<CageRun> {
+    let r = lab.spawn_cage_run();
+    let start = Instant::now();
+    while !r.log().contains("policy applied") {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("cage run did not start:\n{}", r.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(r)
+}
