@@ -1046,11 +1046,73 @@ fn image_build_installs_offline_and_first_boot_declares_the_segment() {
         router.uci_get("network.cage.ipaddr").as_deref(),
         Some("192.168.10.1")
     );
-    assert_eq!(
-        router.uci_get("firewall.cage_zone.input").as_deref(),
-        Some("REJECT")
+    let get = |k: &str| router.uci_get(k).unwrap_or_default();
+    assert_eq!(get("firewall.cage_zone.input"), "REJECT");
+    assert_eq!(get("firewall.cage_zone.forward"), "REJECT");
+    assert_eq!(get("firewall.cage_wan.dest"), "wan");
+    assert_eq!(get("firewall.cage_lan.src"), "lan");
+    assert_eq!(get("firewall.cage_dnsfwd.dest_port"), "5354");
+    assert_eq!(get("dhcp.cage.interface"), "cage");
+    assert_eq!(get("wireless.cage.encryption"), "psk2");
+    let key = get("wireless.cage.key");
+    // Not the md5 of nothing: /dev/urandom was there.
+    assert!(
+        key.len() >= 16 && key != "d41d8cd98f00b204e980",
+        "weak AI Wi-Fi key {key:?}"
     );
     // procd starts enabled services after boot: the same service, by its rc.d link.
     router.sh_ok("/etc/rc.d/S18cage start");
     assert!(eventually(10, || cage_tables(&router).contains("inet cage")));
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn cage_port_honours_uci_config_dir() {
+    require_root();
+    with_cage(Board::Mt6000, Radio::Off, &Ipk::x86_64(), |router| {
+        let root = router.root();
+        let dir = Temp::new("uci-config-dir");
+        for f in ["network", "wireless", "cage"] {
+            std::fs::copy(root.join(&format!("etc/config/{f}")), dir.join(f)).unwrap();
+        }
+        let network = root.read("etc/config/network");
+        // The package's script, run on this machine with OpenWrt's uci on PATH.
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("sh")
+                .arg(root.join("usr/libexec/cage-port"))
+                .args(args)
+                .env("UCI_CONFIG_DIR", &*dir)
+                .env(
+                    "PATH",
+                    format!(
+                        "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                        root.tools().prefix().join("bin").display()
+                    ),
+                )
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "cage-port {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(run(&["show"]).contains("ai_port lan5\n"));
+        run(&["set", "lan2"]);
+        assert!(run(&["show"]).contains("ai_port lan2\n"));
+        let copy = std::fs::read_to_string(dir.join("network")).unwrap();
+        assert!(copy.contains("list ports 'lan2'"), "{copy}");
+        assert!(std::fs::read_to_string(dir.join("cage"))
+            .unwrap()
+            .contains("list port 'lan2'"));
+        // The router's own files are untouched, and nothing was staged anywhere else.
+        assert_eq!(root.read("etc/config/network"), network);
+        assert!(
+            !dir.join(".uci/network").exists()
+                || std::fs::read_to_string(dir.join(".uci/network"))
+                    .unwrap()
+                    .is_empty()
+        );
+    });
 }
