@@ -57,6 +57,18 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ip -n NS ARGS…` (ARGS split at spaces), which must succeed.
+fn ip(ns: &str, args: &str) -> String {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend(args.split_whitespace());
+    sh(&all)
+}
+
+/// `sysctl -w KEY=VALUE` in `ns`, which must succeed.
+fn sysctl(ns: &str, setting: &str) {
+    sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", setting]);
+}
+
 /// Run `f` on a thread that has entered network namespace `ns`.
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let ns = NetNs::named(ns);
@@ -109,118 +121,58 @@ impl Net {
             pin_dir,
             _namespaces,
         };
-        for ns in [&net.router, &net.host, &net.server] {
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        let (r, h, s) = (&net.router, &net.host, &net.server);
+        let (r, h, s) = (net.router.as_str(), net.host.as_str(), net.server.as_str());
         for ns in [r, h, s] {
+            ip(ns, "link set lo up");
             // No router solicitations or DAD: fewer stray packets, addresses usable at once.
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.default.accept_dad=0",
-            ]);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.accept_dad=0",
-            ]);
+            for scope in ["default", "all"] {
+                sysctl(ns, &format!("net.ipv6.conf.{scope}.accept_dad=0"));
+            }
         }
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
+        sysctl(r, "net.ipv4.ip_forward=1");
+        sysctl(r, "net.ipv6.conf.all.forwarding=1");
+        ip(
             r,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
+            &format!("link add p1 type veth peer name eth0 netns {h}"),
+        );
+        ip(
             r,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
-        sh(&["ip", "-n", r, "link", "add", "br0", "type", "bridge"]);
-        sh(&[
-            "ip", "-n", r, "link", "add", "p1", "type", "veth", "peer", "name", "eth0", "netns", h,
-        ]);
-        sh(&["ip", "-n", r, "link", "set", "p1", "master", "br0"]);
-        sh(&[
-            "ip", "-n", r, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0", "netns",
-            s,
-        ]);
-        sh(&["ip", "-n", r, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
-        sh(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            "fd77::1/64",
-            "dev",
-            "br0",
-            "nodad",
-        ]);
-        sh(&["ip", "-n", r, "addr", "add", "10.78.0.1/24", "dev", "wan0"]);
-        sh(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            "fd78::1/64",
-            "dev",
-            "wan0",
-            "nodad",
-        ]);
-        sh(&["ip", "-n", h, "addr", "add", "10.77.0.2/24", "dev", "eth0"]);
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "addr",
-            "add",
-            "fd77::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        sh(&["ip", "-n", s, "addr", "add", "10.78.0.2/24", "dev", "eth0"]);
-        sh(&[
-            "ip",
-            "-n",
-            s,
-            "addr",
-            "add",
-            "fd78::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        for (ns, dev) in [(r, "br0"), (r, "p1"), (r, "wan0"), (h, "eth0"), (s, "eth0")] {
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            &format!("link add wan0 type veth peer name eth0 netns {s}"),
+        );
+        net.bridge_up();
+        for (ns, cmd) in [
+            (r, "addr add 10.78.0.1/24 dev wan0"),
+            (r, "addr add fd78::1/64 dev wan0 nodad"),
+            (h, "addr add 10.77.0.2/24 dev eth0"),
+            (h, "addr add fd77::2/64 dev eth0 nodad"),
+            (s, "addr add 10.78.0.2/24 dev eth0"),
+            (s, "addr add fd78::2/64 dev eth0 nodad"),
+            (r, "link set p1 up"),
+            (r, "link set wan0 up"),
+            (h, "link set eth0 up"),
+            (s, "link set eth0 up"),
+            (h, "route add default via 10.77.0.1"),
+            (h, "-6 route add default via fd77::1"),
+            (s, "route add default via 10.78.0.1"),
+            (s, "-6 route add default via fd78::1"),
+        ] {
+            ip(ns, cmd);
         }
-        sh(&["ip", "-n", h, "route", "add", "default", "via", "10.77.0.1"]);
-        sh(&[
-            "ip", "-n", h, "-6", "route", "add", "default", "via", "fd77::1",
-        ]);
-        sh(&["ip", "-n", s, "route", "add", "default", "via", "10.78.0.1"]);
-        sh(&[
-            "ip", "-n", s, "-6", "route", "add", "default", "via", "fd78::1",
-        ]);
         net
+    }
+
+    /// The router's bridge `br0` with `p1` in it, its addresses, up (again, after it was
+    /// deleted).
+    fn bridge_up(&self) {
+        for cmd in [
+            "link add br0 type bridge",
+            "link set p1 master br0",
+            "addr add 10.77.0.1/24 dev br0",
+            "addr add fd77::1/64 dev br0 nodad",
+            "link set br0 up",
+        ] {
+            ip(&self.router, cmd);
+        }
     }
 
     fn options(&self, mode: AttachMode) -> Options {
@@ -241,6 +193,18 @@ impl Net {
 
     fn maps(&self) -> Maps {
         Maps::open(&self.pin_dir).unwrap_or_else(|e| panic!("open maps: {e}"))
+    }
+
+    /// One ping from the host to `dst` (1 s at most): answered?
+    fn ping_answered(&self, dst: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &self.host, "ping", "-c", "1", "-W", "1", dst,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
     }
 
     /// Wait until the path works both ways (neighbour discovery done), so the counted
@@ -1007,21 +971,10 @@ fn isolation(tag: &str, mode: AttachMode) {
     // Four streams at ~2000 packets/s for half a second, minus scheduling slack.
     assert!(dropped > 1000, "isolated drops counted: {dropped}");
     // A ping gets no answer either.
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.host,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "10.78.0.2",
-        ])
-        .output()
-        .unwrap();
-    assert!(!ping.status.success(), "ping answered while isolated");
+    assert!(
+        !net.ping_answered("10.78.0.2"),
+        "ping answered while isolated"
+    );
 
     maps.set_isolated(false).unwrap();
     let mut resumed = Vec::new();
@@ -1160,23 +1113,8 @@ fn reattach_after_the_bridge_is_recreated() {
     for mode in [AttachMode::Tcx, AttachMode::Netlink] {
         net.attach(mode);
         assert_eq!(count_udp(&net, 5), 5, "{mode:?}: before");
-        let r = net.router.as_str();
-        sh(&["ip", "-n", r, "link", "del", "br0"]);
-        sh(&["ip", "-n", r, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", r, "link", "set", "p1", "master", "br0"]);
-        sh(&["ip", "-n", r, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
-        sh(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            "fd77::1/64",
-            "dev",
-            "br0",
-            "nodad",
-        ]);
-        sh(&["ip", "-n", r, "link", "set", "br0", "up"]);
+        ip(&net.router, "link del br0");
+        net.bridge_up();
         net.warm_up();
         assert_eq!(
             count_udp(&net, 5),
@@ -1237,22 +1175,8 @@ fn pinned_state_survives_the_loader() {
         // The kill switch works on the program the child left behind.
         let mut maps = net.maps();
         maps.set_isolated(true).unwrap();
-        let ping = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.host,
-                "ping",
-                "-c",
-                "1",
-                "-W",
-                "1",
-                "10.78.0.2",
-            ])
-            .output()
-            .unwrap();
         assert!(
-            !ping.status.success(),
+            !net.ping_answered("10.78.0.2"),
             "{mode:?}: ping answered while isolated"
         );
         maps.set_isolated(false).unwrap();

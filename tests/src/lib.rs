@@ -24,6 +24,36 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// An error unless running as root; `why` says what needs it. For the lab's programs.
+pub fn root_for(why: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        anyhow::bail!("run this as root: {why}");
+    }
+    Ok(())
+}
+
+/// The `main` of the lab's programs (`demo`, `bench`), which xtask builds and runs:
+/// `dispatch` gets the arguments and gives `None` when they make no sense (then `usage`
+/// is printed and the exit code is 2); an error is printed the way xtask prints its own.
+pub fn program_main(
+    usage: &str,
+    dispatch: impl FnOnce(&[&str]) -> Option<anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match dispatch(&args) {
+        None => {
+            eprint!("{usage}");
+            std::process::ExitCode::from(2)
+        }
+        Some(Ok(())) => std::process::ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Panic with a clear message unless running as root: a test that cannot run must fail,
 /// not pass silently.
 pub fn require_root() {

@@ -166,6 +166,9 @@ impl std::fmt::Display for Layout {
     }
 }
 
+/// The web page's port in the package's configuration (`web_listen 'lan:2243'`).
+pub const WEB_PORT: u16 = 2243;
+
 /// How long netifd may take to bring the interfaces up, and fw4 to reload with them.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one command in the router may take.
@@ -178,7 +181,7 @@ const OPENWRT_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 pub struct OwLab {
     // Dropped in this order: the daemons (ours, by pid), the lab (every process left in
     // its namespaces, then the namespaces), then the root.
-    daemons: BTreeMap<&'static str, Child>,
+    daemons: std::sync::Mutex<BTreeMap<&'static str, Child>>,
     holder: Option<Child>,
     lab: Lab,
     root: Root,
@@ -200,7 +203,7 @@ impl OwLab {
         install_openwrt(&root, fw4);
         let lab = Lab::namespaces(&lab::unique_prefix()).expect("the lab's namespaces");
         let mut ow = OwLab {
-            daemons: BTreeMap::new(),
+            daemons: std::sync::Mutex::new(BTreeMap::new()),
             holder: None,
             lab,
             root,
@@ -229,6 +232,7 @@ impl OwLab {
         }
         ip_batch(&router, &batch);
         ow.start_holder();
+        ow.sh_ok("cage --version >/dev/null");
         // First boot's uci-defaults, as OpenWrt runs them: in the router, with its ports.
         let out = ow.sh("cd /etc/uci-defaults && sh ./90-cage");
         assert!(
@@ -320,7 +324,8 @@ impl OwLab {
 
     /// Write the lab's Cage configuration ([`Lab::base_config`] and `extra`) for this
     /// router: OpenWrt mode (netifd makes the segment, Cage adopts it), the segment's
-    /// ports as 90-cage gave them, the board's WAN device.
+    /// ports as 90-cage gave them, the board's WAN device, and the web page where the
+    /// package puts it: on the LAN's addresses as netifd gives them, port [`WEB_PORT`].
     pub fn write_cage_config(&self, extra: &str) -> PathBuf {
         let path = self.lab.write_config(extra);
         let ports: String = self
@@ -339,9 +344,15 @@ impl OwLab {
             .replace(
                 "\tlist device 'wan'\n",
                 &format!("\tlist device '{}'\n", self.layout.wan),
+            )
+            .replace(
+                &format!("\toption web_listen '192.168.8.1:{}'\n", lab::WEB_PORT),
+                &format!("\toption web_listen 'lan:{WEB_PORT}'\n"),
             );
         assert!(
-            text.contains(&ports) && text.contains("option mode 'openwrt'"),
+            text.contains(&ports)
+                && text.contains("option mode 'openwrt'")
+                && text.contains(&format!("web_listen 'lan:{WEB_PORT}'")),
             "the lab's base configuration changed shape:\n{text}"
         );
         std::fs::write(&path, text).unwrap();
@@ -353,7 +364,7 @@ impl OwLab {
     /// exists), then the firewall and the network ([`OwLab::boot_network`]). Waits until
     /// Cage has isolated every port netifd put in the segment's bridge. The lab's Cage
     /// configuration is [`OwLab::write_cage_config`] with `extra`.
-    pub fn boot_with_cage(&mut self, extra: &str) -> CageRun {
+    pub fn boot_with_cage(&self, extra: &str) -> CageRun {
         self.write_cage_config(extra);
         let run = self.lab.spawn_cage_run();
         run.wait_applied();
@@ -385,7 +396,7 @@ impl OwLab {
     /// netifd has the LAN, the WAN and the segment up, fw4 has reloaded with their
     /// devices (netifd's ifup hotplug events run `20-firewall`, which runs `fw4 reload`),
     /// and the lab's links carry traffic.
-    pub fn boot_network(&mut self) {
+    pub fn boot_network(&self) {
         let out = self.sh("fw4 start");
         assert!(
             out.status.success(),
@@ -400,19 +411,25 @@ impl OwLab {
 
     /// Start netifd (as `/etc/init.d/network` does: `netifd` with its defaults; its log
     /// on stderr, into the lab's directory).
-    pub fn start_netifd(&mut self) {
+    pub fn start_netifd(&self) {
         self.start_daemon("netifd", &["/sbin/netifd", "-S"]);
     }
 
     /// netifd's process id, if it runs.
-    pub fn netifd_pid(&mut self) -> Option<u32> {
-        let child = self.daemons.get_mut("netifd")?;
+    pub fn netifd_pid(&self) -> Option<u32> {
+        let mut daemons = self.daemons.lock().unwrap();
+        let child = daemons.get_mut("netifd")?;
         matches!(child.try_wait(), Ok(None)).then(|| child.id())
     }
 
     /// Stop netifd with `signal` and wait (bounded) until it has exited.
-    pub fn stop_netifd(&mut self, signal: i32) {
-        let mut child = self.daemons.remove("netifd").expect("netifd was started");
+    pub fn stop_netifd(&self, signal: i32) {
+        let mut child = self
+            .daemons
+            .lock()
+            .unwrap()
+            .remove("netifd")
+            .expect("netifd was started");
         // SAFETY: kill(2) on the pid of our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         let until = Instant::now() + Duration::from_secs(10);
@@ -512,7 +529,7 @@ impl OwLab {
     /// What the daemons logged, the interfaces and the ruleset: for failure messages.
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
-        for name in self.daemons.keys() {
+        for name in self.daemons.lock().unwrap().keys() {
             let log = self.lab.dir().join(format!("{name}.log"));
             out.push_str(&format!(
                 "--- {name} log:\n{}\n",
@@ -799,10 +816,13 @@ impl OwLab {
     }
 
     /// The router's mount namespace: a process in the router's netns that has its own
-    /// mounts (/proc, the netns's /sys, a minimal /dev inside the root) and sits chrooted
-    /// in the root; everything in the router enters it (`nsenter -t`).
+    /// mounts (/proc, the netns's /sys, a minimal /dev inside the root, the lab's `cage`
+    /// binary at /usr/bin/cage) and sits chrooted in the root; everything in the router
+    /// enters it (`nsenter -t`).
     fn start_holder(&mut self) {
         let r = self.root.path().display().to_string();
+        let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+        let cage = cage.display();
         let script = format!(
             "set -e\n\
              mount -t proc proc '{r}/proc'\n\
@@ -816,6 +836,8 @@ impl OwLab {
              ln -s /proc/self/fd/0 '{r}/dev/stdin'\n\
              ln -s /proc/self/fd/1 '{r}/dev/stdout'\n\
              ln -s /proc/self/fd/2 '{r}/dev/stderr'\n\
+             touch '{r}/usr/bin/cage'\n\
+             mount --bind '{cage}' '{r}/usr/bin/cage'\n\
              exec chroot '{r}' /bin/sh -c 'echo ready; while :; do sleep 3600; done'\n"
         );
         let mut child = self
@@ -867,7 +889,7 @@ impl OwLab {
 
     /// Start a daemon of the root in the router, its output into `<name>.log` in the
     /// lab's directory.
-    fn start_daemon(&mut self, name: &'static str, argv: &[&str]) {
+    fn start_daemon(&self, name: &'static str, argv: &[&str]) {
         let log = self.lab.dir().join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -883,7 +905,7 @@ impl OwLab {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        self.daemons.insert(name, child);
+        self.daemons.lock().unwrap().insert(name, child);
     }
 
     /// Poll `cond` every 100 ms for at most `timeout`; panics with the diagnostics if
@@ -903,7 +925,7 @@ impl OwLab {
 
 impl Drop for OwLab {
     fn drop(&mut self) {
-        for (_, mut child) in std::mem::take(&mut self.daemons) {
+        for (_, mut child) in std::mem::take(&mut *self.daemons.lock().unwrap()) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -955,12 +977,17 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     install_file(root, &procd.join("procd.sh"), "lib/functions/procd.sh");
     install_file(root, &procd.join("reload_config"), "sbin/reload_config");
     install_file(root, &procd.join("service"), "sbin/service");
+    // Cage itself goes where the package puts it, /usr/bin/cage, by a bind mount in the
+    // router's mount namespace (see `start_holder`; a debug build is over 100 MB), with
+    // the libraries it needs.
+    let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
     install_file(root, Path::new("/usr/sbin/nft"), "usr/sbin/nft");
     install_file(root, Path::new("/usr/bin/flock"), "usr/bin/flock");
     let mut programs: Vec<PathBuf> = ["/usr/sbin/nft", "/usr/bin/flock"]
         .iter()
         .map(PathBuf::from)
         .collect();
+    programs.push(cage);
     for p in [
         "sbin/ubusd",
         "sbin/netifd",
@@ -982,11 +1009,6 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     // tests/tests/package.rs's business).
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt/files");
     copy_tree(root, &package, "");
-    // And its binary: 90-cage runs `cage check` before it declares anything.
-    let cage = crate::lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    install_file(root, &cage, "usr/bin/cage");
-    root.copy_host_libs(std::slice::from_ref(&cage))
-        .unwrap_or_else(|e| panic!("copying cage's libraries into the root: {e}"));
     // The image build writes the firmware's PATH into these (base-files' Makefile,
     // TARGET_INIT_PATH); hotplug-call runs every hotplug script with it.
     for rel in ["sbin/hotplug-call", "etc/profile", "etc/preinit"] {

@@ -110,7 +110,7 @@ fn binaries_are_static_for_the_right_machine() {
         if uses_ebpf() {
             assert!(embedded, "{triple}: no eBPF object embedded");
         } else if !embedded {
-            warn(&format!(
+            cage_tests::warn(&format!(
                 "{triple}: the eBPF program is not in the binary: nothing in cage calls cage_agent::ebpf yet"
             ));
         }
@@ -140,19 +140,6 @@ fn uses_ebpf() -> bool {
         }
     }
     false
-}
-
-/// Said on stderr and collected in the file that `cargo xtask test` prints at the end.
-fn warn(msg: &str) {
-    eprintln!("WARNING: {msg}");
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cage-test-warnings.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{msg}");
-    }
 }
 
 fn program_header_types(elf: &[u8]) -> Vec<u32> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use socket2::{Protocol, Socket, Type};
 
 use super::netns::Background;
-use super::sys::{poll, recv_msg, send_msg_from, setsockopt_int};
+use super::sys::{poll, poll_set, recv_msg, send_msg_from, setsockopt_int};
 use super::witness::{MAX_READS_PER_ROUND, POLL_MS};
 use super::{Family, NetNs, ProbeError, Proto};
 
@@ -170,14 +170,7 @@ fn serve(
     max: Duration,
 ) {
     let deadline = Instant::now() + max;
-    let mut fds: Vec<libc::pollfd> = sockets
-        .iter()
-        .map(|(_, _, s)| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut fds = poll_set(sockets.iter().map(|(_, _, s)| s));
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         if poll(&mut fds, POLL_MS).is_err() {

@@ -2,10 +2,10 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::{mem, ptr};
 
-use socket2::SockAddr;
+use socket2::{SockAddr, Socket};
 
 pub(super) fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `value` outlives the call and its size is passed along.
@@ -23,6 +23,17 @@ pub(super) fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// One `pollfd` per socket, waiting for something to read.
+pub(super) fn poll_set<'a>(sockets: impl Iterator<Item = &'a Socket>) -> Vec<libc::pollfd> {
+    sockets
+        .map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect()
 }
 
 pub(super) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {

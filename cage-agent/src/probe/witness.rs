@@ -15,7 +15,7 @@ use std::{fmt, mem};
 use socket2::{Protocol, Socket, Type};
 
 use super::netns::Background;
-use super::sys::{poll, recv_msg, setsockopt_int};
+use super::sys::{poll, poll_set, recv_msg, setsockopt_int};
 use super::{
     probe_in, Attempt, Family, NetNs, Observation, Probe, ProbeError, Proto, Token, Verdict,
     IN_FLIGHT,
@@ -330,14 +330,7 @@ fn witness_loop(
     limits: WitnessLimits,
 ) -> Result<(), String> {
     let deadline = Instant::now() + limits.max_duration;
-    let mut fds: Vec<libc::pollfd> = sockets
-        .iter()
-        .map(|(_, _, s)| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut fds = poll_set(sockets.iter().map(|(_, _, s)| s));
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         let round = Instant::now();

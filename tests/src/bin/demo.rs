@@ -16,40 +16,18 @@ use cage_tests::lab::{self, Lab};
 pub const PREFIX: &str = "cage";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["up"] => up(),
-        ["down"] => down(),
-        _ => {
-            eprintln!(
-                "usage: demo up | down  (run by `cargo xtask demo` and `cargo xtask lab down`)"
-            );
-            return ExitCode::from(2);
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xtask: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn require_root(why: &str) -> Result<()> {
-    if !cage_tests::is_root() {
-        bail!("run this as root: {why}");
-    }
-    Ok(())
+    cage_tests::program_main(
+        "usage: demo up | down  (run by `cargo xtask demo` and `cargo xtask lab down`)\n",
+        |args| match args {
+            ["up"] => Some(up()),
+            ["down"] => Some(down()),
+            _ => None,
+        },
+    )
 }
 
 fn up() -> Result<()> {
-    require_root("the lab builds network namespaces and nftables tables")?;
+    cage_tests::root_for("the lab builds network namespaces and nftables tables")?;
 
     println!("xtask demo: building the lab (removing a previous one first)");
     let lab = Lab::up(PREFIX).context("bringing the lab up")?;
@@ -131,7 +109,7 @@ fn up() -> Result<()> {
 }
 
 fn down() -> Result<()> {
-    require_root("removing network namespaces")?;
+    cage_tests::root_for("removing network namespaces")?;
     lab::down(PREFIX).context("tearing the lab down")?;
     let left = lab::leftovers(PREFIX);
     if !left.is_empty() {

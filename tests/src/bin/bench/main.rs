@@ -30,32 +30,16 @@ usage: bench killswitch | flows | dns | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
 ";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = match args.as_slice() {
-        ["killswitch"] => require_root().and_then(|()| killswitch::killswitch()),
-        ["flows"] => require_root().and_then(|()| flows::flows()),
-        ["dns"] => require_root().and_then(|()| dns::dns()),
-        ["web", glibc, musl] => web::web(glibc, musl),
-        _ => {
-            eprint!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xtask: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn require_root() -> Result<()> {
-    if !cage_tests::is_root() {
-        bail!("run this as root: the benchmark builds a lab in network namespaces");
-    }
-    Ok(())
+    cage_tests::program_main(USAGE, |args| {
+        let root = || cage_tests::root_for("the benchmark builds a lab in network namespaces");
+        Some(match args {
+            ["killswitch"] => root().and_then(|()| killswitch::killswitch()),
+            ["flows"] => root().and_then(|()| flows::flows()),
+            ["dns"] => root().and_then(|()| dns::dns()),
+            ["web", glibc, musl] => web::web(glibc, musl),
+            _ => return None,
+        })
+    })
 }
 
 /// `cage run` in the lab's router, once it has applied its policy (at most 15 s).
