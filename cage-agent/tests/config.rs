@@ -35,8 +35,8 @@ fn example_config_parses_to_the_expected_config() {
                 address: "192.168.10.1/24".parse().unwrap(),
                 ipv6: true,
                 address6: Some("fd00:cafe:10::1/64".parse().unwrap()),
-                ports: vec!["lan3".into()],
-                vlan: Some(10),
+                ports: vec![],
+                vlan: None,
             },
             lan: Lan {
                 devices: vec!["br-lan".into()],

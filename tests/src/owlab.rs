@@ -832,6 +832,10 @@ impl OwLab {
              mknod -m 666 '{r}/dev/zero' c 1 5\n\
              mknod -m 666 '{r}/dev/random' c 1 8\n\
              mknod -m 666 '{r}/dev/urandom' c 1 9\n\
+             ln -s /proc/self/fd '{r}/dev/fd'\n\
+             ln -s /proc/self/fd/0 '{r}/dev/stdin'\n\
+             ln -s /proc/self/fd/1 '{r}/dev/stdout'\n\
+             ln -s /proc/self/fd/2 '{r}/dev/stderr'\n\
              touch '{r}/usr/bin/cage'\n\
              mount --bind '{cage}' '{r}/usr/bin/cage'\n\
              exec chroot '{r}' /bin/sh -c 'echo ready; while :; do sleep 3600; done'\n"
