@@ -201,6 +201,13 @@ impl Daemon {
         let next = apply::check(config_path).await;
         self.reapply(next, "new configuration refused, the running policy stays")
             .await;
+        match self.selftest.next(&self.current.config.selftest) {
+            Some(at) => ::log::debug!(
+                "self-test: the next scheduled run in {} s",
+                at.saturating_duration_since(Instant::now()).as_secs()
+            ),
+            None => ::log::debug!("self-test: no scheduled run (selftest.interval 0)"),
+        }
     }
 
     /// The watch tick: repair the segment, and re-apply when the kernel drifted from what
@@ -208,7 +215,14 @@ impl Daemon {
     async fn on_watch(&mut self) {
         self.repair_segment().await;
         let seen = Observed::now(&self.current).await;
-        if let Some(reason) = drift(&self.current, &self.applied_text, &seen) {
+        let drifted = drift(&self.current, &self.applied_text, &seen);
+        ::log::debug!(
+            "watch: {}",
+            drifted
+                .as_deref()
+                .unwrap_or("the kernel holds what was applied")
+        );
+        if let Some(reason) = drifted {
             log::warn(&format!("{reason}: re-applying the policy"));
             let next = apply::check_config(self.current.config.clone()).await;
             self.reapply(next, "re-apply failed").await;
@@ -258,6 +272,13 @@ impl Daemon {
         };
         let violations = self.dns_shared.violations();
         let Some(trigger) = self.auto_decide(inputs, &meters, &violations, Instant::now()) else {
+            ::log::debug!(
+                "automatic isolation: {} meters read ({} host readings), {} hosts with DNS \
+                 violations: nothing over the limits",
+                meters.meters.len(),
+                meters.meters.iter().map(|(_, c)| c.len()).sum::<usize>(),
+                violations.len()
+            );
             return;
         };
         log::warn(&format!("{trigger}: isolating the segment"));
@@ -312,6 +333,13 @@ impl Daemon {
                         log::info(&a);
                     }
                     log::info("policy applied");
+                    ::log::debug!(
+                        "applied: {} objects in the transaction, WAN {}, isolated: {}",
+                        next.ruleset.objects.len(),
+                        wan_list(&next),
+                        next.isolated
+                    );
+                    log::configure(next.config.main.log_level);
                     self.current = next;
                     self.sync_dns();
                     Ok(())
@@ -675,6 +703,10 @@ impl Collector {
             }
         }
         records.sort_by(|a, b| a.start.cmp(&b.start));
+        ::log::debug!(
+            "flow log: writing {} records, {in_map} flows still in the eBPF map",
+            records.len()
+        );
         let result = if records.is_empty() {
             log.save_stats()
         } else {
