@@ -834,8 +834,39 @@ fn remove_leaves_no_cage_table_and_the_segment_switched_off() {
             let network = root.read("etc/config/network");
             let wireless = root.read("etc/config/wireless");
             let lan = lan_bridge_ports(router);
+            // The segment's bridge, as netifd makes it (with `ip` here): cage run adopts
+            // it and attaches its eBPF flow counter, pinned in the router's bpffs. Made
+            // after cage run's first look found none: a bridge that is there before that
+            // first look gets no eBPF program (cage-agent's daemon.rs, repair_segment).
+            assert!(eventually(15, || router.syslog().contains(
+                "cannot set up the segment: br-cage does not exist yet"
+            )));
+            router.sh_ok("ip link add br-cage type bridge && ip link set br-cage up");
+            let pins = || router.sh_ok("ls /sys/fs/bpf/cage/br-cage 2>/dev/null; true");
+            assert!(
+                eventually(15, || !pins().trim().is_empty()),
+                "cage run did not attach to br-cage:\n{}",
+                router.syslog()
+            );
 
             let out = router.sh_ok("opkg remove cage 2>&1");
+            // ... and `cage disable` took the eBPF program away too.
+            assert_eq!(pins().trim(), "", "eBPF pins left:\n{out}");
+            // Nothing left on the bridge either (this machine's tc and bpftool, in the
+            // router's network namespace: busybox has neither).
+            let on_bridge = std::process::Command::new("ip")
+                .args(["netns", "exec", router.netns(), "sh", "-c"])
+                .arg(
+                    "tc filter show dev br-cage ingress; tc filter show dev br-cage egress; \
+                     command -v bpftool >/dev/null && bpftool net show dev br-cage; true",
+                )
+                .output()
+                .unwrap();
+            let on_bridge = String::from_utf8_lossy(&on_bridge.stdout).into_owned();
+            assert!(
+                !on_bridge.contains("cage"),
+                "a hook is left on br-cage:\n{on_bridge}"
+            );
             // prerm's `cage disable` ran: no Cage table left, no daemon (procd neither
             // restarted it nor kept the service).
             assert_eq!(cage_tables(router), "", "{out}");
