@@ -4,11 +4,12 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::{io_err, SelftestError, RESULT_FILE, RUNNING_FILE};
+use crate::clock::unix_now;
 // ---- the result -----------------------------------------------------------------------
 
 /// One check and what became of it.
@@ -250,13 +251,6 @@ pub fn store(report: &Report, log_dir: &Path) -> Result<PathBuf, SelftestError> 
     std::fs::write(&tmp, json).map_err(io_err(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, &path).map_err(io_err(format!("renaming to {}", path.display())))?;
     Ok(path)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
