@@ -123,6 +123,17 @@ impl AgentBackend {
         Ok(cfg)
     }
 
+    /// The kill switch pressed on the page: isolate when `on`, else release.
+    async fn press(&self, on: bool, reason: String, who: String) -> Result<(), BackendError> {
+        let cfg = self.config();
+        let pressed = if on {
+            killswitch::isolate(&cfg, Source::Web, &reason, &who).await
+        } else {
+            killswitch::release(&cfg, Source::Web, &reason, &who).await
+        };
+        pressed.map(drop).map_err(failed)
+    }
+
     /// An option's text as the file has it, from the first section of `kind`.
     fn raw_option(&self, kind: &str, option: &str) -> Option<String> {
         let text = std::fs::read_to_string(&self.path).ok()?;
@@ -237,25 +248,11 @@ impl Backend for AgentBackend {
     }
 
     fn isolate(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>> {
-        async move {
-            let cfg = self.config();
-            killswitch::isolate(&cfg, Source::Web, &reason, &who)
-                .await
-                .map(drop)
-                .map_err(failed)
-        }
-        .boxed()
+        self.press(true, reason, who).boxed()
     }
 
     fn release(&self, reason: String, who: String) -> BoxFuture<'_, Result<(), BackendError>> {
-        async move {
-            let cfg = self.config();
-            killswitch::release(&cfg, Source::Web, &reason, &who)
-                .await
-                .map(drop)
-                .map_err(failed)
-        }
-        .boxed()
+        self.press(false, reason, who).boxed()
     }
 
     fn flows(

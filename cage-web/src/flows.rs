@@ -198,13 +198,18 @@ fn attachment(body: String, content_type: &'static str, name: &'static str) -> R
     r
 }
 
+/// The flows a download asks for: all that match, unless it names a limit.
+async fn to_download(state: &AppState, raw: Option<&str>) -> Result<Vec<FlowRecord>, WebError> {
+    let (filter, limit, _) = parse_query(raw, 0)?;
+    Ok(state.backend.flows(filter, limit).await?)
+}
+
 pub async fn download_jsonl(
     State(state): State<AppState>,
     _: Authed,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, WebError> {
-    let (filter, limit, _) = parse_query(raw.as_deref(), 0)?;
-    let flows = state.backend.flows(filter, limit).await?;
+    let flows = to_download(&state, raw.as_deref()).await?;
     let mut o = String::with_capacity(flows.len() * 300);
     for f in &flows {
         if let Ok(line) = serde_json::to_string(f) {
@@ -275,8 +280,7 @@ pub async fn download_csv(
     _: Authed,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, WebError> {
-    let (filter, limit, _) = parse_query(raw.as_deref(), 0)?;
-    let flows = state.backend.flows(filter, limit).await?;
+    let flows = to_download(&state, raw.as_deref()).await?;
     Ok(attachment(
         csv(&flows),
         "text/csv; charset=utf-8",

@@ -119,30 +119,26 @@ fn listen_addrs(cfg: &Config) -> Vec<IpAddr> {
 }
 
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    prepare(&s, addr)?;
+    let s = socket(addr, socket2::Type::DGRAM, socket2::Protocol::UDP)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    prepare(&s, addr)?;
+    let s = socket(addr, socket2::Type::STREAM, socket2::Protocol::TCP)?;
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     s.listen(128)?;
     TcpListener::from_std(s.into())
 }
 
-fn prepare(s: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
+/// A non-blocking socket for `addr`, not bound yet.
+fn socket(
+    addr: SocketAddr,
+    ty: socket2::Type,
+    protocol: socket2::Protocol,
+) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, Some(protocol))?;
     // The segment's addresses may not be there yet (OpenWrt: netifd brings the bridge
     // up when it likes); binding to them anyway means listening only on the segment.
     if addr.is_ipv4() {
@@ -151,7 +147,8 @@ fn prepare(s: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
         s.set_only_v6(true)?;
         s.set_freebind_v6(true)?;
     }
-    s.set_nonblocking(true)
+    s.set_nonblocking(true)?;
+    Ok(s)
 }
 
 impl Forwarder {

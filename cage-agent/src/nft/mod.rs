@@ -231,13 +231,7 @@ pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, Nft
             let Some(addr) = e["val"].as_str().and_then(|a| a.parse().ok()) else {
                 continue;
             };
-            counts.insert(
-                addr,
-                Count {
-                    packets: e["counter"]["packets"].as_u64().unwrap_or(0),
-                    bytes: e["counter"]["bytes"].as_u64().unwrap_or(0),
-                },
-            );
+            counts.insert(addr, Count::of(&e["counter"]));
         }
     }
     Ok(counts)
@@ -254,10 +248,7 @@ pub fn named_counter(name: &str) -> Result<Option<Count>, NftError> {
         .into_iter()
         .flatten()
         .find_map(|o| o.get("counter"))
-        .map(|c| Count {
-            packets: c["packets"].as_u64().unwrap_or(0),
-            bytes: c["bytes"].as_u64().unwrap_or(0),
-        }))
+        .map(Count::of))
 }
 
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
@@ -265,6 +256,16 @@ pub fn named_counter(name: &str) -> Result<Option<Count>, NftError> {
 pub struct Count {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl Count {
+    /// A counter as nft prints it in JSON (`{"packets": …, "bytes": …}`).
+    fn of(counter: &serde_json::Value) -> Count {
+        Count {
+            packets: counter["packets"].as_u64().unwrap_or(0),
+            bytes: counter["bytes"].as_u64().unwrap_or(0),
+        }
+    }
 }
 
 /// Counters of Cage's rules now in the kernel, summed by rule comment. `None` when Cage's
@@ -286,10 +287,10 @@ pub fn counters() -> Result<Option<BTreeMap<String, Count>>, NftError> {
                 continue;
             };
             for e in rule["expr"].as_array().into_iter().flatten() {
-                if let Some(c) = e.get("counter") {
+                if let Some(c) = e.get("counter").map(Count::of) {
                     let entry = sums.entry(comment.to_owned()).or_default();
-                    entry.packets += c["packets"].as_u64().unwrap_or(0);
-                    entry.bytes += c["bytes"].as_u64().unwrap_or(0);
+                    entry.packets += c.packets;
+                    entry.bytes += c.bytes;
                 }
             }
         }

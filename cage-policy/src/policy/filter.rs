@@ -366,27 +366,18 @@ fn into_segment(cfg: &Config) -> ChainRules {
         ],
     );
     let lan = &cfg.lan.devices;
-    if cfg.lan.admin_hosts.iter().any(|a| a.is_ipv4()) {
-        c.rule(
-            "allow:admin-host",
-            vec![
-                iifname(lan),
-                is(payload("ip", "saddr"), set_ref("admin4")),
-                is(ct("state"), s("new")),
-                accept(),
-            ],
-        );
-    }
-    if cfg.lan.admin_hosts.iter().any(|a| a.is_ipv6()) {
-        c.rule(
-            "allow:admin-host",
-            vec![
-                iifname(lan),
-                is(payload("ip6", "saddr"), set_ref("admin6")),
-                is(ct("state"), s("new")),
-                accept(),
-            ],
-        );
+    for (v6, proto, set) in [(false, "ip", "admin4"), (true, "ip6", "admin6")] {
+        if cfg.lan.admin_hosts.iter().any(|a| a.is_ipv6() == v6) {
+            c.rule(
+                "allow:admin-host",
+                vec![
+                    iifname(lan),
+                    is(payload(proto, "saddr"), set_ref(set)),
+                    is(ct("state"), s("new")),
+                    accept(),
+                ],
+            );
+        }
     }
     c.deny("deny:into-segment", vec![]);
     c
