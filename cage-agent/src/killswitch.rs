@@ -388,36 +388,27 @@ mod tests {
 
     #[test]
     fn the_button_isolates_and_releases_only_as_configured() {
+        use ButtonAction::*;
         let none = config("");
-        assert_eq!(
-            button_action(&none, "BTN_0", "pressed"),
-            ButtonAction::Ignore
-        );
         let press = config("config killswitch 'killswitch'\n\toption button 'BTN_0'\n");
-        assert_eq!(
-            button_action(&press, "BTN_0", "pressed"),
-            ButtonAction::Isolate
-        );
-        assert_eq!(
-            button_action(&press, "BTN_0", "released"),
-            ButtonAction::Ignore
-        );
-        assert_eq!(
-            button_action(&press, "reset", "pressed"),
-            ButtonAction::Ignore
-        );
         let toggle = config(
             "config killswitch 'killswitch'\n\toption button 'BTN_0'\n\
              \toption button_release '1'\n",
         );
-        assert_eq!(
-            button_action(&toggle, "BTN_0", "released"),
-            ButtonAction::Release
-        );
-        assert_eq!(
-            button_action(&toggle, "BTN_0", "held"),
-            ButtonAction::Ignore
-        );
+        for (cfg, button, action, want) in [
+            (&none, "BTN_0", "pressed", Ignore),
+            (&press, "BTN_0", "pressed", Isolate),
+            (&press, "BTN_0", "released", Ignore),
+            (&press, "reset", "pressed", Ignore),
+            (&toggle, "BTN_0", "released", Release),
+            (&toggle, "BTN_0", "held", Ignore),
+        ] {
+            assert_eq!(
+                button_action(cfg, button, action),
+                want,
+                "{button} {action}"
+            );
+        }
     }
 
     #[test]

@@ -289,22 +289,14 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
     c.reject("deny:lan", vec![oifname(&cfg.lan.devices)]);
     // The upstream network before the private ranges, which usually contain it: the
     // log then names the more telling rule.
-    c.reject(
-        "deny:upstream",
-        vec![is(payload("ip", "daddr"), set_ref("upstream4"))],
-    );
-    c.reject(
-        "deny:upstream",
-        vec![is(payload("ip6", "daddr"), set_ref("upstream6"))],
-    );
-    c.reject(
-        "deny:private",
-        vec![is(payload("ip", "daddr"), set_ref("deny4"))],
-    );
-    c.reject(
-        "deny:private",
-        vec![is(payload("ip6", "daddr"), set_ref("deny6"))],
-    );
+    for (comment, set4, set6) in [
+        ("deny:upstream", "upstream4", "upstream6"),
+        ("deny:private", "deny4", "deny6"),
+    ] {
+        for (proto, set) in [("ip", set4), ("ip6", set6)] {
+            c.reject(comment, vec![is(payload(proto, "daddr"), set_ref(set))]);
+        }
+    }
     if facts.wan_devices.is_empty() {
         // Fail closed: with no WAN known there is no internet to allow.
         c.reject("deny:no-wan", vec![]);
