@@ -6,8 +6,10 @@
 //! every few seconds when the facts it was rendered from change (the WAN got a new
 //! address) or when Cage's tables were removed or altered behind its back.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -18,15 +20,15 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::apply::{self, ApplyError, Checked};
-use crate::config::Config;
+use crate::config::{Config, SelfTest};
 use crate::dns;
 use crate::flows::{self, Blocked, FlowLog, Persister, Sweeper};
 use crate::isolation::{self, Source};
-use crate::killswitch::{self, AutoWatch};
+use crate::killswitch::{self, AutoWatch, Trigger};
 use crate::log;
 use crate::nflog::{self, Denied, NflogCounts, NflogStats};
 use crate::nft;
-use crate::policy;
+use crate::policy::{self, Facts};
 use crate::running::{self, DaemonState};
 
 /// How often the daemon verifies the kernel state and re-detects the facts.
@@ -63,22 +65,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     for a in apply::enforce(&current).await? {
         log::info(&a);
     }
-    let mut d = Daemon {
-        state: DaemonState {
-            pid: std::process::id(),
-            config: config_path.to_owned(),
-            started: crate::clock::unix_now(),
-            last_apply: Some(crate::clock::unix_now()),
-            applies: 1,
-            last_error: None,
-            wan_devices: current.facts.wan_devices.clone(),
-        },
-        applied_text: nft::list_structure()?,
-        current,
-        segment_error: None,
-        dns: None,
-        dns_shared: Arc::new(dns::Shared::default()),
+    let state = DaemonState {
+        pid: std::process::id(),
+        config: config_path.to_owned(),
+        started: crate::clock::unix_now(),
+        last_apply: Some(crate::clock::unix_now()),
+        applies: 1,
+        last_error: None,
+        wan_devices: current.facts.wan_devices.clone(),
     };
+    let mut d = Daemon::new(current, state, nft::list_structure()?, Instant::now());
     d.sync_dns();
     save(&d.state, &d.current.config.main.log_dir);
     // Said once the state file is there, so whoever reads the log and then looks for the
@@ -103,79 +99,28 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     tick.tick().await;
     let mut auto_tick = tokio::time::interval(AUTO_INTERVAL);
     auto_tick.tick().await;
-    let mut auto = AutoWatch::default();
     let mut collector = Collector::start(&d.current.config);
     collector.names = Some(d.dns_shared.clone());
-    // Self-tests the daemon runs (config `selftest`): on a schedule, and after a change
-    // of the applied policy. One at a time, on a blocking thread.
-    let mut selftest_timer = tokio::time::interval(Duration::from_secs(
-        60 * u64::from(d.current.config.selftest.interval_minutes.max(1)),
-    ));
-    selftest_timer.tick().await;
-    let mut selftest_task: Option<tokio::task::JoinHandle<()>> = None;
-    // The first apply counts as a change.
-    let mut applies_seen = 0;
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
 
     loop {
+        // Computed anew at every turn from the configuration in force, so a reloaded
+        // `selftest.interval` counts from the next turn on.
+        let next_selftest = d.selftest.next(&d.current.config.selftest);
         tokio::select! {
-            _ = hup.recv() => {
-                log::info("SIGHUP: reloading configuration");
-                let next = apply::check(config_path).await;
-                d.reapply(next, "new configuration refused, the running policy stays").await;
-            }
-            _ = tick.tick() => {
-                d.repair_segment().await;
-                if let Some(reason) = drift(&d.current, &d.applied_text).await {
-                    log::warn(&format!("{reason}: re-applying the policy"));
-                    let next = apply::check_config(d.current.config.clone()).await;
-                    d.reapply(next, "re-apply failed").await;
-                }
-            }
-            _ = auto_tick.tick() => {
-                let ks = &d.current.config.killswitch;
-                let dns_auto = d.dns.is_some() && d.current.config.dns.auto_violations > 0;
-                if (ks.auto_blocked == 0 && ks.auto_upload_bytes == 0 && !dns_auto)
-                    || d.current.isolated
-                {
-                    continue;
-                }
-                let now = std::time::Instant::now();
-                let mut fired = None;
-                if ks.auto_blocked > 0 || ks.auto_upload_bytes > 0 {
-                    fired = auto.observe(&d.current.config, now);
-                }
-                if fired.is_none() && dns_auto {
-                    fired = auto.observe_dns(&d.current.config, &d.dns_shared.violations(), now);
-                }
-                if let Some(trigger) = fired {
-                    log::warn(&format!("{trigger}: isolating the segment"));
-                    let cfg = d.current.config.clone();
-                    match killswitch::isolate(&cfg, Source::Auto, &trigger.to_string(), "cage").await {
-                        Ok(_) => {
-                            // The applied policy now isolates; what the daemon knows too.
-                            let next = apply::check_config(cfg).await;
-                            d.reapply(next, "re-apply failed").await;
-                        }
-                        Err(e) => log::error(&format!("automatic isolation failed: {e}")),
-                    }
-                    auto.reset();
-                    d.dns_shared.restart_violations();
-                }
-            }
-            _ = selftest_timer.tick() => {
-                if d.current.config.selftest.interval_minutes > 0 {
-                    start_selftest(&mut selftest_task, &d.current.config, "scheduled");
+            _ = hup.recv() => d.on_hup(config_path).await,
+            _ = tick.tick() => d.on_watch().await,
+            _ = auto_tick.tick() => d.on_auto().await,
+            _ = sleep_until(next_selftest) => {
+                if d.selftest.scheduled_due(&d.current.config.selftest, Instant::now()) {
+                    d.start_selftest("scheduled");
                 }
             }
             _ = drain_tick.tick() => {
                 collector.drain(&d.current.config);
-                if d.state.applies != applies_seen {
-                    applies_seen = d.state.applies;
-                    if d.current.config.selftest.after_change && d.state.last_error.is_none() {
-                        start_selftest(&mut selftest_task, &d.current.config, "after a policy change");
-                    }
+                if d.selftest.after_change_due(&d.current.config.selftest, &d.state) {
+                    d.start_selftest("after a policy change");
                 }
             }
             _ = flush_tick.tick() => collector.flush(&d.current.config),
@@ -196,7 +141,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `cage run` keeps between events.
+/// Sleep until `at`; never wake when there is no `at`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What `cage run` keeps between events. Each event of the loop in [`run`] is one method;
+/// the decisions in them (`auto_inputs`, `auto_decide`, [`drift`], [`SelftestPlan`]) take
+/// what the kernel and the disk said as input, so they are tested without either.
 struct Daemon {
     current: Checked,
     state: DaemonState,
@@ -209,9 +164,165 @@ struct Daemon {
     /// What it shares with the flow log and automatic isolation; outlives restarts of
     /// the forwarder.
     dns_shared: Arc<dns::Shared>,
+    /// Automatic isolation's history of readings.
+    auto: AutoWatch,
+    /// When to run `cage selftest` by itself (config `selftest`).
+    selftest: SelftestPlan,
+    /// The self-test running now, if any: one at a time, on a blocking thread.
+    selftest_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Which readings automatic isolation needs at a tick: the meters (a rule on them is on),
+/// the DNS forwarder's violation counts (its rule is on and the forwarder runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AutoInputs {
+    meters: bool,
+    dns: bool,
 }
 
 impl Daemon {
+    fn new(current: Checked, state: DaemonState, applied_text: String, now: Instant) -> Daemon {
+        Daemon {
+            current,
+            state,
+            applied_text,
+            segment_error: None,
+            dns: None,
+            dns_shared: Arc::new(dns::Shared::default()),
+            auto: AutoWatch::default(),
+            selftest: SelftestPlan::new(now),
+            selftest_task: None,
+        }
+    }
+
+    /// SIGHUP: the configuration file again, applied if it is valid.
+    async fn on_hup(&mut self, config_path: &Path) {
+        log::info("SIGHUP: reloading configuration");
+        let next = apply::check(config_path).await;
+        self.reapply(next, "new configuration refused, the running policy stays")
+            .await;
+        match self.selftest.next(&self.current.config.selftest) {
+            Some(at) => ::log::debug!(
+                "self-test: the next scheduled run in {} s",
+                at.saturating_duration_since(Instant::now()).as_secs()
+            ),
+            None => ::log::debug!("self-test: no scheduled run (selftest.interval 0)"),
+        }
+    }
+
+    /// The watch tick: repair the segment, and re-apply when the kernel drifted from what
+    /// was applied.
+    async fn on_watch(&mut self) {
+        self.repair_segment().await;
+        let seen = Observed::now(&self.current).await;
+        let drifted = drift(&self.current, &self.applied_text, &seen);
+        ::log::debug!(
+            "watch: {}",
+            drifted
+                .as_deref()
+                .unwrap_or("the kernel holds what was applied")
+        );
+        if let Some(reason) = drifted {
+            log::warn(&format!("{reason}: re-applying the policy"));
+            let next = apply::check_config(self.current.config.clone()).await;
+            self.reapply(next, "re-apply failed").await;
+        }
+    }
+
+    /// What automatic isolation must read now; `None` when it has nothing to watch: no
+    /// rule is on, or the segment is isolated already.
+    fn auto_inputs(&self) -> Option<AutoInputs> {
+        let cfg = &self.current.config;
+        let inputs = AutoInputs {
+            meters: cfg.killswitch.auto_blocked > 0 || cfg.killswitch.auto_upload_bytes > 0,
+            dns: self.dns.is_some() && cfg.dns.auto_violations > 0,
+        };
+        ((inputs.meters || inputs.dns) && !self.current.isolated).then_some(inputs)
+    }
+
+    /// Whether these readings make automatic isolation fire: the meters' rules first,
+    /// then the DNS forwarder's.
+    fn auto_decide(
+        &mut self,
+        inputs: AutoInputs,
+        meters: &killswitch::Readings,
+        dns_violations: &HashMap<IpAddr, u64>,
+        now: Instant,
+    ) -> Option<Trigger> {
+        let cfg = &self.current.config;
+        let mut fired = None;
+        if inputs.meters {
+            fired = self.auto.observe(cfg, meters, now);
+        }
+        if fired.is_none() && inputs.dns {
+            fired = self.auto.observe_dns(cfg, dns_violations, now);
+        }
+        fired
+    }
+
+    /// The automatic-isolation tick: read, decide, and isolate when a limit was passed.
+    async fn on_auto(&mut self) {
+        let Some(inputs) = self.auto_inputs() else {
+            return;
+        };
+        let meters = if inputs.meters {
+            killswitch::read(&self.current.config)
+        } else {
+            killswitch::Readings::default()
+        };
+        let violations = self.dns_shared.violations();
+        let Some(trigger) = self.auto_decide(inputs, &meters, &violations, Instant::now()) else {
+            ::log::debug!(
+                "automatic isolation: {} meters read ({} host readings), {} hosts with DNS \
+                 violations: nothing over the limits",
+                meters.meters.len(),
+                meters.meters.iter().map(|(_, c)| c.len()).sum::<usize>(),
+                violations.len()
+            );
+            return;
+        };
+        log::warn(&format!("{trigger}: isolating the segment"));
+        let cfg = self.current.config.clone();
+        match killswitch::isolate(&cfg, Source::Auto, &trigger.to_string(), "cage").await {
+            Ok(_) => {
+                // The applied policy now isolates; what the daemon knows too.
+                let next = apply::check_config(cfg).await;
+                self.reapply(next, "re-apply failed").await;
+            }
+            Err(e) => log::error(&format!("automatic isolation failed: {e}")),
+        }
+        self.auto.reset();
+        self.dns_shared.restart_violations();
+    }
+
+    /// Run `cage selftest` on a blocking thread unless one is running; its result goes to
+    /// `<log_dir>/selftest.json` (what `cage status` shows), and a failure is an alert in
+    /// the log.
+    fn start_selftest(&mut self, why: &str) {
+        if self
+            .selftest_task
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        let cfg = self.current.config.clone();
+        let why = why.to_owned();
+        self.selftest_task = Some(tokio::task::spawn_blocking(move || {
+            let targets = cfg
+                .selftest
+                .targets
+                .iter()
+                .filter_map(|t| t.parse().ok())
+                .collect();
+            match crate::selftest::run_and_store(&cfg, &crate::selftest::Options { targets }) {
+                Ok(r) if r.ok => log::info(&format!("self-test ({why}): {}", r.verdict)),
+                Ok(r) => log::error(&format!("ALERT: self-test ({why}): {}", r.verdict)),
+                Err(e) => log::error(&format!("ALERT: self-test ({why}) could not run: {e}")),
+            }
+        }));
+    }
+
     /// Enforce `next` if it was checked successfully; otherwise log why not and keep the
     /// running policy. Either way, record the attempt for `cage status`.
     async fn reapply(&mut self, next: Result<Checked, ApplyError>, refused: &str) {
@@ -222,6 +333,13 @@ impl Daemon {
                         log::info(&a);
                     }
                     log::info("policy applied");
+                    ::log::debug!(
+                        "applied: {} objects in the transaction, WAN {}, isolated: {}",
+                        next.ruleset.objects.len(),
+                        wan_list(&next),
+                        next.isolated
+                    );
+                    log::configure(next.config.main.log_level);
                     self.current = next;
                     self.sync_dns();
                     Ok(())
@@ -310,9 +428,96 @@ impl Daemon {
     }
 }
 
-/// Why the kernel no longer has what the daemon applied, if it doesn't.
-async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
-    match nft::list_structure() {
+/// When `cage run` runs `cage selftest` by itself: every `selftest.interval` minutes
+/// (counted from the last scheduled run, or from the start), and after every change of the
+/// applied policy when `selftest.after_change` is on. The interval is read from the
+/// configuration in force at each turn, so a reload changes it at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SelftestPlan {
+    /// The start, or the last scheduled run.
+    since: Instant,
+    /// The count of applies already answered with a self-test (or passed over).
+    applies_seen: u64,
+}
+
+impl SelftestPlan {
+    fn new(now: Instant) -> SelftestPlan {
+        // The first apply counts as a change.
+        SelftestPlan {
+            since: now,
+            applies_seen: 0,
+        }
+    }
+
+    /// When the next scheduled run is due; `None` when `interval` is 0 (never).
+    fn next(&self, cfg: &SelfTest) -> Option<Instant> {
+        (cfg.interval_minutes > 0)
+            .then(|| self.since + Duration::from_secs(60 * u64::from(cfg.interval_minutes)))
+    }
+
+    /// Whether a scheduled run is due `now`; if so the next one counts from `now`.
+    fn scheduled_due(&mut self, cfg: &SelfTest, now: Instant) -> bool {
+        match self.next(cfg) {
+            Some(at) if at <= now => {
+                self.since = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the policy changed since the last look and a self-test should prove it:
+    /// `after_change` is on and the change applied without error. Each change is
+    /// answered once.
+    fn after_change_due(&mut self, cfg: &SelfTest, state: &DaemonState) -> bool {
+        if state.applies == self.applies_seen {
+            return false;
+        }
+        self.applies_seen = state.applies;
+        cfg.after_change && state.last_error.is_none()
+    }
+}
+
+/// What one watch tick read of the kernel and the disk, for [`drift`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observed {
+    /// Cage's tables without counters and set contents (`nft::list_structure`), or why
+    /// they could not be read.
+    structure: Result<String, String>,
+    /// The kill switch as stored: the truth the kernel must follow.
+    wanted_isolated: bool,
+    /// Whether the kill switch's set holds the segment now, or why it could not be read.
+    kernel_isolated: Result<bool, String>,
+    /// The eBPF program's kill-switch flag, when it is pinned and could be read.
+    ebpf_isolated: Option<bool>,
+    /// The facts detected now; `None` when detection failed (that is no drift).
+    facts: Option<Facts>,
+}
+
+impl Observed {
+    async fn now(current: &Checked) -> Observed {
+        let pin_dir = current.config.pin_dir();
+        Observed {
+            structure: nft::list_structure().map_err(|e| e.to_string()),
+            wanted_isolated: isolation::load(&current.config).isolated,
+            kernel_isolated: nft::isolated_now().map_err(|e| e.to_string()),
+            ebpf_isolated: crate::ebpf::is_pinned(&pin_dir)
+                .then(|| {
+                    crate::ebpf::Maps::open(&pin_dir)
+                        .and_then(|m| m.isolated())
+                        .ok()
+                })
+                .flatten(),
+            facts: crate::netlink::detect_facts(&current.config).await.ok(),
+        }
+    }
+}
+
+/// Why the kernel no longer has what the daemon applied, if it doesn't: the first of
+/// Cage's tables removed or changed, the kill switch differing from its stored state (in
+/// nftables or in the eBPF flag), the WAN's facts changed.
+fn drift(current: &Checked, applied_text: &str, seen: &Observed) -> Option<String> {
+    match &seen.structure {
         Ok(t) if t.is_empty() => return Some("Cage's tables were removed".into()),
         Ok(t) if t != applied_text => return Some("Cage's tables were changed".into()),
         Ok(_) => {}
@@ -320,9 +525,9 @@ async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
     }
     // The kill switch's state on disk is the truth; the kernel must follow it, whoever
     // changed either (`cage isolate` from another process, or a hand edit of the set).
-    let wanted = isolation::load(&current.config).isolated;
-    match nft::isolated_now() {
-        Ok(now) if now != wanted => {
+    let wanted = seen.wanted_isolated;
+    match &seen.kernel_isolated {
+        Ok(now) if *now != wanted => {
             return Some(if wanted {
                 "the kill switch is on but the kernel does not isolate".into()
             } else {
@@ -332,23 +537,13 @@ async fn drift(current: &Checked, applied_text: &str) -> Option<String> {
         Ok(_) => {}
         Err(e) => return Some(format!("cannot read the kill switch's set ({e})")),
     }
-    let pin_dir = current.config.pin_dir();
-    if crate::ebpf::is_pinned(&pin_dir) {
-        match crate::ebpf::Maps::open(&pin_dir).and_then(|m| m.isolated()) {
-            Ok(flag) if flag != wanted => {
-                return Some("the eBPF kill-switch flag differs from the kill switch".into())
-            }
-            _ => {}
-        }
+    if seen.ebpf_isolated.is_some_and(|flag| flag != wanted) {
+        return Some("the eBPF kill-switch flag differs from the kill switch".into());
     }
-    match crate::netlink::detect_facts(&current.config).await {
-        Ok(mut f) => {
-            // Detection does not probe the kernel's nft modules; those do not change.
-            f.bridge_meta = current.facts.bridge_meta;
-            (f != current.facts).then(|| "the WAN devices or addresses changed".into())
-        }
-        Err(_) => None,
-    }
+    let mut facts = seen.facts.clone()?;
+    // Detection does not probe the kernel's nft modules; those do not change.
+    facts.bridge_meta = current.facts.bridge_meta;
+    (facts != current.facts).then(|| "the WAN devices or addresses changed".into())
 }
 
 fn wan_list(c: &Checked) -> String {
@@ -508,6 +703,10 @@ impl Collector {
             }
         }
         records.sort_by(|a, b| a.start.cmp(&b.start));
+        ::log::debug!(
+            "flow log: writing {} records, {in_map} flows still in the eBPF map",
+            records.len()
+        );
         let result = if records.is_empty() {
             log.save_stats()
         } else {
@@ -599,30 +798,6 @@ impl Collector {
     }
 }
 
-/// Run `cage selftest` on a blocking thread unless one is running; its result goes to
-/// `<log_dir>/selftest.json` (what `cage status` shows), and a failure is an alert in
-/// the log.
-fn start_selftest(task: &mut Option<tokio::task::JoinHandle<()>>, cfg: &Config, why: &str) {
-    if task.as_ref().is_some_and(|t| !t.is_finished()) {
-        return;
-    }
-    let cfg = cfg.clone();
-    let why = why.to_owned();
-    *task = Some(tokio::task::spawn_blocking(move || {
-        let targets = cfg
-            .selftest
-            .targets
-            .iter()
-            .filter_map(|t| t.parse().ok())
-            .collect();
-        match crate::selftest::run_and_store(&cfg, &crate::selftest::Options { targets }) {
-            Ok(r) if r.ok => log::info(&format!("self-test ({why}): {}", r.verdict)),
-            Ok(r) => log::error(&format!("ALERT: self-test ({why}): {}", r.verdict)),
-            Err(e) => log::error(&format!("ALERT: self-test ({why}) could not run: {e}")),
-        }
-    }));
-}
-
 /// `cage run` cannot start with this configuration. If the kernel has a Cage policy, it
 /// stays as it is (fail closed). If it has none (a reboot with a broken file), the
 /// segment's bridge is locked down: everything to and from it dropped until a valid
@@ -658,5 +833,201 @@ fn lock_down_if_bare(config_path: &Path) {
              configuration is applied"
         )),
         Err(e) => log::error(&format!("cannot lock {bridge} down either: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn checked(text: &str) -> Checked {
+        let config = crate::config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let facts = Facts {
+            wan_devices: vec!["wan".into()],
+            ..Facts::default()
+        };
+        let ruleset = policy::render(&config, &facts);
+        Checked {
+            config,
+            facts,
+            ruleset,
+            isolated: false,
+        }
+    }
+
+    fn daemon(text: &str, start: Instant) -> Daemon {
+        Daemon::new(
+            checked(text),
+            DaemonState::default(),
+            "table inet cage {}".into(),
+            start,
+        )
+    }
+
+    fn interval(minutes: u32) -> String {
+        format!("config selftest 'selftest'\n\toption interval '{minutes}'\n")
+    }
+
+    #[test]
+    fn a_reloaded_selftest_interval_takes_effect() {
+        let t0 = Instant::now();
+        let mut d = daemon(&interval(60), t0);
+        let plan = |d: &Daemon| d.selftest.next(&d.current.config.selftest);
+        assert_eq!(plan(&d), Some(t0 + 60 * MINUTE));
+        // SIGHUP with `interval '5'`: the loop asks the plan at its next turn, which
+        // counts 5 minutes from the start, not the 60 the daemon started with.
+        d.current = checked(&interval(5));
+        assert_eq!(plan(&d), Some(t0 + 5 * MINUTE));
+        let cfg = d.current.config.selftest.clone();
+        assert!(!d.selftest.scheduled_due(&cfg, t0 + 4 * MINUTE));
+        assert!(d.selftest.scheduled_due(&cfg, t0 + 5 * MINUTE));
+        assert_eq!(plan(&d), Some(t0 + 10 * MINUTE), "then every 5 minutes");
+        // `interval '0'`: never; and from never to every minute, due a minute after the
+        // last scheduled run.
+        d.current = checked(&interval(0));
+        assert_eq!(plan(&d), None);
+        assert!(!d
+            .selftest
+            .scheduled_due(&d.current.config.selftest.clone(), t0 + 900 * MINUTE));
+        d.current = checked(&interval(1));
+        assert_eq!(plan(&d), Some(t0 + 6 * MINUTE));
+    }
+
+    #[test]
+    fn each_applied_change_is_proved_once_and_a_failed_one_not_at_all() {
+        let t0 = Instant::now();
+        let on = checked("config selftest 'selftest'\n\toption after_change '1'\n");
+        let mut d = daemon("", t0);
+        d.current = on;
+        let cfg = d.current.config.selftest.clone();
+        d.state.applies = 1;
+        assert!(
+            d.selftest.after_change_due(&cfg, &d.state),
+            "the first apply"
+        );
+        assert!(!d.selftest.after_change_due(&cfg, &d.state), "once");
+        d.state.applies = 2;
+        d.state.last_error = Some("new configuration refused".into());
+        assert!(
+            !d.selftest.after_change_due(&cfg, &d.state),
+            "nothing changed"
+        );
+        d.state.applies = 3;
+        d.state.last_error = None;
+        assert!(d.selftest.after_change_due(&cfg, &d.state));
+        let off = checked("").config.selftest;
+        d.state.applies = 4;
+        assert!(
+            !d.selftest.after_change_due(&off, &d.state),
+            "after_change off"
+        );
+    }
+
+    #[test]
+    fn automatic_isolation_reads_only_what_is_on_and_never_for_an_isolated_segment() {
+        let t0 = Instant::now();
+        assert_eq!(daemon("", t0).auto_inputs(), None, "no rule");
+        // The DNS rule needs the forwarder, which a test daemon does not run.
+        let dns_only = daemon("config dns 'dns'\n\toption auto_violations '5'\n", t0);
+        assert_eq!(dns_only.auto_inputs(), None);
+        let mut d = daemon(
+            "config killswitch 'killswitch'\n\toption auto_blocked '20'\n",
+            t0,
+        );
+        let inputs = d.auto_inputs().expect("the blocked-attempts rule is on");
+        assert_eq!(
+            inputs,
+            AutoInputs {
+                meters: true,
+                dns: false
+            }
+        );
+        let host: IpAddr = "192.168.10.10".parse().unwrap();
+        let reading = |packets: u64| killswitch::Readings {
+            meters: vec![(
+                policy::AUTO_BLOCKED[0],
+                [(host, nft::Count { packets, bytes: 0 })].into(),
+            )],
+            selftest_hosts: vec![],
+        };
+        let none = HashMap::new();
+        assert_eq!(d.auto_decide(inputs, &reading(3), &none, t0), None);
+        let fired = d
+            .auto_decide(inputs, &reading(40), &none, t0 + Duration::from_secs(1))
+            .expect("40 blocked attempts, limit 20");
+        assert_eq!(fired.host, host);
+        // Isolated already: nothing to watch until a release.
+        d.current.isolated = true;
+        assert_eq!(d.auto_inputs(), None);
+    }
+
+    fn seen(structure: &str) -> Observed {
+        Observed {
+            structure: Ok(structure.into()),
+            wanted_isolated: false,
+            kernel_isolated: Ok(false),
+            ebpf_isolated: None,
+            facts: None,
+        }
+    }
+
+    #[test]
+    fn drift_names_the_first_thing_that_differs_from_what_was_applied() {
+        let d = daemon("", Instant::now());
+        let applied = d.applied_text.clone();
+        let check = |o: &Observed| drift(&d.current, &applied, o);
+        assert_eq!(check(&seen(&applied)), None, "as applied");
+        assert_eq!(
+            check(&seen("")).as_deref(),
+            Some("Cage's tables were removed")
+        );
+        assert_eq!(
+            check(&seen("table inet cage { chain x {} }")).as_deref(),
+            Some("Cage's tables were changed")
+        );
+        let mut o = seen(&applied);
+        o.structure = Err("nft: not found".into());
+        assert_eq!(
+            check(&o).as_deref(),
+            Some("cannot read Cage's tables (nft: not found)")
+        );
+        // The stored kill switch is the truth, in nftables and in the eBPF flag.
+        let mut o = seen(&applied);
+        o.wanted_isolated = true;
+        assert_eq!(
+            check(&o).as_deref(),
+            Some("the kill switch is on but the kernel does not isolate")
+        );
+        o.kernel_isolated = Ok(true);
+        assert_eq!(check(&o), None);
+        o.ebpf_isolated = Some(false);
+        assert_eq!(
+            check(&o).as_deref(),
+            Some("the eBPF kill-switch flag differs from the kill switch")
+        );
+        let mut o = seen(&applied);
+        o.kernel_isolated = Ok(true);
+        assert_eq!(
+            check(&o).as_deref(),
+            Some("the kill switch is off but the kernel isolates")
+        );
+        // The WAN: a new device or address is drift; the bridge-meta probe is not
+        // detected again, so it never is; a failed detection is not.
+        let mut o = seen(&applied);
+        o.facts = Some(Facts {
+            bridge_meta: !d.current.facts.bridge_meta,
+            ..d.current.facts.clone()
+        });
+        assert_eq!(check(&o), None);
+        o.facts = Some(Facts {
+            wan_devices: vec!["wwan0".into()],
+            ..d.current.facts.clone()
+        });
+        assert_eq!(
+            check(&o).as_deref(),
+            Some("the WAN devices or addresses changed")
+        );
     }
 }

@@ -12,7 +12,7 @@
 //! through [`isolate`] and [`release`], which work on the kernel directly: they need no
 //! daemon. A state file that cannot be read counts as isolated (fail closed).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -194,44 +194,81 @@ impl fmt::Display for Trigger {
     }
 }
 
-impl AutoWatch {
-    /// Take one reading of the meters and return the first limit exceeded, if any.
-    pub fn observe(&mut self, cfg: &Config, now: Instant) -> Option<Trigger> {
-        let ks = &cfg.killswitch;
-        let window = Duration::from_secs(u64::from(ks.auto_window));
-        if let Some(st) = crate::selftest::running(&cfg.main.log_dir) {
-            for a in st.addresses {
-                self.exempt.insert(a, now + window);
+/// One reading of what automatic isolation watches, as [`read`] takes it from the
+/// kernel and the disk: per-host counts of Cage's meters, and the probe hosts of a
+/// running `cage selftest`. [`AutoWatch::observe`] decides on it alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readings {
+    /// Each meter read (`policy::AUTO_BLOCKED`, `policy::AUTO_UPLOAD`) with its per-host
+    /// counts; a meter that could not be read is left out (and logged by [`read`]).
+    pub meters: Vec<(&'static str, BTreeMap<IpAddr, nft::Count>)>,
+    /// The probe hosts of a running `cage selftest`.
+    pub selftest_hosts: Vec<IpAddr>,
+}
+
+/// The rules of automatic isolation on the meters: their meter pair, limit (0: off),
+/// what they count, and whether that is bytes (else packets).
+fn meter_rules(cfg: &Config) -> [(&'static [&'static str; 2], u64, &'static str, bool); 2] {
+    let ks = &cfg.killswitch;
+    [
+        (
+            &policy::AUTO_BLOCKED,
+            u64::from(ks.auto_blocked),
+            "blocked attempts",
+            false,
+        ),
+        (
+            &policy::AUTO_UPLOAD,
+            ks.auto_upload_bytes,
+            "bytes sent to the internet",
+            true,
+        ),
+    ]
+}
+
+/// Read the meters of the rules that are on (only those: each is one nft run), and the
+/// hosts of a running `cage selftest`.
+pub fn read(cfg: &Config) -> Readings {
+    let mut readings = Readings {
+        meters: Vec::new(),
+        selftest_hosts: crate::selftest::running(&cfg.main.log_dir)
+            .map(|st| st.addresses)
+            .unwrap_or_default(),
+    };
+    for (meters, limit, _, _) in meter_rules(cfg) {
+        if limit == 0 {
+            continue;
+        }
+        for &meter in meters.iter() {
+            match nft::meter_counts(meter) {
+                Ok(c) => readings.meters.push((meter, c)),
+                Err(e) => {
+                    crate::log::warn(&format!("automatic isolation cannot read {meter}: {e}"))
+                }
             }
         }
+    }
+    readings
+}
+
+impl AutoWatch {
+    /// Take one reading of the meters and return the first limit exceeded, if any.
+    pub fn observe(&mut self, cfg: &Config, readings: &Readings, now: Instant) -> Option<Trigger> {
+        let ks = &cfg.killswitch;
+        let window = Duration::from_secs(u64::from(ks.auto_window));
+        for &a in &readings.selftest_hosts {
+            self.exempt.insert(a, now + window);
+        }
         self.exempt.retain(|_, until| *until > now);
-        let rules: [(&'static [&'static str; 2], u64, &'static str, bool); 2] = [
-            (
-                &policy::AUTO_BLOCKED,
-                u64::from(ks.auto_blocked),
-                "blocked attempts",
-                false,
-            ),
-            (
-                &policy::AUTO_UPLOAD,
-                ks.auto_upload_bytes,
-                "bytes sent to the internet",
-                true,
-            ),
-        ];
-        for (meters, limit, what, bytes) in rules {
+        for (meters, limit, what, bytes) in meter_rules(cfg) {
             if limit == 0 {
                 continue;
             }
             for meter in meters.iter() {
-                let counts = match nft::meter_counts(meter) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        crate::log::warn(&format!("automatic isolation cannot read {meter}: {e}"));
-                        continue;
-                    }
+                let Some((_, counts)) = readings.meters.iter().find(|(m, _)| m == meter) else {
+                    continue;
                 };
-                for (host, count) in counts {
+                for (&host, count) in counts {
                     let value = if bytes { count.bytes } else { count.packets };
                     let t = self.step(meter, host, value, limit, what, ks.auto_window, now);
                     if t.is_some() {
@@ -317,5 +354,204 @@ impl AutoWatch {
     /// Forget all readings (after an isolation, so a release starts afresh).
     pub fn reset(&mut self) {
         self.history.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        crate::config::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn host(last: u8) -> IpAddr {
+        IpAddr::from([192, 168, 10, last])
+    }
+
+    /// One reading of the blocked-attempts meter (IPv4) with these packet counts.
+    fn blocked(counts: &[(IpAddr, u64)]) -> Readings {
+        Readings {
+            meters: vec![(
+                policy::AUTO_BLOCKED[0],
+                counts
+                    .iter()
+                    .map(|&(h, packets)| (h, nft::Count { packets, bytes: 0 }))
+                    .collect(),
+            )],
+            selftest_hosts: vec![],
+        }
+    }
+
+    const BLOCKED_20: &str = "config killswitch 'killswitch'\n\toption auto_blocked '20'\n\
+                              \toption auto_window '10'\n";
+
+    #[test]
+    fn the_button_isolates_and_releases_only_as_configured() {
+        let none = config("");
+        assert_eq!(
+            button_action(&none, "BTN_0", "pressed"),
+            ButtonAction::Ignore
+        );
+        let press = config("config killswitch 'killswitch'\n\toption button 'BTN_0'\n");
+        assert_eq!(
+            button_action(&press, "BTN_0", "pressed"),
+            ButtonAction::Isolate
+        );
+        assert_eq!(
+            button_action(&press, "BTN_0", "released"),
+            ButtonAction::Ignore
+        );
+        assert_eq!(
+            button_action(&press, "reset", "pressed"),
+            ButtonAction::Ignore
+        );
+        let toggle = config(
+            "config killswitch 'killswitch'\n\toption button 'BTN_0'\n\
+             \toption button_release '1'\n",
+        );
+        assert_eq!(
+            button_action(&toggle, "BTN_0", "released"),
+            ButtonAction::Release
+        );
+        assert_eq!(
+            button_action(&toggle, "BTN_0", "held"),
+            ButtonAction::Ignore
+        );
+    }
+
+    #[test]
+    fn a_burst_over_the_limit_within_the_window_fires_and_names_the_host() {
+        let cfg = config(BLOCKED_20);
+        let mut w = AutoWatch::default();
+        let t0 = Instant::now();
+        // A host seen for the first time: its whole count is recent.
+        assert_eq!(w.observe(&cfg, &blocked(&[(host(10), 15)]), t0), None);
+        let t = w
+            .observe(
+                &cfg,
+                &blocked(&[(host(10), 36)]),
+                t0 + Duration::from_secs(1),
+            )
+            .expect("36 blocked attempts within 10 s, limit 20");
+        assert_eq!(
+            t,
+            Trigger {
+                host: host(10),
+                what: "blocked attempts",
+                amount: 36,
+                limit: 20,
+                window: 10,
+            }
+        );
+        assert_eq!(
+            t.to_string(),
+            "automatic: 192.168.10.10 made 36 blocked attempts within 10 s (limit 20)"
+        );
+    }
+
+    #[test]
+    fn a_steady_trickle_under_the_limit_per_window_never_fires() {
+        let cfg = config(BLOCKED_20);
+        let mut w = AutoWatch::default();
+        let t0 = Instant::now();
+        // One reading a second, 2 more each time: 20 per 10 s window, never over 20.
+        for s in 0..60u64 {
+            let now = t0 + Duration::from_secs(s);
+            let r = blocked(&[(host(10), 2 * s)]);
+            assert_eq!(w.observe(&cfg, &r, now), None, "second {s}");
+        }
+    }
+
+    #[test]
+    fn a_counter_that_went_down_starts_the_host_afresh() {
+        let cfg = config(BLOCKED_20);
+        let mut w = AutoWatch::default();
+        let t0 = Instant::now();
+        assert_eq!(w.observe(&cfg, &blocked(&[(host(10), 5)]), t0), None);
+        assert_eq!(w.observe(&cfg, &blocked(&[(host(10), 18)]), t0), None);
+        // The policy was re-applied: the meter starts from 0 again. 12 since then is 12,
+        // not 18 + 12.
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(w.observe(&cfg, &blocked(&[(host(10), 12)]), t1), None);
+        assert!(w.observe(&cfg, &blocked(&[(host(10), 33)]), t1).is_some());
+    }
+
+    #[test]
+    fn the_self_tests_probe_hosts_never_fire_and_a_rule_that_is_off_reads_nothing() {
+        let cfg = config(BLOCKED_20);
+        let mut w = AutoWatch::default();
+        let t0 = Instant::now();
+        let mut r = blocked(&[(host(200), 0)]);
+        r.selftest_hosts = vec![host(200)];
+        assert_eq!(w.observe(&cfg, &r, t0), None);
+        r.meters = blocked(&[(host(200), 500)]).meters;
+        assert_eq!(w.observe(&cfg, &r, t0 + Duration::from_secs(1)), None);
+        // Off: the same readings decide nothing, and `read` would ask nft for nothing.
+        let off = config("");
+        let mut w = AutoWatch::default();
+        assert_eq!(w.observe(&off, &blocked(&[(host(10), 0)]), t0), None);
+        assert_eq!(
+            w.observe(
+                &off,
+                &blocked(&[(host(10), 1_000_000)]),
+                t0 + Duration::from_secs(1)
+            ),
+            None
+        );
+        assert!(meter_rules(&off).iter().all(|(_, limit, _, _)| *limit == 0));
+    }
+
+    #[test]
+    fn uploads_are_counted_in_bytes_on_their_own_meter() {
+        let cfg = config("config killswitch 'killswitch'\n\toption auto_upload_bytes '1000000'\n");
+        let mut w = AutoWatch::default();
+        let t0 = Instant::now();
+        let upload = |bytes: u64| Readings {
+            meters: vec![(
+                policy::AUTO_UPLOAD[1],
+                [(
+                    "fd00:cafe:10::10".parse().unwrap(),
+                    nft::Count { packets: 3, bytes },
+                )]
+                .into(),
+            )],
+            selftest_hosts: vec![],
+        };
+        assert_eq!(w.observe(&cfg, &upload(10), t0), None);
+        // The blocked-attempts meter is not this rule's.
+        assert_eq!(
+            w.observe(&cfg, &blocked(&[(host(10), 5_000_000)]), t0),
+            None
+        );
+        let t = w
+            .observe(&cfg, &upload(2_000_000), t0 + Duration::from_secs(1))
+            .expect("2 MB within the window, limit 1 MB");
+        assert_eq!(
+            (t.what, t.amount),
+            ("bytes sent to the internet", 2_000_000)
+        );
+    }
+
+    #[test]
+    fn dns_violations_fire_their_own_rule_and_reset_forgets_the_history() {
+        let cfg = config("config dns 'dns'\n\toption auto_violations '50'\n");
+        let mut w = AutoWatch::default();
+        let t0 = Instant::now();
+        let v = |n: u64| HashMap::from([(host(11), n)]);
+        assert_eq!(w.observe_dns(&cfg, &v(10), t0), None);
+        let t = w
+            .observe_dns(&cfg, &v(70), t0 + Duration::from_secs(1))
+            .expect("70 violations, limit 50");
+        assert_eq!((t.host, t.what), (host(11), "DNS limit violations"));
+        // After an isolation the history is forgotten and the forwarder's counts start
+        // from 0 (`dns::Shared::restart_violations`): the released segment is judged on
+        // what it does from then on.
+        w.reset();
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(w.observe_dns(&cfg, &v(10), t1), None);
+        assert_eq!(w.observe_dns(&cfg, &v(45), t1), None);
+        assert!(w.observe_dns(&cfg, &v(61), t1).is_some());
+        assert_eq!(w.observe_dns(&config(""), &v(10_000), t0), None, "off");
     }
 }

@@ -148,6 +148,12 @@ enum DnsCommand {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    cage_agent::log::init();
+    // The configuration's log level, when it can be read; every command reads it again
+    // and says what is wrong with it.
+    if let Ok(cfg) = config::load(&cli.config) {
+        cage_agent::log::configure(cfg.main.log_level);
+    }
     let result = match cli.command {
         Command::Check { json } => check(&cli.config, json).await,
         Command::Apply => apply_once(&cli.config).await,

@@ -28,14 +28,15 @@ fn example_config_parses_to_the_expected_config() {
                 mode: cage_agent::config::Mode::Auto,
                 password_hash: None,
                 web_hostnames: vec![],
+                log_level: cage_agent::config::LogLevel::Info,
             },
             segment: Segment {
                 bridge: "br-cage".into(),
                 address: "192.168.10.1/24".parse().unwrap(),
                 ipv6: true,
                 address6: Some("fd00:cafe:10::1/64".parse().unwrap()),
-                ports: vec!["lan3".into()],
-                vlan: Some(10),
+                ports: vec![],
+                vlan: None,
             },
             lan: Lan {
                 devices: vec!["br-lan".into()],
@@ -74,6 +75,7 @@ fn empty_config_is_all_defaults() {
                 mode: cage_agent::config::Mode::Auto,
                 password_hash: None,
                 web_hostnames: vec![],
+                log_level: cage_agent::config::LogLevel::Info,
             },
             segment: Segment {
                 bridge: "br-cage".into(),

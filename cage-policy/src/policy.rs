@@ -1137,6 +1137,7 @@ mod tests {
                 mode: crate::config::Mode::Auto,
                 password_hash: None,
                 web_hostnames: vec![],
+                log_level: crate::config::LogLevel::Info,
             },
             segment: Segment {
                 bridge: "br-cage".into(),

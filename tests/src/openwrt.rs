@@ -13,7 +13,24 @@
 //! Wi-Fi is the exception: OpenWrt writes `/etc/config/wireless` from the radios the
 //! kernel reports (`wifi config`, mac80211's detection script, which needs the hardware
 //! and is not in the snapshot), so a fixture has no wireless configuration unless a test
-//! adds one ([`Root::add_radio`]), and says so.
+//! adds one ([`Root::add_radio`], a stand-in for `wifi config`), and says so.
+//!
+//! The root also holds what a router runs the package with: OpenWrt's `opkg`, `ubusd`,
+//! `ubus` and `procd` (with procd's `procd.sh`, `reload_config` and `service`), and an
+//! `nft` (the build machine's, with its libraries, standing in for the router's
+//! `nftables-json`; opkg's status file lists `nftables-json`, `kmod-nft-bridge` and
+//! `kmod-sched-bpf` as installed, as on a router that has them). [`Root::boot`] runs the
+//! root as a router: in a network namespace of its own, a PID namespace whose init
+//! starts busybox's syslogd, OpenWrt's ubusd and procd (as a service manager: procd runs
+//! as PID 1 only on a real boot), with /proc, /sys and a bpffs mounted in a mount
+//! namespace of its own; [`Router::sh`] runs commands in it. Dropping the [`Router`]
+//! kills every process in it and removes the namespace.
+//!
+//! opkg crashed in a chroot once (../shared/openwrt/README.md): opkg-lede unpacks each
+//! archive through an external `gzip -d -c` (libbb/gzip.c) fed by a thread; when there
+//! is no `gzip` on the chroot's PATH the child's exec fails, `gzip_close` closes the pipe
+//! and the file under the feeding thread, and the process dies of SIGSEGV (or exits 255,
+//! depending on timing). Every OpenWrt has busybox's gzip, and so does this root.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -289,14 +306,54 @@ impl Root {
             "usr/share/libubox",
             "lib64",
             "etc/config",
+            "etc/rc.d",
             "tmp/sysinfo",
-            "var",
+            "tmp/lock",
             "root",
             "dev",
             "proc",
             "sys/class/net",
         ] {
             std::fs::create_dir_all(self.join(d)).map_err(|e| e.to_string())?;
+        }
+        // OpenWrt's /var is /tmp.
+        std::os::unix::fs::symlink("tmp", self.join("var")).map_err(|e| e.to_string())?;
+        // The device nodes scripts use (0 for null, the key of the AI Wi-Fi from urandom).
+        for (name, major, minor) in [
+            ("null", 1, 3),
+            ("zero", 1, 5),
+            ("random", 1, 8),
+            ("urandom", 1, 9),
+        ] {
+            let path = std::ffi::CString::new(
+                self.join(&format!("dev/{name}"))
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .expect("no NUL in a path");
+            // SAFETY: a valid C string; mknod has no other preconditions.
+            let rc = unsafe {
+                libc::mknod(
+                    path.as_ptr(),
+                    libc::S_IFCHR | 0o666,
+                    libc::makedev(major, minor),
+                )
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "mknod /dev/{name}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        for (name, to) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            std::os::unix::fs::symlink(to, self.join(&format!("dev/{name}")))
+                .map_err(|e| e.to_string())?;
         }
         // busybox, with every applet OpenWrt's scripts may call as a link, as on the router.
         let busybox = Path::new("/bin/busybox");
@@ -316,12 +373,49 @@ impl Root {
             let _ = std::fs::create_dir_all(link.parent().unwrap());
             let _ = std::os::unix::fs::symlink("/bin/busybox", &link);
         }
-        // uci and jshn (and what they link) where OpenWrt has them.
+        // OpenWrt's programs (and what they link) where OpenWrt has them.
         let prefix = self.tools.prefix();
-        for (bin, to) in [("bin/uci", "sbin/uci"), ("bin/jshn", "usr/bin/jshn")] {
+        let programs = [
+            ("bin/uci", "sbin/uci"),
+            ("bin/jshn", "usr/bin/jshn"),
+            ("bin/ubus", "bin/ubus"),
+            ("sbin/ubusd", "sbin/ubusd"),
+            ("sbin/procd", "sbin/procd"),
+            ("sbin/opkg", "bin/opkg"),
+        ];
+        for (bin, to) in programs {
             let _ = std::fs::remove_file(self.join(to));
             std::fs::copy(prefix.join(bin), self.join(to)).map_err(|e| e.to_string())?;
         }
+        // procd's shell side, from OpenWrt's procd package.
+        let procd_files = files.join("package/system/procd/files");
+        for (from, to, mode) in [
+            ("procd.sh", "lib/functions/procd.sh", 0o644),
+            ("reload_config", "sbin/reload_config", 0o755),
+            ("service", "sbin/service", 0o755),
+        ] {
+            let _ = std::fs::remove_file(self.join(to));
+            std::fs::copy(procd_files.join(from), self.join(to)).map_err(|e| e.to_string())?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(self.join(to), std::fs::Permissions::from_mode(mode))
+                .map_err(|e| e.to_string())?;
+        }
+        // nft for `cage`, standing in for the router's nftables-json.
+        let nft = ["/usr/sbin/nft", "/sbin/nft"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or("no nft on this machine: `cargo xtask setup` installs nftables")?;
+        std::fs::copy(&nft, self.join("usr/sbin/nft")).map_err(|e| e.to_string())?;
+        // procd.sh locks with flock, an applet of OpenWrt's busybox that Debian's lacks:
+        // util-linux's stands in.
+        let flock = PathBuf::from("/usr/bin/flock");
+        if !flock.exists() {
+            return Err("no /usr/bin/flock (util-linux) on this machine".into());
+        }
+        let _ = std::fs::remove_file(self.join("usr/bin/flock"));
+        std::fs::copy(&flock, self.join("usr/bin/flock")).map_err(|e| e.to_string())?;
+        self.write_opkg_config();
         std::fs::copy(
             prefix.join("share/libubox/jshn.sh"),
             self.join("usr/share/libubox/jshn.sh"),
@@ -334,7 +428,10 @@ impl Root {
                 std::fs::copy(&lib, self.join("usr/lib").join(&name)).map_err(|e| e.to_string())?;
             }
         }
-        self.copy_host_libs(&[prefix.join("bin/uci"), prefix.join("bin/jshn")])?;
+        let mut linked: Vec<PathBuf> = programs.iter().map(|(bin, _)| prefix.join(bin)).collect();
+        linked.push(nft);
+        linked.push(flock);
+        self.copy_host_libs(&linked)?;
         self.write(
             "tmp/sysinfo/board_name",
             &format!("{}\n", self.board.board_name()),
@@ -377,6 +474,93 @@ impl Root {
         Ok(())
     }
 
+    /// opkg's configuration as OpenWrt ships it (its `/etc/opkg.conf`, without the
+    /// feeds), the architecture of the x86_64 package, and a status file that lists the
+    /// package's dependencies as installed.
+    fn write_opkg_config(&self) {
+        self.write(
+            "etc/opkg.conf",
+            "dest root /\ndest ram /tmp\nlists_dir ext /var/opkg-lists\noption check_signature\n",
+        );
+        self.write(
+            "etc/opkg/arch.conf",
+            "arch all 1\narch noarch 1\narch x86_64 10\n",
+        );
+        let mut status = String::new();
+        for dep in ["nftables-json", "kmod-nft-bridge", "kmod-sched-bpf"] {
+            status.push_str(&format!(
+                "Package: {dep}\nVersion: 23.05.4\nStatus: install user installed\n\
+                 Architecture: x86_64\nInstalled-Time: 1717000000\n\n"
+            ));
+            self.write(&format!("usr/lib/opkg/info/{dep}.list"), "");
+        }
+        self.write("usr/lib/opkg/status", &status);
+    }
+
+    /// Install a package as OpenWrt's image builder does (`include/rootfs.mk`): opkg
+    /// with `--offline-root` and no scripts, then each postinst with IPKG_INSTROOT set,
+    /// which enables the service (rc.d links) and leaves the uci-defaults for the
+    /// image's first boot ([`Router::first_boot`]). Returns opkg's and the scripts'
+    /// output.
+    pub fn install_offline(&self, ipk: &Path) -> String {
+        let opkg = self.tools.bin("opkg");
+        let out = Command::new(&opkg)
+            .arg("--offline-root")
+            .arg(&self.dir)
+            .args(["-f"])
+            .arg(self.join("etc/opkg.conf"))
+            .args(["--force-postinstall", "--add-dest", "root:/"])
+            .args(["--add-arch", "all:100", "--add-arch", "x86_64:200"])
+            .arg("install")
+            .arg(ipk)
+            .env("IPKG_NO_SCRIPT", "1")
+            .env("IPKG_INSTROOT", &self.dir)
+            .env("TMPDIR", self.join("tmp"))
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", opkg.display()));
+        let mut text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "offline opkg install failed:\n{text}");
+        let info = self.join("usr/lib/opkg/info");
+        let mut scripts: Vec<_> = std::fs::read_dir(&info)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "postinst"))
+            .collect();
+        scripts.sort();
+        for script in scripts {
+            let shell = if Path::new("/bin/bash").exists() {
+                "/bin/bash"
+            } else {
+                "/bin/sh"
+            };
+            let out = Command::new(shell)
+                .arg(&script)
+                .current_dir(&self.dir)
+                .env("IPKG_INSTROOT", &self.dir)
+                .output()
+                .unwrap();
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{} failed ({}):\n{text}",
+                script.display(),
+                out.status
+            );
+        }
+        text
+    }
+
+    /// Run the root as a router (see the module's documentation).
+    pub fn boot(&self) -> Router<'_> {
+        Router::start(self)
+    }
+
     /// The host's C library and the other shared libraries these programs need (the
     /// tools are built for the host; OpenWrt's own are musl builds of the same sources).
     pub fn copy_host_libs(&self, programs: &[PathBuf]) -> Result<(), String> {
@@ -411,16 +595,373 @@ impl Drop for Root {
             eprintln!("keeping {}", self.dir.display());
             return;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A process of a router that was just stopped may still be writing; try again.
+        for _ in 0..10 {
+            if std::fs::remove_dir_all(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("could not remove {}", self.dir.display());
     }
 }
 
-fn unique_dir(tag: &str) -> PathBuf {
+fn next_number() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn unique_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{tag}-{}-{}", std::process::id(), next_number()))
+}
+
+/// A [`Root`] running as a router: its own network, PID and mount namespaces, busybox's
+/// syslogd (to `/tmp/syslog`), OpenWrt's ubusd and procd. Everything in it is killed and
+/// the network namespace removed when this is dropped.
+pub struct Router<'a> {
+    root: &'a Root,
+    netns: String,
+    /// `unshare --kill-child`: killing it kills the PID namespace's init, and with it
+    /// every process in the namespace.
+    unshare: std::process::Child,
+    /// The init's PID as this machine sees it (for nsenter).
+    init: u32,
+}
+
+const INIT: &str = r#"#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mkdir -p /var/run/ubus /var/lock /var/log /tmp/.uci
+syslogd -n -O /tmp/syslog &
+ubusd &
+n=0
+while [ ! -S /var/run/ubus/ubus.sock ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n + 1)); done
+procd &
+n=0
+while ! ubus -t 1 list service >/dev/null 2>&1 && [ $n -lt 200 ]; do sleep 0.05; n=$((n + 1)); done
+touch /tmp/.router-up
+while :; do wait; sleep 1; done
+"#;
+
+impl<'a> Router<'a> {
+    fn start(root: &'a Root) -> Router<'a> {
+        let netns = format!("cgt-{}-owrt{}", std::process::id(), next_number());
+        let out = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip netns add {netns} (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_file(root.join("tmp/.router-up"));
+        root.write("tmp/.router-init", INIT);
+        let dir = root.path().display().to_string();
+        let mounts = format!(
+            "mount -t proc proc '{dir}/proc' && mount -t sysfs sysfs '{dir}/sys' && \
+             mkdir -p '{dir}/sys/fs/bpf' && mount -t bpf bpf '{dir}/sys/fs/bpf' && \
+             exec chroot '{dir}' /bin/sh /tmp/.router-init"
+        );
+        let unshare = Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .args([
+                "unshare",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
+            .args(["/bin/sh", "-c", &mounts])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ip netns exec unshare");
+        let mut router = Router {
+            root,
+            netns,
+            init: 0,
+            unshare,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let children = std::fs::read_to_string(format!(
+                "/proc/{0}/task/{0}/children",
+                router.unshare.id()
+            ))
+            .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                router.init = pid.parse().unwrap();
+            }
+            if router.init != 0 && root.join("tmp/.router-up").exists() {
+                break;
+            }
+            if let Ok(Some(status)) = router.unshare.try_wait() {
+                panic!("the router's init ended ({status}) before ubusd and procd were up");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ubusd and procd did not come up in 20 s in {}",
+                root.path().display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        router
+    }
+
+    pub fn root(&self) -> &Root {
+        self.root
+    }
+
+    /// The router's network namespace (`ip netns exec NAME ...` from outside).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// Run a shell script in the router (busybox ash, as root, in its namespaces and
+    /// chroot).
+    pub fn sh(&self, script: &str) -> Output {
+        Command::new("nsenter")
+            .args(["--target", &self.init.to_string()])
+            .args(["--mount", "--net", "--pid", "--root", "--wd"])
+            .args(["/bin/sh", "-c", script])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", "/root")
+            .output()
+            .expect("nsenter")
+    }
+
+    /// Like [`Router::sh`], panicking with the output unless it succeeds; its standard
+    /// output and standard error, in that order.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "on the {} router: `{script}` failed ({}):\n{text}",
+            self.root.board().label(),
+            out.status
+        );
+        text
+    }
+
+    /// What reached the router's syslog.
+    pub fn syslog(&self) -> String {
+        std::fs::read_to_string(self.root.join("tmp/syslog")).unwrap_or_default()
+    }
+
+    /// The first boot of an image (OpenWrt's `/etc/init.d/boot`: `config_generate` ran
+    /// when the root was made), its `uci_apply_defaults`, unchanged, then procd's
+    /// `reload_config` as boot does. Returns what the uci-defaults scripts printed.
+    pub fn first_boot(&self) -> String {
+        self.sh_ok(". /etc/init.d/boot; uci_apply_defaults; /sbin/reload_config")
+    }
+
+    /// `opkg install` of a package on the running router, as its owner does it (the
+    /// package copied to /tmp first): opkg runs the maintainer scripts, which run the
+    /// uci-defaults with the real uci and start the service under procd. Returns
+    /// opkg's exit status and everything it and the scripts printed.
+    pub fn opkg_install(&self, ipk: &Ipk) -> (bool, String) {
+        let name = ipk.path.file_name().unwrap().to_string_lossy().into_owned();
+        std::fs::copy(&ipk.path, self.root.join(&format!("tmp/{name}"))).unwrap();
+        let out = self.sh(&format!(
+            "opkg install /tmp/{name} 2>&1; rc=$?; rm -f /tmp/{name}; exit $rc"
+        ));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// `uci -q get KEY` in the router, or `None`.
+    pub fn uci_get(&self, key: &str) -> Option<String> {
+        let out = self.sh(&format!("uci -q get '{key}'"));
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+    }
+}
+
+impl Router<'_> {
+    /// Processes whose root directory is this router's root.
+    fn processes_inside(&self) -> usize {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        procs
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter(|e| {
+                std::fs::read_link(e.path().join("root")).is_ok_and(|r| r == self.root.path())
+            })
+            .count()
+    }
+}
+
+impl Drop for Router<'_> {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+        // The PID namespace's processes die with its init; wait until none is left in
+        // the root (the kernel kills them one by one), so the root can be removed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.processes_inside() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// A Cage package (`.ipk`).
+#[derive(Debug, Clone)]
+pub struct Ipk {
+    pub path: PathBuf,
+    pub version: String,
+}
+
+impl Ipk {
+    /// The x86_64 package `cargo xtask package --target x86_64` made. Panics, saying so,
+    /// when it is not there.
+    pub fn x86_64() -> Ipk {
+        let version = format!("{}-r1", env!("CARGO_PKG_VERSION"));
+        let dist = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .parent()
+                    .expect("the tests crate lives in the workspace")
+                    .join("target")
+            })
+            .join("dist");
+        let path = dist.join(format!("cage_{version}_x86_64.ipk"));
+        assert!(
+            path.is_file(),
+            "{} is missing: run `cargo xtask package --target x86_64` (cargo xtask test does)",
+            path.display()
+        );
+        let ipk = Ipk { path, version };
+        ipk.assert_fresh();
+        ipk
+    }
+
+    /// The package's scripts are the repository's: a package built before a change of
+    /// `openwrt/` would test the old scripts.
+    fn assert_fresh(&self) {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .join("openwrt");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("tar -xzOf \"$1\" ./data.tar.gz | tar -tzf - | sed -n 's|^\\./||p'")
+            .arg("sh")
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        let names = String::from_utf8_lossy(&out.stdout).into_owned();
+        for name in names.lines().filter(|n| !n.ends_with('/') && !n.is_empty()) {
+            let source = repo.join("files").join(name);
+            if !source.exists() {
+                continue; // the binary
+            }
+            let packaged = Command::new("sh")
+                .arg("-c")
+                .arg("tar -xzOf \"$1\" ./data.tar.gz | tar -xzOf - \"./$2\"")
+                .arg("sh")
+                .arg(&self.path)
+                .arg(name)
+                .output()
+                .unwrap()
+                .stdout;
+            assert!(
+                packaged == std::fs::read(&source).unwrap(),
+                "{} holds an older {name} than openwrt/files: run `cargo xtask package --target x86_64`",
+                self.path.display()
+            );
+        }
+        for script in ["postinst", "prerm"] {
+            let packaged = Command::new("sh")
+                .arg("-c")
+                .arg("tar -xzOf \"$1\" ./control.tar.gz | tar -xzOf - \"./$2\"")
+                .arg("sh")
+                .arg(&self.path)
+                .arg(script)
+                .output()
+                .unwrap()
+                .stdout;
+            assert!(
+                packaged == std::fs::read(repo.join("control").join(script)).unwrap(),
+                "{} holds an older {script} than openwrt/control: run `cargo xtask package --target x86_64`",
+                self.path.display()
+            );
+        }
+    }
+
+    /// The same package as another version, with `edit` run on its unpacked data tree
+    /// first (e.g. to ship a different /etc/config/cage). Written into `dir`.
+    pub fn repack(&self, dir: &Path, version: &str, edit: impl FnOnce(&Path)) -> Ipk {
+        let work = dir.join(format!("repack-{version}"));
+        let _ = std::fs::remove_dir_all(&work);
+        for d in ["outer", "data", "control"] {
+            std::fs::create_dir_all(work.join(d)).unwrap();
+        }
+        let sh = |script: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .current_dir(&work)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh(&format!("tar -xzf '{}' -C outer", self.path.display()));
+        sh("tar -xzf outer/data.tar.gz -C data && tar -xzf outer/control.tar.gz -C control");
+        let control = work.join("control/control");
+        let text = std::fs::read_to_string(&control).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("Version: ") {
+                    format!("Version: {version}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&control, text).unwrap();
+        edit(&work.join("data"));
+        let tar = "tar --format=gnu --numeric-owner --owner=0 --group=0 --sort=name";
+        sh(&format!(
+            "{tar} -C data -czf outer/data.tar.gz . && {tar} -C control -czf outer/control.tar.gz . && \
+             {tar} -C outer -czf out.ipk ./debian-binary ./data.tar.gz ./control.tar.gz"
+        ));
+        let path = dir.join(format!("cage_{version}_x86_64.ipk"));
+        std::fs::rename(work.join("out.ipk"), &path).unwrap();
+        let _ = std::fs::remove_dir_all(&work);
+        Ipk {
+            path,
+            version: version.to_owned(),
+        }
+    }
 }

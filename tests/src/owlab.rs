@@ -23,6 +23,10 @@
 //! until netifd reports the interfaces up and fw4 has reloaded with their devices (via
 //! netifd's hotplug events, as on a router).
 //!
+//! [`OwLab::boot_procd`] instead reboots the router into OpenWrt's own init: procd as
+//! PID 1 of a PID and mount namespace, which starts ubusd and runs the enabled init
+//! scripts (the package's `cage`, the firewall, the network) as procd services.
+//!
 //! What is not OpenWrt's own here, and why:
 //! - The router's addresses: the board's defaults are changed with the real `uci` to
 //!   the lab's (the contract's): LAN 192.168.8.1/24 (GL.iNet's stock LAN; OpenWrt's
@@ -166,6 +170,9 @@ impl std::fmt::Display for Layout {
     }
 }
 
+/// The web page's port in the package's configuration (`web_listen 'lan:2243'`).
+pub const WEB_PORT: u16 = 2243;
+
 /// How long netifd may take to bring the interfaces up, and fw4 to reload with them.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one command in the router may take.
@@ -178,8 +185,10 @@ const OPENWRT_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 pub struct OwLab {
     // Dropped in this order: the daemons (ours, by pid), the lab (every process left in
     // its namespaces, then the namespaces), then the root.
-    daemons: BTreeMap<&'static str, Child>,
+    daemons: std::sync::Mutex<BTreeMap<&'static str, Child>>,
     holder: Option<Child>,
+    /// procd's pid (as the test sees it) once the router runs it as init.
+    procd_pid: Option<u32>,
     lab: Lab,
     root: Root,
     layout: Layout,
@@ -200,8 +209,9 @@ impl OwLab {
         install_openwrt(&root, fw4);
         let lab = Lab::namespaces(&lab::unique_prefix()).expect("the lab's namespaces");
         let mut ow = OwLab {
-            daemons: BTreeMap::new(),
+            daemons: std::sync::Mutex::new(BTreeMap::new()),
             holder: None,
+            procd_pid: None,
             lab,
             root,
             layout: Layout {
@@ -229,6 +239,7 @@ impl OwLab {
         }
         ip_batch(&router, &batch);
         ow.start_holder();
+        ow.sh_ok("cage --version >/dev/null");
         // First boot's uci-defaults, as OpenWrt runs them: in the router, with its ports.
         let out = ow.sh("cd /etc/uci-defaults && sh ./90-cage");
         assert!(
@@ -320,7 +331,8 @@ impl OwLab {
 
     /// Write the lab's Cage configuration ([`Lab::base_config`] and `extra`) for this
     /// router: OpenWrt mode (netifd makes the segment, Cage adopts it), the segment's
-    /// ports as 90-cage gave them, the board's WAN device.
+    /// ports as 90-cage gave them, the board's WAN device, and the web page where the
+    /// package puts it: on the LAN's addresses as netifd gives them, port [`WEB_PORT`].
     pub fn write_cage_config(&self, extra: &str) -> PathBuf {
         let path = self.lab.write_config(extra);
         let ports: String = self
@@ -339,13 +351,45 @@ impl OwLab {
             .replace(
                 "\tlist device 'wan'\n",
                 &format!("\tlist device '{}'\n", self.layout.wan),
+            )
+            .replace(
+                &format!("\toption web_listen '192.168.8.1:{}'\n", lab::WEB_PORT),
+                &format!("\toption web_listen 'lan:{WEB_PORT}'\n"),
             );
         assert!(
-            text.contains(&ports) && text.contains("option mode 'openwrt'"),
+            text.contains(&ports)
+                && text.contains("option mode 'openwrt'")
+                && text.contains(&format!("web_listen 'lan:{WEB_PORT}'")),
             "the lab's base configuration changed shape:\n{text}"
         );
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// The lab's Cage configuration ([`OwLab::write_cage_config`]) as the router's own
+    /// `/etc/config/cage`, with the package's paths inside the root (state in /etc/cage,
+    /// logs in /tmp/cage, pins in /sys/fs/bpf/cage): for `cage run` under procd, which
+    /// runs it as the init script does, `cage --config /etc/config/cage run`.
+    pub fn install_cage_config(&self, extra: &str) -> String {
+        let text = std::fs::read_to_string(self.write_cage_config(extra)).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                if t.starts_with("option state_dir ") {
+                    "\toption state_dir '/etc/cage'".to_owned()
+                } else if t.starts_with("option log_dir ") {
+                    "\toption log_dir '/tmp/cage'".to_owned()
+                } else if t.starts_with("option bpf_dir ") {
+                    "\toption bpf_dir '/sys/fs/bpf/cage'".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        install_text(&self.root, "etc/config/cage", &text, 0o644);
+        text
     }
 
     /// Boot the router as OpenWrt does with the package installed: `cage run` first
@@ -353,7 +397,7 @@ impl OwLab {
     /// exists), then the firewall and the network ([`OwLab::boot_network`]). Waits until
     /// Cage has isolated every port netifd put in the segment's bridge. The lab's Cage
     /// configuration is [`OwLab::write_cage_config`] with `extra`.
-    pub fn boot_with_cage(&mut self, extra: &str) -> CageRun {
+    pub fn boot_with_cage(&self, extra: &str) -> CageRun {
         self.write_cage_config(extra);
         let run = self.lab.spawn_cage_run();
         run.wait_applied();
@@ -385,7 +429,7 @@ impl OwLab {
     /// netifd has the LAN, the WAN and the segment up, fw4 has reloaded with their
     /// devices (netifd's ifup hotplug events run `20-firewall`, which runs `fw4 reload`),
     /// and the lab's links carry traffic.
-    pub fn boot_network(&mut self) {
+    pub fn boot_network(&self) {
         let out = self.sh("fw4 start");
         assert!(
             out.status.success(),
@@ -400,19 +444,25 @@ impl OwLab {
 
     /// Start netifd (as `/etc/init.d/network` does: `netifd` with its defaults; its log
     /// on stderr, into the lab's directory).
-    pub fn start_netifd(&mut self) {
+    pub fn start_netifd(&self) {
         self.start_daemon("netifd", &["/sbin/netifd", "-S"]);
     }
 
     /// netifd's process id, if it runs.
-    pub fn netifd_pid(&mut self) -> Option<u32> {
-        let child = self.daemons.get_mut("netifd")?;
+    pub fn netifd_pid(&self) -> Option<u32> {
+        let mut daemons = self.daemons.lock().unwrap();
+        let child = daemons.get_mut("netifd")?;
         matches!(child.try_wait(), Ok(None)).then(|| child.id())
     }
 
     /// Stop netifd with `signal` and wait (bounded) until it has exited.
-    pub fn stop_netifd(&mut self, signal: i32) {
-        let mut child = self.daemons.remove("netifd").expect("netifd was started");
+    pub fn stop_netifd(&self, signal: i32) {
+        let mut child = self
+            .daemons
+            .lock()
+            .unwrap()
+            .remove("netifd")
+            .expect("netifd was started");
         // SAFETY: kill(2) on the pid of our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         let until = Instant::now() + Duration::from_secs(10);
@@ -499,11 +549,19 @@ impl OwLab {
 
     /// A command line that runs a program of the root in the router.
     fn in_router(&self) -> Command {
-        let holder = self.holder.as_ref().expect("the router's holder runs").id();
+        let (target, pid_ns) = match self.procd_pid {
+            Some(procd) => (procd, true),
+            None => (
+                self.holder.as_ref().expect("the router's holder runs").id(),
+                false,
+            ),
+        };
         let mut cmd = Command::new("nsenter");
-        cmd.arg("-t")
-            .arg(holder.to_string())
-            .args(["-m", "-n", "-r", "-w", "/usr/bin/env", "-i"])
+        cmd.arg("-t").arg(target.to_string());
+        if pid_ns {
+            cmd.arg("-p");
+        }
+        cmd.args(["-m", "-n", "-r", "-w", "/usr/bin/env", "-i"])
             .arg(format!("PATH={OPENWRT_PATH}"))
             .arg("HOME=/root");
         cmd
@@ -512,11 +570,18 @@ impl OwLab {
     /// What the daemons logged, the interfaces and the ruleset: for failure messages.
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
-        for name in self.daemons.keys() {
+        for name in self.daemons.lock().unwrap().keys() {
             let log = self.lab.dir().join(format!("{name}.log"));
             out.push_str(&format!(
                 "--- {name} log:\n{}\n",
                 std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        if self.procd_pid.is_some() {
+            out.push_str(&format!(
+                "--- procd's output:\n{}\n--- syslog:\n{}\n",
+                std::fs::read_to_string(self.lab.dir().join("procd.log")).unwrap_or_default(),
+                self.syslog()
             ));
         }
         out.push_str(&format!(
@@ -799,20 +864,16 @@ impl OwLab {
     }
 
     /// The router's mount namespace: a process in the router's netns that has its own
-    /// mounts (/proc, the netns's /sys, a minimal /dev inside the root) and sits chrooted
-    /// in the root; everything in the router enters it (`nsenter -t`).
+    /// mounts (/proc, the netns's /sys, a minimal /dev inside the root, the lab's `cage`
+    /// binary at /usr/bin/cage) and sits chrooted in the root; everything in the router
+    /// enters it (`nsenter -t`).
     fn start_holder(&mut self) {
         let r = self.root.path().display().to_string();
+        let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+        let cage = cage.display();
         let script = format!(
-            "set -e\n\
-             mount -t proc proc '{r}/proc'\n\
-             mount -t sysfs sysfs '{r}/sys'\n\
-             mount -t tmpfs -o mode=755 tmpfs '{r}/dev'\n\
-             mknod -m 666 '{r}/dev/null' c 1 3\n\
-             mknod -m 666 '{r}/dev/zero' c 1 5\n\
-             mknod -m 666 '{r}/dev/random' c 1 8\n\
-             mknod -m 666 '{r}/dev/urandom' c 1 9\n\
-             exec chroot '{r}' /bin/sh -c 'echo ready; while :; do sleep 3600; done'\n"
+            "{}exec chroot '{r}' /bin/sh -c 'echo ready; while :; do sleep 3600; done'\n",
+            router_mounts(&r, &cage.to_string())
         );
         let mut child = self
             .lab
@@ -840,6 +901,125 @@ impl OwLab {
         assert!(ready, "the router's mount namespace did not come up");
     }
 
+    /// Reboot the router into OpenWrt's own init: the lab's holder and ubusd go, and
+    /// procd runs as PID 1 of a PID and mount namespace of its own (in the router's
+    /// netns, chrooted into the root), in the container mode procd has for LXC and the
+    /// like (`$container` set: it leaves /dev as it finds it). procd starts ubusd itself,
+    /// then runs /etc/inittab: `rcS S boot`, every /etc/rc.d/S* in order, which are the
+    /// init scripts `services` (enabled here, as an image build enables them) — say
+    /// `cage` (S18), `firewall` (S19), `network` (S20). busybox's syslogd catches what
+    /// procd's instances log (`/tmp/syslog`, see [`OwLab::syslog`]).
+    ///
+    /// Not run, and why: `/etc/init.d/boot` (S10: kmodloader, mounts, uci-defaults,
+    /// which `up` ran already), and procd's coldplug, `udevtrigger` (not in the root):
+    /// it would replay the uevents of the host's own devices.
+    pub fn boot_procd(&mut self, services: &[&str]) {
+        for service in services {
+            self.root.sh_ok(&format!("/etc/init.d/{service} enable"));
+        }
+        for (_, mut child) in std::mem::take(&mut *self.daemons.lock().unwrap()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut holder) = self.holder.take() {
+            // The holder's shell and its sleep; nothing else of ours runs in it.
+            let children = children_of(holder.id());
+            let _ = holder.kill();
+            let _ = holder.wait();
+            for pid in children {
+                // SAFETY: kill(2) on a child of our own child, by pid.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_file(self.root.join("tmp/run/ubus/ubus.sock"));
+        let r = self.root.path().display().to_string();
+        let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+        let script = format!(
+            "{}mount -t bpf -o mode=0700 bpffs '{r}/sys/fs/bpf'\n\
+             exec chroot '{r}' /usr/bin/env -i container=cage-lab PATH={OPENWRT_PATH} \
+             /sbin/procd -S\n",
+            router_mounts(&r, &cage.display().to_string())
+        );
+        let log = self.lab.dir().join("procd.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let err = file.try_clone().unwrap();
+        let child = self
+            .lab
+            .in_router_netns()
+            .args([
+                "unshare",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--propagation",
+                "private",
+            ])
+            .args(["--", "/bin/sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting procd: {e}"));
+        let unshare = child.id();
+        self.holder = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        let procd = loop {
+            let kids = children_of(unshare);
+            if let Some(&pid) = kids.first() {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "procd" {
+                    break pid;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "procd did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.procd_pid = Some(procd);
+        self.wait_for(
+            "procd's ubus (procd started ubusd)",
+            Duration::from_secs(20),
+            |ow| ow.sh("ubus call service list").status.success(),
+        );
+        self.sh_ok("syslogd -O /tmp/syslog");
+        // What /etc/init.d/boot does last: `reload_config` records the configuration's
+        // checksums, against which the next `reload_config` tells what changed.
+        self.sh_ok("reload_config");
+    }
+
+    /// procd's pid as the test sees it, when it runs.
+    pub fn procd_pid(&self) -> Option<u32> {
+        self.procd_pid
+    }
+
+    /// What the router's syslog has (procd's instances' output: `cage run`'s log).
+    pub fn syslog(&self) -> String {
+        std::fs::read_to_string(self.root.join("tmp/syslog")).unwrap_or_default()
+    }
+
+    /// `ubus call service list` for one service: its instances' pids (running ones).
+    pub fn service_pids(&self, service: &str) -> Vec<u32> {
+        let out = self.sh(&format!(
+            "ubus call service list '{{\"name\":\"{service}\"}}'"
+        ));
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let mut pids = vec![];
+        if let Some(instances) = v[service]["instances"].as_object() {
+            for inst in instances.values() {
+                if inst["running"] == true {
+                    if let Some(pid) = inst["pid"].as_u64() {
+                        pids.push(pid as u32);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
     /// base-files' per-namespace network sysctls (see the module's docs).
     fn apply_sysctl_defaults(&self) {
         let conf = self.root.read("etc/sysctl.d/10-default.conf");
@@ -863,7 +1043,7 @@ impl OwLab {
 
     /// Start a daemon of the root in the router, its output into `<name>.log` in the
     /// lab's directory.
-    fn start_daemon(&mut self, name: &'static str, argv: &[&str]) {
+    fn start_daemon(&self, name: &'static str, argv: &[&str]) {
         let log = self.lab.dir().join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -879,7 +1059,7 @@ impl OwLab {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        self.daemons.insert(name, child);
+        self.daemons.lock().unwrap().insert(name, child);
     }
 
     /// Poll `cond` every 100 ms for at most `timeout`; panics with the diagnostics if
@@ -899,7 +1079,7 @@ impl OwLab {
 
 impl Drop for OwLab {
     fn drop(&mut self) {
-        for (_, mut child) in std::mem::take(&mut self.daemons) {
+        for (_, mut child) in std::mem::take(&mut *self.daemons.lock().unwrap()) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -910,6 +1090,38 @@ impl Drop for OwLab {
         // Then `lab` (every other process in its namespaces, and the namespaces) and
         // `root`, in field order.
     }
+}
+
+/// The router's mounts inside the root, for a shell in its fresh mount namespace: /proc,
+/// the netns's /sys, a minimal /dev (null, zero, random, urandom and the fd links that
+/// procd's hotplug rules make on a router; no watchdog, no kmsg, no console: nothing of
+/// the host's), and the lab's `cage` at /usr/bin/cage.
+fn router_mounts(r: &str, cage: &str) -> String {
+    format!(
+        "set -e\n\
+         mount -t proc proc '{r}/proc'\n\
+         mount -t sysfs sysfs '{r}/sys'\n\
+         mount -t tmpfs -o mode=755 tmpfs '{r}/dev'\n\
+         mknod -m 666 '{r}/dev/null' c 1 3\n\
+         mknod -m 666 '{r}/dev/zero' c 1 5\n\
+         mknod -m 666 '{r}/dev/random' c 1 8\n\
+         mknod -m 666 '{r}/dev/urandom' c 1 9\n\
+         ln -s /proc/self/fd '{r}/dev/fd'\n\
+         ln -s /proc/self/fd/0 '{r}/dev/stdin'\n\
+         ln -s /proc/self/fd/1 '{r}/dev/stdout'\n\
+         ln -s /proc/self/fd/2 '{r}/dev/stderr'\n\
+         touch '{r}/usr/bin/cage'\n\
+         mount --bind '{cage}' '{r}/usr/bin/cage'\n"
+    )
+}
+
+/// A process's children (from /proc), in the order the kernel lists them.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 // ---- the root ---------------------------------------------------------------------------
@@ -936,6 +1148,7 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     );
     for (from, to) in [
         ("sbin/ubusd", "sbin/ubusd"),
+        ("sbin/procd", "sbin/procd"),
         ("sbin/netifd", "sbin/netifd"),
         ("bin/ubus", "bin/ubus"),
         ("bin/ucode", "usr/bin/ucode"),
@@ -949,16 +1162,32 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     copy_tree(root, &files.join("package/network/config/netifd/files"), "");
     let procd = files.join("package/system/procd/files");
     install_file(root, &procd.join("procd.sh"), "lib/functions/procd.sh");
-    install_file(root, &procd.join("reload_config"), "sbin/reload_config");
-    install_file(root, &procd.join("service"), "sbin/service");
+    // Programs, as procd's package installs them (INSTALL_BIN), whatever mode the
+    // snapshot has.
+    for (from, to) in [
+        ("reload_config", "sbin/reload_config"),
+        ("service", "sbin/service"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        install_file(root, &procd.join(from), to);
+        std::fs::set_permissions(root.join(to), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    install_file(root, &procd.join("hotplug.json"), "etc/hotplug.json");
+    install_file(root, &prefix.join("lib/libsetlbf.so"), "lib/libsetlbf.so");
+    // Cage itself goes where the package puts it, /usr/bin/cage, by a bind mount in the
+    // router's mount namespace (see `start_holder`; a debug build is over 100 MB), with
+    // the libraries it needs.
+    let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
     install_file(root, Path::new("/usr/sbin/nft"), "usr/sbin/nft");
     install_file(root, Path::new("/usr/bin/flock"), "usr/bin/flock");
     let mut programs: Vec<PathBuf> = ["/usr/sbin/nft", "/usr/bin/flock"]
         .iter()
         .map(PathBuf::from)
         .collect();
+    programs.push(cage);
     for p in [
         "sbin/ubusd",
+        "sbin/procd",
         "sbin/netifd",
         "bin/ubus",
         "bin/ucode",

@@ -5,8 +5,9 @@
 //!   build machine's `nft`);
 //! - the `.ipk` files that `cargo xtask package` made are read here, archive by archive,
 //!   rather than trusted: members, control fields, conffiles, modes and owners;
-//! - the shell scripts parse (`sh -n`), and the init script, the uci-defaults script and
-//!   the button hook run against stand-ins for procd, uci and cage.
+//! - the shell scripts parse (`sh -n`), and the button hook passes its event to a
+//!   stand-in for `cage`. The init script, the uci-defaults script, `cage-port` and the
+//!   maintainer scripts run with OpenWrt's own opkg, uci and procd in tests/tests/install.rs.
 //!
 //! `cargo xtask test` runs `cargo xtask package --target aarch64 --target armv7` first; a
 //! missing binary or package fails these tests with the command that makes it.
@@ -323,6 +324,7 @@ fn ipk_has_the_opkg_layout_fields_and_permissions() {
             ("./etc/config/cage", 0o600),
             ("./etc/uci-defaults/90-cage", 0o755),
             ("./etc/hotplug.d/button/50-cage", 0o755),
+            ("./usr/libexec/cage-port", 0o755),
         ];
         for &(name, mode) in expected {
             let e = member(&data, name);
@@ -354,6 +356,14 @@ fn ipk_has_the_opkg_layout_fields_and_permissions() {
         for (name, source) in [
             ("./etc/init.d/cage", "openwrt/files/etc/init.d/cage"),
             ("./etc/config/cage", "openwrt/files/etc/config/cage"),
+            (
+                "./etc/uci-defaults/90-cage",
+                "openwrt/files/etc/uci-defaults/90-cage",
+            ),
+            (
+                "./usr/libexec/cage-port",
+                "openwrt/files/usr/libexec/cage-port",
+            ),
         ] {
             assert_eq!(
                 member(&data, name).data,
@@ -416,9 +426,9 @@ const SCRIPTS: &[&str] = &[
     "openwrt/files/etc/init.d/cage",
     "openwrt/files/etc/uci-defaults/90-cage",
     "openwrt/files/etc/hotplug.d/button/50-cage",
+    "openwrt/files/usr/libexec/cage-port",
     "openwrt/control/postinst",
     "openwrt/control/prerm",
-    "tests/openwrt/uci",
 ];
 
 #[test]
@@ -458,85 +468,6 @@ fn recorder(path: &Path, log: &Path, rc: i32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// Source the init script the way rc.common does, with procd's functions stubbed to
-/// record their calls, and run `what` (shell) after it.
-fn run_init(dir: &Path, what: &str) -> (Output, String) {
-    let log = dir.join("procd.log");
-    let _ = std::fs::remove_file(&log);
-    let harness = format!(
-        r#"
-log='{log}'
-procd_open_instance() {{ echo "open_instance $*" >>"$log"; }}
-procd_set_param() {{ echo "set_param $*" >>"$log"; }}
-procd_close_instance() {{ echo "close_instance" >>"$log"; }}
-procd_add_reload_trigger() {{ echo "reload_trigger $*" >>"$log"; }}
-procd_send_signal() {{ echo "send_signal $*" >>"$log"; }}
-. '{script}'
-{what}
-"#,
-        log = log.display(),
-        script = root().join("openwrt/files/etc/init.d/cage").display(),
-    );
-    let out = output(Command::new("sh").arg("-c").arg(harness));
-    let calls = std::fs::read_to_string(&log).unwrap_or_default();
-    (out, calls)
-}
-
-#[test]
-fn init_script_runs_cage_under_procd_and_reloads_with_sighup() {
-    let dir = temp_dir("init");
-    let (out, calls) = run_init(
-        &dir,
-        r#"echo "USE_PROCD=$USE_PROCD START=$START"; start_service; service_triggers
-type stop_service >/dev/null 2>&1 && echo "stop_service defined"; true"#,
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("USE_PROCD=1"), "{stdout}");
-    // Stopping the service must not remove the policy: only the daemon ends.
-    assert!(
-        !stdout.contains("stop_service defined"),
-        "stop_service exists"
-    );
-    let expected = [
-        "open_instance cage",
-        "set_param command /usr/bin/cage --config /etc/config/cage run",
-        "set_param respawn 3600 5 0",
-        "set_param stdout 1",
-        "set_param stderr 1",
-        "close_instance",
-        "reload_trigger cage",
-    ];
-    assert_eq!(calls.lines().collect::<Vec<_>>(), expected, "procd calls");
-
-    // Reload: `cage check` first; SIGHUP only when the configuration is valid.
-    let cage_log = dir.join("cage.log");
-    for (rc, signalled) in [(0, true), (1, false)] {
-        let _ = std::fs::remove_file(&cage_log);
-        recorder(&dir.join("cage"), &cage_log, rc);
-        let (out, calls) = run_init(
-            &dir,
-            &format!("PROG='{}'; reload_service", dir.join("cage").display()),
-        );
-        assert_eq!(out.status.success(), signalled, "reload with check rc {rc}");
-        let checked = std::fs::read_to_string(&cage_log).unwrap_or_default();
-        assert!(
-            checked.contains("--config /etc/config/cage check"),
-            "reload did not run cage check: {checked:?}"
-        );
-        assert_eq!(
-            calls.contains("send_signal cage cage HUP"),
-            signalled,
-            "check rc {rc}: {calls:?}"
-        );
-    }
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
 #[test]
 fn button_hook_passes_the_event_to_cage() {
     let dir = temp_dir("button");
@@ -560,191 +491,5 @@ fn button_hook_passes_the_event_to_cage() {
     run(&[("BUTTON", "BTN_0"), ("ACTION", "pressed")]);
     let calls = std::fs::read_to_string(&log).unwrap();
     assert!(calls.ends_with(" button BTN_0 pressed\n"), "{calls:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The shipped /etc/config/cage as the fake uci's store lines.
-fn shipped_config_as_store() -> String {
-    let text = std::fs::read_to_string(root().join("openwrt/files/etc/config/cage")).unwrap();
-    let mut store = String::new();
-    let mut section = String::new();
-    for line in text.lines() {
-        let words: Vec<_> = line
-            .split_whitespace()
-            .map(|w| w.trim_matches('\''))
-            .collect();
-        match words.as_slice() {
-            ["config", kind, name] => {
-                section = format!("cage.{name}");
-                store.push_str(&format!("{section}={kind}\n"));
-            }
-            ["option", key, value] => store.push_str(&format!("{section}.{key}={value}\n")),
-            ["list", key, value] => store.push_str(&format!("{section}.{key}+={value}\n")),
-            _ => {}
-        }
-    }
-    store
-}
-
-/// What a GL-MT6000-like router has before Cage: br-lan on lan1..lan3, a wan, a radio.
-const ROUTER: &str = "\
-network.@device[0]=device
-network.@device[0].name=br-lan
-network.@device[0].type=bridge
-network.@device[0].ports+=lan1
-network.@device[0].ports+=lan2
-network.@device[0].ports+=lan3
-network.lan=interface
-network.lan.device=br-lan
-network.lan.proto=static
-network.lan.ipaddr=192.168.8.1
-network.wan=interface
-network.wan.device=eth1
-network.wan.proto=dhcp
-dhcp.lan=dhcp
-dhcp.lan.interface=lan
-wireless.radio0=wifi-device
-wireless.radio0.band=2g
-wireless.radio1=wifi-device
-wireless.radio1.band=5g
-firewall.@zone[0]=zone
-firewall.@zone[0].name=lan
-firewall.@zone[1]=zone
-firewall.@zone[1].name=wan
-";
-
-/// Run 90-cage with the fake uci on `store`, a fake /sys with `ports`, a stub logger.
-fn run_uci_defaults(dir: &Path, store: &Path, ports: &[&str]) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    recorder(&bin.join("logger"), &dir.join("logger.log"), 0);
-    let sysfs = dir.join("sys");
-    let _ = std::fs::remove_dir_all(&sysfs);
-    for port in ports {
-        std::fs::create_dir_all(sysfs.join("class/net").join(port)).unwrap();
-    }
-    let path = format!(
-        "{}:{}:{}",
-        root().join("tests/openwrt").display(),
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = output(
-        Command::new("sh")
-            .arg(root().join("openwrt/files/etc/uci-defaults/90-cage"))
-            .env("PATH", path)
-            .env("UCI_STORE", store)
-            .env("CAGE_SYSFS", &sysfs)
-            .current_dir(dir),
-    );
-    assert!(
-        out.status.success(),
-        "90-cage: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn uci_get(store: &Path, key: &str) -> String {
-    let out = output(
-        Command::new(root().join("tests/openwrt/uci"))
-            .args(["-q", "get", key])
-            .env("UCI_STORE", store),
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-#[test]
-fn uci_defaults_declares_the_segment_once() {
-    let dir = temp_dir("uci");
-    let store = dir.join("store");
-    std::fs::write(&store, format!("{ROUTER}{}", shipped_config_as_store())).unwrap();
-    run_uci_defaults(&dir, &store, &["lan1", "lan2", "lan3", "eth1"]);
-    let get = |k: &str| uci_get(&store, k);
-
-    // The bridge: the configured port (lan3) moved out of br-lan; the other LAN ports
-    // carry the segment tagged with its VLAN id.
-    assert_eq!(get("network.cage_dev"), "device");
-    assert_eq!(get("network.cage_dev.type"), "bridge");
-    assert_eq!(get("network.cage_dev.name"), "br-cage");
-    assert_eq!(get("network.cage_dev.ports"), "lan3 lan1.10 lan2.10");
-    assert_eq!(get("network.@device[0].ports"), "lan1 lan2");
-    assert_eq!(get("network.cage_vlan_lan1.type"), "8021q");
-    assert_eq!(get("network.cage_vlan_lan1.ifname"), "lan1");
-    assert_eq!(get("network.cage_vlan_lan1.vid"), "10");
-    // The interface, with the segment's addresses from /etc/config/cage.
-    assert_eq!(get("network.cage.device"), "br-cage");
-    assert_eq!(get("network.cage.proto"), "static");
-    assert_eq!(get("network.cage.ipaddr"), "192.168.10.1");
-    assert_eq!(get("network.cage.netmask"), "255.255.255.0");
-    assert_eq!(get("network.cage.ip6addr"), "fd00:cafe:10::1/64");
-    // DHCP pool and router advertisements.
-    assert_eq!(get("dhcp.cage"), "dhcp");
-    assert_eq!(get("dhcp.cage.interface"), "cage");
-    assert_eq!(get("dhcp.cage.ra"), "server");
-    // The AI SSID on the first radio, isolated, encrypted with a generated key.
-    assert_eq!(get("wireless.cage.device"), "radio0");
-    assert_eq!(get("wireless.cage.network"), "cage");
-    assert_eq!(get("wireless.cage.mode"), "ap");
-    assert_eq!(get("wireless.cage.isolate"), "1");
-    assert_eq!(get("wireless.cage.encryption"), "psk2");
-    assert!(get("wireless.cage.key").len() >= 16, "weak or no Wi-Fi key");
-    // The fw4 zone: nothing in by default but DHCP, DNS and neighbour discovery;
-    // forwarding to the WAN only.
-    assert_eq!(get("firewall.cage_zone.name"), "cage");
-    assert_eq!(get("firewall.cage_zone.network"), "cage");
-    assert_eq!(get("firewall.cage_zone.input"), "REJECT");
-    assert_eq!(get("firewall.cage_zone.forward"), "REJECT");
-    assert_eq!(get("firewall.cage_zone.output"), "ACCEPT");
-    assert_eq!(get("firewall.cage_wan.src"), "cage");
-    assert_eq!(get("firewall.cage_wan.dest"), "wan");
-    assert_eq!(get("firewall.cage_dns.dest_port"), "53");
-    // Cage's DNS forwarder, where Cage redirects the segment's port 53.
-    assert_eq!(get("firewall.cage_dnsfwd.dest_port"), "5354");
-    assert_eq!(get("firewall.cage_dnsfwd.src"), "cage");
-    assert_eq!(get("firewall.cage_dhcp.dest_port"), "67");
-    let forwardings = std::fs::read_to_string(&store)
-        .unwrap()
-        .lines()
-        .filter(|l| l.ends_with("=forwarding"))
-        .count();
-    // cage -> wan, and lan -> cage: fw4 rejects forwarding between zones without one, so
-    // it is what lets the admin hosts in (Cage's table lets no other LAN host in).
-    assert_eq!(forwardings, 2, "only cage -> wan and lan -> cage");
-    assert_eq!(get("firewall.cage_lan.src"), "lan");
-    assert_eq!(get("firewall.cage_lan.dest"), "cage");
-    let commits = std::fs::read_to_string(dir.join("store.commits")).unwrap();
-    for pkg in ["network", "dhcp", "wireless", "firewall"] {
-        assert!(commits.contains(&format!("commit {pkg}")), "{commits}");
-    }
-
-    // Again: nothing changes (a user's edits in between would be kept too).
-    let before = std::fs::read_to_string(&store).unwrap();
-    run_uci_defaults(&dir, &store, &["lan1", "lan2", "lan3", "eth1"]);
-    assert_eq!(
-        std::fs::read_to_string(&store).unwrap(),
-        before,
-        "not idempotent"
-    );
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[test]
-fn uci_defaults_on_a_router_without_the_port_or_a_radio() {
-    let dir = temp_dir("uci-small");
-    let store = dir.join("store");
-    let router: String = ROUTER
-        .lines()
-        .filter(|l| !l.starts_with("wireless.") && !l.ends_with("+=lan3"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&store, format!("{router}{}", shipped_config_as_store())).unwrap();
-    run_uci_defaults(&dir, &store, &["lan1", "lan2", "eth1"]);
-    let get = |k: &str| uci_get(&store, k);
-    assert_eq!(get("network.cage_dev.ports"), "lan1.10 lan2.10");
-    assert_eq!(get("network.@device[0].ports"), "lan1 lan2");
-    assert_eq!(get("network.cage.ipaddr"), "192.168.10.1");
-    assert_eq!(get("wireless.cage"), "", "an SSID without a radio");
     std::fs::remove_dir_all(&dir).unwrap();
 }

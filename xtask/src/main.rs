@@ -102,8 +102,9 @@ fn test() -> Result<()> {
     let _ = std::fs::remove_file(warnings);
     run(cargo().args(["build", "--workspace", "--locked"]))?;
     // The router binaries and packages that tests/tests/package.rs checks under qemu
-    // (aarch64, armv7); `cargo xtask dist` builds x86_64 and mipsel too.
-    package::run_package(&["aarch64", "armv7"])?;
+    // (aarch64, armv7), and the x86_64 package that tests/tests/install.rs installs with
+    // OpenWrt's own opkg in a board's root; `cargo xtask dist` builds mipsel too.
+    package::run_package(&["aarch64", "armv7", "x86_64"])?;
     // The kernel tests are `#[ignore = "needs root: cargo xtask test"]`, so that a plain
     // `cargo test` as anyone passes and says what it skipped; here they run too.
     // `--show-output` prints what passing tests printed (the contract matrix, the

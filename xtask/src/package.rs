@@ -60,6 +60,12 @@ pub const FILES: &[(&str, Option<&str>, u32)] = &[
         Some("openwrt/files/etc/hotplug.d/button/50-cage"),
         0o755,
     ),
+    // Which wired port is the AI port (90-cage at install, `cage port`).
+    (
+        "usr/libexec/cage-port",
+        Some("openwrt/files/usr/libexec/cage-port"),
+        0o755,
+    ),
 ];
 
 /// Maintainer scripts in the control archive.

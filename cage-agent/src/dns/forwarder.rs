@@ -478,10 +478,16 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         Ok(p) if !p.has_flags(PacketFlag::RESPONSE) && p.questions.len() == 1 => p,
         _ => {
             st.count(|s| s.malformed += 1);
+            ::log::debug!(
+                "DNS: {host} sent {} bytes that are not a query: dropped",
+                query.len()
+            );
             return None;
         }
     };
     let qname = parsed.questions[0].qname.to_string().to_ascii_lowercase();
+    // The name as log lines show it: a hostile host chooses it, control characters and all.
+    let shown = name::printable(&qname);
     if !st.take_token(host, dns.max_qps, dns.burst) {
         st.violation(
             host,
@@ -491,6 +497,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
                 dns.max_qps
             ),
         );
+        ::log::debug!("DNS: {host} asked for {shown}: REFUSED (over the query rate)");
         return reply(&parsed, RCODE::Refused);
     }
     if qname.len() > dns.max_name_length {
@@ -501,8 +508,12 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
                 "DNS: {host} asked for a name of {} characters (limit {}): REFUSED: {}…",
                 qname.len(),
                 dns.max_name_length,
-                qname.chars().take(60).collect::<String>()
+                shown.chars().take(60).collect::<String>()
             ),
+        );
+        ::log::debug!(
+            "DNS: {host} asked for a name of {} characters: REFUSED (too long)",
+            qname.len()
         );
         return reply(&parsed, RCODE::Refused);
     }
@@ -510,8 +521,9 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         st.count(|s| s.doh_blocked += 1);
         st.log_limited(
             "doh",
-            format!("DNS: {host} asked for DNS-over-HTTPS endpoint {qname}: NXDOMAIN"),
+            format!("DNS: {host} asked for DNS-over-HTTPS endpoint {shown}: NXDOMAIN"),
         );
+        ::log::debug!("DNS: {host} asked for {shown}: NXDOMAIN (a DNS-over-HTTPS endpoint)");
         return reply(&parsed, RCODE::NameError);
     }
     let allowlist = dns.egress == Egress::Allowlist;
@@ -521,6 +533,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         let mut r = st.refused.lock().unwrap_or_else(|e| e.into_inner());
         refused::note(&mut r.0, &qname, host, &now);
         r.1 = true;
+        ::log::debug!("DNS: {host} asked for {shown}: REFUSED (not on the allow list)");
         return reply(&parsed, RCODE::Refused);
     }
 
@@ -529,7 +542,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         st.log_limited(
             "upstream",
             format!(
-                "DNS: no upstream answered for {qname} ({}): SERVFAIL",
+                "DNS: no upstream answered for {shown} ({}): SERVFAIL",
                 cur.upstreams
                     .iter()
                     .map(|u| u.to_string())
@@ -541,6 +554,8 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
     };
     st.count(|s| s.forwarded += 1);
     let (addrs, capped) = digest(&response, dns);
+    // Addresses put into the allow sets for this answer (the others were there already).
+    let mut allowed_now = 0;
     if allowlist && !addrs.is_empty() {
         // Only what the sets do not already keep for as long as the host may cache the
         // answer: running nft costs milliseconds, a repeated lookup should not.
@@ -577,7 +592,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
                 st.count(|s| s.set_failures += 1);
                 st.log_limited(
                     "nft",
-                    format!("DNS: cannot allow the addresses of {qname}: {e}: SERVFAIL"),
+                    format!("DNS: cannot allow the addresses of {shown}: {e}: SERVFAIL"),
                 );
                 return reply(&parsed, RCODE::ServerFailure);
             }
@@ -587,6 +602,7 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
                 // here is added without renewal next time.
                 learned.retain(|_, (_, until)| *until + FORGET_AFTER > now);
             }
+            allowed_now = entries.len();
             for e in &entries {
                 learned.insert(
                     e.addr,
@@ -599,6 +615,16 @@ async fn answer(st: &State, host: IpAddr, query: &[u8], tcp: bool) -> Option<Vec
         }
     }
     st.shared.remember(host, &addrs, &qname);
+    ::log::debug!(
+        "DNS: {host} asked for {shown}: answered, {} addresses{}{}",
+        addrs.len(),
+        if allowlist {
+            format!(", {allowed_now} put into the allow sets")
+        } else {
+            String::new()
+        },
+        if capped.is_some() { ", TTLs cut" } else { "" }
+    );
     Some(capped.unwrap_or(response))
 }
 

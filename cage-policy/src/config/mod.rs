@@ -215,6 +215,41 @@ pub struct Main {
     /// Host names the web page answers to besides its address (`list web_hostname`);
     /// a request naming any other host is refused (DNS rebinding).
     pub web_hostnames: Vec<String>,
+    /// How much `cage` logs (`log_level`); `CAGE_LOG` overrides it. Default `info`.
+    pub log_level: LogLevel,
+}
+
+/// `cage.main.log_level`: the least severe log line written. `debug` adds each DNS query
+/// and the daemon's decisions; `trace` adds the debug lines of the libraries Cage uses
+/// (netlink, BPF), which `debug` leaves out as noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    /// As `log_level` and `CAGE_LOG` take it, with the validator's message.
+    fn from_str(s: &str) -> Result<LogLevel, String> {
+        match s {
+            "error" => Ok(LogLevel::Error),
+            "warning" => Ok(LogLevel::Warning),
+            "info" => Ok(LogLevel::Info),
+            "debug" => Ok(LogLevel::Debug),
+            "trace" => Ok(LogLevel::Trace),
+            _ => Err(format!(
+                "'{}' is not a log level; give error, warning, info (the default), debug \
+                 (also each DNS query and the daemon's decisions) or trace (also the \
+                 libraries' debug lines)",
+                uci::printable(s)
+            )),
+        }
+    }
 }
 
 /// `cage.main.mode`.

@@ -8,7 +8,7 @@
 //! section, `cage.@segment[0].address` for an anonymous one (the index counts every
 //! section of that type, named or not, as uci does).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -17,8 +17,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
-    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Main, Mode, Segment, SelfTest, Wan,
-    WanDevices, WebListen,
+    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, LogLevel, Main, Mode, Segment, SelfTest,
+    Wan, WanDevices, WebListen,
 };
 
 /// One problem in a configuration, with its place.
@@ -98,6 +98,7 @@ const CAGE: SectionType = SectionType {
         ("mode", Arity::One),
         ("password_hash", Arity::One),
         ("web_hostname", Arity::Many),
+        ("log_level", Arity::One),
     ],
 };
 const SEGMENT: SectionType = SectionType {
@@ -209,52 +210,170 @@ fn default_address() -> Ipv4Net {
 // Validation.
 
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
+    validate_reading(raw).0
+}
+
+/// [`validate`], and every option the validator asked for, by section type: the schema
+/// test holds it to asking for every option the schema lists.
+fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
     let mut v = Validator::default();
-    let sections = v.sections(raw);
-    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns] = sections;
+    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns] = v.sections(raw);
 
     // Section by section: every option parsed into its type on its own.
-    let state_dir = v.one(&cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
-        absolute_path(s, DEFAULT_STATE_DIR)
-    });
-    let log_dir = v.one(&cage, "log_dir", PathBuf::from(DEFAULT_LOG_DIR), |s| {
-        absolute_path(s, DEFAULT_LOG_DIR)
-    });
-    let web_listen = v.one(&cage, "web_listen", DEFAULT_WEB_LISTEN, web_listen);
-    let bpf_dir = v.one(&cage, "bpf_dir", PathBuf::from(DEFAULT_BPF_DIR), |s| {
-        absolute_path(s, DEFAULT_BPF_DIR)
-    });
-    let mode = v.one(&cage, "mode", Mode::Auto, |s| match s {
-        "auto" => Ok(Mode::Auto),
-        "standalone" => Ok(Mode::Standalone),
-        "openwrt" => Ok(Mode::OpenWrt),
-        _ => Err(format!(
-            "'{}' is not a mode; give auto (the default: openwrt when \
-             /etc/openwrt_release exists), standalone or openwrt",
-            printable(s)
-        )),
-    });
+    let main = main_section(&mut v, &cage);
+    let seg = segment_section(&mut v, &segment);
+    let lan_options = lan_section(&mut v, &lan);
+    let wan_options = wan_section(&mut v, &wan);
+    let killswitch = killswitch_section(&mut v, &killswitch);
+    let flowlog = flowlog_section(&mut v, &flowlog);
+    let selftest = selftest_section(&mut v, &selftest);
+    let dns = dns_section(&mut v, &dns);
 
-    let password_hash = v.one(&cage, "password_hash", None, |s| {
-        super::phc::check(s)
-            .map(|()| Some(s.to_owned()))
-            .map_err(|e| format!("the value {e}"))
-    });
-    let web_hostnames = v.many(&cage, "web_hostname", web_hostname);
+    // Then between options that are each valid on their own.
+    let placed = Placed {
+        cage: &cage,
+        segment: &segment,
+        lan: &lan,
+        wan: &wan,
+    };
+    cross_checks(&mut v, &placed, &main, &seg, &lan_options, &wan_options);
 
-    let bridge = v.one(&segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
-        interface(s, "br-cage")
-    });
-    let address = v.one(&segment, "address", default_address(), address4);
-    let ipv6 = v.one(&segment, "ipv6", false, boolean);
-    let address6 = v.one(&segment, "address6", None, |s| address6(s).map(Some));
-    let ports = v.many(&segment, "port", |s| interface(s, "lan3"));
-    let vlan = v.one(&segment, "vlan", None, |s| vlan_id(s).map(Some));
+    let reads = std::mem::take(&mut v.reads);
+    if !v.errors.is_empty() {
+        let mut errors = v.errors;
+        errors.sort_by_key(|e| e.line);
+        return (Err(ConfigErrors(errors)), reads);
+    }
+    let config = Config {
+        main: main.config(),
+        segment: seg.config(),
+        lan: lan_options.config(),
+        wan: wan_options.config(),
+        killswitch,
+        flowlog,
+        selftest,
+        dns,
+    };
+    (Ok(config), reads)
+}
 
+/// `config cage 'main'`, with what the cross-checks need of it.
+struct MainOptions {
+    state_dir: Scalar<PathBuf>,
+    log_dir: Scalar<PathBuf>,
+    web_listen: Scalar<WebListen>,
+    bpf_dir: Scalar<PathBuf>,
+    mode: Scalar<Mode>,
+    password_hash: Scalar<Option<String>>,
+    web_hostnames: Vec<Given<String>>,
+    log_level: Scalar<LogLevel>,
+}
+
+impl MainOptions {
+    fn config(self) -> Main {
+        Main {
+            state_dir: self.state_dir.value,
+            log_dir: self.log_dir.value,
+            web_listen: self.web_listen.value,
+            bpf_dir: self.bpf_dir.value,
+            mode: self.mode.value,
+            password_hash: self.password_hash.value,
+            web_hostnames: values(self.web_hostnames),
+            log_level: self.log_level.value,
+        }
+    }
+}
+
+fn main_section(v: &mut Validator, cage: &Section) -> MainOptions {
+    MainOptions {
+        state_dir: v.one(cage, "state_dir", PathBuf::from(DEFAULT_STATE_DIR), |s| {
+            absolute_path(s, DEFAULT_STATE_DIR)
+        }),
+        log_dir: v.one(cage, "log_dir", PathBuf::from(DEFAULT_LOG_DIR), |s| {
+            absolute_path(s, DEFAULT_LOG_DIR)
+        }),
+        web_listen: v.one(cage, "web_listen", DEFAULT_WEB_LISTEN, web_listen),
+        bpf_dir: v.one(cage, "bpf_dir", PathBuf::from(DEFAULT_BPF_DIR), |s| {
+            absolute_path(s, DEFAULT_BPF_DIR)
+        }),
+        mode: v.one(cage, "mode", Mode::Auto, |s| match s {
+            "auto" => Ok(Mode::Auto),
+            "standalone" => Ok(Mode::Standalone),
+            "openwrt" => Ok(Mode::OpenWrt),
+            _ => Err(format!(
+                "'{}' is not a mode; give auto (the default: openwrt when \
+                 /etc/openwrt_release exists), standalone or openwrt",
+                printable(s)
+            )),
+        }),
+        password_hash: v.one(cage, "password_hash", None, |s| {
+            super::phc::check(s)
+                .map(|()| Some(s.to_owned()))
+                .map_err(|e| format!("the value {e}"))
+        }),
+        web_hostnames: v.many(cage, "web_hostname", web_hostname),
+        log_level: v.one(cage, "log_level", LogLevel::Info, str::parse),
+    }
+}
+
+/// `config segment 'ai'`, with what the cross-checks need of it.
+struct SegmentOptions {
+    bridge: Scalar<String>,
+    address: Scalar<Ipv4Net>,
+    ipv6: Scalar<bool>,
+    address6: Scalar<Option<Ipv6Net>>,
+    ports: Vec<Given<String>>,
+    vlan: Scalar<Option<u16>>,
+}
+
+impl SegmentOptions {
+    /// The segment's subnets that the cross-checks hold the other options away from: the
+    /// IPv4 one when its address is valid, the IPv6 one when IPv6 is on.
+    fn nets(&self) -> Vec<IpNet> {
+        let seg4 = self
+            .address
+            .valid
+            .then(|| IpNet::V4(self.address.value.trunc()));
+        let seg6 = match (self.ipv6.value, self.address6.value) {
+            (true, Some(a)) => Some(IpNet::V6(a.trunc())),
+            _ => None,
+        };
+        seg4.into_iter().chain(seg6).collect()
+    }
+
+    fn config(self) -> Segment {
+        Segment {
+            bridge: self.bridge.value,
+            address: self.address.value,
+            ipv6: self.ipv6.value,
+            // address6 is checked even when IPv6 is off, but only used when it is on.
+            address6: if self.ipv6.value {
+                self.address6.value
+            } else {
+                None
+            },
+            ports: values(self.ports),
+            vlan: self.vlan.value,
+        }
+    }
+}
+
+fn segment_section(v: &mut Validator, segment: &Section) -> SegmentOptions {
+    let options = SegmentOptions {
+        bridge: v.one(segment, "bridge", DEFAULT_BRIDGE.to_owned(), |s| {
+            interface(s, "br-cage")
+        }),
+        address: v.one(segment, "address", default_address(), address4),
+        ipv6: v.one(segment, "ipv6", false, boolean),
+        address6: v.one(segment, "address6", None, |s| address6(s).map(Some)),
+        ports: v.many(segment, "port", |s| interface(s, "lan3")),
+        vlan: v.one(segment, "vlan", None, |s| vlan_id(s).map(Some)),
+    };
+    let (ipv6, address6) = (&options.ipv6, &options.address6);
     if ipv6.value && address6.value.is_none() && address6.valid {
         // ipv6 is off by default, so it is on only when it was written down.
         v.error(
-            &segment,
+            segment,
             "ipv6",
             ipv6.line.unwrap_or(segment.line),
             "IPv6 is on but address6 is not set; add the router's IPv6 address on the \
@@ -262,30 +381,78 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
                 .into(),
         );
     }
+    options
+}
 
-    let lan_devices = if lan.has("device") {
-        v.many(&lan, "device", |s| interface(s, "br-lan"))
+/// `config lan 'lan'`, with what the cross-checks need of it.
+struct LanOptions {
+    devices: Vec<Given<String>>,
+    admin_hosts: Vec<Given<IpAddr>>,
+}
+
+impl LanOptions {
+    fn config(self) -> Lan {
+        Lan {
+            devices: values(self.devices),
+            admin_hosts: values(self.admin_hosts),
+        }
+    }
+}
+
+fn lan_section(v: &mut Validator, lan: &Section) -> LanOptions {
+    let devices = if v.has(lan, "device") {
+        v.many(lan, "device", |s| interface(s, "br-lan"))
     } else {
         vec![Given {
             value: DEFAULT_LAN_DEVICE.to_owned(),
             line: None,
         }]
     };
-    let admin_hosts = v.many(&lan, "admin_host", admin_host);
+    LanOptions {
+        devices,
+        admin_hosts: v.many(lan, "admin_host", admin_host),
+    }
+}
 
-    let wan_devices = v.wan_devices(&wan);
-    let masquerade = v.one(&wan, "masquerade", true, boolean);
-    let upstream_subnets = v.many(&wan, "upstream_subnet", network);
+/// `config wan 'wan'`, with what the cross-checks need of it.
+struct WanOptions {
+    /// `None` for detection from the default routes.
+    devices: Option<Vec<Given<String>>>,
+    masquerade: Scalar<bool>,
+    upstream_subnets: Vec<Given<IpNet>>,
+}
 
-    let button = v.one(&killswitch, "button", None, |s| button_name(s).map(Some));
-    let button_release = v.one(&killswitch, "button_release", false, boolean);
-    let auto_blocked = v.one(&killswitch, "auto_blocked", 0, |s| {
+impl WanOptions {
+    fn config(self) -> Wan {
+        Wan {
+            devices: match self.devices {
+                None => WanDevices::Auto,
+                Some(devices) => WanDevices::List(values(devices)),
+            },
+            masquerade: self.masquerade.value,
+            upstream_subnets: values(self.upstream_subnets),
+        }
+    }
+}
+
+fn wan_section(v: &mut Validator, wan: &Section) -> WanOptions {
+    WanOptions {
+        devices: v.wan_devices(wan),
+        masquerade: v.one(wan, "masquerade", true, boolean),
+        upstream_subnets: v.many(wan, "upstream_subnet", network),
+    }
+}
+
+fn killswitch_section(v: &mut Validator, killswitch: &Section) -> KillSwitch {
+    let button = v.one(killswitch, "button", None, |s| button_name(s).map(Some));
+    let button_release = v.one(killswitch, "button_release", false, boolean);
+    let auto_blocked = v.one(killswitch, "auto_blocked", 0, |s| {
         count(s, 1_000_000, "20 (0 switches it off)")
     });
-    let auto_upload_bytes = v.one(&killswitch, "auto_upload_bytes", 0, |s| {
+    let auto_upload_bytes = v.one(killswitch, "auto_upload_bytes", 0, |s| {
         count(s, u64::MAX / 2, "1000000000 (0 switches it off)")
     });
-    let auto_window = v.one(&killswitch, "auto_window", 10, |s| {
+    let auto_window = v.one(killswitch, "auto_window", 10, |s| {
         count(s, 3600, "10").and_then(|n| {
             if n == 0 {
                 Err("'0' is not a window; give seconds from 1 to 3600, e.g. 10".into())
@@ -294,7 +461,16 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             }
         })
     });
+    KillSwitch {
+        button: button.value,
+        button_release: button_release.value,
+        auto_blocked: auto_blocked.value as u32,
+        auto_upload_bytes: auto_upload_bytes.value,
+        auto_window: auto_window.value,
+    }
+}
 
+fn flowlog_section(v: &mut Validator, flowlog: &Section) -> FlowLog {
     let d = FlowLog::default();
     let in_range = |min: u64, max: u64, example: u64| {
         move |s: &str| match count(s, max, &example.to_string()) {
@@ -306,37 +482,36 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         }
     };
     let max_flows = v.one(
-        &flowlog,
+        flowlog,
         "max_flows",
         u64::from(d.max_flows),
         in_range(256, 1 << 20, 16384),
     );
     let idle_timeout = v.one(
-        &flowlog,
+        flowlog,
         "idle_timeout",
         u64::from(d.idle_timeout),
         in_range(1, 3600, 15),
     );
     let active_timeout = v.one(
-        &flowlog,
+        flowlog,
         "active_timeout",
         u64::from(d.active_timeout),
         in_range(10, 86400, 300),
     );
     let log_max_bytes = v.one(
-        &flowlog,
+        flowlog,
         "log_max_bytes",
         d.log_max_bytes,
         in_range(65536, 1 << 30, 4 << 20),
     );
     let log_files = v.one(
-        &flowlog,
+        flowlog,
         "log_files",
         u64::from(d.log_files),
         in_range(1, 100, 4),
     );
-
-    let attach = v.one(&flowlog, "attach", Attach::Auto, |s| match s {
+    let attach = v.one(flowlog, "attach", Attach::Auto, |s| match s {
         "auto" => Ok(Attach::Auto),
         "tcx" => Ok(Attach::Tcx),
         "netlink" => Ok(Attach::Netlink),
@@ -345,12 +520,40 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             printable(s)
         )),
     });
+    let persist_dir = v.one(flowlog, "persist_dir", None, |s| {
+        absolute_path(s, "/etc/cage/flows").map(Some)
+    });
+    let persist_interval = v.one(
+        flowlog,
+        "persist_interval",
+        u64::from(d.persist_interval),
+        in_range(1, 1440, 15),
+    );
+    let persist_budget = v.one(
+        flowlog,
+        "persist_budget",
+        d.persist_budget,
+        in_range(4096, 1 << 40, 8 << 20),
+    );
+    FlowLog {
+        max_flows: max_flows.value as u32,
+        idle_timeout: idle_timeout.value as u32,
+        active_timeout: active_timeout.value as u32,
+        log_max_bytes: log_max_bytes.value,
+        log_files: log_files.value as u32,
+        attach: attach.value,
+        persist_dir: persist_dir.value,
+        persist_interval: persist_interval.value as u32,
+        persist_budget: persist_budget.value,
+    }
+}
 
-    let st_interval = v.one(&selftest, "interval", 0, |s| {
+fn selftest_section(v: &mut Validator, selftest: &Section) -> SelfTest {
+    let interval = v.one(selftest, "interval", 0, |s| {
         count(s, 10080, "60 (0: never)")
     });
-    let st_after = v.one(&selftest, "after_change", false, boolean);
-    let st_targets = v.many(&selftest, "target", |s| {
+    let after_change = v.one(selftest, "after_change", false, boolean);
+    let targets = v.many(selftest, "target", |s| {
         if s.parse::<SocketAddr>().is_ok() || s.parse::<IpAddr>().is_ok() {
             Ok(s.to_owned())
         } else {
@@ -361,71 +564,96 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             ))
         }
     });
+    SelfTest {
+        interval_minutes: interval.value as u32,
+        after_change: after_change.value,
+        targets: values(targets),
+    }
+}
 
-    let persist_dir = v.one(&flowlog, "persist_dir", None, |s| {
-        absolute_path(s, "/etc/cage/flows").map(Some)
-    });
-    let persist_interval = v.one(
-        &flowlog,
-        "persist_interval",
-        u64::from(d.persist_interval),
-        in_range(1, 1440, 15),
-    );
-    let persist_budget = v.one(
-        &flowlog,
-        "persist_budget",
-        d.persist_budget,
-        in_range(4096, 1 << 40, 8 << 20),
-    );
+/// The values of a list option, in the file's order.
+fn values<T>(given: Vec<Given<T>>) -> Vec<T> {
+    given.into_iter().map(|g| g.value).collect()
+}
 
-    let dns = dns_section(&mut v, &dns);
+// ---------------------------------------------------------------------------------------
+// Cross-checks: between options of different sections, each valid on its own.
 
-    // Cross-checks, between options that are each valid on their own.
-    let seg4 = address.valid.then(|| IpNet::V4(address.value.trunc()));
-    let seg6 = match (ipv6.value, address6.value) {
-        (true, Some(a)) => Some(IpNet::V6(a.trunc())),
-        _ => None,
-    };
-    let segment_nets: Vec<IpNet> = seg4.into_iter().chain(seg6).collect();
+/// The sections the cross-checks put their errors in.
+struct Placed<'s, 'a> {
+    cage: &'s Section<'a>,
+    segment: &'s Section<'a>,
+    lan: &'s Section<'a>,
+    wan: &'s Section<'a>,
+}
 
-    // Each device has one role: the segment's bridge, a segment port, a LAN device or a
-    // WAN device. Anything else would put the cage and the networks it is kept from on
-    // the same wire.
+fn cross_checks(
+    v: &mut Validator,
+    at: &Placed,
+    main: &MainOptions,
+    seg: &SegmentOptions,
+    lan: &LanOptions,
+    wan: &WanOptions,
+) {
+    let segment_nets = seg.nets();
+    one_role_per_device(v, at, seg, lan, wan);
+    admin_hosts_outside_the_segment(v, at.lan, lan, &segment_nets);
+    web_listen_off_the_segment(v, at.cage, &main.web_listen, &segment_nets);
+    upstreams_outside_the_segment(v, at.wan, wan, &segment_nets);
+}
+
+/// Each device has one role: the segment's bridge, a segment port, a LAN device or a WAN
+/// device. Anything else would put the cage and the networks it is kept from on the same
+/// wire.
+fn one_role_per_device(
+    v: &mut Validator,
+    at: &Placed,
+    seg: &SegmentOptions,
+    lan: &LanOptions,
+    wan: &WanOptions,
+) {
     let mut claims: Vec<Claim> = Vec::new();
-    if bridge.valid {
+    if seg.bridge.valid {
         claims.push(Claim::new(
-            &segment,
+            at.segment,
             "bridge",
             Role::Bridge,
-            &bridge.as_given(),
+            &seg.bridge.as_given(),
         ));
     }
     claims.extend(
-        ports
+        seg.ports
             .iter()
-            .map(|p| Claim::new(&segment, "port", Role::Port, p)),
+            .map(|p| Claim::new(at.segment, "port", Role::Port, p)),
     );
     claims.extend(
-        lan_devices
+        lan.devices
             .iter()
-            .map(|d| Claim::new(&lan, "device", Role::Lan, d)),
+            .map(|d| Claim::new(at.lan, "device", Role::Lan, d)),
     );
-    if let Some(devices) = &wan_devices {
+    if let Some(devices) = &wan.devices {
         claims.extend(
             devices
                 .iter()
-                .map(|d| Claim::new(&wan, "device", Role::Wan, d)),
+                .map(|d| Claim::new(at.wan, "device", Role::Wan, d)),
         );
     }
     v.distinct_devices(&claims);
+}
 
-    for host in &admin_hosts {
-        for net in &segment_nets {
+fn admin_hosts_outside_the_segment(
+    v: &mut Validator,
+    section: &Section,
+    lan: &LanOptions,
+    segment_nets: &[IpNet],
+) {
+    for host in &lan.admin_hosts {
+        for net in segment_nets {
             if net.contains(&host.value) {
                 v.error(
-                    &lan,
+                    section,
                     "admin_host",
-                    host.line.unwrap_or(lan.line),
+                    host.line.unwrap_or(section.line),
                     format!(
                         "'{}' is inside the segment {net}; an admin host is a LAN host \
                          outside the cage, e.g. 192.168.8.10",
@@ -435,34 +663,49 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     }
+}
 
-    // `lan:PORT` never listens on the segment either: addresses inside it are left out at
-    // run time (`cage_agent::listen::listen_addresses`).
-    if let (true, WebListen::Address(listen)) = (web_listen.valid, web_listen.value) {
-        for net in &segment_nets {
-            if !net.contains(&listen.ip()) {
-                continue;
-            }
-            // An address is only ever what the file says (the default is `lan:PORT`).
-            v.error(
-                &cage,
-                "web_listen",
-                web_listen.line.unwrap_or(cage.line),
-                format!(
-                    "'{listen}' is inside the segment {net}; the web UI must never be served \
-                     on the segment: give a LAN address of the router, e.g. 192.168.8.1:8080"
-                ),
-            );
+/// `lan:PORT` never listens on the segment either: addresses inside it are left out at
+/// run time (`cage_agent::listen::listen_addresses`).
+fn web_listen_off_the_segment(
+    v: &mut Validator,
+    cage: &Section,
+    web_listen: &Scalar<WebListen>,
+    segment_nets: &[IpNet],
+) {
+    let (true, WebListen::Address(listen)) = (web_listen.valid, web_listen.value) else {
+        return;
+    };
+    for net in segment_nets {
+        if !net.contains(&listen.ip()) {
+            continue;
         }
+        // An address is only ever what the file says (the default is `lan:PORT`).
+        v.error(
+            cage,
+            "web_listen",
+            web_listen.line.unwrap_or(cage.line),
+            format!(
+                "'{listen}' is inside the segment {net}; the web UI must never be served \
+                 on the segment: give a LAN address of the router, e.g. 192.168.8.1:8080"
+            ),
+        );
     }
+}
 
-    for upstream in &upstream_subnets {
-        for net in &segment_nets {
+fn upstreams_outside_the_segment(
+    v: &mut Validator,
+    section: &Section,
+    wan: &WanOptions,
+    segment_nets: &[IpNet],
+) {
+    for upstream in &wan.upstream_subnets {
+        for net in segment_nets {
             if net.contains(&upstream.value) || upstream.value.contains(net) {
                 v.error(
-                    &wan,
+                    section,
                     "upstream_subnet",
-                    upstream.line.unwrap_or(wan.line),
+                    upstream.line.unwrap_or(section.line),
                     format!(
                         "'{}' overlaps the segment {net}; upstream networks are denied to \
                          the segment, so they must lie outside it: change this network or \
@@ -473,69 +716,6 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     }
-
-    if !v.errors.is_empty() {
-        let mut errors = v.errors;
-        errors.sort_by_key(|e| e.line);
-        return Err(ConfigErrors(errors));
-    }
-
-    Ok(Config {
-        main: Main {
-            state_dir: state_dir.value,
-            log_dir: log_dir.value,
-            web_listen: web_listen.value,
-            bpf_dir: bpf_dir.value,
-            mode: mode.value,
-            password_hash: password_hash.value,
-            web_hostnames: web_hostnames.into_iter().map(|h| h.value).collect(),
-        },
-        segment: Segment {
-            bridge: bridge.value,
-            address: address.value,
-            ipv6: ipv6.value,
-            // address6 is checked even when IPv6 is off, but only used when it is on.
-            address6: if ipv6.value { address6.value } else { None },
-            ports: ports.into_iter().map(|p| p.value).collect(),
-            vlan: vlan.value,
-        },
-        lan: Lan {
-            devices: lan_devices.into_iter().map(|d| d.value).collect(),
-            admin_hosts: admin_hosts.into_iter().map(|h| h.value).collect(),
-        },
-        wan: Wan {
-            devices: match wan_devices {
-                None => WanDevices::Auto,
-                Some(devices) => WanDevices::List(devices.into_iter().map(|d| d.value).collect()),
-            },
-            masquerade: masquerade.value,
-            upstream_subnets: upstream_subnets.into_iter().map(|u| u.value).collect(),
-        },
-        killswitch: KillSwitch {
-            button: button.value,
-            button_release: button_release.value,
-            auto_blocked: auto_blocked.value as u32,
-            auto_upload_bytes: auto_upload_bytes.value,
-            auto_window: auto_window.value,
-        },
-        flowlog: FlowLog {
-            max_flows: max_flows.value as u32,
-            idle_timeout: idle_timeout.value as u32,
-            active_timeout: active_timeout.value as u32,
-            log_max_bytes: log_max_bytes.value,
-            log_files: log_files.value as u32,
-            attach: attach.value,
-            persist_dir: persist_dir.value,
-            persist_interval: persist_interval.value as u32,
-            persist_budget: persist_budget.value,
-        },
-        selftest: SelfTest {
-            interval_minutes: st_interval.value as u32,
-            after_change: st_after.value,
-            targets: st_targets.into_iter().map(|t| t.value).collect(),
-        },
-        dns,
-    })
 }
 
 /// `config dns 'dns'`: on when the section is in the file, unless `enabled '0'`.
@@ -708,6 +888,8 @@ impl<T: Clone> Scalar<T> {
 /// One section of each known type as the validator sees it, the options grouped by name.
 /// A section missing from the file is an empty `Section`: all its options default.
 struct Section<'a> {
+    /// The section's type (`segment`), for the record of what was read.
+    kind: &'static str,
     label: String,
     line: usize,
     options: HashMap<&'static str, Vec<&'a RawOption>>,
@@ -719,12 +901,22 @@ impl Section<'_> {
     }
 }
 
+/// The options the validator asked for, as (section type, option).
+type Reads = BTreeSet<(&'static str, String)>;
+
 #[derive(Default)]
 struct Validator {
     errors: Vec<ConfigError>,
+    reads: Reads,
 }
 
 impl Validator {
+    /// Whether the section has the option (which counts as reading it).
+    fn has(&mut self, section: &Section, name: &str) -> bool {
+        self.reads.insert((section.kind, name.to_owned()));
+        section.has(name)
+    }
+
     fn error(&mut self, section: &Section, option: &str, line: usize, message: String) {
         self.errors.push(ConfigError {
             section: Some(section.label.clone()),
@@ -806,6 +998,7 @@ impl Validator {
 
             let mut options: HashMap<&'static str, Vec<&'a RawOption>> = HashMap::new();
             let this = Section {
+                kind: ty.kind,
                 label,
                 line: section.line,
                 options: HashMap::new(),
@@ -889,6 +1082,7 @@ impl Validator {
         let mut slots = found.into_iter();
         TYPES.map(|ty| {
             slots.next().flatten().unwrap_or_else(|| Section {
+                kind: ty.kind,
                 label: ty.usual_name.to_owned(),
                 line: 0,
                 options: HashMap::new(),
@@ -904,6 +1098,7 @@ impl Validator {
         default: T,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Scalar<T> {
+        self.reads.insert((section.kind, name.to_owned()));
         let Some(option) = section.options.get(name).and_then(|o| o.first()) else {
             return Scalar {
                 value: default,
@@ -935,6 +1130,7 @@ impl Validator {
         name: &str,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Vec<Given<T>> {
+        self.reads.insert((section.kind, name.to_owned()));
         let mut values = Vec::new();
         for option in section.options.get(name).into_iter().flatten() {
             match parse(&option.value) {
@@ -950,6 +1146,7 @@ impl Validator {
 
     /// The WAN devices: `None` for auto-detection (no device, or `device 'auto'` alone).
     fn wan_devices(&mut self, wan: &Section) -> Option<Vec<Given<String>>> {
+        self.reads.insert((wan.kind, "device".to_owned()));
         let entries = wan
             .options
             .get("device")
@@ -971,6 +1168,7 @@ impl Validator {
             );
         }
         let named = Section {
+            kind: wan.kind,
             label: wan.label.clone(),
             line: wan.line,
             options: HashMap::from([(
@@ -1535,6 +1733,57 @@ mod tests {
         ] {
             assert!(web_listen(bad).is_err(), "{bad}");
         }
+    }
+
+    /// An option in the schema that the validator never asks for would be accepted in
+    /// a file and silently ignored; an option asked for but not in the schema could
+    /// never be given. Both with every section missing and with every section present.
+    #[test]
+    fn every_option_in_the_schema_is_read_and_nothing_else() {
+        let all_sections: String = TYPES
+            .iter()
+            .map(|t| format!("config {} '{}'\n", t.kind, t.usual_name))
+            .collect();
+        for text in ["", all_sections.as_str()] {
+            let raw = super::super::uci::parse(text).unwrap();
+            let (result, reads) = validate_reading(&raw);
+            assert!(result.is_ok(), "{text:?}: {result:?}");
+            for ty in TYPES {
+                for (name, _) in ty.options {
+                    assert!(
+                        reads.contains(&(ty.kind, name.to_string())),
+                        "cage.{}.{name} is in the schema but the validator never reads it: a \
+                         file could set it and be silently ignored",
+                        ty.usual_name
+                    );
+                }
+            }
+            for (kind, name) in &reads {
+                assert!(
+                    TYPES
+                        .iter()
+                        .any(|t| t.kind == *kind && t.options.iter().any(|(n, _)| n == name)),
+                    "the validator reads {kind}.{name}, which the schema does not list"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn log_levels() {
+        let cfg = crate::config::parse("config cage 'main'\n\toption log_level 'debug'\n").unwrap();
+        assert_eq!(cfg.main.log_level, LogLevel::Debug);
+        assert_eq!(
+            crate::config::parse("").unwrap().main.log_level,
+            LogLevel::Info
+        );
+        let e = crate::config::parse("config cage 'main'\n\toption log_level 'loud'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cage.main.log_level (line 2): 'loud' is not a log level; give error, warning, info (the default)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -64,9 +64,36 @@ pub fn any_matches(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| matches(p, name))
 }
 
+/// A name as a caged host sent it, for a log line: control characters escaped (`\n` as
+/// `\n`), so that a hostile query cannot forge log lines of its own. Other names are
+/// unchanged.
+pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.chars().any(char::is_control) {
+        return name.into();
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_for_the_log_cannot_forge_lines() {
+        assert_eq!(printable("api.anthropic.com"), "api.anthropic.com");
+        assert_eq!(
+            printable("x\ncage[1]: error: forged.cloudflare-dns.com\u{1b}"),
+            "x\\ncage[1]: error: forged.cloudflare-dns.com\\u{1b}"
+        );
+    }
 
     #[test]
     fn patterns_are_checked_and_normalised() {
