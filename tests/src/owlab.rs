@@ -23,6 +23,10 @@
 //! until netifd reports the interfaces up and fw4 has reloaded with their devices (via
 //! netifd's hotplug events, as on a router).
 //!
+//! [`OwLab::boot_procd`] instead reboots the router into OpenWrt's own init: procd as
+//! PID 1 of a PID and mount namespace, which starts ubusd and runs the enabled init
+//! scripts (the package's `cage`, the firewall, the network) as procd services.
+//!
 //! What is not OpenWrt's own here, and why:
 //! - The router's addresses: the board's defaults are changed with the real `uci` to
 //!   the lab's (the contract's): LAN 192.168.8.1/24 (GL.iNet's stock LAN; OpenWrt's
@@ -183,6 +187,8 @@ pub struct OwLab {
     // its namespaces, then the namespaces), then the root.
     daemons: std::sync::Mutex<BTreeMap<&'static str, Child>>,
     holder: Option<Child>,
+    /// procd's pid (as the test sees it) once the router runs it as init.
+    procd_pid: Option<u32>,
     lab: Lab,
     root: Root,
     layout: Layout,
@@ -205,6 +211,7 @@ impl OwLab {
         let mut ow = OwLab {
             daemons: std::sync::Mutex::new(BTreeMap::new()),
             holder: None,
+            procd_pid: None,
             lab,
             root,
             layout: Layout {
@@ -357,6 +364,32 @@ impl OwLab {
         );
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// The lab's Cage configuration ([`OwLab::write_cage_config`]) as the router's own
+    /// `/etc/config/cage`, with the package's paths inside the root (state in /etc/cage,
+    /// logs in /tmp/cage, pins in /sys/fs/bpf/cage): for `cage run` under procd, which
+    /// runs it as the init script does, `cage --config /etc/config/cage run`.
+    pub fn install_cage_config(&self, extra: &str) -> String {
+        let text = std::fs::read_to_string(self.write_cage_config(extra)).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                if t.starts_with("option state_dir ") {
+                    "\toption state_dir '/etc/cage'".to_owned()
+                } else if t.starts_with("option log_dir ") {
+                    "\toption log_dir '/tmp/cage'".to_owned()
+                } else if t.starts_with("option bpf_dir ") {
+                    "\toption bpf_dir '/sys/fs/bpf/cage'".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        install_text(&self.root, "etc/config/cage", &text, 0o644);
+        text
     }
 
     /// Boot the router as OpenWrt does with the package installed: `cage run` first
@@ -516,11 +549,19 @@ impl OwLab {
 
     /// A command line that runs a program of the root in the router.
     fn in_router(&self) -> Command {
-        let holder = self.holder.as_ref().expect("the router's holder runs").id();
+        let (target, pid_ns) = match self.procd_pid {
+            Some(procd) => (procd, true),
+            None => (
+                self.holder.as_ref().expect("the router's holder runs").id(),
+                false,
+            ),
+        };
         let mut cmd = Command::new("nsenter");
-        cmd.arg("-t")
-            .arg(holder.to_string())
-            .args(["-m", "-n", "-r", "-w", "/usr/bin/env", "-i"])
+        cmd.arg("-t").arg(target.to_string());
+        if pid_ns {
+            cmd.arg("-p");
+        }
+        cmd.args(["-m", "-n", "-r", "-w", "/usr/bin/env", "-i"])
             .arg(format!("PATH={OPENWRT_PATH}"))
             .arg("HOME=/root");
         cmd
@@ -534,6 +575,13 @@ impl OwLab {
             out.push_str(&format!(
                 "--- {name} log:\n{}\n",
                 std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        if self.procd_pid.is_some() {
+            out.push_str(&format!(
+                "--- procd's output:\n{}\n--- syslog:\n{}\n",
+                std::fs::read_to_string(self.lab.dir().join("procd.log")).unwrap_or_default(),
+                self.syslog()
             ));
         }
         out.push_str(&format!(
@@ -824,21 +872,8 @@ impl OwLab {
         let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
         let cage = cage.display();
         let script = format!(
-            "set -e\n\
-             mount -t proc proc '{r}/proc'\n\
-             mount -t sysfs sysfs '{r}/sys'\n\
-             mount -t tmpfs -o mode=755 tmpfs '{r}/dev'\n\
-             mknod -m 666 '{r}/dev/null' c 1 3\n\
-             mknod -m 666 '{r}/dev/zero' c 1 5\n\
-             mknod -m 666 '{r}/dev/random' c 1 8\n\
-             mknod -m 666 '{r}/dev/urandom' c 1 9\n\
-             ln -s /proc/self/fd '{r}/dev/fd'\n\
-             ln -s /proc/self/fd/0 '{r}/dev/stdin'\n\
-             ln -s /proc/self/fd/1 '{r}/dev/stdout'\n\
-             ln -s /proc/self/fd/2 '{r}/dev/stderr'\n\
-             touch '{r}/usr/bin/cage'\n\
-             mount --bind '{cage}' '{r}/usr/bin/cage'\n\
-             exec chroot '{r}' /bin/sh -c 'echo ready; while :; do sleep 3600; done'\n"
+            "{}exec chroot '{r}' /bin/sh -c 'echo ready; while :; do sleep 3600; done'\n",
+            router_mounts(&r, &cage.to_string())
         );
         let mut child = self
             .lab
@@ -864,6 +899,125 @@ impl OwLab {
         let ready = rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false);
         self.holder = Some(child);
         assert!(ready, "the router's mount namespace did not come up");
+    }
+
+    /// Reboot the router into OpenWrt's own init: the lab's holder and ubusd go, and
+    /// procd runs as PID 1 of a PID and mount namespace of its own (in the router's
+    /// netns, chrooted into the root), in the container mode procd has for LXC and the
+    /// like (`$container` set: it leaves /dev as it finds it). procd starts ubusd itself,
+    /// then runs /etc/inittab: `rcS S boot`, every /etc/rc.d/S* in order, which are the
+    /// init scripts `services` (enabled here, as an image build enables them) — say
+    /// `cage` (S18), `firewall` (S19), `network` (S20). busybox's syslogd catches what
+    /// procd's instances log (`/tmp/syslog`, see [`OwLab::syslog`]).
+    ///
+    /// Not run, and why: `/etc/init.d/boot` (S10: kmodloader, mounts, uci-defaults,
+    /// which `up` ran already), and procd's coldplug, `udevtrigger` (not in the root):
+    /// it would replay the uevents of the host's own devices.
+    pub fn boot_procd(&mut self, services: &[&str]) {
+        for service in services {
+            self.root.sh_ok(&format!("/etc/init.d/{service} enable"));
+        }
+        for (_, mut child) in std::mem::take(&mut *self.daemons.lock().unwrap()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut holder) = self.holder.take() {
+            // The holder's shell and its sleep; nothing else of ours runs in it.
+            let children = children_of(holder.id());
+            let _ = holder.kill();
+            let _ = holder.wait();
+            for pid in children {
+                // SAFETY: kill(2) on a child of our own child, by pid.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_file(self.root.join("tmp/run/ubus/ubus.sock"));
+        let r = self.root.path().display().to_string();
+        let cage = lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+        let script = format!(
+            "{}mount -t bpf -o mode=0700 bpffs '{r}/sys/fs/bpf'\n\
+             exec chroot '{r}' /usr/bin/env -i container=cage-lab PATH={OPENWRT_PATH} \
+             /sbin/procd -S\n",
+            router_mounts(&r, &cage.display().to_string())
+        );
+        let log = self.lab.dir().join("procd.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let err = file.try_clone().unwrap();
+        let child = self
+            .lab
+            .in_router_netns()
+            .args([
+                "unshare",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--propagation",
+                "private",
+            ])
+            .args(["--", "/bin/sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting procd: {e}"));
+        let unshare = child.id();
+        self.holder = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        let procd = loop {
+            let kids = children_of(unshare);
+            if let Some(&pid) = kids.first() {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "procd" {
+                    break pid;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "procd did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.procd_pid = Some(procd);
+        self.wait_for(
+            "procd's ubus (procd started ubusd)",
+            Duration::from_secs(20),
+            |ow| ow.sh("ubus call service list").status.success(),
+        );
+        self.sh_ok("syslogd -O /tmp/syslog");
+        // What /etc/init.d/boot does last: `reload_config` records the configuration's
+        // checksums, against which the next `reload_config` tells what changed.
+        self.sh_ok("reload_config");
+    }
+
+    /// procd's pid as the test sees it, when it runs.
+    pub fn procd_pid(&self) -> Option<u32> {
+        self.procd_pid
+    }
+
+    /// What the router's syslog has (procd's instances' output: `cage run`'s log).
+    pub fn syslog(&self) -> String {
+        std::fs::read_to_string(self.root.join("tmp/syslog")).unwrap_or_default()
+    }
+
+    /// `ubus call service list` for one service: its instances' pids (running ones).
+    pub fn service_pids(&self, service: &str) -> Vec<u32> {
+        let out = self.sh(&format!(
+            "ubus call service list '{{\"name\":\"{service}\"}}'"
+        ));
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let mut pids = vec![];
+        if let Some(instances) = v[service]["instances"].as_object() {
+            for inst in instances.values() {
+                if inst["running"] == true {
+                    if let Some(pid) = inst["pid"].as_u64() {
+                        pids.push(pid as u32);
+                    }
+                }
+            }
+        }
+        pids
     }
 
     /// base-files' per-namespace network sysctls (see the module's docs).
@@ -938,6 +1092,38 @@ impl Drop for OwLab {
     }
 }
 
+/// The router's mounts inside the root, for a shell in its fresh mount namespace: /proc,
+/// the netns's /sys, a minimal /dev (null, zero, random, urandom and the fd links that
+/// procd's hotplug rules make on a router; no watchdog, no kmsg, no console: nothing of
+/// the host's), and the lab's `cage` at /usr/bin/cage.
+fn router_mounts(r: &str, cage: &str) -> String {
+    format!(
+        "set -e\n\
+         mount -t proc proc '{r}/proc'\n\
+         mount -t sysfs sysfs '{r}/sys'\n\
+         mount -t tmpfs -o mode=755 tmpfs '{r}/dev'\n\
+         mknod -m 666 '{r}/dev/null' c 1 3\n\
+         mknod -m 666 '{r}/dev/zero' c 1 5\n\
+         mknod -m 666 '{r}/dev/random' c 1 8\n\
+         mknod -m 666 '{r}/dev/urandom' c 1 9\n\
+         ln -s /proc/self/fd '{r}/dev/fd'\n\
+         ln -s /proc/self/fd/0 '{r}/dev/stdin'\n\
+         ln -s /proc/self/fd/1 '{r}/dev/stdout'\n\
+         ln -s /proc/self/fd/2 '{r}/dev/stderr'\n\
+         touch '{r}/usr/bin/cage'\n\
+         mount --bind '{cage}' '{r}/usr/bin/cage'\n"
+    )
+}
+
+/// A process's children (from /proc), in the order the kernel lists them.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 // ---- the root ---------------------------------------------------------------------------
 
 /// Put OpenWrt's software and the package's files into the board's root, where OpenWrt
@@ -962,6 +1148,7 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     );
     for (from, to) in [
         ("sbin/ubusd", "sbin/ubusd"),
+        ("sbin/procd", "sbin/procd"),
         ("sbin/netifd", "sbin/netifd"),
         ("bin/ubus", "bin/ubus"),
         ("bin/ucode", "usr/bin/ucode"),
@@ -975,8 +1162,18 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     copy_tree(root, &files.join("package/network/config/netifd/files"), "");
     let procd = files.join("package/system/procd/files");
     install_file(root, &procd.join("procd.sh"), "lib/functions/procd.sh");
-    install_file(root, &procd.join("reload_config"), "sbin/reload_config");
-    install_file(root, &procd.join("service"), "sbin/service");
+    // Programs, as procd's package installs them (INSTALL_BIN), whatever mode the
+    // snapshot has.
+    for (from, to) in [
+        ("reload_config", "sbin/reload_config"),
+        ("service", "sbin/service"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        install_file(root, &procd.join(from), to);
+        std::fs::set_permissions(root.join(to), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    install_file(root, &procd.join("hotplug.json"), "etc/hotplug.json");
+    install_file(root, &prefix.join("lib/libsetlbf.so"), "lib/libsetlbf.so");
     // Cage itself goes where the package puts it, /usr/bin/cage, by a bind mount in the
     // router's mount namespace (see `start_holder`; a debug build is over 100 MB), with
     // the libraries it needs.
@@ -990,6 +1187,7 @@ fn install_openwrt(root: &Root, fw4: Fw4) {
     programs.push(cage);
     for p in [
         "sbin/ubusd",
+        "sbin/procd",
         "sbin/netifd",
         "bin/ubus",
         "bin/ucode",

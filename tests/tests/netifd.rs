@@ -1,9 +1,10 @@
 //! The real netifd (issue 11, item 7): in the lab's router, OpenWrt's own netifd (with
-//! ubusd, and fw4 beside it) brings the LAN and the segment up from a GL-MT6000's
+//! ubusd, and fw4 beside it) brings the LAN and the segment up from a GL-MT3000's
 //! generated /etc/config/network plus what 90-cage declared, with the board's own device
-//! names (WAN eth1, LAN lan1…lan5; the AI port and the Cage-AI access point as 90-cage
-//! chose them); Wi-Fi access points are veths that netifd's own wireless code bridges
-//! (see `cage_tests::owlab`). `cage run` in OpenWrt mode, started first as at boot,
+//! names: WAN eth0, and its one LAN port eth1, which 90-cage makes the AI port (the owner
+//! comes in over the router's Wi-Fi, which stays on the LAN); the Cage-AI access point
+//! feeds the segment too. Wi-Fi access points are veths that netifd's own wireless code
+//! bridges (see `cage_tests::owlab`). `cage run` in OpenWrt mode, started first as at boot,
 //! adopts the bridge netifd makes (it creates nothing) and isolates its ports, and:
 //! - the whole contract matrix passes;
 //! - the web page (`web_listen 'lan:2243'`) comes up on the addresses netifd gave
@@ -185,7 +186,7 @@ fn netifd_makes_the_segment_cage_adopts_it_and_no_probe_gets_through_when_netifd
     cage_tests::require_root();
     lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
-    let ow = OwLab::up(Board::Mt6000, Fw4::Release2305);
+    let ow = OwLab::up(Board::Mt3000, Fw4::Release2305);
     println!("{}:\n{}", ow.board().label(), ow.layout());
     let run = ow.boot_with_cage(contract::CONFIG_EXTRA);
     println!("booted in {:.1} s", t.elapsed().as_secs_f64());

@@ -13,7 +13,7 @@
 //! ```text
 //! target/openwrt/prefix/bin       uci jshn ubus ucode utpl
 //! target/openwrt/prefix/sbin      ubusd netifd procd odhcpd opkg
-//! target/openwrt/prefix/lib       libuci libubox libubus libblobmsg_json libjson_script libnl-tiny libucode, ucode/*.so
+//! target/openwrt/prefix/lib       libuci libubox libubus libblobmsg_json libjson_script libnl-tiny libucode libsetlbf, ucode/*.so
 //! target/openwrt/prefix/share/libubox/jshn.sh
 //! target/openwrt/prefix/share/netifd  netifd's own shell half (netifd-proto.sh, netifd-wireless.sh, utils.sh; /lib/netifd on a router)
 //! target/openwrt/firewall4-23.05  firewall4 at OpenWrt 23.05.4's pin (root/, tests/, run_tests.sh)
@@ -41,7 +41,7 @@ use anyhow::{bail, Context, Result};
 use crate::run;
 
 /// Bumped whenever the recipe below changes, so a stamp from an older recipe rebuilds.
-const RECIPE: &str = "cage-openwrt-tools 2";
+const RECIPE: &str = "cage-openwrt-tools 3";
 
 /// Debian packages the build needs, and a file each installs.
 const PACKAGES: &[(&str, &str)] = &[
@@ -290,6 +290,9 @@ fn build_one(name: &str, dir: &Path, prefix: &Path) -> Result<()> {
             install_bin(&dir.join(bin), &prefix.join("sbin").join(bin))?;
             if name == "procd" {
                 install_bin(&dir.join("init"), &prefix.join("sbin/procd-init"))?;
+                // What procd preloads into an instance whose output it logs
+                // (`procd_set_param stdout 1`), so that it is line-buffered.
+                install_bin(&dir.join("libsetlbf.so"), &prefix.join("lib/libsetlbf.so"))?;
             }
             Ok(())
         }
