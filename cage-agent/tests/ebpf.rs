@@ -588,6 +588,21 @@ fn tcp_exchange(
 }
 
 impl TcpRun {
+    /// [`TcpRun::expected`], once the capture agrees with the kernel's own segment
+    /// counters (`TCP_INFO`): the reference is checked before the program is held to it.
+    fn expected_checked(&self) -> Counts {
+        let expected = self.expected();
+        assert_eq!(
+            expected.packets_from_client, self.segs_out,
+            "capture against TCP_INFO"
+        );
+        assert_eq!(
+            expected.packets_to_client, self.segs_in,
+            "capture against TCP_INFO"
+        );
+        expected
+    }
+
     /// The counts the capture implies: each frame is ceil(payload / MSS) wire packets
     /// (one for a frame without payload), each with the frame's headers.
     fn expected(&self) -> Counts {
@@ -713,19 +728,11 @@ fn exact_counts(tag: &str, mode: AttachMode) {
             vec![10, 200, 1000, 1, 700],
             |n| n + 5,
         );
-        let expected = run.expected();
         assert!(
             run.largest_frame() <= 1500,
             "a frame over the MTU means GSO, not wanted here"
         );
-        assert_eq!(
-            expected.packets_from_client, run.segs_out,
-            "capture against TCP_INFO"
-        );
-        assert_eq!(
-            expected.packets_to_client, run.segs_in,
-            "capture against TCP_INFO"
-        );
+        let expected = run.expected_checked();
         let got = flow(&maps, &key(6, host, run.client_port, server, 5002));
         assert_eq!(Counts::from(got), expected, "TCP {host} → {server}");
         // SYN, ACK, PSH, FIN from the client; SYN, ACK, PSH, FIN to it.
@@ -800,15 +807,7 @@ fn gso(tag: &str, mode: AttachMode) {
             "expected GSO frames, the largest was {}",
             run.largest_frame()
         );
-        let expected = run.expected();
-        assert_eq!(
-            expected.packets_from_client, run.segs_out,
-            "capture against TCP_INFO"
-        );
-        assert_eq!(
-            expected.packets_to_client, run.segs_in,
-            "capture against TCP_INFO"
-        );
+        let expected = run.expected_checked();
         let got = flow(&maps, &key(6, host, run.client_port, server, 5003));
         assert_eq!(Counts::from(got), expected, "bulk TCP {host} → {server}");
         println!(

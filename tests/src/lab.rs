@@ -973,6 +973,12 @@ impl Lab {
         ip(&self.ns(node), args)
     }
 
+    /// `nft -f -` in a node with `script` on its standard input (one command or a
+    /// whole file's worth), which must succeed.
+    pub fn nft(&self, node: Node, script: &str) {
+        nft(&self.ns(node), script).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// `nft list ruleset` in a node (for diagnostics).
     pub fn nft_ruleset(&self, node: Node) -> String {
         let cmd = &mut Command::new("ip");

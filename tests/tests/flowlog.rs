@@ -607,20 +607,11 @@ fn twenty_thousand_short_flows_are_each_logged_or_counted_lost() {
     lab.wait_segment_ready().expect("segment");
     lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
     // The internet host drops the datagrams quietly (no ICMP errors: flows of their own).
-    let st = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns(Node::Inet), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(
-                b"table inet quiet {\n chain input {\n type filter hook input priority 0;\n \
-                  udp dport 10000-29999 drop\n }\n}\n",
-            )?;
-            c.wait()
-        })
-        .unwrap();
-    assert!(st.success());
+    lab.nft(
+        Node::Inet,
+        "table inet quiet {\n chain input {\n type filter hook input priority 0;\n \
+         udp dport 10000-29999 drop\n }\n}\n",
+    );
 
     let pins = lab::bpf_dir(lab.prefix()).join("br-cage");
     let created = || {

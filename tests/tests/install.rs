@@ -877,7 +877,9 @@ fn remove_leaves_no_cage_table_and_the_segment_switched_off() {
                 "a cage process is left"
             );
             assert!(
-                !root.join("usr/bin/cage").exists() && !root.join("usr/libexec/cage-port").exists()
+                !root.join("usr/bin/cage").exists()
+                    && !root.join("usr/libexec/cage-port").exists()
+                    && !root.join("usr/libexec/cage-remove").exists()
             );
             assert!(!root.join("etc/rc.d/S18cage").exists());
             // The segment: switched off, its sections named, the AI port on no network

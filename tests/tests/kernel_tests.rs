@@ -72,8 +72,8 @@ fn every_test_that_needs_root_is_marked_and_only_those() {
     // Straight to the terminal: the test harness captures what `println!` writes.
     let _ = writeln!(
         std::io::stderr(),
-        "\n{kernel} of the {tests} tests need root and {builds} the router builds: plain \
-         `cargo test` skips them (\"ignored\"); `cargo xtask test`, as root, runs them all\n"
+        "\n{kernel} tests need root and {builds} the router builds: plain `cargo test` \
+         skips them (\"ignored\"); `cargo xtask test`, as root, runs them all\n"
     );
 }
 

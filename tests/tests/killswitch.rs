@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,12 +47,7 @@ fn cage_ok(lab: &Lab, args: &[&str]) -> String {
 /// would.
 fn forget_cages_tables(lab: &Lab) {
     for family in ["inet", "bridge"] {
-        let st = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(Node::Router)])
-            .args(["nft", "delete", "table", family, "cage"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "deleting table {family} cage");
+        lab.nft(Node::Router, &format!("delete table {family} cage"));
     }
 }
 

@@ -71,12 +71,7 @@ fn isolation_off(lab: &Lab) {
 
 /// Remove Cage's bridge-family table, leaving `inet cage` in place.
 fn remove_bridge_table(lab: &Lab) {
-    let st = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns(Node::Router)])
-        .args(["nft", "delete", "table", "bridge", "cage"])
-        .status()
-        .expect("nft");
-    assert!(st.success(), "removing the bridge table");
+    lab.nft(Node::Router, "delete table bridge cage");
 }
 
 fn l2_denied_packets(lab: &Lab) -> u64 {

@@ -15,13 +15,11 @@
 //!   netifd killed and started again — every deny of the contract is probed the whole
 //!   time, none gets through, and afterwards the matrix passes again.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use cage_agent::probe::NetNs;
-use cage_tests::browser;
 use cage_tests::contract::{self, run_matrix, Check, Expect, Report};
+use cage_tests::http::{get_login, wait_page};
 use cage_tests::lab::{self, Node, ROUTER_LAN4, ROUTER_LAN6, ROUTER_SEG4, ROUTER_SEG6};
 use cage_tests::openwrt::Board;
 use cage_tests::owlab::{probe_while, Fw4, OwLab, WEB_PORT};
@@ -55,42 +53,6 @@ fn try_bridge_identity(ow: &OwLab) -> Result<(String, String), String> {
         .unwrap_or_default()
         .to_owned();
     Ok((index, mac))
-}
-
-/// GET /login from inside `ns`: the HTTP status, or why none came.
-fn get_login(ns: &NetNs, addr: SocketAddr) -> Result<u16, String> {
-    browser::in_namespace(ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let request = format!("GET /login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP answer: {text}"))
-    })
-}
-
-/// Poll (bounded) until the page answers at `addr` from `ns`: 200, or 303 to the
-/// first-run set-up while no password is set.
-fn wait_page(ns: &NetNs, addr: SocketAddr, run: &lab::CageRun) {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        match get_login(ns, addr) {
-            Ok(200 | 303) => return,
-            other => assert!(
-                Instant::now() < until,
-                "the page never answered at {addr}: {other:?}\ncage run:\n{}",
-                run.log()
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Run `change` while every deny is probed; then wait until netifd has everything up

@@ -325,6 +325,7 @@ fn ipk_has_the_opkg_layout_fields_and_permissions() {
             ("./etc/uci-defaults/90-cage", 0o755),
             ("./etc/hotplug.d/button/50-cage", 0o755),
             ("./usr/libexec/cage-port", 0o755),
+            ("./usr/libexec/cage-remove", 0o755),
         ];
         for &(name, mode) in expected {
             let e = member(&data, name);
@@ -427,6 +428,7 @@ const SCRIPTS: &[&str] = &[
     "openwrt/files/etc/uci-defaults/90-cage",
     "openwrt/files/etc/hotplug.d/button/50-cage",
     "openwrt/files/usr/libexec/cage-port",
+    "openwrt/files/usr/libexec/cage-remove",
     "openwrt/control/postinst",
     "openwrt/control/prerm",
 ];

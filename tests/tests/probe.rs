@@ -4,7 +4,6 @@
 //! a reject is seen as blocked at once. Checked in the lab without Cage, with nftables
 //! rules of the test's own in the router's namespace.
 
-use std::process::Command;
 use std::time::Duration;
 
 use cage_agent::probe::{Outcome, Probe, Verdict};
@@ -12,29 +11,12 @@ use cage_tests::contract::probe_once;
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4, ROUTER_LAN6};
 use cage_tests::require_root;
 
-fn nft(lab: &Lab, node: Node, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(node), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f failed:\n{script}");
-}
-
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn verdicts_follow_what_the_witness_sees() {
     require_root();
     let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    nft(
-        &lab,
+    lab.nft(
         Node::Router,
         "table inet probetest {
             chain input {

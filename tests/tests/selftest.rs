@@ -222,12 +222,7 @@ fn every_check_holds_with_cages_policy_and_nothing_is_left() {
 fn without_cages_table_the_failing_checks_are_named_and_nothing_is_left() {
     let lab = applied_lab();
     let before = snapshot(&lab);
-    let st = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(Node::Router)])
-        .args(["nft", "delete", "table", "inet", "cage"])
-        .status()
-        .expect("nft");
-    assert!(st.success());
+    lab.nft(Node::Router, "delete table inet cage");
 
     let (code, report, stderr) = selftest(&lab);
     println!("{}", table(&report));
@@ -265,22 +260,10 @@ fn an_accept_towards_the_lan_fails_exactly_the_lan_checks() {
     let lab = applied_lab();
     let before = snapshot(&lab);
     // A rule in another table cannot override Cage's drop; one in Cage's own chain can.
-    let st = Command::new("ip")
-        .args(["netns", "exec", &lab.ns(Node::Router)])
-        .args([
-            "nft",
-            "insert",
-            "rule",
-            "inet",
-            "cage",
-            "segment_egress",
-            "oifname",
-            "br-lan",
-            "accept",
-        ])
-        .status()
-        .expect("nft");
-    assert!(st.success());
+    lab.nft(
+        Node::Router,
+        "insert rule inet cage segment_egress oifname br-lan accept",
+    );
 
     let (code, report, stderr) = selftest(&lab);
     println!("{}", table(&report));

@@ -6,52 +6,14 @@
 //! the owner's own), so a fixed address in the shipped file would leave the page down on
 //! most routers.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use cage_agent::probe::NetNs;
-use cage_tests::browser;
+use cage_tests::http::{get_login, wait_page};
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4, ROUTER_LAN6, ROUTER_SEG4, ROUTER_SEG6};
 use cage_tests::require_root;
 
 const PORT: u16 = 2243;
-
-/// GET /login from inside `ns` with the address as Host: the status, or why none came.
-fn get_login(ns: &NetNs, addr: SocketAddr) -> Result<u16, String> {
-    browser::in_namespace(ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let request = format!("GET /login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP answer: {text}"))
-    })
-}
-
-/// Poll until the page answers at `addr` from `ns` (bounded): 200, or 303 to the
-/// first-run set-up while no password is set.
-fn wait_page(ns: &NetNs, addr: SocketAddr, run: &lab::CageRun) {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        match get_login(ns, addr) {
-            Ok(200 | 303) => return,
-            other => assert!(
-                Instant::now() < until,
-                "the page never answered at {addr}: {other:?}\ncage run:\n{}",
-                run.log()
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]

@@ -3,36 +3,17 @@
 //! by SIGHUP) applies it to the kernel; a setting the validator refuses comes back with
 //! the validator's message and leaves the file byte for byte as it was.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::NetNs;
-use cage_tests::browser;
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4};
 use cage_tests::require_root;
 
 const PASSWORD: &str = "correct horse battery";
 
-/// One HTTP/1.1 request from inside `ns`: status, head and body.
 fn http(ns: &NetNs, addr: SocketAddr, request: String) -> Result<(u16, String, String), String> {
-    browser::in_namespace(ns, move || {
-        let mut s =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        Ok((status, head.to_owned(), body.to_owned()))
-    })
+    cage_tests::http::request(ns, addr, request)
 }
 
 fn form_post(ui: SocketAddr, path: &str, cookie: &str, body: &str) -> String {

@@ -66,6 +66,12 @@ pub const FILES: &[(&str, Option<&str>, u32)] = &[
         Some("openwrt/files/usr/libexec/cage-port"),
         0o755,
     ),
+    // What removing the package does (the prerm runs it).
+    (
+        "usr/libexec/cage-remove",
+        Some("openwrt/files/usr/libexec/cage-remove"),
+        0o755,
+    ),
 ];
 
 /// Maintainer scripts in the control archive.

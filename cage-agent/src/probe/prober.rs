@@ -289,6 +289,9 @@ fn read_echo(
         socket.set_read_timeout(Some(left))?;
         let n = match (&*socket).read(&mut buf) {
             Ok(n) => n,
+            // A signal handler ran on this thread: a read with SO_RCVTIMEO is never
+            // restarted (signal(7)), so read again until the deadline.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return network_failure(e),
         };
         if n == 0 {
