@@ -14,6 +14,7 @@ pub mod browser;
 pub mod contract;
 pub mod dns;
 pub mod http;
+pub mod jsonfilter;
 pub mod lab;
 pub mod openwrt;
 pub mod owlab;

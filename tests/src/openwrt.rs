@@ -421,6 +421,9 @@ impl Root {
             self.join("usr/share/libubox/jshn.sh"),
         )
         .map_err(|e| e.to_string())?;
+        // uci's shell library (`uci_load` behind `config_load`, `uci_get`): the lab's
+        // stand-in, as the snapshot lacks OpenWrt's (see tests/standins/uci.sh).
+        self.write("lib/config/uci.sh", include_str!("../standins/uci.sh"));
         for lib in std::fs::read_dir(prefix.join("lib")).map_err(|e| e.to_string())? {
             let lib = lib.map_err(|e| e.to_string())?.path();
             let name = lib.file_name().unwrap().to_string_lossy().into_owned();

@@ -43,9 +43,10 @@
 //!   fixture's [`Root::add_radio`] (OpenWrt's detection needs the hardware).
 //! - The programs are the host's builds (glibc) of OpenWrt's sources; `nft` is
 //!   Debian's, and `flock` util-linux's (OpenWrt's busybox has the applet, Debian's
-//!   busybox-static does not). `jsonfilter` and `/lib/config/uci.sh` are not in the
-//!   snapshot: `20-firewall` only needs jsonfilter for interfaces without a zone, and
-//!   `00-netstate` (uci state under /var/state) fails with a message in netifd's log.
+//!   busybox-static does not). `/lib/config/uci.sh` is the lab's stand-in (see
+//!   `tests/standins/uci.sh`, put in by `openwrt::Root`). `jsonfilter` is not in the
+//!   snapshot: `20-firewall` only needs it for interfaces without a zone; the dnsmasq
+//!   test puts the lab's stand-in in ([`OwLab::install_dnsmasq`]).
 //! - OpenWrt's `/etc/init.d/sysctl` is not run (it sets machine-wide values such as
 //!   `kernel.panic`); the per-namespace `net.ipv4.conf.*`, `net.ipv4.ip_forward` and
 //!   `net.ipv6.conf.*` lines of base-files' `/etc/sysctl.d/10-default.conf` are applied.
@@ -988,6 +989,81 @@ impl OwLab {
         // What /etc/init.d/boot does last: `reload_config` records the configuration's
         // checksums, against which the next `reload_config` tells what changed.
         self.sh_ok("reload_config");
+    }
+
+    /// Put OpenWrt's dnsmasq package into the root as opkg would: its init script, its
+    /// shared files and `/etc/dnsmasq.conf` from the snapshot, its user made by
+    /// base-files' own `add_group_and_user` from the package's `Require-User` (453, as
+    /// OpenWrt's Makefile has it); the daemon itself is Debian's dnsmasq (2.90, as
+    /// OpenWrt 23.05, but built without ubus, so `dhcp.@dnsmasq[0].ubus` is set to 0),
+    /// with its libraries. `jsonfilter` is the lab's stand-in
+    /// (`cage_tests::jsonfilter`: the init script learns each interface's device and
+    /// subnet through `/lib/functions/network.sh`, which needs it). Enable it with
+    /// [`OwLab::boot_procd`]'s `dnsmasq`.
+    pub fn install_dnsmasq(&self, jsonfilter: &Path) {
+        let files = self
+            .root
+            .tools()
+            .openwrt_files()
+            .join("package/network/services/dnsmasq/files");
+        for (from, to, mode) in [
+            ("dnsmasq.init", "etc/init.d/dnsmasq", 0o755),
+            ("dhcp-script.sh", "usr/lib/dnsmasq/dhcp-script.sh", 0o755),
+            (
+                "dhcpbogushostname.conf",
+                "usr/share/dnsmasq/dhcpbogushostname.conf",
+                0o644,
+            ),
+            ("rfc6761.conf", "usr/share/dnsmasq/rfc6761.conf", 0o644),
+            ("dnsmasq.conf", "etc/dnsmasq.conf", 0o644),
+        ] {
+            use std::os::unix::fs::PermissionsExt;
+            install_file(&self.root, &files.join(from), to);
+            std::fs::set_permissions(self.root.join(to), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        let dnsmasq = Path::new("/usr/sbin/dnsmasq");
+        assert!(
+            dnsmasq.is_file(),
+            "no /usr/sbin/dnsmasq: `cargo xtask setup` installs Debian's dnsmasq-base"
+        );
+        install_file(&self.root, dnsmasq, "usr/sbin/dnsmasq");
+        install_file(&self.root, jsonfilter, "usr/bin/jsonfilter");
+        // The init script computes each DHCP range with base-files' ipcalc.sh, an awk
+        // script that needs awk's math (`**`), which OpenWrt's busybox has and Debian's
+        // static busybox lacks: GNU awk stands in for the applet.
+        let gawk = Path::new("/usr/bin/gawk");
+        assert!(
+            gawk.is_file(),
+            "no /usr/bin/gawk: `cargo xtask setup` installs Debian's gawk"
+        );
+        install_file(&self.root, gawk, "usr/bin/awk");
+        self.root
+            .copy_host_libs(&[
+                dnsmasq.to_path_buf(),
+                jsonfilter.to_path_buf(),
+                gawk.to_path_buf(),
+            ])
+            .unwrap_or_else(|e| panic!("copying libraries into the root: {e}"));
+        install_text(
+            &self.root,
+            "usr/lib/opkg/info/dnsmasq.control",
+            "Package: dnsmasq\nRequire-User: dnsmasq=453:dnsmasq=453\n",
+            0o644,
+        );
+        self.root
+            .sh_ok(". /lib/functions.sh && lock() { :; } && add_group_and_user dnsmasq");
+        // Debian's dnsmasq is built without ubus (OpenWrt's registers there for lease
+        // events, which Cage does not use): the one option the lab changes. And the
+        // directory /etc/init.d/boot (not run here) makes for the resolver file.
+        self.root.sh_ok(
+            "uci set dhcp.@dnsmasq[0].ubus='0' && uci commit dhcp && mkdir -p /tmp/resolv.conf.d",
+        );
+        assert!(
+            self.root.read("etc/passwd").contains("dnsmasq:x:453:453:"),
+            "add_group_and_user made no dnsmasq user:\n{}",
+            self.root.read("etc/passwd")
+        );
     }
 
     /// procd's pid as the test sees it, when it runs.

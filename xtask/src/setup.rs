@@ -19,6 +19,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
+    // The DHCP server OpenWrt's dnsmasq init script configures in the procd test (2.90,
+    // as OpenWrt 23.05 ships; the daemon only, no Debian service).
+    ("dnsmasq-base", "dnsmasq"),
+    // OpenWrt's busybox awk has math, Debian's static busybox does not: base-files'
+    // ipcalc.sh (dnsmasq's DHCP ranges) runs on GNU awk in the lab's OpenWrt root.
+    ("gawk", "gawk"),
     // The web page's end-to-end test drives a real headless Chromium.
     ("chromium", "chromium"),
     ("chromium-driver", "chromedriver"),
