@@ -39,6 +39,7 @@ use std::collections::HashMap as StdHashMap;
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
@@ -360,7 +361,7 @@ fn attach_hook(
         _ => {
             let state = attach_netlink(prog, upgrade, bridge, hook)?;
             // Likewise a TCX link from an earlier TCX attachment: unpinning frees it.
-            remove_pin(&link_pin)?;
+            remove_tcx_link(bridge, hook, &link_pin)?;
             Ok(state)
         }
     }
@@ -515,6 +516,36 @@ fn remove_netlink_filter(bridge: &str, hook: Hook) -> Result<(), EbpfError> {
             "removing Cage's filter from {bridge} {hook:?}"
         ))(e)),
     }
+}
+
+/// Unpin a TCX link of ours and return once the kernel has taken it off the hook. The
+/// pin is the link's last reference, but the kernel may free a link after the unlink
+/// returns (its release can be deferred), and until then the program runs a second
+/// time beside the netlink filter that replaced it: every packet counted twice.
+fn remove_tcx_link(bridge: &str, hook: Hook, link_pin: &Path) -> Result<(), EbpfError> {
+    let linked = match PinnedLink::from_pin(link_pin) {
+        // The id only: the fd is closed again before the pin goes, or it would keep
+        // the link.
+        Ok(pinned) => FdLink::from(pinned)
+            .info()
+            .map_err(link_err(format!("reading {}", link_pin.display())))?
+            .program_id(),
+        Err(_) if !link_pin.exists() => return Ok(()),
+        Err(e) => return Err(link_err(format!("opening {}", link_pin.display()))(e)),
+    };
+    remove_pin(link_pin)?;
+    let until = Instant::now() + Duration::from_secs(2);
+    while tcx_attached(bridge, hook)?.contains(&linked) {
+        if Instant::now() > until {
+            return Err(EbpfError::Io {
+                op: "removing the earlier TCX link (still attached 2 s after unpinning)",
+                path: link_pin.to_path_buf(),
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn remove_pin(path: &Path) -> Result<(), EbpfError> {
