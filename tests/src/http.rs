@@ -62,3 +62,65 @@ pub fn wait_page(ns: &NetNs, addr: SocketAddr, run: &CageRun) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A form POST of `body` to `path` with the session `cookie`, as the page's own forms
+/// send it (Origin the page's own address).
+pub fn form_post(ui: SocketAddr, path: &str, cookie: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {ui}\r\nOrigin: http://{ui}\r\nCookie: {cookie}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A GET of `path` with the session `cookie`.
+pub fn get(ui: SocketAddr, path: &str, cookie: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {ui}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n")
+}
+
+/// Log in from `ns` with `password` (`POST /api/login`), trying again for up to 15 s
+/// while the page is not up yet: the session cookie (`name=value`) and the CSRF token.
+/// `why` says what to show when it never works (the daemon's log).
+pub fn login(
+    ns: &NetNs,
+    ui: SocketAddr,
+    password: &str,
+    why: impl Fn() -> String,
+) -> (String, String) {
+    let until = Instant::now() + Duration::from_secs(15);
+    let login = serde_json::json!({ "password": password }).to_string();
+    let (head, answer) = loop {
+        match request(
+            ns,
+            ui,
+            format!(
+                "POST /api/login HTTP/1.1\r\nHost: {ui}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{login}",
+                login.len()
+            ),
+        ) {
+            Ok((200, head, body)) => break (head, body),
+            other => {
+                assert!(
+                    Instant::now() < until,
+                    "no login on {ui}: {other:?}\n{}",
+                    why()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            k.eq_ignore_ascii_case("set-cookie").then_some(v)
+        })
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("login JSON");
+    let csrf = v["csrf"].as_str().expect("a CSRF token").to_owned();
+    (cookie, csrf)
+}

@@ -15,14 +15,16 @@
 //!   90-cage added, serves the segment: a caged host gets a lease with the name it asked
 //!   for, and that name reaches the flow log on the host's flows.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cage_tests::contract::{self, run_matrix, Check, Expect};
+use cage_tests::http;
 use cage_tests::lab::{self, Node};
 use cage_tests::openwrt::Board;
-use cage_tests::owlab::{probe_while, Fw4, OwLab};
+use cage_tests::owlab::{probe_while, Fw4, OwLab, WEB_PORT};
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
@@ -288,4 +290,99 @@ fn dhcp_lease_names_the_flows(ow: &OwLab) {
         "the flow record does not carry the name of the lease: {record}"
     );
     println!("its flow to the internet is logged with hostname {NAME}: {record}");
+}
+
+/// The page, served by `cage run` under procd with the real backend, says on the first
+/// page after the login where the agent plugs in (from the router's own `cage-port`),
+/// and the owner moves the AI port there: netifd moves the ports and Cage isolates the
+/// new one. A port that is no LAN port is refused with cage-port's message, and
+/// nothing changes.
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn the_page_says_where_the_agent_plugs_in_and_the_owner_moves_it() {
+    const PASSWORD: &str = "correct horse battery";
+    cage_tests::require_root();
+    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    let mut ow = OwLab::up(Board::Mt6000, Fw4::Release2305);
+    ow.install_cage_config(contract::CONFIG_EXTRA);
+    ow.boot_procd(&["cage", "firewall", "network"]);
+    ow.wait_network_up();
+    ow.wait_for(
+        "Cage to isolate the segment's ports",
+        Duration::from_secs(30),
+        |ow| ow.segment_ports_isolated(),
+    );
+    // The owner sets the password on the router (one line on standard input).
+    ow.sh_ok(&format!("echo '{PASSWORD}' | cage passwd"));
+    let lan = ow.lab().netns(Node::Lan);
+    let ui = SocketAddr::new(lab::ROUTER_LAN4, WEB_PORT);
+    let (cookie, csrf) = http::login(&lan, ui, PASSWORD, || ow.syslog());
+    let (status, _, body) = http::request(&lan, ui, http::get(ui, "/", &cookie)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("<b class=ai-port-label>LAN 5</b>")
+            && body.contains("<code class=ai-port-device>lan5</code>")
+            && body.contains("the LAN port(s) <b>lan1, lan2, lan3, lan4</b>"),
+        "the first page does not say where the agent plugs in:\n{body}"
+    );
+
+    // LAN 4 becomes the AI port from the page.
+    let moved = http::request(
+        &lan,
+        ui,
+        http::form_post(ui, "/port", &cookie, &format!("csrf={csrf}&choice=lan4")),
+    )
+    .unwrap();
+    assert_eq!(moved.0, 303, "POST /port choice=lan4: {moved:?}");
+    let master = |ow: &OwLab, port: &str| -> (String, bool) {
+        let out = ow
+            .lab()
+            .ip(Node::Router, &["-d", "-j", "link", "show", port])
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        (
+            v[0]["master"].as_str().unwrap_or("").to_owned(),
+            v[0]["linkinfo"]["info_slave_data"]["isolated"] == true,
+        )
+    };
+    ow.wait_for(
+        "netifd to put lan4 into br-cage and Cage to isolate it, and lan5 back on br-lan",
+        Duration::from_secs(30),
+        |ow| master(ow, "lan4") == ("br-cage".into(), true) && master(ow, "lan5").0 == "br-lan",
+    );
+    assert_eq!(ow.root().uci_get("cage.ai.port").as_deref(), Some("lan4"));
+    assert!(
+        ow.syslog()
+            .contains("web page: web:192.168.8.10 made the AI port lan4"),
+        "the change is not in the log:\n{}",
+        ow.syslog()
+    );
+    let (_, _, body) = http::request(&lan, ui, http::get(ui, "/port", &cookie)).unwrap();
+    assert!(
+        body.contains("<code class=ai-port-device>lan4</code>"),
+        "{body}"
+    );
+
+    // The WAN port: refused with cage-port's message, no file changed.
+    let files = |ow: &OwLab| ow.sh_ok("cat /etc/config/network /etc/config/cage");
+    let before = files(&ow);
+    let refused = http::request(
+        &lan,
+        ui,
+        http::form_post(ui, "/port", &cookie, &format!("csrf={csrf}&choice=eth1")),
+    )
+    .unwrap();
+    assert_eq!(
+        refused.0, 422,
+        "POST /port choice=eth1 (the WAN): {refused:?}"
+    );
+    assert!(
+        refused.2.contains("not a wired LAN or AI port"),
+        "{refused:?}"
+    );
+    assert_eq!(files(&ow), before, "a refused change changed the files");
+    println!(
+        "the page under procd: LAN 5 shown on the first page, LAN 4 made the AI port from \
+         it (netifd moved it, Cage isolated it), the WAN port refused with nothing changed"
+    );
 }

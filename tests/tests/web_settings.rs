@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::NetNs;
+use cage_tests::http::{form_post, login};
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4};
 use cage_tests::require_root;
 
@@ -14,15 +15,6 @@ const PASSWORD: &str = "correct horse battery";
 
 fn http(ns: &NetNs, addr: SocketAddr, request: String) -> Result<(u16, String, String), String> {
     cage_tests::http::request(ns, addr, request)
-}
-
-fn form_post(ui: SocketAddr, path: &str, cookie: &str, body: &str) -> String {
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: {ui}\r\nOrigin: http://{ui}\r\nCookie: {cookie}\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 #[test]
@@ -38,40 +30,7 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
     let lan = lab.netns(Node::Lan);
     let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
 
-    let until = Instant::now() + Duration::from_secs(15);
-    let login = "{\"password\": \"correct horse battery\"}";
-    let (head, answer) = loop {
-        match http(
-            &lan,
-            ui,
-            format!(
-                "POST /api/login HTTP/1.1\r\nHost: {ui}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{login}",
-                login.len()
-            ),
-        ) {
-            Ok((200, head, body)) => break (head, body),
-            other => {
-                assert!(
-                    Instant::now() < until,
-                    "no login on {ui}: {other:?}\ncage run:\n{}",
-                    run.log()
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    };
-    let cookie = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(": ")?;
-            k.eq_ignore_ascii_case("set-cookie").then_some(v)
-        })
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
-    let v: serde_json::Value = serde_json::from_str(&answer).expect("login JSON");
-    let csrf = v["csrf"].as_str().expect("a CSRF token").to_owned();
+    let (cookie, csrf) = login(&lan, ui, PASSWORD, || format!("cage run:\n{}", run.log()));
     assert!(
         !lab.nft_ruleset(Node::Router).contains("192.168.8.20"),
         "an admin host before any was set"
