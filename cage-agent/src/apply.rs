@@ -48,6 +48,13 @@ pub async fn check_config(config: Config) -> Result<Checked, ApplyError> {
         .await
         .map_err(ApplyError::Detect)?;
     facts.bridge_meta = nft::supports_bridge_meta();
+    // The bindings the kernel has learned go into the new tables, so a replace keeps
+    // them. Unreadable (an nft that cannot list them) means starting afresh, first come
+    // first served again: said, not fatal.
+    facts.bindings = nft::bindings().unwrap_or_else(|e| {
+        crate::log::warn(&format!("layer-2 bindings not carried over: {e}"));
+        Default::default()
+    });
     let mut ruleset = policy::render(&config, &facts);
     // A pressed kill switch is part of every policy Cage applies until it is released.
     let isolated = isolation::load(&config).isolated;

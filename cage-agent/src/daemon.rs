@@ -541,8 +541,10 @@ fn drift(current: &Checked, applied_text: &str, seen: &Observed) -> Option<Strin
         return Some("the eBPF kill-switch flag differs from the kill switch".into());
     }
     let mut facts = seen.facts.clone()?;
-    // Detection does not probe the kernel's nft modules; those do not change.
+    // Detection does not probe the kernel's nft modules; those do not change. Bindings
+    // are the kernel's to learn: not a reason to re-apply.
     facts.bridge_meta = current.facts.bridge_meta;
+    facts.bindings = current.facts.bindings.clone();
     (facts != current.facts).then(|| "the WAN devices or addresses changed".into())
 }
 

@@ -373,8 +373,17 @@ pub async fn detect_facts(cfg: &Config) -> Result<Facts, NetlinkError> {
         wan_devices,
         upstream4,
         upstream6,
+        conntrack_max: conntrack_max(),
         ..Default::default()
     })
+}
+
+/// The router's conntrack table size, 0 when it cannot be read (no conntrack yet).
+fn conntrack_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The addresses of `devices` that a service can listen on, IPv4 first: not IPv6

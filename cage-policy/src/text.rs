@@ -84,12 +84,21 @@ pub fn to_text(rs: &Nftables) -> String {
             NfListObject::Set(set) => {
                 let i = tbl(&mut tables, set.family);
                 let mut b = format!("\tset {} {{\n", set.name);
-                let ty = match &set.set_type {
-                    SetTypeValue::Single(t) => serde_json::to_value(t).unwrap(),
-                    SetTypeValue::Concatenated(t) => serde_json::to_value(t).unwrap(),
+                let name = |t: &nftables::schema::SetType| {
+                    serde_json::to_value(t)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_else(|| "?".into())
                 };
-                let _ = writeln!(b, "\t\ttype {}", ty.as_str().unwrap_or("?"));
-                let quote = ty.as_str() == Some("ifname");
+                let types: Vec<String> = match &set.set_type {
+                    SetTypeValue::Single(t) => vec![name(t)],
+                    SetTypeValue::Concatenated(t) => t.iter().map(name).collect(),
+                };
+                let _ = writeln!(b, "\t\ttype {}", types.join(" . "));
+                let quote = types.iter().any(|t| t == "ifname");
+                if let Some(size) = set.size {
+                    let _ = writeln!(b, "\t\tsize {size}");
+                }
                 if let Some(flags) = &set.flags {
                     let mut f: Vec<String> = flags
                         .iter()
@@ -103,6 +112,9 @@ pub fn to_text(rs: &Nftables) -> String {
                         .collect();
                     f.sort();
                     let _ = writeln!(b, "\t\tflags {}", f.join(","));
+                }
+                if let Some(t) = set.timeout {
+                    let _ = writeln!(b, "\t\ttimeout {t}s");
                 }
                 if let Some(c) = &set.comment {
                     let _ = writeln!(b, "\t\tcomment \"{c}\"");
@@ -257,6 +269,20 @@ fn statement(st: &Statement) -> String {
             }
             t
         }
+        Statement::Set(set) => format!(
+            "{} {} {{ {} }}",
+            match set.op {
+                nftables::stmt::SetOp::Add => "add",
+                nftables::stmt::SetOp::Update => "update",
+            },
+            set.set,
+            expr(&set.elem, false)
+        ),
+        Statement::CTCount(c) => format!(
+            "ct count {}{}",
+            if c.inv == Some(true) { "over " } else { "" },
+            expr(&c.val, false)
+        ),
         Statement::Meter(m) => format!(
             "meter {} {{ {} {} }}",
             m.name,
@@ -265,7 +291,8 @@ fn statement(st: &Statement) -> String {
         ),
         Statement::Limit(l) => {
             let mut t = format!(
-                "limit rate {}/{}",
+                "limit rate {}{}/{}",
+                if l.inv == Some(true) { "over " } else { "" },
                 l.rate,
                 l.per.as_deref().unwrap_or("second")
             );
@@ -325,6 +352,15 @@ fn expr(e: &Expression, quote: bool) -> String {
                 }
             }
             NamedExpression::CT(c) => format!("ct {}", c.key),
+            NamedExpression::Concat(parts) => parts
+                .iter()
+                .map(|p| expr(p, quote))
+                .collect::<Vec<_>>()
+                .join(" . "),
+            NamedExpression::Elem(el) => match el.timeout {
+                Some(t) => format!("{} timeout {t}s", expr(&el.val, quote)),
+                None => expr(&el.val, quote),
+            },
             NamedExpression::Prefix(p) => format!("{}/{}", expr(&p.addr, false), p.len),
             NamedExpression::Set(items) => {
                 let inner: Vec<String> = items

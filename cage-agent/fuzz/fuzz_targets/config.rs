@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
                 upstream4: vec!["10.99.0.0/24".parse().unwrap()],
                 upstream6: vec![],
                 bridge_meta: data.len() % 2 == 0,
+                ..Default::default()
             };
             let rs = policy::render(&cfg, &facts);
             let _ = text::to_text(&rs);

@@ -195,6 +195,55 @@ fn list_tables(args: &[&str]) -> Result<String, NftError> {
     Ok(text)
 }
 
+/// The layer-2 bindings in `bridge cage` now (a MAC's port, an address's MAC), each
+/// with the seconds it has left; empty when the table or its sets are absent. Read
+/// before every apply so that replacing the tables keeps them.
+pub fn bindings() -> Result<crate::policy::Bindings, NftError> {
+    let sets = &crate::policy::BIND_SETS;
+    let mut out = crate::policy::Bindings::default();
+    for name in [sets.macport, sets.bind4, sets.bind6] {
+        let args = ["-j", "list", "set", "bridge", TABLE, name];
+        let Some(v) = list_json(&args, "read the layer-2 bindings")? else {
+            continue;
+        };
+        for (key, left) in set_elements(&v) {
+            let [a, b] = key.as_slice() else { continue };
+            if name == sets.macport {
+                out.macs.push((a.clone(), b.clone(), left));
+            } else if let Ok(addr) = a.parse() {
+                out.addrs.push((addr, b.clone(), left));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The elements of a listed set: each one's value (its parts, for a concatenation) and
+/// the seconds it has left (`expires`, or its `timeout` when nft gives no expiry).
+fn set_elements(v: &serde_json::Value) -> Vec<(Vec<String>, u32)> {
+    let part = |p: &serde_json::Value| p.as_str().map(str::to_owned);
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| {
+            let elem = &e["elem"];
+            let val = if elem.is_object() { &elem["val"] } else { e };
+            let parts: Vec<String> = match val.get("concat").and_then(|c| c.as_array()) {
+                Some(c) => c.iter().filter_map(part).collect(),
+                None => vec![part(val)?],
+            };
+            let left = elem["expires"]
+                .as_u64()
+                .or_else(|| elem["timeout"].as_u64())
+                .unwrap_or(0);
+            Some((parts, u32::try_from(left).unwrap_or(u32::MAX)))
+        })
+        .collect()
+}
+
 /// Whether the applied policy isolates the segment now: the `isolated` set has an
 /// element. `Ok(false)` when Cage's table is absent.
 pub fn isolated_now() -> Result<bool, NftError> {

@@ -35,6 +35,58 @@ pub struct Config {
     pub flowlog: FlowLog,
     pub selftest: SelfTest,
     pub dns: Dns,
+    pub limits: Limits,
+}
+
+/// `config limits 'limits'`: what one caged host may take of what the segment shares, and
+/// how long the addresses it used stay its own. On with these defaults when the section
+/// is absent: a hostile host on the segment is the threat model, not an option.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Seconds a binding (a MAC to its port, an address to its MAC) lasts unused; while
+    /// it lasts, frames from another port or MAC claiming it are dropped. Default 3600.
+    pub bind_timeout: u32,
+    /// New MACs a port may bring at once (burst), and then a minute. Frames from more
+    /// are dropped before the bridge learns them. Defaults 4 and 4.
+    pub macs_per_port: u32,
+    pub new_macs_per_minute: u32,
+    /// Connections (conntrack entries) one host may have at once; 0: a quarter of the
+    /// router's conntrack table (`nf_conntrack_max`), at least 256. Default 0.
+    pub conntrack_per_host: u32,
+    /// New connections one host may open a second (burst as given). Defaults 200 and 1000.
+    pub new_flows_per_second: u32,
+    pub new_flows_burst: u32,
+    /// DNS-over-TCP connections one host may hold open to Cage's forwarder. Default 16.
+    pub dns_tcp_per_host: u32,
+    /// Percent of the flow map (`flowlog.max_flows`) one host's flows may take; its
+    /// flows beyond that are counted as lost, the others stay visible. Default 25.
+    pub flow_share: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            bind_timeout: 3600,
+            macs_per_port: 4,
+            new_macs_per_minute: 4,
+            conntrack_per_host: 0,
+            new_flows_per_second: 200,
+            new_flows_burst: 1000,
+            dns_tcp_per_host: 16,
+            flow_share: 25,
+        }
+    }
+}
+
+impl Limits {
+    /// The per-host conntrack limit in force: the configured one, or a quarter of the
+    /// router's table.
+    pub fn conntrack_per_host(&self, conntrack_max: u32) -> u32 {
+        match self.conntrack_per_host {
+            0 => (conntrack_max / 4).max(256),
+            n => n,
+        }
+    }
 }
 
 /// `config dns 'dns'`: DNS through the router (Cage's forwarder in `cage run`), names on

@@ -17,8 +17,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
-    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, LogLevel, Main, Mode, Segment, SelfTest,
-    Wan, WanDevices, WebListen,
+    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Limits, LogLevel, Main, Mode, Segment,
+    SelfTest, Wan, WanDevices, WebListen,
 };
 
 /// One problem in a configuration, with its place.
@@ -181,7 +181,21 @@ const DNS: SectionType = SectionType {
         ("auto_violations", Arity::One),
     ],
 };
-const TYPES: [&SectionType; 8] = [
+const LIMITS: SectionType = SectionType {
+    kind: "limits",
+    usual_name: "limits",
+    options: &[
+        ("bind_timeout", Arity::One),
+        ("macs_per_port", Arity::One),
+        ("new_macs_per_minute", Arity::One),
+        ("conntrack_per_host", Arity::One),
+        ("new_flows_per_second", Arity::One),
+        ("new_flows_burst", Arity::One),
+        ("dns_tcp_per_host", Arity::One),
+        ("flow_share", Arity::One),
+    ],
+};
+const TYPES: [&SectionType; 9] = [
     &CAGE,
     &SEGMENT,
     &LAN,
@@ -190,6 +204,7 @@ const TYPES: [&SectionType; 8] = [
     &FLOWLOG,
     &SELFTEST,
     &DNS,
+    &LIMITS,
 ];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
@@ -217,7 +232,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
 /// test holds it to asking for every option the schema lists.
 fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
     let mut v = Validator::default();
-    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns] = v.sections(raw);
+    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns, limits] = v.sections(raw);
 
     // Section by section: every option parsed into its type on its own.
     let main = main_section(&mut v, &cage);
@@ -228,6 +243,7 @@ fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
     let flowlog = flowlog_section(&mut v, &flowlog);
     let selftest = selftest_section(&mut v, &selftest);
     let dns = dns_section(&mut v, &dns);
+    let limits = limits_section(&mut v, &limits);
 
     // Then between options that are each valid on their own.
     let placed = Placed {
@@ -253,6 +269,7 @@ fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
         flowlog,
         selftest,
         dns,
+        limits,
     };
     (Ok(config), reads)
 }
@@ -472,15 +489,6 @@ fn killswitch_section(v: &mut Validator, killswitch: &Section) -> KillSwitch {
 
 fn flowlog_section(v: &mut Validator, flowlog: &Section) -> FlowLog {
     let d = FlowLog::default();
-    let in_range = |min: u64, max: u64, example: u64| {
-        move |s: &str| match count(s, max, &example.to_string()) {
-            Ok(n) if n >= min => Ok(n),
-            Ok(_) | Err(_) => Err(format!(
-                "'{}' is not a whole number from {min} to {max}; e.g. {example}",
-                printable(s)
-            )),
-        }
-    };
     let max_flows = v.one(
         flowlog,
         "max_flows",
@@ -545,6 +553,46 @@ fn flowlog_section(v: &mut Validator, flowlog: &Section) -> FlowLog {
         persist_dir: persist_dir.value,
         persist_interval: persist_interval.value as u32,
         persist_budget: persist_budget.value,
+    }
+}
+
+/// A whole number from `min` to `max`, or the message that says so with an example.
+fn in_range(min: u64, max: u64, example: u64) -> impl Fn(&str) -> Result<u64, String> {
+    move |s: &str| match count(s, max, &example.to_string()) {
+        Ok(n) if n >= min => Ok(n),
+        Ok(_) | Err(_) => Err(format!(
+            "'{}' is not a whole number from {min} to {max}; e.g. {example}",
+            printable(s)
+        )),
+    }
+}
+
+fn limits_section(v: &mut Validator, limits: &Section) -> Limits {
+    let d = Limits::default();
+    let mut one = |name: &'static str, default: u32, min: u64, max: u64, example: u64| {
+        v.one(
+            limits,
+            name,
+            u64::from(default),
+            in_range(min, max, example),
+        )
+        .value as u32
+    };
+    Limits {
+        bind_timeout: one("bind_timeout", d.bind_timeout, 60, 86400, 3600),
+        macs_per_port: one("macs_per_port", d.macs_per_port, 1, 64, 4),
+        new_macs_per_minute: one("new_macs_per_minute", d.new_macs_per_minute, 1, 600, 4),
+        conntrack_per_host: one("conntrack_per_host", d.conntrack_per_host, 0, 1 << 22, 4096),
+        new_flows_per_second: one(
+            "new_flows_per_second",
+            d.new_flows_per_second,
+            1,
+            100_000,
+            200,
+        ),
+        new_flows_burst: one("new_flows_burst", d.new_flows_burst, 1, 1_000_000, 1000),
+        dns_tcp_per_host: one("dns_tcp_per_host", d.dns_tcp_per_host, 1, 1024, 16),
+        flow_share: one("flow_share", d.flow_share, 1, 100, 25),
     }
 }
 
@@ -938,8 +986,8 @@ impl Validator {
     /// Sort the sections by type, one of each, and the options of each by name, with
     /// every structural problem reported: unknown types, a type given twice, names used
     /// twice, unknown options, `list` for a single-valued option, an option set twice.
-    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 8] {
-        let mut found: [Option<Section<'a>>; 8] = Default::default();
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 9] {
+        let mut found: [Option<Section<'a>>; 9] = Default::default();
         let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
         let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
 

@@ -53,6 +53,10 @@ pub(super) fn filter(batch: &mut Batch<'static>, cfg: &Config, facts: &Facts) ->
         "segment_to_router",
         "segment_egress",
         "into_segment",
+        HOST_SHARES,
+        OVER_CONNTRACK,
+        OVER_FLOW_RATE,
+        OVER_DNS_TCP,
     ] {
         batch.add(regular_chain(inet, name));
     }
@@ -110,7 +114,93 @@ pub(super) fn filter(batch: &mut Batch<'static>, cfg: &Config, facts: &Facts) ->
 
     rules.push(segment_egress(cfg, facts));
     rules.push(into_segment(cfg));
+    rules.extend(host_shares(cfg, facts));
     rules
+}
+
+const HOST_SHARES: &str = "host_shares";
+const OVER_CONNTRACK: &str = "over_conntrack";
+const OVER_FLOW_RATE: &str = "over_flow_rate";
+const OVER_DNS_TCP: &str = "over_dns_tcp";
+
+/// One caged host's share of what the router keeps for every connection: at most
+/// `limits.conntrack_per_host` connections at once and `limits.new_flows_per_second`
+/// new ones a second (per source address, IPv4 and IPv6 alike). A host over its share
+/// gets no new connection; the others are unaffected. Asked once for each new
+/// connection (`ct state new`), from the segment's chains; each "over" chain denies with
+/// a rule of its own, so the meters are asked once a packet.
+fn host_shares(cfg: &Config, facts: &Facts) -> Vec<ChainRules> {
+    let lim = &cfg.limits;
+    let conns = lim.conntrack_per_host(facts.conntrack_max);
+    let mut c = ChainRules::new(NfFamily::INet, HOST_SHARES);
+    for (proto, family, v) in [("ip", "ipv4", "4"), ("ip6", "ipv6", "6")] {
+        c.rule(
+            "share:conntrack",
+            vec![
+                is(meta(MetaKey::Nfproto), s(family)),
+                meter_over(
+                    &format!("conns{v}"),
+                    payload(proto, "saddr"),
+                    ct_count_over(conns),
+                ),
+                goto(OVER_CONNTRACK),
+            ],
+        );
+        c.rule(
+            "share:flow-rate",
+            vec![
+                is(meta(MetaKey::Nfproto), s(family)),
+                meter_over(
+                    &format!("new_flows{v}"),
+                    payload(proto, "saddr"),
+                    Statement::Limit(stmt::Limit {
+                        rate: lim.new_flows_per_second,
+                        rate_unit: None,
+                        per: Some("second".into()),
+                        burst: Some(lim.new_flows_burst),
+                        burst_unit: None,
+                        inv: Some(true),
+                    }),
+                ),
+                goto(OVER_FLOW_RATE),
+            ],
+        );
+    }
+    let over = |name: &'static str, comment: &str| {
+        let mut o = ChainRules::new(NfFamily::INet, name);
+        o.deny(comment, vec![]);
+        o
+    };
+    vec![
+        c,
+        over(OVER_CONNTRACK, "deny:conntrack-share"),
+        over(OVER_FLOW_RATE, "deny:flow-rate"),
+        over(OVER_DNS_TCP, "deny:dns-tcp-share"),
+    ]
+}
+
+fn ct_count_over(n: u32) -> Statement<'static> {
+    Statement::CTCount(stmt::CTCount {
+        val: Expression::Number(n),
+        inv: Some(true),
+    })
+}
+
+fn meter_over(
+    name: &str,
+    key: Expression<'static>,
+    over: Statement<'static>,
+) -> Statement<'static> {
+    Statement::Meter(stmt::Meter {
+        name: name.to_owned().into(),
+        key,
+        stmt: Box::new(over),
+    })
+}
+
+/// `ct state new jump host_shares`, for the segment's chains.
+fn new_connection_shares() -> Vec<Statement<'static>> {
+    vec![is(ct("state"), s("new")), jump(HOST_SHARES)]
 }
 
 /// A chain that feeds a per-source-host counter meter pair (IPv4, IPv6) and returns.
@@ -211,6 +301,25 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
     } else {
         53
     };
+    c.rule("share", new_connection_shares());
+    // DNS over TCP holds a connection per query stream: one host holding many would
+    // leave the resolver none for the others.
+    for (proto, family, v) in [("ip", "ipv4", "4"), ("ip6", "ipv6", "6")] {
+        c.rule(
+            "share:dns-tcp",
+            vec![
+                is(meta(MetaKey::Nfproto), s(family)),
+                dport("tcp", dns_port),
+                is(ct("state"), s("new")),
+                meter_over(
+                    &format!("dns_tcp{v}"),
+                    payload(proto, "saddr"),
+                    ct_count_over(cfg.limits.dns_tcp_per_host),
+                ),
+                goto(OVER_DNS_TCP),
+            ],
+        );
+    }
     for proto in ["udp", "tcp"] {
         c.rule(
             "allow:dns",
@@ -341,6 +450,7 @@ fn segment_egress(cfg: &Config, facts: &Facts) -> ChainRules {
         if cfg.killswitch.auto_upload_bytes > 0 {
             c.rule("count:auto", vec![jump(COUNT_UPLOAD_CHAIN)]);
         }
+        c.rule("share", new_connection_shares());
         c.rule("allow:internet", vec![counter(), accept()]);
     }
     c

@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::config::Config;
 
 mod bridge;
+pub use bridge::{Bindings, BIND_SETS};
 mod dns;
 mod filter;
 mod nat;
@@ -156,6 +157,11 @@ pub struct Facts {
     /// nft_meta_bridge, CONFIG_NFT_BRIDGE_META). Without it the layer-2 rule names the
     /// segment's ports instead. Detected by `nft::supports_bridge_meta`.
     pub bridge_meta: bool,
+    /// The layer-2 bindings in the kernel now, kept across a replace.
+    pub bindings: Bindings,
+    /// The router's conntrack table size (`nf_conntrack_max`), which the per-host
+    /// conntrack share is a part of; 0 when unknown.
+    pub conntrack_max: u32,
 }
 
 /// IPv4 destinations a caged host may never reach, whatever the route: private (RFC 1918),
@@ -248,7 +254,7 @@ pub fn render(cfg: &Config, facts: &Facts) -> Nftables<'static> {
     let mut rules = filter::filter(&mut batch, cfg, facts);
     rules.extend(dns::dns_redirect(&mut batch, cfg));
     rules.extend(nat::masquerade(&mut batch, cfg, facts));
-    rules.push(bridge::layer2(&mut batch, cfg, facts));
+    rules.extend(bridge::layer2(&mut batch, cfg, facts));
     for r in rules {
         for o in r.into_objects(TABLE) {
             batch.add(o);
@@ -276,7 +282,7 @@ mod tests {
             wan_devices: vec!["wan".into()],
             upstream4: vec!["10.99.0.0/24".parse().unwrap()],
             upstream6: vec!["2001:db8:99::/64".parse().unwrap()],
-            bridge_meta: false,
+            ..Default::default()
         }
     }
 

@@ -114,6 +114,12 @@ pub(super) fn jump(chain: &str) -> Statement<'static> {
     })
 }
 
+pub(super) fn goto(chain: &str) -> Statement<'static> {
+    Statement::Goto(stmt::JumpTarget {
+        target: chain.to_owned().into(),
+    })
+}
+
 pub(super) fn set_ref(name: &str) -> Expression<'static> {
     s(format!("@{name}"))
 }
