@@ -57,6 +57,8 @@ fn example_config_parses_to_the_expected_config() {
                 enabled: true,
                 ..Default::default()
             },
+            // The shipped file spells out every default.
+            limits: Default::default(),
         }
     );
 }
@@ -98,6 +100,7 @@ fn empty_config_is_all_defaults() {
             flowlog: Default::default(),
             selftest: Default::default(),
             dns: Default::default(),
+            limits: Default::default(),
         }
     );
 }
