@@ -414,17 +414,7 @@ pub fn root_links() -> Result<Vec<String>, LabError> {
 pub fn cage_bin() -> Result<PathBuf, LabError> {
     let path = match std::env::var_os("CAGE_BIN") {
         Some(p) => PathBuf::from(p),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .parent()
-                        .expect("the tests crate lives in the workspace")
-                        .join("target")
-                });
-            target.join("debug").join("cage")
-        }
+        None => crate::target_dir().join("debug").join("cage"),
     };
     if path.is_file() {
         Ok(path)

@@ -10,6 +10,8 @@
 //!
 //! Everything here needs root: namespaces, veths and raw sockets.
 
+use std::path::{Path, PathBuf};
+
 pub mod browser;
 pub mod contract;
 pub mod dns;
@@ -18,6 +20,20 @@ pub mod lab;
 pub mod openwrt;
 pub mod owlab;
 pub mod wait;
+
+/// The workspace's directory, where the tests crate lives.
+pub fn workspace_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+}
+
+/// Where cargo puts what it builds: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target"))
+}
 
 /// Whether this process runs as root (effective user id 0).
 pub fn is_root() -> bool {
@@ -71,10 +87,7 @@ pub fn require_root() {
 pub fn warn(msg: &str) {
     use std::io::Write;
     eprintln!("WARNING: {msg}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let dir = target.join("tmp");
+    let dir = target_dir().join("tmp");
     let _ = std::fs::create_dir_all(&dir);
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)

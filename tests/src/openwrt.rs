@@ -47,12 +47,7 @@ impl Tools {
     pub fn get() -> Tools {
         let dir = std::env::var_os("CAGE_OPENWRT_TOOLS")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .parent()
-                    .expect("the tests crate lives in the workspace")
-                    .join("target/openwrt")
-            });
+            .unwrap_or_else(|| crate::workspace_dir().join("target/openwrt"));
         for needed in ["prefix/bin/uci", "prefix/sbin/netifd", "openwrt-23.05.4"] {
             assert!(
                 dir.join(needed).exists(),
@@ -841,16 +836,9 @@ impl Ipk {
     /// when it is not there.
     pub fn x86_64() -> Ipk {
         let version = format!("{}-r1", env!("CARGO_PKG_VERSION"));
-        let dist = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .parent()
-                    .expect("the tests crate lives in the workspace")
-                    .join("target")
-            })
-            .join("dist");
-        let path = dist.join(format!("cage_{version}_x86_64.ipk"));
+        let path = crate::target_dir()
+            .join("dist")
+            .join(format!("cage_{version}_x86_64.ipk"));
         assert!(
             path.is_file(),
             "{} is missing: run `cargo xtask package --target x86_64` (cargo xtask test does)",
@@ -864,10 +852,7 @@ impl Ipk {
     /// The package's scripts are the repository's: a package built before a change of
     /// `openwrt/` would test the old scripts.
     fn assert_fresh(&self) {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .join("openwrt");
+        let repo = crate::workspace_dir().join("openwrt");
         let out = Command::new("sh")
             .arg("-c")
             .arg("tar -xzOf \"$1\" ./data.tar.gz | tar -tzf - | sed -n 's|^\\./||p'")
@@ -881,37 +866,33 @@ impl Ipk {
             if !source.exists() {
                 continue; // the binary
             }
-            let packaged = Command::new("sh")
-                .arg("-c")
-                .arg("tar -xzOf \"$1\" ./data.tar.gz | tar -xzOf - \"./$2\"")
-                .arg("sh")
-                .arg(&self.path)
-                .arg(name)
-                .output()
-                .unwrap()
-                .stdout;
             assert!(
-                packaged == std::fs::read(&source).unwrap(),
+                self.member("data", name) == std::fs::read(&source).unwrap(),
                 "{} holds an older {name} than openwrt/files: run `cargo xtask package --target x86_64`",
                 self.path.display()
             );
         }
         for script in ["postinst", "prerm"] {
-            let packaged = Command::new("sh")
-                .arg("-c")
-                .arg("tar -xzOf \"$1\" ./control.tar.gz | tar -xzOf - \"./$2\"")
-                .arg("sh")
-                .arg(&self.path)
-                .arg(script)
-                .output()
-                .unwrap()
-                .stdout;
             assert!(
-                packaged == std::fs::read(repo.join("control").join(script)).unwrap(),
+                self.member("control", script) == std::fs::read(repo.join("control").join(script)).unwrap(),
                 "{} holds an older {script} than openwrt/control: run `cargo xtask package --target x86_64`",
                 self.path.display()
             );
         }
+    }
+
+    /// The file `./NAME` of the package's `ARCHIVE.tar.gz` (`data` or `control`).
+    fn member(&self, archive: &str, name: &str) -> Vec<u8> {
+        Command::new("sh")
+            .arg("-c")
+            .arg("tar -xzOf \"$1\" \"./$2.tar.gz\" | tar -xzOf - \"./$3\"")
+            .arg("sh")
+            .arg(&self.path)
+            .arg(archive)
+            .arg(name)
+            .output()
+            .unwrap()
+            .stdout
     }
 
     /// The same package as another version, with `edit` run on its unpacked data tree
