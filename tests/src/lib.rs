@@ -81,6 +81,19 @@ pub fn require_root() {
     );
 }
 
+/// A finished command that must have succeeded: panics naming `what`, with the exit
+/// status and everything the command printed, when it did not. Its standard output.
+pub fn assert_success(out: &std::process::Output, what: impl std::fmt::Display) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Say on stderr that something could not be checked on this machine, and add it to the
 /// list that `cargo xtask test` prints at the end of the run
 /// (`<target>/tmp/cage-test-warnings.txt`): loudly, never a silent pass.

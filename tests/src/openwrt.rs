@@ -216,17 +216,11 @@ impl Root {
     /// Like [`Root::sh`], panicking with the script's output unless it succeeds; its
     /// standard output.
     pub fn sh_ok(&self, script: &str) -> String {
-        let out = self.sh(script);
-        assert!(
-            out.status.success(),
-            "in {} ({}): `{script}` failed ({}):\n{}{}",
-            self.dir.display(),
-            self.board.label(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (dir, label) = (self.dir.display(), self.board.label());
+        crate::assert_success(
+            &self.sh(script),
+            format_args!("in {dir} ({label}): `{script}`"),
+        )
     }
 
     /// `uci -q get KEY` inside the root, or `None`.
@@ -645,10 +639,9 @@ impl<'a> Router<'a> {
             .args(["netns", "add", &netns])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "ip netns add {netns} (this test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
+        crate::assert_success(
+            &out,
+            format_args!("ip netns add {netns} (this test needs root)"),
         );
         let _ = std::fs::remove_file(root.join("tmp/.router-up"));
         root.write("tmp/.router-init", INIT);
@@ -910,11 +903,7 @@ impl Ipk {
                 .current_dir(&work)
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            crate::assert_success(&out, script);
         };
         sh(&format!("tar -xzf '{}' -C outer", self.path.display()));
         sh("tar -xzf outer/data.tar.gz -C data && tar -xzf outer/control.tar.gz -C control");

@@ -241,14 +241,7 @@ impl OwLab {
         ow.start_holder();
         ow.sh_ok("cage --version >/dev/null");
         // First boot's uci-defaults, as OpenWrt runs them: in the router, with its ports.
-        let out = ow.sh("cd /etc/uci-defaults && sh ./90-cage");
-        assert!(
-            out.status.success(),
-            "90-cage failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::assert_success(&ow.sh("cd /etc/uci-defaults && sh ./90-cage"), "90-cage");
         let layout = ow.read_layout(&ports);
         // The access points' interfaces, as the Wi-Fi driver would make them.
         let mut batch = vec![];
@@ -430,14 +423,7 @@ impl OwLab {
     /// devices (netifd's ifup hotplug events run `20-firewall`, which runs `fw4 reload`),
     /// and the lab's links carry traffic.
     pub fn boot_network(&self) {
-        let out = self.sh("fw4 start");
-        assert!(
-            out.status.success(),
-            "fw4 start failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::assert_success(&self.sh("fw4 start"), "fw4 start");
         self.start_netifd();
         self.wait_network_up();
     }
@@ -535,16 +521,11 @@ impl OwLab {
 
     /// Like [`OwLab::sh`], panicking with the output unless it succeeds; its stdout.
     pub fn sh_ok(&self, script: &str) -> String {
-        let out = self.sh(script);
-        assert!(
-            out.status.success(),
-            "in the router ({}): `{script}` failed ({}):\n{}{}",
-            self.board.label(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let label = self.board.label();
+        crate::assert_success(
+            &self.sh(script),
+            format_args!("in the router ({label}): `{script}`"),
+        )
     }
 
     /// A command line that runs a program of the root in the router.

@@ -47,14 +47,7 @@ fn status_json(lab: &Lab) -> serde_json::Value {
 fn cage_apply_enforces_the_contract() {
     let lab = lab_with_config();
     let t = Instant::now();
-    let out = lab.cage(&["apply"]);
-    assert!(
-        out.status.success(),
-        "cage apply failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     println!("cage apply took {:?}", t.elapsed());
     let report = run_matrix(&lab, &contract::checks());
     assert_passes(&lab, &report);

@@ -134,13 +134,7 @@ fn fw4_beside_cage(fw4: Fw4) {
         timings
     });
     for (cmd, took, out) in &timings {
-        assert!(
-            out.status.success(),
-            "`{cmd}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        cage_tests::assert_success(out, format_args!("`{cmd}`"));
         println!("{cmd}: {} ms", took.as_millis());
     }
     println!("while fw4 reloaded and restarted: {probing}");

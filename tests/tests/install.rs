@@ -1124,12 +1124,7 @@ fn cage_port_honours_uci_config_dir() {
                 )
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "cage-port {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            cage_tests::assert_success(&out, format_args!("cage-port {args:?}"))
         };
         assert!(run(&["show"]).contains("ai_port lan5\n"));
         run(&["set", "lan2"]);

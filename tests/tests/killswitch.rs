@@ -33,14 +33,8 @@ fn lab_up(extra_sections: &str) -> Lab {
 
 fn cage_ok(lab: &Lab, args: &[&str]) -> String {
     let out = lab.cage(args);
-    assert!(
-        out.status.success(),
-        "cage {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    cage_tests::assert_success(&out, format_args!("cage {args:?}"))
+        + &String::from_utf8_lossy(&out.stderr)
 }
 
 /// Remove Cage's nftables tables behind its back, as a reboot (or someone with a shell)

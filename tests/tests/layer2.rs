@@ -40,12 +40,7 @@ fn applied_lab() -> Lab {
             .expect("switching br_netfilter off");
     }
     // `apply`, not `run`: a daemon would put back what these tests take away.
-    let out = lab.cage(&["apply"]);
-    assert!(
-        out.status.success(),
-        "cage apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     lab
 }
 
