@@ -423,6 +423,13 @@ pub fn cage_bin() -> Result<PathBuf, LabError> {
     }
 }
 
+/// Panics unless this process runs as root and there is a `cage` binary to test, saying
+/// which is missing: what every test of the `cage` binary checks before it builds a lab.
+pub fn require_cage() {
+    crate::require_root();
+    cage_bin().unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// `cage run` in the router's namespace; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct CageRun {
     child: Child,
@@ -530,6 +537,13 @@ impl Lab {
         lab.build()?;
         lab.wait_ready()?;
         Ok(lab)
+    }
+
+    /// The lab of one test of `cage`, under a prefix of its own, once [`require_cage`]
+    /// holds.
+    pub fn for_test() -> Lab {
+        require_cage();
+        Lab::up(&unique_prefix()).expect("lab up")
     }
 
     /// The lab's namespaces and directory under `prefix`, with nothing in them yet, after

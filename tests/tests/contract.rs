@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::Verdict;
 use cage_tests::contract::{self, run_matrix, Expect, Report};
-use cage_tests::lab::{self, Lab, Node};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node};
 
 fn lab_with_config() -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
     lab
 }

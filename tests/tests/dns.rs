@@ -65,9 +65,7 @@ fn zone() -> HashMap<String, Answer> {
 }
 
 fn dns_lab(dns_section: &str) -> DnsLab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     for a in [ALLOWED4, OTHER4, EDGE4, OUTSIDE_DNS4, "203.0.113.88"] {
         lab.ip(
             Node::Inet,
@@ -567,9 +565,7 @@ fn without_cage_run_dns_fails_closed() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_contract_holds_with_dns_through_cage() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(&format!(
         "{}\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n",
         contract::CONFIG_EXTRA

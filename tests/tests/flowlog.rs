@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use cage_agent::probe::{probe_in, Probe};
 use cage_tests::contract;
 use cage_tests::lab::{self, Lab, Node, AI1_4, AI1_MAC, HOTEL4, LAN_HOST4, ROUTER_SEG4};
-use cage_tests::{require_root, wait};
+use cage_tests::wait;
 
 fn flows(lab: &Lab) -> Vec<serde_json::Value> {
     let out = lab.cage(&["flows", "--json", "-n", "0", "--verdict", "blocked"]);
@@ -33,9 +33,7 @@ fn find<'a>(
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn denied_attempts_appear_as_blocked_records_with_their_rule() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
     let run = lab.spawn_cage_run();
     run.wait_applied();
@@ -300,9 +298,7 @@ fn allowed_flows_are_counted_exactly() {
     use cage_tests::lab::{AI1_6, PUBLIC4, PUBLIC6};
     use std::io::{Read, Write};
 
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.write_config(contract::CONFIG_EXTRA);
     let text = std::fs::read_to_string(&path).unwrap()
         + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n";
@@ -445,9 +441,7 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     use cage_agent::probe::{Servers, Service};
     use cage_tests::lab::PUBLIC4;
 
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.write_config(contract::CONFIG_EXTRA);
     let text = std::fs::read_to_string(&path).unwrap()
         + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n\toption active_timeout '10'\n";
@@ -594,9 +588,7 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
 fn twenty_thousand_short_flows_are_each_logged_or_counted_lost() {
     use cage_tests::lab::PUBLIC4;
 
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.write_config(contract::CONFIG_EXTRA);
     // A small map, so that a burst of 20 000 flows overflows it: the loss path is
     // exercised, not only the happy one.

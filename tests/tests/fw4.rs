@@ -57,8 +57,7 @@ fn table_handle(ow: &OwLab, table: &str) -> String {
 }
 
 fn fw4_beside_cage(fw4: Fw4) {
-    cage_tests::require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    lab::require_cage();
     let t = Instant::now();
     let ow = OwLab::up(Board::Mt6000, fw4);
     println!("{} with {}:\n{}", ow.board().label(), fw4, ow.layout());

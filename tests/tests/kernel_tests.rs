@@ -17,6 +17,8 @@ const MARKERS: &[&str] = &[
     "require_root(",
     "geteuid(",
     "Lab::up(",
+    "Lab::for_test(",
+    "require_cage(",
     "NetNsGuard::named(",
     "NetNsGuard::anonymous(",
 ];

@@ -15,14 +15,11 @@ use cage_tests::contract::{self, run_matrix, Host};
 use cage_tests::lab::{
     self, Lab, Node, AI2_4, LAN_HOST4, PUBLIC4, PUBLIC6, ROUTER_WAN4, ROUTER_WAN6,
 };
-use cage_tests::require_root;
 
 const BUTTON_CONFIG: &str = "\nconfig killswitch 'killswitch'\n\toption button 'BTN_0'\n";
 
 fn lab_up(extra_sections: &str) -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.write_config(contract::CONFIG_EXTRA);
     if !extra_sections.is_empty() {
         let text = std::fs::read_to_string(&path).unwrap() + extra_sections;

@@ -10,7 +10,6 @@
 
 use cage_tests::contract::{self, run_matrix, Check};
 use cage_tests::lab::{Lab, Node};
-use cage_tests::{lab, require_root};
 
 fn caged_to_caged() -> Vec<Check> {
     let checks: Vec<Check> = contract::checks()
@@ -26,9 +25,7 @@ fn caged_to_caged() -> Vec<Check> {
 }
 
 fn applied_lab() -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
     let router = lab.netns(Node::Router);
     for key in [

@@ -145,8 +145,7 @@ fn bridge_ports(ow: &OwLab, bridge: &str) -> Vec<String> {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn netifd_makes_the_segment_cage_adopts_it_and_no_probe_gets_through_when_netifd_remakes_it() {
-    cage_tests::require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    lab::require_cage();
     let t = Instant::now();
     let ow = OwLab::up(Board::Mt3000, Fw4::Release2305);
     println!("{}:\n{}", ow.board().label(), ow.layout());

@@ -6,15 +6,12 @@
 use std::time::{Duration, Instant};
 
 use cage_tests::contract::{self, run_matrix};
-use cage_tests::lab::{self, Lab, Node};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node};
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_adopts_the_bridge_netifd_makes_and_the_contract_holds() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.write_config(contract::CONFIG_EXTRA);
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "config cage 'main'\n",

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, Probe, Servers, Service, Witness, WitnessLimits};
 use cage_tests::contract;
-use cage_tests::lab::{self, Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4};
 
 /// Kill/restart cycles, and how long the prober runs at most.
 const CYCLES: usize = 5;
@@ -29,9 +28,7 @@ fn in_segment(a: IpAddr) -> bool {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
     let mut run = lab.spawn_cage_run();
     run.wait_applied();

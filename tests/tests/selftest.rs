@@ -11,15 +11,12 @@ use std::time::{Duration, Instant};
 use cage_agent::probe::{probe_in, Outcome, Probe};
 use cage_agent::selftest::{Check, Report};
 use cage_tests::contract;
-use cage_tests::lab::{self, Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4, PUBLIC6};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4, PUBLIC6};
 
 /// A lab with Cage's policy applied (`apply`, not `run`: a daemon would repair what the
 /// failure tests break).
 fn applied_lab() -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
     let out = lab.cage(&["apply"]);
     assert!(
@@ -359,9 +356,7 @@ fn while_isolated_every_check_expects_the_segment_cut_off() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn does_not_trip_automatic_isolation() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(&format!(
         "{}\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n",
         contract::CONFIG_EXTRA
@@ -385,9 +380,7 @@ fn does_not_trip_automatic_isolation() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_run_self_tests_after_every_policy_change() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let config = format!(
         "{}\nconfig selftest 'selftest'\n\toption after_change '1'\n\tlist target '203.0.113.10'\n",
         contract::CONFIG_EXTRA

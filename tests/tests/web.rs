@@ -13,7 +13,6 @@ use cage_agent::probe::{probe_in, NetNs, Probe, Servers, Service};
 use cage_tests::browser::{self, Browser, Driver};
 use cage_tests::contract;
 use cage_tests::lab::{self, Lab, Node, PUBLIC4, PUBLIC6, ROUTER_LAN4, ROUTER_SEG4};
-use cage_tests::require_root;
 
 const UI_PORT: u16 = lab::WEB_PORT;
 const PASSWORD: &str = "correct horse battery";
@@ -57,10 +56,8 @@ fn screenshot_path() -> PathBuf {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
-    require_root();
     browser::require_chromium();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
     let _servers = Servers::start(
         &lab.netns(Node::Inet),

@@ -11,16 +11,13 @@ use std::time::{Duration, Instant};
 
 use cage_tests::http::{get_login, wait_page};
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4, ROUTER_LAN6, ROUTER_SEG4, ROUTER_SEG6};
-use cage_tests::require_root;
 
 const PORT: u16 = 2243;
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_them() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.config_path();
     let text = lab.base_config().replace(
         &format!("option web_listen '192.168.8.1:{}'", lab::WEB_PORT),

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::NetNs;
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4};
-use cage_tests::require_root;
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -28,9 +27,7 @@ fn form_post(ui: SocketAddr, path: &str, cookie: &str, body: &str) -> String {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.write_config("");
     cage_agent::web::set_password(&path, PASSWORD, PASSWORD).expect("cage passwd");
     let run = lab.spawn_cage_run();
