@@ -1103,6 +1103,22 @@ impl Lab {
         CageRun { child, log }
     }
 
+    /// [`Lab::spawn_cage_run`], once it has applied its policy.
+    pub fn cage_run(&self) -> CageRun {
+        let run = self.spawn_cage_run();
+        run.wait_applied();
+        run
+    }
+
+    /// [`Lab::cage_run`], then the segment ready and the router's neighbour entries of
+    /// ai1 pinned: where a test that sends from ai1 starts.
+    pub fn cage_run_ai1_ready(&self) -> CageRun {
+        let run = self.cage_run();
+        self.wait_segment_ready().expect("segment");
+        self.pin_router_neighbours(Node::Ai1).expect("neighbours");
+        run
+    }
+
     /// Leave the lab running after this value is gone (the demo does, so that people can
     /// poke at it); `down(prefix)` or the next `Lab::up(prefix)` removes it.
     pub fn keep(mut self) {

@@ -112,8 +112,7 @@ fn dns_lab(dns_section: &str) -> DnsLab {
 }
 
 fn start(l: &DnsLab) -> CageRun {
-    let run = l.lab.spawn_cage_run();
-    run.wait_applied();
+    let run = l.lab.cage_run();
     l.lab.wait_segment_ready().expect("segment");
     run
 }
@@ -570,8 +569,7 @@ fn the_contract_holds_with_dns_through_cage() {
         "{}\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n",
         contract::CONFIG_EXTRA
     ));
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let run = lab.cage_run();
     let checks: Vec<_> = contract::checks()
         .into_iter()
         .filter(|c| {

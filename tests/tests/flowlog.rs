@@ -30,15 +30,22 @@ fn find<'a>(
         .find(|r| r["peer"] == peer.to_string() && r["peer_port"] == port && r["proto"] == proto)
 }
 
+/// The lab with the contract's configuration and these options of the flow log.
+fn lab_with_flowlog(options: &str) -> Lab {
+    let lab = Lab::for_test();
+    lab.write_config(&format!(
+        "{}\nconfig flowlog 'flowlog'\n{options}",
+        contract::CONFIG_EXTRA
+    ));
+    lab
+}
+
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn denied_attempts_appear_as_blocked_records_with_their_rule() {
     let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let run = lab.cage_run_ai1_ready();
 
     let ai1 = lab.netns(Node::Ai1);
     let attempts = [
@@ -298,13 +305,8 @@ fn allowed_flows_are_counted_exactly() {
     use cage_tests::lab::{AI1_6, PUBLIC4, PUBLIC6};
     use std::io::{Read, Write};
 
-    let lab = Lab::for_test();
-    let path = lab.write_config(contract::CONFIG_EXTRA);
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n";
-    std::fs::write(&path, text).unwrap();
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let lab = lab_with_flowlog("\toption idle_timeout '2'\n");
+    let run = lab.cage_run();
     assert!(
         run.log().contains("attached the flow counter"),
         "{}",
@@ -428,27 +430,14 @@ fn allowed_flows_are_counted_exactly() {
     assert_eq!(v["flow_log"]["ebpf_update_failed"], 0, "{v:#}");
 }
 
-/// Start `cage run` and wait for its policy.
-fn start_run(lab: &Lab) -> lab::CageRun {
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    run
-}
-
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     use cage_agent::probe::{Servers, Service};
     use cage_tests::lab::PUBLIC4;
 
-    let lab = Lab::for_test();
-    let path = lab.write_config(contract::CONFIG_EXTRA);
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n\toption active_timeout '10'\n";
-    std::fs::write(&path, text).unwrap();
-    let mut run = start_run(&lab);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = lab_with_flowlog("\toption idle_timeout '2'\n\toption active_timeout '10'\n");
+    let mut run = lab.cage_run_ai1_ready();
     let _servers = Servers::start(
         &lab.netns(Node::Inet),
         &[Service::udp(7000)],
@@ -522,7 +511,7 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     written("the first short flow's record", shorts[0].0);
     shorts.push(short_flow(4));
     let _ = run.stop();
-    run = start_run(&lab);
+    run = lab.cage_run();
     shorts.push(short_flow(5));
     // The active timeout (10 s) writes the long flow's first part while it goes on;
     // then a crash, with the rest of it and a short flow only in the map.
@@ -531,7 +520,7 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
     let _ = run.stop();
-    run = start_run(&lab);
+    run = lab.cage_run();
     let (long_port_seen, long_sent, long_echoed) = long.join().expect("long flow");
     assert_eq!(long_port_seen, long_port);
     shorts.push(short_flow(2));
@@ -588,16 +577,10 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
 fn twenty_thousand_short_flows_are_each_logged_or_counted_lost() {
     use cage_tests::lab::PUBLIC4;
 
-    let lab = Lab::for_test();
-    let path = lab.write_config(contract::CONFIG_EXTRA);
     // A small map, so that a burst of 20 000 flows overflows it: the loss path is
     // exercised, not only the happy one.
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '1'\n\toption max_flows '4096'\n";
-    std::fs::write(&path, text).unwrap();
-    let run = start_run(&lab);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = lab_with_flowlog("\toption idle_timeout '1'\n\toption max_flows '4096'\n");
+    let run = lab.cage_run_ai1_ready();
     // The internet host drops the datagrams quietly (no ICMP errors: flows of their own).
     lab.nft(
         Node::Inet,

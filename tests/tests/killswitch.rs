@@ -20,11 +20,7 @@ const BUTTON_CONFIG: &str = "\nconfig killswitch 'killswitch'\n\toption button '
 
 fn lab_up(extra_sections: &str) -> Lab {
     let lab = Lab::for_test();
-    let path = lab.write_config(contract::CONFIG_EXTRA);
-    if !extra_sections.is_empty() {
-        let text = std::fs::read_to_string(&path).unwrap() + extra_sections;
-        std::fs::write(&path, text).unwrap();
-    }
+    lab.write_config(&format!("{}{extra_sections}", contract::CONFIG_EXTRA));
     lab
 }
 
@@ -146,8 +142,7 @@ fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::
 #[ignore = "needs root: cargo xtask test"]
 fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
     let lab = lab_up("");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let run = lab.cage_run();
     lab.wait_segment_ready().expect("segment");
 
     let limits = WitnessLimits {
@@ -283,8 +278,7 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
     assert_isolated(&lab, "isolated with no daemon");
 
     // Starting the daemon keeps it.
-    let mut run = lab.spawn_cage_run();
-    run.wait_applied();
+    let mut run = lab.cage_run();
     assert_isolated(&lab, "after cage run started");
 
     // SIGKILL and restart keep it.
@@ -292,15 +286,13 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
     unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
     let _ = run.stop();
     assert_isolated(&lab, "with the daemon killed");
-    run = lab.spawn_cage_run();
-    run.wait_applied();
+    run = lab.cage_run();
     assert_isolated(&lab, "after the restart");
     drop(run);
 
     // A reboot: the kernel forgets everything; the state on disk does not.
     forget_cages_tables(&lab);
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let run = lab.cage_run();
     assert_isolated(&lab, "after a reboot");
 
     // While isolated, every check of the contract that involves the segment is denied,
@@ -434,10 +426,7 @@ const AUTO_CONFIG: &str =
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
     let lab = lab_up(AUTO_CONFIG);
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let run = lab.cage_run_ai1_ready();
 
     // Below the limit: nothing happens.
     scan_lan(&lab, 1..11);
@@ -467,10 +456,7 @@ fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_stays_off_unless_configured() {
     let lab = lab_up("");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let _run = lab.cage_run_ai1_ready();
     scan_lan(&lab, 1..61);
     assert!(
         !wait_isolated(&lab, Duration::from_secs(3)),
@@ -494,10 +480,7 @@ fn auto_isolation_fires_on_an_upload_burst() {
         Duration::from_secs(60),
     )
     .expect("servers");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let run = lab.cage_run_ai1_ready();
     assert_open(&lab, "before the upload");
     assert!(
         !wait_isolated(&lab, Duration::from_secs(2)),

@@ -30,8 +30,7 @@ fn in_segment(a: IpAddr) -> bool {
 fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
     let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
-    let mut run = lab.spawn_cage_run();
-    run.wait_applied();
+    let mut run = lab.cage_run();
     lab.wait_segment_ready().expect("segment ready");
 
     let lan = lab.netns(Node::Lan);
@@ -97,8 +96,7 @@ fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
         let _ = run.stop();
         // The daemon is gone: the kernel alone holds the policy for a while.
         std::thread::sleep(Duration::from_millis(400));
-        run = lab.spawn_cage_run();
-        run.wait_applied();
+        run = lab.cage_run();
         println!("cycle {}: cage run killed and restarted", cycle + 1);
     }
     std::thread::sleep(Duration::from_millis(400));

@@ -361,8 +361,7 @@ fn does_not_trip_automatic_isolation() {
         "{}\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n",
         contract::CONFIG_EXTRA
     ));
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let run = lab.cage_run();
     lab.wait_segment_ready().expect("segment ready");
     let before = snapshot(&lab);
     let (code, report, stderr) = selftest(&lab);

@@ -65,10 +65,7 @@ fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
         Duration::from_secs(300),
     )
     .expect("servers on the internet host");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let run = lab.cage_run_ai1_ready();
     let ai1 = lab.netns(Node::Ai1);
     let lan = lab.netns(Node::Lan);
     let ui = SocketAddr::new(ROUTER_LAN4, UI_PORT);

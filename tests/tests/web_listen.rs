@@ -25,8 +25,7 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
     );
     assert!(text.contains("'lan:2243'"), "{text}");
     std::fs::write(&path, text).unwrap();
-    let mut run = lab.spawn_cage_run();
-    run.wait_applied();
+    let mut run = lab.cage_run();
     let lan = lab.netns(Node::Lan);
     let v4 = SocketAddr::new(ROUTER_LAN4, PORT);
     let v6 = SocketAddr::new(ROUTER_LAN6, PORT);

@@ -30,8 +30,7 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
     let lab = Lab::for_test();
     let path = lab.write_config("");
     cage_agent::web::set_password(&path, PASSWORD, PASSWORD).expect("cage passwd");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let run = lab.cage_run();
     let lan = lab.netns(Node::Lan);
     let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
 
