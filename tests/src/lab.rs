@@ -453,11 +453,22 @@ impl CageRun {
 
     /// Wait (at most 15 s) until it has applied its policy; panics with its log if not.
     pub fn wait_applied(&self) {
+        self.wait_until(
+            Duration::from_secs(15),
+            "cage run did not apply its policy",
+            || self.log().contains("policy applied"),
+        );
+    }
+
+    /// Poll `cond` until it holds, for at most `within`; when the time passes first,
+    /// panics with `failure` and this daemon's log (what it did meanwhile is most often
+    /// why).
+    pub fn wait_until(&self, within: Duration, failure: &str, mut cond: impl FnMut() -> bool) {
         let start = Instant::now();
-        while !self.log().contains("policy applied") {
+        while !cond() {
             assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "cage run did not apply its policy:\n{}",
+                start.elapsed() < within,
+                "{failure}\ncage run:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));

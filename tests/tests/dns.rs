@@ -357,15 +357,9 @@ fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
     std::fs::write(l.lab.config_path(), &bad).unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !run.log().contains("new configuration refused") {
-        assert!(
-            Instant::now() < deadline,
-            "reload not refused:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    run.wait_until(Duration::from_secs(10), "reload not refused", || {
+        run.log().contains("new configuration refused")
+    });
     for (name, addr) in [("other.test", OTHER4), ("allowed.test", ALLOWED4)] {
         let r = ask(&l, Node::Ai1, router_dns4(), name, false, false);
         assert_eq!(r.addrs, vec![ip(addr)], "{name} after a refused reload");
@@ -463,11 +457,11 @@ fn dns_violations_can_isolate_the_segment() {
         Ok(())
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    run.wait_until(Duration::from_secs(10), "not isolated", || {
         let out = l.lab.cage(&["status", "--json"]);
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        if s["isolation"]["isolated"] == true {
+        let isolated = s["isolation"]["isolated"] == true;
+        if isolated {
             assert!(
                 s["isolation"]["reason"]
                     .as_str()
@@ -475,11 +469,9 @@ fn dns_violations_can_isolate_the_segment() {
                     .contains("DNS limit violations"),
                 "{s}"
             );
-            break;
         }
-        assert!(Instant::now() < deadline, "not isolated:\n{}", run.log());
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        isolated
+    });
 }
 
 #[test]
@@ -863,20 +855,15 @@ fn other_test_allowed(l: &DnsLab, run: &CageRun, how: &str) {
         text.contains("list allow_domain 'other.test'"),
         "{how}: config:\n{text}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let refused = format!("other.test still refused after {how}");
+    run.wait_until(Duration::from_secs(10), &refused, || {
         let r = ask(l, Node::Ai1, router_dns4(), "other.test", false, false);
-        if r.rcode == RCODE::NoError {
+        let answered = r.rcode == RCODE::NoError;
+        if answered {
             assert_eq!(r.addrs, vec![ip(OTHER4)]);
-            break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "other.test still refused after {how}:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        answered
+    });
     assert!(
         connects(&l.lab.netns(Node::Ai1), sa(OTHER4, 443), T),
         "other.test not reachable after {how}"

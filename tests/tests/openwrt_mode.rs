@@ -3,7 +3,7 @@
 //! network), holds the policy by the bridge's name, then isolates every port of the
 //! bridge once it appears, and the whole contract holds.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cage_tests::contract::{self, run_matrix};
 use cage_tests::lab::{Lab, Node};
@@ -21,15 +21,11 @@ fn cage_adopts_the_bridge_netifd_makes_and_the_contract_holds() {
 
     let run = lab.spawn_cage_run();
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
-        let start = Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "timed out waiting for {what}:\n{}",
-                run.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        run.wait_until(
+            Duration::from_secs(15),
+            &format!("timed out waiting for {what}"),
+            cond,
+        )
     };
     wait("the policy", &|| run.log().contains("policy applied"));
     assert!(run.log().contains("does not exist yet"), "{}", run.log());

@@ -387,20 +387,14 @@ fn cage_run_self_tests_after_every_policy_change() {
     let path = lab.write_config(&config);
     let run = lab.spawn_cage_run();
     let wait_for = |what: &str, n: usize| {
-        let start = Instant::now();
-        while run
-            .log()
-            .matches("self-test (after a policy change): all")
-            .count()
-            < n
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(40),
-                "no {what} self-test:\n{}",
-                run.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        run.wait_until(
+            Duration::from_secs(40),
+            &format!("no {what} self-test"),
+            || {
+                let passed = "self-test (after a policy change): all";
+                run.log().matches(passed).count() >= n
+            },
+        )
     };
     wait_for("first", 1);
     let status = lab.cage(&["status", "--json"]);

@@ -91,15 +91,11 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
     // No LAN address at all: the page waits, saying so, and the daemon goes on.
     lab.ip(Node::Router, &["addr", "flush", "dev", "br-lan"])
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(20);
-    while !run.log().contains("web page: no address to listen on yet") {
-        assert!(
-            Instant::now() < until,
-            "the page did not say it has no address:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    run.wait_until(
+        Duration::from_secs(20),
+        "the page did not say it has no address",
+        || run.log().contains("web page: no address to listen on yet"),
+    );
     assert!(run.is_running(), "cage run stopped:\n{}", run.log());
     // And comes back with the address.
     lab.ip(

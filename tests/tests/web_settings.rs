@@ -84,15 +84,11 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
     assert!(head.contains("/settings?saved=settings"), "{head}");
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("list admin_host '192.168.8.20'"), "{text}");
-    let until = Instant::now() + Duration::from_secs(15);
-    while !lab.nft_ruleset(Node::Router).contains("192.168.8.20") {
-        assert!(
-            Instant::now() < until,
-            "the admin host saved on the page never reached the kernel\ncage run:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    run.wait_until(
+        Duration::from_secs(15),
+        "the admin host saved on the page never reached the kernel",
+        || lab.nft_ruleset(Node::Router).contains("192.168.8.20"),
+    );
     assert!(run.log().contains("SIGHUP"), "{}", run.log());
 
     // A bad change: the validator's message, and the file as it was.
