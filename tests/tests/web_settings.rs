@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::NetNs;
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4};
+use cage_web::client;
 
 const PASSWORD: &str = "correct horse battery";
 
-fn http(ns: &NetNs, addr: SocketAddr, request: String) -> Result<(u16, String, String), String> {
+fn http(ns: &NetNs, addr: SocketAddr, request: String) -> Result<client::Answer, String> {
     cage_tests::http::request(ns, addr, request)
 }
 
@@ -35,18 +36,9 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
     let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
 
     let until = Instant::now() + Duration::from_secs(15);
-    let login = "{\"password\": \"correct horse battery\"}";
-    let (head, answer) = loop {
-        match http(
-            &lan,
-            ui,
-            format!(
-                "POST /api/login HTTP/1.1\r\nHost: {ui}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{login}",
-                login.len()
-            ),
-        ) {
-            Ok((200, head, body)) => break (head, body),
+    let login = loop {
+        match http(&lan, ui, client::login_request(ui, PASSWORD)) {
+            Ok(a) if a.status == 200 => break a,
             other => {
                 assert!(
                     Instant::now() < until,
@@ -57,16 +49,8 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
             }
         }
     };
-    let cookie = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(": ")?;
-            k.eq_ignore_ascii_case("set-cookie").then_some(v)
-        })
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
-    let v: serde_json::Value = serde_json::from_str(&answer).expect("login JSON");
+    let cookie = login.session_cookie().expect("a session cookie");
+    let v: serde_json::Value = serde_json::from_str(&login.body).expect("login JSON");
     let csrf = v["csrf"].as_str().expect("a CSRF token").to_owned();
     assert!(
         !lab.nft_ruleset(Node::Router).contains("192.168.8.20"),
@@ -78,10 +62,13 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
         "csrf={csrf}&address=192.168.10.1%2F24&ipv6=1&address6=fd00%3Acafe%3A10%3A%3A1%2F64\
          &admin_hosts=192.168.8.20&auto_blocked=&auto_upload_bytes=&auto_window=10&web_hostnames="
     );
-    let (status, head, body) =
-        http(&lan, ui, form_post(ui, "/settings", &cookie, &good)).expect("POST /settings");
-    assert_eq!(status, 303, "{head}\n{body}");
-    assert!(head.contains("/settings?saved=settings"), "{head}");
+    let saved = http(&lan, ui, form_post(ui, "/settings", cookie, &good)).expect("POST /settings");
+    assert_eq!(saved.status, 303, "{}\n{}", saved.head, saved.body);
+    assert!(
+        saved.head.contains("/settings?saved=settings"),
+        "{}",
+        saved.head
+    );
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("list admin_host '192.168.8.20'"), "{text}");
     run.wait_until(
@@ -97,8 +84,8 @@ fn settings_saved_on_the_page_reach_the_kernel_and_bad_ones_change_nothing() {
         "csrf={csrf}&address=192.168.10.300%2F24&ipv6=1&address6=fd00%3Acafe%3A10%3A%3A1%2F64\
          &admin_hosts=&auto_blocked=&auto_upload_bytes=&auto_window=10&web_hostnames="
     );
-    let (status, _, body) =
-        http(&lan, ui, form_post(ui, "/settings", &cookie, &bad)).expect("POST /settings");
+    let refused = http(&lan, ui, form_post(ui, "/settings", cookie, &bad)).expect("POST /settings");
+    let (status, body) = (refused.status, refused.body);
     assert_eq!(status, 422, "{body}");
     assert!(
         body.contains("cage.ai.address (line")
