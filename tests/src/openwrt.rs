@@ -236,26 +236,35 @@ impl Root {
     /// (GL.iNet's firmware ships it on; OpenWrt's own default is `disabled '1'`). Not
     /// produced by OpenWrt's scripts here: they need the hardware.
     pub fn add_radio(&self, enabled: bool) {
-        let script = format!(
-            "uci -q batch <<'EOF'\n\
-             set wireless.radio0=wifi-device\n\
-             set wireless.radio0.type='mac80211'\n\
-             set wireless.radio0.path='platform/soc/18000000.wifi'\n\
-             set wireless.radio0.channel='1'\n\
-             set wireless.radio0.band='2g'\n\
-             set wireless.radio0.htmode='HE20'\n\
-             set wireless.radio0.disabled='{}'\n\
-             set wireless.default_radio0=wifi-iface\n\
-             set wireless.default_radio0.device='radio0'\n\
-             set wireless.default_radio0.network='lan'\n\
-             set wireless.default_radio0.mode='ap'\n\
-             set wireless.default_radio0.ssid='OpenWrt'\n\
-             set wireless.default_radio0.encryption='none'\n\
-             commit wireless\n\
-             EOF",
-            if enabled { 0 } else { 1 }
-        );
         self.write("etc/config/wireless", "");
+        self.uci_set(
+            "wireless",
+            &[
+                ("wireless.radio0", "wifi-device"),
+                ("wireless.radio0.type", "mac80211"),
+                ("wireless.radio0.path", "platform/soc/18000000.wifi"),
+                ("wireless.radio0.channel", "1"),
+                ("wireless.radio0.band", "2g"),
+                ("wireless.radio0.htmode", "HE20"),
+                ("wireless.radio0.disabled", if enabled { "0" } else { "1" }),
+                ("wireless.default_radio0", "wifi-iface"),
+                ("wireless.default_radio0.device", "radio0"),
+                ("wireless.default_radio0.network", "lan"),
+                ("wireless.default_radio0.mode", "ap"),
+                ("wireless.default_radio0.ssid", "OpenWrt"),
+                ("wireless.default_radio0.encryption", "none"),
+            ],
+        );
+    }
+
+    /// `uci set` of each `(KEY, VALUE)` (a section's type for a key that names a
+    /// section), then `uci commit CONFIG`: one `uci batch` in the root.
+    pub fn uci_set(&self, config: &str, sets: &[(&str, &str)]) {
+        let mut script = String::from("uci -q batch <<'EOF'\n");
+        for (key, value) in sets {
+            script.push_str(&format!("set {key}='{value}'\n"));
+        }
+        script.push_str(&format!("commit {config}\nEOF"));
         self.sh_ok(&script);
     }
 

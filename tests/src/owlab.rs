@@ -596,19 +596,19 @@ impl OwLab {
 
     /// The lab's addresses, set with the real uci (see the module's docs).
     fn lab_addresses(&self) {
-        self.root.sh_ok(
-            "uci -q batch <<'EOF'\n\
-             set network.lan.ipaddr='192.168.8.1'\n\
-             set network.lan.netmask='255.255.255.0'\n\
-             set network.lan.ip6addr='fd00:8::1/64'\n\
-             set network.wan.proto='static'\n\
-             set network.wan.ipaddr='10.99.0.2'\n\
-             set network.wan.netmask='255.255.255.0'\n\
-             set network.wan.gateway='10.99.0.1'\n\
-             set network.wan.ip6addr='2001:db8:99::2/64'\n\
-             set network.wan.ip6gw='2001:db8:99::1'\n\
-             commit network\n\
-             EOF",
+        self.root.uci_set(
+            "network",
+            &[
+                ("network.lan.ipaddr", "192.168.8.1"),
+                ("network.lan.netmask", "255.255.255.0"),
+                ("network.lan.ip6addr", "fd00:8::1/64"),
+                ("network.wan.proto", "static"),
+                ("network.wan.ipaddr", "10.99.0.2"),
+                ("network.wan.netmask", "255.255.255.0"),
+                ("network.wan.gateway", "10.99.0.1"),
+                ("network.wan.ip6addr", "2001:db8:99::2/64"),
+                ("network.wan.ip6gw", "2001:db8:99::1"),
+            ],
         );
     }
 
