@@ -20,7 +20,7 @@ use serde::Serialize;
 pub use cage_policy::text::{to_json, to_text};
 
 use crate::policy::TABLE;
-use exec::{list_json, run};
+use exec::{list_objects, run};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -206,13 +206,11 @@ pub fn isolated_now() -> Result<bool, NftError> {
         TABLE,
         crate::policy::ISOLATED_SET,
     ];
-    let Some(v) = list_json(&set, "read the kill switch's set")? else {
+    let Some(objects) = list_objects(&set, "read the kill switch's set")? else {
         return Ok(false);
     };
-    Ok(v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(objects
+        .iter()
         .any(|o| o["set"]["elem"].as_array().is_some_and(|e| !e.is_empty())))
 }
 
@@ -221,11 +219,11 @@ pub fn isolated_now() -> Result<bool, NftError> {
 /// or the rule is off).
 pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, NftError> {
     let meter = ["-j", "list", "meter", "inet", TABLE, name];
-    let Some(v) = list_json(&meter, "read an automatic-isolation meter")? else {
+    let Some(objects) = list_objects(&meter, "read an automatic-isolation meter")? else {
         return Ok(BTreeMap::new());
     };
     let mut counts = BTreeMap::new();
-    for o in v["nftables"].as_array().into_iter().flatten() {
+    for o in &objects {
         for e in o["meter"]["elem"].as_array().into_iter().flatten() {
             let e = &e["elem"];
             let Some(addr) = e["val"].as_str().and_then(|a| a.parse().ok()) else {
@@ -240,15 +238,10 @@ pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, Nft
 /// A named counter of Cage's inet table; `None` when it (or the table) is absent.
 pub fn named_counter(name: &str) -> Result<Option<Count>, NftError> {
     let counter = ["-j", "list", "counter", "inet", TABLE, name];
-    let Some(v) = list_json(&counter, "read a counter")? else {
+    let Some(objects) = list_objects(&counter, "read a counter")? else {
         return Ok(None);
     };
-    Ok(v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|o| o.get("counter"))
-        .map(Count::of))
+    Ok(objects.iter().find_map(|o| o.get("counter")).map(Count::of))
 }
 
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
@@ -276,11 +269,10 @@ pub fn counters() -> Result<Option<BTreeMap<String, Count>>, NftError> {
     for family in ["inet", "bridge"] {
         // Read as plain JSON: only rules' comments and counters matter here.
         let table = ["-j", "list", "table", family, TABLE];
-        let Some(v) = list_json(&table, "read Cage's counters")? else {
+        let Some(items) = list_objects(&table, "read Cage's counters")? else {
             continue;
         };
         found = true;
-        let items = v["nftables"].as_array().cloned().unwrap_or_default();
         for item in items {
             let rule = &item["rule"];
             let Some(comment) = rule["comment"].as_str() else {
