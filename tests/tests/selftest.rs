@@ -18,12 +18,7 @@ use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4, PUBLIC6};
 fn applied_lab() -> Lab {
     let lab = Lab::for_test();
     lab.write_config(contract::CONFIG_EXTRA);
-    let out = lab.cage(&["apply"]);
-    assert!(
-        out.status.success(),
-        "cage apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     lab.wait_segment_ready().expect("segment ready");
     // A live router's neighbour table knows the LAN hosts that are active; the lab's LAN
     // host has been quiet since the lab came up, so make the router talk to it once.
@@ -105,6 +100,20 @@ fn selftest(lab: &Lab) -> (Option<i32>, Report, String) {
         )
     });
     (out.status.code(), report, stderr)
+}
+
+/// `cage selftest` on an applied lab whose policy the nft command `breaking` broke: it
+/// fails (exit code 1) and leaves nothing behind on the router. The lab and the report
+/// (printed).
+fn broken_selftest(breaking: &str) -> (Lab, Report) {
+    let lab = applied_lab();
+    let before = snapshot(&lab);
+    lab.nft(Node::Router, breaking);
+    let (code, report, stderr) = selftest(&lab);
+    println!("{}", table(&report));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_clean(&lab, &before);
+    (lab, report)
 }
 
 fn failed(report: &Report) -> Vec<&Check> {
@@ -217,13 +226,7 @@ fn every_check_holds_with_cages_policy_and_nothing_is_left() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn without_cages_table_the_failing_checks_are_named_and_nothing_is_left() {
-    let lab = applied_lab();
-    let before = snapshot(&lab);
-    lab.nft(Node::Router, "delete table inet cage");
-
-    let (code, report, stderr) = selftest(&lab);
-    println!("{}", table(&report));
-    assert_eq!(code, Some(1), "{stderr}");
+    let (lab, report) = broken_selftest("delete table inet cage");
     assert!(!report.ok);
     assert!(report.verdict.contains("checks FAIL"), "{}", report.verdict);
     let names: BTreeSet<&str> = failed(&report).iter().map(|c| c.name.as_str()).collect();
@@ -248,23 +251,14 @@ fn without_cages_table_the_failing_checks_are_named_and_nothing_is_left() {
         status.contains("PROBLEM: the last self-test failed: "),
         "{status}"
     );
-    assert_clean(&lab, &before);
 }
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn an_accept_towards_the_lan_fails_exactly_the_lan_checks() {
-    let lab = applied_lab();
-    let before = snapshot(&lab);
     // A rule in another table cannot override Cage's drop; one in Cage's own chain can.
-    lab.nft(
-        Node::Router,
-        "insert rule inet cage segment_egress oifname br-lan accept",
-    );
-
-    let (code, report, stderr) = selftest(&lab);
-    println!("{}", table(&report));
-    assert_eq!(code, Some(1), "{stderr}");
+    let (_lab, report) =
+        broken_selftest("insert rule inet cage segment_egress oifname br-lan accept");
     let failed = failed(&report);
     assert!(
         failed.iter().all(|c| c.name == "caged -> LAN"),
@@ -288,7 +282,6 @@ fn an_accept_towards_the_lan_fails_exactly_the_lan_checks() {
         "{}",
         report.verdict
     );
-    assert_clean(&lab, &before);
 }
 
 #[test]
