@@ -557,6 +557,17 @@ impl Lab {
         Lab::up(&unique_prefix()).expect("lab up")
     }
 
+    /// [`Lab::for_test`] with the configuration the contract assumes (the base one and
+    /// [`crate::contract::CONFIG_EXTRA`]), followed by `extra_sections`.
+    pub fn for_contract(extra_sections: &str) -> Lab {
+        let lab = Lab::for_test();
+        lab.write_config(&format!(
+            "{}{extra_sections}",
+            crate::contract::CONFIG_EXTRA
+        ));
+        lab
+    }
+
     /// The lab's namespaces and directory under `prefix`, with nothing in them yet, after
     /// removing whatever a previous run with the same prefix left behind. For a router
     /// that runs its own software: make its ports, then [`Lab::build_prewired`].

@@ -556,11 +556,7 @@ fn without_cage_run_dns_fails_closed() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_contract_holds_with_dns_through_cage() {
-    let lab = Lab::for_test();
-    lab.write_config(&format!(
-        "{}\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n",
-        contract::CONFIG_EXTRA
-    ));
+    let lab = Lab::for_contract("\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n");
     let run = lab.cage_run();
     let checks: Vec<_> = contract::checks()
         .into_iter()

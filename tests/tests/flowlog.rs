@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, NetNs, Probe};
-use cage_tests::contract;
 use cage_tests::lab::{self, Lab, Node, AI1_4, AI1_MAC, HOTEL4, LAN_HOST4, ROUTER_SEG4};
 use cage_tests::wait;
 
@@ -63,19 +62,13 @@ fn udp_echoes(ns: &NetNs, from: IpAddr, to: IpAddr, count: u8, size: usize) -> u
 
 /// The lab with the contract's configuration and these options of the flow log.
 fn lab_with_flowlog(options: &str) -> Lab {
-    let lab = Lab::for_test();
-    lab.write_config(&format!(
-        "{}\nconfig flowlog 'flowlog'\n{options}",
-        contract::CONFIG_EXTRA
-    ));
-    lab
+    Lab::for_contract(&format!("\nconfig flowlog 'flowlog'\n{options}"))
 }
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn denied_attempts_appear_as_blocked_records_with_their_rule() {
-    let lab = Lab::for_test();
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     let run = lab.cage_run_ai1_ready();
 
     let ai1 = lab.netns(Node::Ai1);

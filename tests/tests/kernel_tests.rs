@@ -18,6 +18,7 @@ const MARKERS: &[&str] = &[
     "geteuid(",
     "Lab::up(",
     "Lab::for_test(",
+    "Lab::for_contract(",
     "require_cage(",
     "NetNsGuard::named(",
     "NetNsGuard::anonymous(",

@@ -18,12 +18,6 @@ use cage_tests::lab::{
 
 const BUTTON_CONFIG: &str = "\nconfig killswitch 'killswitch'\n\toption button 'BTN_0'\n";
 
-fn lab_up(extra_sections: &str) -> Lab {
-    let lab = Lab::for_test();
-    lab.write_config(&format!("{}{extra_sections}", contract::CONFIG_EXTRA));
-    lab
-}
-
 fn cage_ok(lab: &Lab, args: &[&str]) -> String {
     let out = lab.cage(args);
     cage_tests::assert_success(&out, format_args!("cage {args:?}"))
@@ -141,7 +135,7 @@ fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
-    let lab = lab_up("");
+    let lab = Lab::for_contract("");
     let run = lab.cage_run();
     lab.wait_segment_ready().expect("segment");
 
@@ -269,7 +263,7 @@ fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release() {
-    let lab = lab_up("");
+    let lab = Lab::for_contract("");
     let servers = apply_with_internet(&lab);
     assert_open(&lab, "before isolating");
 
@@ -352,7 +346,7 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_hardware_button_isolates_through_the_hotplug_script() {
-    let lab = lab_up(BUTTON_CONFIG);
+    let lab = Lab::for_contract(BUTTON_CONFIG);
     let _servers = apply_with_internet(&lab);
     assert_open(&lab, "before the button");
 
@@ -425,7 +419,7 @@ const AUTO_CONFIG: &str =
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
-    let lab = lab_up(AUTO_CONFIG);
+    let lab = Lab::for_contract(AUTO_CONFIG);
     let run = lab.cage_run_ai1_ready();
 
     // Below the limit: nothing happens.
@@ -455,7 +449,7 @@ fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_stays_off_unless_configured() {
-    let lab = lab_up("");
+    let lab = Lab::for_contract("");
     let _run = lab.cage_run_ai1_ready();
     scan_lan(&lab, 1..61);
     assert!(
@@ -471,7 +465,7 @@ fn auto_isolation_stays_off_unless_configured() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_fires_on_an_upload_burst() {
-    let lab = lab_up(
+    let lab = Lab::for_contract(
         "\nconfig killswitch 'killswitch'\n\toption auto_upload_bytes '200000'\n\toption auto_window '10'\n",
     );
     let _servers = Servers::start(
@@ -514,7 +508,7 @@ fn auto_isolation_fires_on_an_upload_burst() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_ebpf_flag_alone_isolates_and_nftables_alone_isolates() {
-    let lab = lab_up("");
+    let lab = Lab::for_contract("");
     let _servers = apply_with_internet(&lab);
     assert_open(&lab, "before");
     cage_ok(&lab, &["isolate", "--reason", "layers"]);

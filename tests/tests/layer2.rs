@@ -25,8 +25,7 @@ fn caged_to_caged() -> Vec<Check> {
 }
 
 fn applied_lab() -> Lab {
-    let lab = Lab::for_test();
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     let router = lab.netns(Node::Router);
     for key in [
         "net.bridge.bridge-nf-call-iptables",

@@ -11,8 +11,8 @@ use cage_tests::lab::{Lab, Node};
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_adopts_the_bridge_netifd_makes_and_the_contract_holds() {
-    let lab = Lab::for_test();
-    let path = lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
+    let path = lab.config_path();
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "config cage 'main'\n",
         "config cage 'main'\n\toption mode 'openwrt'\n",

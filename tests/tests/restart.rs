@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, Probe, Servers, Service, Witness, WitnessLimits};
-use cage_tests::contract;
 use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4};
 
 /// Kill/restart cycles, and how long the prober runs at most.
@@ -28,8 +27,7 @@ fn in_segment(a: IpAddr) -> bool {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
-    let lab = Lab::for_test();
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     let mut run = lab.cage_run();
     lab.wait_segment_ready().expect("segment ready");
 

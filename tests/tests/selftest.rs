@@ -16,8 +16,7 @@ use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4, PUBLIC6};
 /// A lab with Cage's policy applied (`apply`, not `run`: a daemon would repair what the
 /// failure tests break).
 fn applied_lab() -> Lab {
-    let lab = Lab::for_test();
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     lab.wait_segment_ready().expect("segment ready");
     // A live router's neighbour table knows the LAN hosts that are active; the lab's LAN
@@ -349,11 +348,7 @@ fn while_isolated_every_check_expects_the_segment_cut_off() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn does_not_trip_automatic_isolation() {
-    let lab = Lab::for_test();
-    lab.write_config(&format!(
-        "{}\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n",
-        contract::CONFIG_EXTRA
-    ));
+    let lab = Lab::for_contract("\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n");
     let run = lab.cage_run();
     lab.wait_segment_ready().expect("segment ready");
     let before = snapshot(&lab);

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, NetNs, Probe, Servers, Service};
 use cage_tests::browser::{self, Browser, Driver};
-use cage_tests::contract;
 use cage_tests::lab::{self, Lab, Node, PUBLIC4, PUBLIC6, ROUTER_LAN4, ROUTER_SEG4};
 
 const UI_PORT: u16 = lab::WEB_PORT;
@@ -57,8 +56,7 @@ fn screenshot_path() -> PathBuf {
 #[ignore = "needs root: cargo xtask test"]
 fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
     browser::require_chromium();
-    let lab = Lab::for_test();
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     let _servers = Servers::start(
         &lab.netns(Node::Inet),
         &[Service::udp(53)],
