@@ -1132,11 +1132,18 @@ impl Lab {
         run
     }
 
-    /// [`Lab::cage_run`], then the segment ready and the router's neighbour entries of
-    /// ai1 pinned: where a test that sends from ai1 starts.
-    pub fn cage_run_ai1_ready(&self) -> CageRun {
+    /// [`Lab::cage_run`], then the segment ready: its ports bridged and its hosts
+    /// reachable.
+    pub fn cage_run_ready(&self) -> CageRun {
         let run = self.cage_run();
-        self.wait_segment_ready().expect("segment");
+        self.wait_segment_ready().expect("segment ready");
+        run
+    }
+
+    /// [`Lab::cage_run_ready`], and the router's neighbour entries of ai1 pinned: where a
+    /// test that sends from ai1 starts.
+    pub fn cage_run_ai1_ready(&self) -> CageRun {
+        let run = self.cage_run_ready();
         self.pin_router_neighbours(Node::Ai1).expect("neighbours");
         run
     }

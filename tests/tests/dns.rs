@@ -111,10 +111,11 @@ fn dns_lab(dns_section: &str) -> DnsLab {
     }
 }
 
-fn start(l: &DnsLab) -> CageRun {
-    let run = l.lab.cage_run();
-    l.lab.wait_segment_ready().expect("segment");
-    run
+/// [`dns_lab`] with `cage run` on it, its policy applied and the segment ready.
+fn running_dns_lab(dns_section: &str) -> (DnsLab, CageRun) {
+    let l = dns_lab(dns_section);
+    let run = l.lab.cage_run_ready();
+    (l, run)
 }
 
 fn ask(l: &DnsLab, node: Node, server: SocketAddr, name: &str, v6: bool, tcp: bool) -> Resolved {
@@ -174,8 +175,7 @@ const ALLOWLIST: &str = "config dns 'dns'\n\
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn allowlist_allows_only_answers_to_allowed_names_over_ipv4_and_ipv6() {
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let ai1 = l.lab.netns(Node::Ai1);
 
     // An allowed name resolves through the router, over UDP and TCP, IPv4 and IPv6…
@@ -286,8 +286,7 @@ fn allowlist_allows_only_answers_to_allowed_names_over_ipv4_and_ipv6() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
-    let l = dns_lab(ALLOWLIST);
-    let mut run = start(&l);
+    let (l, mut run) = running_dns_lab(ALLOWLIST);
     let ai1 = l.lab.netns(Node::Ai1);
     // Learned before the reload: must stay reachable across it.
     ask(&l, Node::Ai1, router_dns4(), "allowed.test", false, false);
@@ -379,8 +378,7 @@ fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn query_floods_and_long_names_are_refused_counted_and_logged() {
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let ai2 = l.lab.netns(Node::Ai2);
     // 200 queries as fast as they go: beyond the burst (40) and the rate (20/s), REFUSED.
     let refused = ai2
@@ -447,8 +445,7 @@ fn query_floods_and_long_names_are_refused_counted_and_logged() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn dns_violations_can_isolate_the_segment() {
-    let l = dns_lab(&format!("{ALLOWLIST}\toption auto_violations '30'\n"));
-    let run = start(&l);
+    let (l, run) = running_dns_lab(&format!("{ALLOWLIST}\toption auto_violations '30'\n"));
     let ai2 = l.lab.netns(Node::Ai2);
     ai2.run("flood", || {
         for _ in 0..150 {
@@ -477,10 +474,9 @@ fn dns_violations_can_isolate_the_segment() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn open_mode_sends_all_dns_through_cage_and_names_flows() {
-    let l = dns_lab(
+    let (l, run) = running_dns_lab(
         "config dns 'dns'\n\tlist upstream '203.0.113.10'\n\tlist doh_block_ip '203.0.113.88'\n",
     );
-    let run = start(&l);
     let ai1 = l.lab.netns(Node::Ai1);
     for (server, v6) in [
         (router_dns4(), false),
@@ -585,8 +581,7 @@ fn the_contract_holds_with_dns_through_cage() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn selftest_holds_with_dns_through_cage() {
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let router = l.lab.netns(Node::Router);
     for addr in [lab::LAN_HOST4, lab::LAN_HOST6] {
         let _ = cage_agent::probe::probe_in(&router, &cage_agent::probe::Probe::icmp(addr));
@@ -766,8 +761,7 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
 #[ignore = "needs root: cargo xtask test"]
 fn a_refused_name_is_allowed_from_the_web_page() {
     browser::require_chromium();
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let pid = run.pid();
     let ai1 = l.lab.netns(Node::Ai1);
     let mut passwd = l

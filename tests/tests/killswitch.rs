@@ -136,8 +136,7 @@ fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::
 #[ignore = "needs root: cargo xtask test"]
 fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
     let lab = Lab::for_contract("");
-    let run = lab.cage_run();
-    lab.wait_segment_ready().expect("segment");
+    let run = lab.cage_run_ready();
 
     let limits = WitnessLimits {
         max_duration: Duration::from_secs(120),

@@ -28,8 +28,7 @@ fn in_segment(a: IpAddr) -> bool {
 #[ignore = "needs root: cargo xtask test"]
 fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
     let lab = Lab::for_contract("");
-    let mut run = lab.cage_run();
-    lab.wait_segment_ready().expect("segment ready");
+    let mut run = lab.cage_run_ready();
 
     let lan = lab.netns(Node::Lan);
     let witness = Witness::start(&lan, WitnessLimits::default()).expect("witness");

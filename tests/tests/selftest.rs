@@ -349,8 +349,7 @@ fn while_isolated_every_check_expects_the_segment_cut_off() {
 #[ignore = "needs root: cargo xtask test"]
 fn does_not_trip_automatic_isolation() {
     let lab = Lab::for_contract("\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n");
-    let run = lab.cage_run();
-    lab.wait_segment_ready().expect("segment ready");
+    let run = lab.cage_run_ready();
     let before = snapshot(&lab);
     let (code, report, stderr) = selftest(&lab);
     assert_eq!(code, Some(0), "{stderr}\n{}", table(&report));
