@@ -65,6 +65,13 @@ fn remove_bridge_table(lab: &Lab) {
     lab.nft(Node::Router, "delete table bridge cage");
 }
 
+/// Every caged -> caged probe was denied: the matrix.
+fn caged_hosts_kept_apart(lab: &Lab) -> contract::Report {
+    let report = run_matrix(lab, &caged_to_caged());
+    assert!(report.failures().is_empty(), "{report}");
+    report
+}
+
 fn l2_denied_packets(lab: &Lab) -> u64 {
     let out = lab.cage(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
@@ -78,8 +85,7 @@ fn l2_denied_packets(lab: &Lab) -> u64 {
 fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
     isolation_off(&lab);
-    let report = run_matrix(&lab, &caged_to_caged());
-    assert!(report.failures().is_empty(), "{report}");
+    let report = caged_hosts_kept_apart(&lab);
     let dropped = l2_denied_packets(&lab);
     assert!(
         dropped > 0,
@@ -93,8 +99,7 @@ fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
 fn port_isolation_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
     remove_bridge_table(&lab);
-    let report = run_matrix(&lab, &caged_to_caged());
-    assert!(report.failures().is_empty(), "{report}");
+    let report = caged_hosts_kept_apart(&lab);
     println!("bridge table removed, isolation on: all blocked\n{report}");
 }
 
