@@ -34,12 +34,13 @@ pub fn get_login(ns: &NetNs, addr: SocketAddr) -> Result<u16, String> {
 }
 
 /// Poll (bounded) until the page answers at `addr` from `ns`: 200, or 303 to the
-/// first-run set-up while no password is set.
-pub fn wait_page(ns: &NetNs, addr: SocketAddr, run: &CageRun) {
-    let until = Instant::now() + Duration::from_secs(20);
+/// first-run set-up while no password is set. How long it took.
+pub fn wait_page(ns: &NetNs, addr: SocketAddr, run: &CageRun) -> Duration {
+    let start = Instant::now();
+    let until = start + Duration::from_secs(20);
     loop {
         match get_login(ns, addr) {
-            Ok(200 | 303) => return,
+            Ok(200 | 303) => return start.elapsed(),
             other => assert!(
                 Instant::now() < until,
                 "the page never answered at {addr}: {other:?}\ncage run:\n{}",
