@@ -307,6 +307,18 @@ fn ip_batch(ns: &str, lines: &[String]) -> Result<(), LabError> {
     Ok(())
 }
 
+/// The lines of an `ip -batch` script.
+fn lines(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// IPv4 and IPv6 forwarding on in `ns`: a router.
+fn forward(ns: &NetNs) -> Result<(), LabError> {
+    ns.set_sysctl("net.ipv4.ip_forward", "1")?;
+    ns.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    Ok(())
+}
+
 /// `ip netns exec NS nft -f -` with `script` on stdin.
 fn nft(ns: &str, script: &str) -> Result<(), LabError> {
     checked(
@@ -653,7 +665,6 @@ impl Lab {
             ns(Node::Lan),
             ns(Node::Up),
         );
-        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
         // The router. Links come up before addresses and routes: a route via a gateway
         // needs its device up.
@@ -681,8 +692,7 @@ impl Lab {
             ]),
         )?;
         let r = self.netns(Node::Router);
-        r.set_sysctl("net.ipv4.ip_forward", "1")?;
-        r.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        forward(&r)?;
         // Reverse-path filtering would drop spoofed packets before Cage sees them and
         // prove nothing about Cage: off, explicitly (it is off by default too).
         r.set_sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -715,7 +725,6 @@ impl Lab {
             ns(Node::Hotel),
             ns(Node::Inet),
         );
-        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
         // The hotel's gateway: a bridge for the router and the hotel host, a link to the
         // internet, and every route pointing there.
@@ -740,9 +749,7 @@ impl Lab {
                 "route add ::/0 via 2001:db8:ff::2",
             ]),
         )?;
-        let u = self.netns(Node::Up);
-        u.set_sysctl("net.ipv4.ip_forward", "1")?;
-        u.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        forward(&self.netns(Node::Up))?;
 
         let mut inet_lines = lines(&[
             "link set lo up",
