@@ -5,8 +5,7 @@
 //! and the process's memory before and after (VmRSS, VmHWM); the server and the client
 //! share the process, the client's part is a few kilobytes.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 use cage_agent::config;
 use cage_agent::flows::{FlowLog, FlowRecord};
 use cage_agent::web::AgentBackend;
+use cage_web::client;
 
 const FLOWS: u32 = 10_000;
 const REQUESTS: usize = 300;
@@ -32,19 +32,14 @@ fn memory() -> (u64, u64) {
 }
 
 fn http(addr: SocketAddr, request: &str) -> (u16, String, usize) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(request.as_bytes()).expect("send");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("receive");
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.len())
+    let a = client::exchange(
+        addr,
+        request,
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    )
+    .expect("an HTTP exchange");
+    (a.status, a.head, a.body.len())
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -56,12 +51,7 @@ fn main() {
     let dir: PathBuf = std::env::temp_dir().join(format!("cage-web-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listen = client::free_loopback();
     let path = dir.join("cage");
     std::fs::write(
         &path,
@@ -142,24 +132,15 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let host = format!("Host: {listen}\r\nConnection: close\r\n");
-    let body = "{\"password\": \"benchmark password\"}";
-    let (status, head, _) = http(
+    let login = client::exchange(
         listen,
-        &format!(
-            "POST /api/login HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
-    assert_eq!(status, 200, "login: {head}");
-    let cookie = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(": ")?;
-            k.eq_ignore_ascii_case("set-cookie").then_some(v)
-        })
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
+        &client::login_request(listen, "benchmark password"),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    )
+    .expect("login");
+    assert_eq!(login.status, 200, "login: {}", login.head);
+    let cookie = login.session_cookie().expect("a session cookie");
 
     let routes = [
         ("GET /flows (page, newest 200)", "/flows"),

@@ -22,6 +22,30 @@ struct Cli {
     command: Command,
 }
 
+// `cage flows`: its options, handed to `show_flows` as they are. (No doc comment: the
+// command's help is the variant's.)
+#[derive(clap::Args)]
+struct FlowsArgs {
+    /// Only flows of this caged host or peer address.
+    #[arg(long)]
+    host: Option<std::net::IpAddr>,
+    /// Only flows to or from this port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only `allowed` or `blocked` flows.
+    #[arg(long, value_parser = ["allowed", "blocked"])]
+    verdict: Option<String>,
+    /// How many of the newest matching flows (0: all).
+    #[arg(long, short = 'n', default_value_t = 50)]
+    limit: usize,
+    /// Print the records as JSON Lines.
+    #[arg(long)]
+    json: bool,
+    /// Keep printing new flows as they are written.
+    #[arg(long, short)]
+    follow: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration, render the policy, dry-run it with nft, print it.
@@ -75,26 +99,7 @@ enum Command {
     /// cage.main.password_hash. At least 8 characters.
     Passwd,
     /// The flow log: recent flows, newest last.
-    Flows {
-        /// Only flows of this caged host or peer address.
-        #[arg(long)]
-        host: Option<std::net::IpAddr>,
-        /// Only flows to or from this port.
-        #[arg(long)]
-        port: Option<u16>,
-        /// Only `allowed` or `blocked` flows.
-        #[arg(long, value_parser = ["allowed", "blocked"])]
-        verdict: Option<String>,
-        /// How many of the newest matching flows (0: all).
-        #[arg(long, short = 'n', default_value_t = 50)]
-        limit: usize,
-        /// Print the records as JSON Lines.
-        #[arg(long)]
-        json: bool,
-        /// Keep printing new flows as they are written.
-        #[arg(long, short)]
-        follow: bool,
-    },
+    Flows(FlowsArgs),
     /// DNS through the router: review refused names, allow one.
     Dns {
         #[command(subcommand)]
@@ -165,24 +170,7 @@ async fn main() -> ExitCode {
         Command::Release { reason } => switch(&cli.config, false, Source::Cli, &reason).await,
         Command::Button { button, action } => press(&cli.config, &button, &action).await,
         Command::Passwd => passwd(&cli.config),
-        Command::Flows {
-            host,
-            port,
-            verdict,
-            limit,
-            json,
-            follow,
-        } => show_flows(
-            &cli.config,
-            &flows::FlowFilter {
-                host,
-                port,
-                verdict,
-            },
-            limit,
-            json,
-            follow,
-        ),
+        Command::Flows(args) => show_flows(&cli.config, args),
         Command::Dns { command } => dns_command(&cli.config, command),
         Command::Port { command, json } => port_command(&cli.config, command, json),
     };
@@ -401,13 +389,20 @@ fn dns_command(path: &std::path::Path, command: DnsCommand) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn show_flows(
-    path: &std::path::Path,
-    filter: &flows::FlowFilter,
-    limit: usize,
-    json: bool,
-    follow: bool,
-) -> anyhow::Result<ExitCode> {
+fn show_flows(path: &std::path::Path, args: FlowsArgs) -> anyhow::Result<ExitCode> {
+    let FlowsArgs {
+        host,
+        port,
+        verdict,
+        limit,
+        json,
+        follow,
+    } = args;
+    let filter = &flows::FlowFilter {
+        host,
+        port,
+        verdict,
+    };
     let cfg = config::load(path)?;
     let dir = flows::dir(&cfg);
     let print = |r: &flows::FlowRecord| {

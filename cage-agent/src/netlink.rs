@@ -398,14 +398,7 @@ pub async fn device_addresses(devices: &[String]) -> Result<Vec<IpAddr>, Netlink
         .filter(|l| devices.contains(&l.name))
         .map(|l| l.index)
         .collect();
-    let msgs: Vec<_> = nl
-        .handle
-        .address()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| dump_error("list addresses", e))?;
+    let msgs = dump(nl.handle.address().get().execute(), "list addresses").await?;
     let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed;
     let mut found: Vec<IpAddr> = msgs
         .iter()
@@ -641,62 +634,34 @@ impl Rtnl {
 
     /// Every IPv4 and IPv6 route (all tables; callers filter).
     async fn main_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
-        let mut routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list IPv4 routes", e))?;
-        let routes6: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list IPv6 routes", e))?;
-        routes.extend(routes6);
+        let route = self.handle.route();
+        let v4 = route.get(RouteMessageBuilder::<Ipv4Addr>::new().build());
+        let mut routes = dump(v4.execute(), "list IPv4 routes").await?;
+        let v6 = route.get(RouteMessageBuilder::<Ipv6Addr>::new().build());
+        routes.extend(dump(v6.execute(), "list IPv6 routes").await?);
         Ok(routes)
     }
 
+    async fn link_messages(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+        dump(self.handle.link().get().execute(), "list links").await
+    }
+
     async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list links", e))?;
+        let msgs = self.link_messages().await?;
         Ok(msgs.iter().filter_map(Link::from_message).collect())
+    }
+
+    /// The messages of the link named `name` (the kernel says ENODEV when there is none).
+    async fn named_link_messages(&self, name: &str) -> Result<Vec<LinkMessage>, rtnetlink::Error> {
+        let get = self.handle.link().get().match_name(name);
+        get.execute().try_collect().await
     }
 
     /// One link by name; `None` when there is no such device.
     async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
-        let result: Result<Vec<LinkMessage>, _> = self
-            .handle
-            .link()
-            .get()
-            .match_name(name)
-            .execute()
-            .try_collect()
-            .await;
-        match result {
+        match self.named_link_messages(name).await {
             Ok(msgs) => Ok(msgs.iter().find_map(Link::from_message)),
-            Err(e) => {
-                let err = to_io(e);
-                if err.raw_os_error() == Some(libc::ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(NetlinkError::Request {
-                        ifname: name.into(),
-                        op: "look up link".into(),
-                        source: err,
-                    })
-                }
-            }
+            Err(e) => unless_no_device(e, name, "look up link").map(|()| None),
         }
     }
 
@@ -738,14 +703,7 @@ impl Rtnl {
     }
 
     async fn addresses(&self) -> Result<Vec<Address>, NetlinkError> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| dump_error("list addresses", e))?;
+        let msgs = dump(self.handle.address().get().execute(), "list addresses").await?;
         Ok(msgs.iter().filter_map(Address::from_message).collect())
     }
 
@@ -808,11 +766,30 @@ fn request_error(ifname: &str, op: &str, e: rtnetlink::Error) -> NetlinkError {
     }
 }
 
-fn dump_error(op: &str, e: rtnetlink::Error) -> NetlinkError {
-    NetlinkError::Dump {
+/// A request's error about `ifname`, or `Ok` when the kernel says there is no such
+/// device (ENODEV): for the callers to whom a missing link is an answer, not a failure.
+fn unless_no_device(e: rtnetlink::Error, ifname: &str, op: &str) -> Result<(), NetlinkError> {
+    let source = to_io(e);
+    if source.raw_os_error() == Some(libc::ENODEV) {
+        return Ok(());
+    }
+    Err(NetlinkError::Request {
+        ifname: ifname.into(),
+        op: op.into(),
+        source,
+    })
+}
+
+/// Everything a dump request (links, addresses, routes, neighbours of the whole
+/// namespace) answers, or [`NetlinkError::Dump`] saying what was being listed.
+async fn dump<T>(
+    answers: impl futures::Stream<Item = Result<T, rtnetlink::Error>>,
+    op: &str,
+) -> Result<Vec<T>, NetlinkError> {
+    answers.try_collect().await.map_err(|e| NetlinkError::Dump {
         op: op.into(),
         source: to_io(e),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
 // portable-atomic: 32-bit MIPS (the GL-MT300N) has no native 64-bit atomics.
 use portable_atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,23 +117,7 @@ pub fn open(group: u16) -> io::Result<Socket> {
         ],
     )?;
     // A receive timeout, so the reader notices when it is told to stop.
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: setsockopt on our own socket with a correctly sized timeval.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    socket2::SockRef::from(&socket).set_read_timeout(Some(Duration::from_millis(200)))?;
     Ok(socket)
 }
 

@@ -89,6 +89,15 @@ impl Router {
             .unwrap()
     }
 
+    /// `cage apply` of the plain configuration (`good.conf`), which must succeed: its
+    /// output.
+    fn apply_plain(&self) -> Output {
+        let good = self.config("good.conf", "");
+        let out = self.cage(&good, &["apply"]);
+        assert!(out.status.success(), "apply failed: {}", stderr(&out));
+        out
+    }
+
     fn spawn_run(&self, config: &Path) -> Daemon {
         let log = std::fs::File::create(self.dir.join("run.log")).unwrap();
         let child = Command::new("ip")
@@ -99,6 +108,16 @@ impl Router {
             .spawn()
             .unwrap();
         Daemon(child)
+    }
+
+    /// A router whose `cage run` on the plain configuration (`cage.conf`) has applied its
+    /// policy: the router, the configuration's path and the daemon.
+    fn running(tag: &str) -> (Router, PathBuf, Daemon) {
+        let r = Router::new(tag);
+        let path = r.config("cage.conf", "");
+        let d = r.spawn_run(&path);
+        r.wait_for("the first apply", || r.log().contains("policy applied"));
+        (r, path, d)
     }
 
     fn log(&self) -> String {
@@ -180,9 +199,7 @@ fn check_prints_a_ruleset_that_nft_accepts() {
 #[ignore = "needs root: cargo xtask test"]
 fn every_bad_config_is_refused_and_changes_nothing() {
     let r = Router::new("bad");
-    let good = r.config("good.conf", "");
-    let out = r.cage(&good, &["apply"]);
-    assert!(out.status.success(), "apply failed: {}", stderr(&out));
+    r.apply_plain();
     let before = r.ruleset();
     assert!(before.contains("table inet cage"));
 
@@ -229,14 +246,10 @@ fn every_bad_config_is_refused_and_changes_nothing() {
 #[ignore = "needs root: cargo xtask test"]
 fn apply_twice_changes_nothing() {
     let r = Router::new("twice");
-    let good = r.config("good.conf", "");
-    let first = r.cage(&good, &["apply"]);
-    assert!(first.status.success(), "{}", stderr(&first));
+    let first = r.apply_plain();
     assert!(stderr(&first).contains("created bridge br-cage"));
     let before = r.ruleset();
-    let second = r.cage(&good, &["apply"]);
-    assert!(second.status.success(), "{}", stderr(&second));
-    let err = stderr(&second);
+    let err = stderr(&r.apply_plain());
     assert!(
         !err.contains("created") && !err.contains("added") && !err.contains("isolated"),
         "second apply did something: {err}"
@@ -247,10 +260,7 @@ fn apply_twice_changes_nothing() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn reload_keeps_the_running_policy_on_a_bad_config_and_takes_a_good_one() {
-    let r = Router::new("reload");
-    let path = r.config("cage.conf", "");
-    let d = r.spawn_run(&path);
-    r.wait_for("the first apply", || r.log().contains("policy applied"));
+    let (r, path, d) = Router::running("reload");
     let before = r.ruleset();
 
     // A bad configuration: refused, the kernel ruleset byte-identical.
@@ -275,10 +285,7 @@ fn reload_keeps_the_running_policy_on_a_bad_config_and_takes_a_good_one() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_policy_outlives_the_daemon_and_only_disable_removes_it() {
-    let r = Router::new("kill");
-    let path = r.config("cage.conf", "");
-    let d = r.spawn_run(&path);
-    r.wait_for("the first apply", || r.log().contains("policy applied"));
+    let (r, path, d) = Router::running("kill");
     let before = r.ruleset();
 
     // Removed behind the daemon's back: put back.
@@ -321,10 +328,7 @@ fn the_policy_outlives_the_daemon_and_only_disable_removes_it() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn disable_stops_a_running_daemon_first() {
-    let r = Router::new("disable");
-    let path = r.config("cage.conf", "");
-    let mut d = r.spawn_run(&path);
-    r.wait_for("the first apply", || r.log().contains("policy applied"));
+    let (r, path, mut d) = Router::running("disable");
     let out = r.cage(&path, &["disable"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let start = Instant::now();
@@ -343,10 +347,7 @@ fn disable_stops_a_running_daemon_first() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_daemon_puts_back_port_isolation_that_was_switched_off() {
-    let r = Router::new("repair");
-    let path = r.config("cage.conf", "");
-    let _d = r.spawn_run(&path);
-    r.wait_for("the first apply", || r.log().contains("policy applied"));
+    let (r, _, _d) = Router::running("repair");
     let isolated = || {
         let out = Command::new("ip")
             .args(["-n", &r.ns, "-d", "-j", "link", "show", "cage2"])
@@ -400,9 +401,7 @@ fn a_broken_configuration_at_boot_locks_the_segment_down() {
     assert_eq!(r.ruleset(), before);
 
     // A valid configuration replaces the lockdown with the policy.
-    let good = r.config("good.conf", "");
-    let out = r.cage(&good, &["apply"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    r.apply_plain();
     let ruleset = r.ruleset();
     assert!(!ruleset.contains("deny:lockdown"), "{ruleset}");
     assert!(ruleset.contains("segment_egress"), "{ruleset}");

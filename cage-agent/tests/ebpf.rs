@@ -40,6 +40,12 @@ const HOST4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const SERVER4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
 const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 2);
+/// The host and the server it talks to, over IPv4 and over IPv6: what each exchange is
+/// measured on.
+const HOST_SERVER: [(IpAddr, IpAddr); 2] = [
+    (IpAddr::V4(HOST4), IpAddr::V4(SERVER4)),
+    (IpAddr::V6(HOST6), IpAddr::V6(SERVER6)),
+];
 
 // ---- the little network ---------------------------------------------------------------
 
@@ -653,10 +659,7 @@ fn exact_counts(tag: &str, mode: AttachMode) {
     // One dual-stack socket serves both families.
     let server = udp_server(&net.server, "[::]:5001".parse().unwrap(), 3, stop.clone());
     let sizes = vec![1, 100, 1000, 1400, 0, 512, 37];
-    for (host, server) in [
-        (IpAddr::V4(HOST4), IpAddr::V4(SERVER4)),
-        (IpAddr::V6(HOST6), IpAddr::V6(SERVER6)),
-    ] {
+    for (host, server) in HOST_SERVER {
         let port = udp_client(&net.host, SocketAddr::new(server, 5001), sizes.clone(), 3);
         let h = ip_header(server) + 8;
         let expected = Counts {
@@ -674,10 +677,7 @@ fn exact_counts(tag: &str, mode: AttachMode) {
     assert_eq!(join(server), 2 * sizes.len() as u64, "datagrams answered");
 
     // ICMP echo: `ping -s 100` four times, each request answered.
-    for (host, server) in [
-        (IpAddr::V4(HOST4), IpAddr::V4(SERVER4)),
-        (IpAddr::V6(HOST6), IpAddr::V6(SERVER6)),
-    ] {
+    for (host, server) in HOST_SERVER {
         let dst = server.to_string();
         let known: Vec<FlowKey> = maps.flows().unwrap().into_iter().map(|(k, _)| k).collect();
         sh(&[
@@ -718,10 +718,7 @@ fn exact_counts(tag: &str, mode: AttachMode) {
 
     // TCP: small requests and answers (each under one MSS, so no GSO), counted against a
     // capture of the host's interface and the host's TCP_INFO.
-    for (host, server) in [
-        (IpAddr::V4(HOST4), IpAddr::V4(SERVER4)),
-        (IpAddr::V6(HOST6), IpAddr::V6(SERVER6)),
-    ] {
+    for (host, server) in HOST_SERVER {
         let run = tcp_exchange(
             &net,
             SocketAddr::new(server, 5002),
@@ -792,10 +789,7 @@ fn gso(tag: &str, mode: AttachMode) {
     net.attach(mode);
     net.warm_up();
     let maps = net.maps();
-    for (host, server) in [
-        (IpAddr::V4(HOST4), IpAddr::V4(SERVER4)),
-        (IpAddr::V6(HOST6), IpAddr::V6(SERVER6)),
-    ] {
+    for (host, server) in HOST_SERVER {
         let run = tcp_exchange(
             &net,
             SocketAddr::new(server, 5003),

@@ -131,10 +131,25 @@ fn config(ports: &[&str], wan: &[&str], upstream: &[&str]) -> Config {
     cage_agent::config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-/// A veth pair inside the namespace, the peer up (so the port gets a carrier once up).
-fn veth(ns: &NetNs, name: &str, peer: &str) {
-    ns.ip(&["link", "add", name, "type", "veth", "peer", "name", peer]);
-    ns.ip(&["link", "set", peer, "up"]);
+impl NetNs {
+    /// A namespace with a veth pair for each `(name, peer)`, the peer up (so the port
+    /// gets a carrier once up).
+    fn with_veths(tag: &str, veths: &[(&str, &str)]) -> Self {
+        let ns = NetNs::new(tag);
+        for (name, peer) in veths {
+            ns.ip(&["link", "add", name, "type", "veth", "peer", "name", peer]);
+            ns.ip(&["link", "set", peer, "up"]);
+        }
+        ns
+    }
+}
+
+/// Setup of `cfg` in `ns`, which must be refused and change nothing: why it was refused.
+fn refused_setup(ns: &NetNs, cfg: Config) -> NetlinkError {
+    let before = snapshot(ns);
+    let err = ns.run(move || async move { netlink::setup_segment(&cfg).await.unwrap_err() });
+    assert_eq!(snapshot(ns), before, "a refused setup changed something");
+    err
 }
 
 /// Everything setup could change, read with iproute2: links (index, master, admin state,
@@ -228,11 +243,15 @@ fn strings(v: &[&str]) -> Vec<String> {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn setup_builds_the_segment_and_a_second_run_changes_nothing() {
-    let ns = NetNs::new("setup");
-    veth(&ns, "cage1", "peer1");
-    veth(&ns, "cage2", "peer2");
-    // A device the configuration does not name: setup must leave it alone.
-    veth(&ns, "other0", "otherpeer");
+    let ns = NetNs::with_veths(
+        "setup",
+        // other0: a device the configuration does not name; setup must leave it alone.
+        &[
+            ("cage1", "peer1"),
+            ("cage2", "peer2"),
+            ("other0", "otherpeer"),
+        ],
+    );
     ns.set_sysctl(IPV4_FORWARD, "0");
     ns.set_sysctl(IPV6_FORWARD, "0");
     let untouched = link(&ns, "other0");
@@ -301,9 +320,7 @@ fn setup_builds_the_segment_and_a_second_run_changes_nothing() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn setup_completes_a_half_built_segment() {
-    let ns = NetNs::new("adopt");
-    veth(&ns, "cage1", "peer1");
-    veth(&ns, "cage2", "peer2");
+    let ns = NetNs::with_veths("adopt", &[("cage1", "peer1"), ("cage2", "peer2")]);
     ns.ip(&["link", "add", "br-cage", "type", "bridge"]);
     ns.ip(&["addr", "add", "192.168.10.1/24", "dev", "br-cage"]);
     ns.ip(&["link", "set", "cage1", "master", "br-cage"]);
@@ -337,12 +354,8 @@ fn setup_completes_a_half_built_segment() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn setup_refuses_missing_ports_and_changes_nothing() {
-    let ns = NetNs::new("missing");
-    veth(&ns, "cage1", "peer1");
-    let before = snapshot(&ns);
-
-    let cfg = config(&["cage1", "nosuch0"], &[], &[]);
-    let err = ns.run(move || async move { netlink::setup_segment(&cfg).await.unwrap_err() });
+    let ns = NetNs::with_veths("missing", &[("cage1", "peer1")]);
+    let err = refused_setup(&ns, config(&["cage1", "nosuch0"], &[], &[]));
     assert!(
         matches!(&err, NetlinkError::MissingPorts { ifnames } if ifnames == &["nosuch0"]),
         "{err:?}"
@@ -352,34 +365,26 @@ fn setup_refuses_missing_ports_and_changes_nothing() {
         msg.contains("nosuch0") && msg.contains("does not exist"),
         "{msg}"
     );
-    assert_eq!(snapshot(&ns), before, "a refused setup changed something");
 }
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn setup_refuses_a_non_bridge_with_the_bridge_name() {
-    let ns = NetNs::new("notbr");
-    veth(&ns, "cage1", "peer1");
     // The development kernel has no dummy devices; a veth is just as much not a bridge.
-    veth(&ns, "br-cage", "brpeer");
-    let before = snapshot(&ns);
-
-    let cfg = config(&["cage1"], &[], &[]);
-    let err = ns.run(move || async move { netlink::setup_segment(&cfg).await.unwrap_err() });
+    let ns = NetNs::with_veths("notbr", &[("cage1", "peer1"), ("br-cage", "brpeer")]);
+    let err = refused_setup(&ns, config(&["cage1"], &[], &[]));
     assert!(
         matches!(&err, NetlinkError::NotABridge { ifname, .. } if ifname == "br-cage"),
         "{err:?}"
     );
     let msg = err.to_string();
     assert!(msg.contains("br-cage") && msg.contains("veth"), "{msg}");
-    assert_eq!(snapshot(&ns), before, "a refused setup changed something");
 }
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn port_states_of_an_unbuilt_segment() {
-    let ns = NetNs::new("states");
-    veth(&ns, "cage1", "peer1");
+    let ns = NetNs::with_veths("states", &[("cage1", "peer1")]);
 
     let cfg = config(&["cage1", "nosuch0"], &[], &[]);
     let states = ns.run(move || async move { netlink::port_states(&cfg).await.unwrap() });
@@ -409,8 +414,7 @@ fn port_states_of_an_unbuilt_segment() {
 /// A WAN veth with IPv4 and IPv6 addresses (global and link-local) and both default
 /// routes, plus a LAN-ish device with addresses that must not count as upstream.
 fn wan_namespace(tag: &str) -> NetNs {
-    let ns = NetNs::new(tag);
-    veth(&ns, "wan0", "wanpeer");
+    let ns = NetNs::with_veths(tag, &[("wan0", "wanpeer"), ("lan0", "lanpeer")]);
     ns.ip(&["link", "set", "wan0", "up"]);
     ns.ip(&["addr", "add", "198.51.100.2/24", "dev", "wan0"]);
     ns.ip(&["addr", "add", "10.99.3.5/16", "dev", "wan0"]);
@@ -435,7 +439,6 @@ fn wan_namespace(tag: &str) -> NetNs {
         "dev",
         "wan0",
     ]);
-    veth(&ns, "lan0", "lanpeer");
     ns.ip(&["link", "set", "lan0", "up"]);
     ns.ip(&["addr", "add", "192.168.8.1/24", "dev", "lan0"]);
     ns.ip(&["addr", "add", "fd00:8::1/64", "dev", "lan0", "nodad"]);
@@ -480,8 +483,7 @@ fn detect_facts_with_a_configured_list() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn detect_facts_without_default_route_finds_no_wan() {
-    let ns = NetNs::new("noroute");
-    veth(&ns, "wan0", "wanpeer");
+    let ns = NetNs::with_veths("noroute", &[("wan0", "wanpeer")]);
     ns.ip(&["link", "set", "wan0", "up"]);
     ns.ip(&["addr", "add", "198.51.100.2/24", "dev", "wan0"]);
 

@@ -4,7 +4,6 @@
 //! page is served over TCP by the same loop `cage run` uses. The kill switch through the
 //! page is proven with packets in the lab (`tests/tests/web.rs`).
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use cage_agent::config;
 use cage_agent::flows::{FlowLog, FlowRecord};
 use cage_agent::web::AgentBackend;
+use cage_web::client;
 use cage_web::{Backend, BackendError, FlowFilter, Settings};
 
 /// A fresh directory under the system's temp dir, removed when dropped.
@@ -253,33 +253,22 @@ async fn flows_and_hosts_come_from_the_flow_log() {
     assert_eq!(h10.mac.as_deref(), Some("02:00:00:00:00:0a"));
 }
 
-/// One HTTP/1.1 request over a fresh connection: status and body.
-fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
+/// One HTTP/1.1 request over a fresh connection.
+fn http(addr: SocketAddr, request: &str) -> client::Answer {
+    client::exchange(
+        addr,
+        request,
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .unwrap()
 }
 
 #[test]
 fn the_page_is_served_on_web_listen_by_the_daemons_loop() {
     let dir = TempDir::new("serve");
     // A free port on loopback, for the configuration.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listen = client::free_loopback();
     let path = write_config(&dir.0, &listen.to_string());
     cage_agent::web::set_password(&path, "long enough", "long enough").unwrap();
     fill_log(&path, 20);
@@ -296,9 +285,9 @@ fn the_page_is_served_on_web_listen_by_the_daemons_loop() {
     let until = Instant::now() + Duration::from_secs(15);
     let host = format!("Host: {listen}\r\nConnection: close\r\n");
     loop {
-        let (status, _, _) = match TcpStream::connect_timeout(&listen, Duration::from_secs(1)) {
-            Ok(_) => http(listen, &format!("GET /login HTTP/1.1\r\n{host}\r\n")),
-            Err(_) => (0, String::new(), String::new()),
+        let status = match TcpStream::connect_timeout(&listen, Duration::from_secs(1)) {
+            Ok(_) => http(listen, &format!("GET /login HTTP/1.1\r\n{host}\r\n")).status,
+            Err(_) => 0,
         };
         if status == 200 {
             break;
@@ -309,35 +298,20 @@ fn the_page_is_served_on_web_listen_by_the_daemons_loop() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let body = "{\"password\": \"long enough\"}";
-    let (status, head, answer) = http(
-        listen,
-        &format!(
-            "POST /api/login HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
-    assert_eq!(status, 200, "{head}{answer}");
-    let cookie = head
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("set-cookie: ")
-                .or_else(|| l.strip_prefix("Set-Cookie: "))
-        })
-        .and_then(|c| c.split(';').next())
-        .unwrap()
-        .to_owned();
-    let (status, _, flows) = http(
+    let login = http(listen, &client::login_request(listen, "long enough"));
+    assert_eq!(login.status, 200, "{}{}", login.head, login.body);
+    let cookie = login.session_cookie().unwrap();
+    let flows = http(
         listen,
         &format!("GET /api/flows?limit=5 HTTP/1.1\r\n{host}Cookie: {cookie}\r\n\r\n"),
     );
-    assert_eq!(status, 200);
-    let flows: Vec<cage_web::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    assert_eq!(flows.status, 200);
+    let flows: Vec<cage_web::FlowRecord> = serde_json::from_str(&flows.body).unwrap();
     assert_eq!(flows.len(), 5);
     // A name the page does not know is refused (DNS rebinding).
-    let (status, _, _) = http(
+    let refused = http(
         listen,
         "GET /login HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
     );
-    assert_eq!(status, 421);
+    assert_eq!(refused.status, 421);
 }

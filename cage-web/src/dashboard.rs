@@ -217,12 +217,12 @@ async fn api_press(
     body: &ReasonBody,
     isolate: bool,
 ) -> Result<Json<Status>, WebError> {
-    let reason = short_text("reason", &body.reason, MAX_REASON).map_err(|e| e.api(true))?;
+    let reason = short_text("reason", &body.reason, MAX_REASON).map_err(WebError::for_api)?;
     let pressed = if isolate {
         state.backend.isolate(reason, authed.who()).await
     } else {
         state.backend.release(reason, authed.who()).await
     };
-    pressed.map_err(|e| WebError::from(e).api(true))?;
+    pressed.map_err(WebError::for_api)?;
     Ok(Json(state.backend.status().await))
 }

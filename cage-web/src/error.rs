@@ -37,6 +37,10 @@ impl WebError {
         self.api = api;
         self
     }
+    /// An error of an API handler (its own or the backend's): answered as JSON.
+    pub fn for_api(e: impl Into<WebError>) -> WebError {
+        e.into().api(true)
+    }
 }
 
 impl From<BackendError> for WebError {

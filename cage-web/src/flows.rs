@@ -294,12 +294,13 @@ pub async fn api_flows(
     _: Authed,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<FlowRecord>>, WebError> {
-    let (filter, limit, _) = parse_query(raw.as_deref(), DEFAULT_LIMIT).map_err(|e| e.api(true))?;
+    let (filter, limit, _) =
+        parse_query(raw.as_deref(), DEFAULT_LIMIT).map_err(WebError::for_api)?;
     let flows = state
         .backend
         .flows(filter, limit)
         .await
-        .map_err(|e| WebError::from(e).api(true))?;
+        .map_err(WebError::for_api)?;
     Ok(Json(flows))
 }
 

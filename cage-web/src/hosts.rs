@@ -51,5 +51,5 @@ pub async fn api_hosts(
         .hosts()
         .await
         .map(Json)
-        .map_err(|e| WebError::from(e).api(true))
+        .map_err(WebError::for_api)
 }

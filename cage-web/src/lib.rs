@@ -11,6 +11,8 @@ pub mod alerts;
 pub mod assets;
 pub mod auth;
 pub mod backend;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod dashboard;
 pub mod error;
 pub mod flows;

@@ -12,7 +12,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use crate::auth::{self, ApiJson, PageForm};
+use crate::auth::{self, ApiJson, Authed, PageForm};
 use crate::html::{self, esc};
 use crate::session::{self, Active};
 use crate::{AppState, WebError};
@@ -256,11 +256,13 @@ pub async fn logout(
     State(state): State<AppState>,
     PageForm(authed, NoFields {}): PageForm<NoFields>,
 ) -> Response {
+    logged_out(&state, &authed, Redirect::to("/login").into_response())
+}
+
+/// The session of `authed` ended, and `answer` with its cookie expired.
+fn logged_out(state: &AppState, authed: &Authed, answer: Response) -> Response {
     state.sessions().remove(&authed.session.token);
-    with_cookie(
-        Redirect::to("/login").into_response(),
-        &expired(session::COOKIE),
-    )
+    with_cookie(answer, &expired(session::COOKIE))
 }
 
 #[derive(Deserialize)]
@@ -290,9 +292,6 @@ pub async fn api_logout(
     State(state): State<AppState>,
     ApiJson(authed, NoFields {}): ApiJson<NoFields>,
 ) -> Response {
-    state.sessions().remove(&authed.session.token);
-    with_cookie(
-        axum::Json(serde_json::json!({ "ok": true })).into_response(),
-        &expired(session::COOKIE),
-    )
+    let ok = axum::Json(serde_json::json!({ "ok": true })).into_response();
+    logged_out(&state, &authed, ok)
 }

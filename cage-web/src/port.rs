@@ -160,10 +160,6 @@ pub async fn set(
 
 pub async fn api_port(State(state): State<AppState>, _: Authed) -> Result<Json<AiPort>, WebError> {
     Ok(Json(
-        state
-            .backend
-            .ai_port()
-            .await
-            .map_err(|e| WebError::from(e).api(true))?,
+        state.backend.ai_port().await.map_err(WebError::for_api)?,
     ))
 }

@@ -111,11 +111,7 @@ pub async fn api_review(
     _: Authed,
 ) -> Result<Json<Review>, WebError> {
     Ok(Json(
-        state
-            .backend
-            .review()
-            .await
-            .map_err(|e| WebError::from(e).api(true))?,
+        state.backend.review().await.map_err(WebError::for_api)?,
     ))
 }
 
@@ -129,11 +125,11 @@ pub async fn api_allow(
     State(state): State<AppState>,
     ApiJson(authed, body): ApiJson<NameForm>,
 ) -> Result<Json<AllowedAnswer>, WebError> {
-    let name = name_of(&body.name).map_err(|e| e.api(true))?;
+    let name = name_of(&body.name).map_err(WebError::for_api)?;
     let name = state
         .backend
         .allow_name(name, authed.who())
         .await
-        .map_err(|e| WebError::from(e).api(true))?;
+        .map_err(WebError::for_api)?;
     Ok(Json(AllowedAnswer { name }))
 }

@@ -299,6 +299,19 @@ impl Answer {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
+    /// The pre-session cookie (`cage_pre=…`) a form page sets, and its value: the token
+    /// the form sends as `csrf`.
+    fn pre_session(&self) -> (String, String) {
+        let pre = self.cookie("cage_pre").unwrap();
+        let token = pre.split_once('=').unwrap().1.to_owned();
+        (pre, token)
+    }
+    /// The page holds each of `parts` (an element's id or name, as its HTML has it).
+    fn assert_holds(&self, parts: &[&str]) {
+        for part in parts {
+            assert!(self.body.contains(part), "{part}");
+        }
+    }
     /// `name=value` of a Set-Cookie for `name`.
     fn cookie(&self, name: &str) -> Option<String> {
         self.headers
@@ -342,16 +355,45 @@ fn json(b: axum::http::request::Builder, body: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// A GET of `uri` without a session.
+fn get_plain(uri: &str) -> Request<Body> {
+    get(uri).body(Body::empty()).unwrap()
+}
+
+/// A GET of `uri` with the session `cookie`.
+fn get_with(uri: &str, cookie: &str) -> Request<Body> {
+    get(uri)
+        .header(header::COOKIE, cookie)
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// A form POSTed to `uri` with the session `cookie`.
+fn form_with(uri: &str, cookie: &str, body: &str) -> Request<Body> {
+    form(post(uri).header(header::COOKIE, cookie), body)
+}
+
+/// JSON POSTed to the API at `uri` with the session `cookie` and its CSRF token.
+fn api_with(uri: &str, cookie: &str, csrf: &str, body: &str) -> Request<Body> {
+    json(
+        post(uri)
+            .header(header::COOKIE, cookie)
+            .header("x-csrf-token", csrf),
+        body,
+    )
+}
+
+/// `POST /api/login` with the right password.
+fn login_request() -> Request<Body> {
+    json(
+        post("/api/login"),
+        &format!("{{\"password\": \"{PASSWORD}\"}}"),
+    )
+}
+
 /// Log in through the API: the session cookie (`cage_session=…`) and the CSRF token.
 async fn login(app: &Router) -> (String, String) {
-    let a = send(
-        app,
-        json(
-            post("/api/login"),
-            &format!("{{\"password\": \"{PASSWORD}\"}}"),
-        ),
-    )
-    .await;
+    let a = send(app, login_request()).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
     (
@@ -402,7 +444,7 @@ async fn every_page_and_api_route_needs_a_session() {
     let backend = TestBackend::with_password();
     let app = app(backend.clone());
     for page in PAGES {
-        let a = send(&app, get(page).body(Body::empty()).unwrap()).await;
+        let a = send(&app, get_plain(page)).await;
         assert_eq!(a.status, StatusCode::SEE_OTHER, "GET {page}");
         assert_eq!(a.location(), "/login", "GET {page}");
     }
@@ -412,7 +454,7 @@ async fn every_page_and_api_route_needs_a_session() {
         assert_eq!(a.location(), "/login", "POST {page}");
     }
     for api in API_GETS {
-        let a = send(&app, get(api).body(Body::empty()).unwrap()).await;
+        let a = send(&app, get_plain(api)).await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED, "GET {api}");
         assert!(a.body.contains("\"error\""), "GET {api}: {}", a.body);
     }
@@ -425,43 +467,34 @@ async fn every_page_and_api_route_needs_a_session() {
         assert_eq!(a.status, StatusCode::UNAUTHORIZED, "POST {api}");
     }
     // A cookie that is no session is no session.
-    let a = send(
-        &app,
-        get("/api/state")
-            .header(header::COOKIE, "cage_session=00ff")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let a = send(&app, get_with("/api/state", "cage_session=00ff")).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert!(!backend.isolated(), "nothing was pressed");
 
     // Without a password, the pages lead to the first-run setup.
     let app = self::app(Arc::new(TestBackend::default()));
-    let a = send(&app, get("/").body(Body::empty()).unwrap()).await;
+    let a = send(&app, get_plain("/")).await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/setup"));
 }
 
 #[tokio::test]
 async fn login_setup_and_assets_need_no_session() {
     let app = app(TestBackend::with_password());
-    let a = send(&app, get("/login").body(Body::empty()).unwrap()).await;
+    let a = send(&app, get_plain("/login")).await;
     assert_eq!(a.status, StatusCode::OK);
-    for id in [
+    a.assert_holds(&[
         "id=login-form",
         "id=password",
         "name=password",
         "id=login-submit",
-    ] {
-        assert!(a.body.contains(id), "{id}");
-    }
+    ]);
     assert!(a.cookie("cage_pre").is_some());
     let mut total = 0;
     for (asset, kind) in [
         ("/assets/cage.css", "text/css"),
         ("/assets/cage.js", "text/javascript"),
     ] {
-        let a = send(&app, get(asset).body(Body::empty()).unwrap()).await;
+        let a = send(&app, get_plain(asset)).await;
         assert_eq!(a.status, StatusCode::OK, "{asset}");
         assert!(a.headers[header::CONTENT_TYPE]
             .to_str()
@@ -471,7 +504,7 @@ async fn login_setup_and_assets_need_no_session() {
     }
     assert!(total < 200 * 1024, "assets are {total} bytes");
     // With a password set, setup is gone.
-    let a = send(&app, get("/setup").body(Body::empty()).unwrap()).await;
+    let a = send(&app, get_plain("/setup")).await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/login"));
 }
 
@@ -479,80 +512,45 @@ async fn login_setup_and_assets_need_no_session() {
 async fn first_run_setup_sets_the_password_once() {
     let backend = Arc::new(TestBackend::default());
     let app = app(backend.clone());
-    let page = send(&app, get("/setup").body(Body::empty()).unwrap()).await;
+    let page = send(&app, get_plain("/setup")).await;
     assert_eq!(page.status, StatusCode::OK);
-    for id in [
+    page.assert_holds(&[
         "id=setup-form",
         "id=password",
         "id=confirm",
         "name=confirm",
         "id=setup-submit",
-    ] {
-        assert!(page.body.contains(id), "{id}");
-    }
-    let pre = page.cookie("cage_pre").unwrap();
-    let token = pre.split_once('=').unwrap().1.to_owned();
+    ]);
+    let (pre, token) = page.pre_session();
     // Without the form's token: refused.
     let a = send(
         &app,
-        form(
-            post("/setup").header(header::COOKIE, &pre),
-            "password=longenough&confirm=longenough",
-        ),
+        form_with("/setup", &pre, "password=longenough&confirm=longenough"),
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
+    // The form with its token.
+    let setup = |fields: &str| form_with("/setup", &pre, &format!("csrf={token}&{fields}"));
     // Too short, and differing: refused with a message.
-    let a = send(
-        &app,
-        form(
-            post("/setup").header(header::COOKIE, &pre),
-            &format!("csrf={token}&password=short&confirm=short"),
-        ),
-    )
-    .await;
+    let a = send(&app, setup("password=short&confirm=short")).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.body.contains("too short"), "{}", a.body);
-    let a = send(
-        &app,
-        form(
-            post("/setup").header(header::COOKIE, &pre),
-            &format!("csrf={token}&password=longenough&confirm=longenougH"),
-        ),
-    )
-    .await;
+    let a = send(&app, setup("password=longenough&confirm=longenougH")).await;
     assert!(a.body.contains("differ"), "{}", a.body);
     assert!(backend.0.lock().unwrap().hash.is_none());
     let a = send(
         &app,
-        form(
-            post("/setup").header(header::COOKIE, &pre),
-            &format!("csrf={token}&password={PASSWORD}&confirm={PASSWORD}"),
-        ),
+        setup(&format!("password={PASSWORD}&confirm={PASSWORD}")),
     )
     .await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
     let session = a.cookie("cage_session").expect("logged in after setup");
     let hash = backend.0.lock().unwrap().hash.clone().unwrap();
     assert!(crate::verify_password(PASSWORD, &hash));
-    let a = send(
-        &app,
-        get("/")
-            .header(header::COOKIE, &session)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let a = send(&app, get_with("/", &session)).await;
     assert!(a.body.contains("data-state=\"open\""), "{}", a.body);
     // Once set, a second setup is refused.
-    let a = send(
-        &app,
-        form(
-            post("/setup").header(header::COOKIE, &pre),
-            &format!("csrf={token}&password=another1&confirm=another1"),
-        ),
-    )
-    .await;
+    let a = send(&app, setup("password=another1&confirm=another1")).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(
         backend.0.lock().unwrap().hash.as_deref(),
@@ -576,11 +574,7 @@ async fn every_post_without_a_valid_csrf_token_is_refused() {
             "csrf=&reason=r&confirm=yes".to_owned(),
             format!("csrf={near_miss}&reason=r&confirm=yes"),
         ] {
-            let a = send(
-                &app,
-                form(post(page).header(header::COOKIE, &cookie), &body),
-            )
-            .await;
+            let a = send(&app, form_with(page, &cookie, &body)).await;
             assert_eq!(a.status, StatusCode::FORBIDDEN, "POST {page} {body}");
         }
     }
@@ -602,10 +596,7 @@ async fn every_post_without_a_valid_csrf_token_is_refused() {
     // With the token, the same requests work.
     let a = send(
         &app,
-        form(
-            post("/isolate").header(header::COOKIE, &cookie),
-            &format!("csrf={csrf}&reason=test"),
-        ),
+        form_with("/isolate", &cookie, &format!("csrf={csrf}&reason=test")),
     )
     .await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
@@ -806,26 +797,12 @@ async fn bad_input_gets_a_4xx_with_a_message() {
     }
     for q in ["host=x", "port=99999", "verdict=maybe", "limit=x", "nope=1"] {
         for path in ["/api/flows", "/flows", "/flows.csv"] {
-            let a = send(
-                &app,
-                get(&format!("{path}?{q}"))
-                    .header(header::COOKIE, &cookie)
-                    .body(Body::empty())
-                    .unwrap(),
-            )
-            .await;
+            let a = send(&app, get_with(&format!("{path}?{q}"), &cookie)).await;
             assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path}?{q}: {}", a.body);
             assert!(a.body.len() > 20, "{path}?{q}: {}", a.body);
         }
     }
-    let a = send(
-        &app,
-        get("/api/nothing")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let a = send(&app, get_with("/api/nothing", &cookie)).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
 }
 
@@ -837,27 +814,16 @@ async fn failed_logins_back_off() {
         assert_eq!(send(&app, wrong()).await.status, StatusCode::UNAUTHORIZED);
     }
     // Now even the right password waits.
-    let a = send(
-        &app,
-        json(
-            post("/api/login"),
-            &format!("{{\"password\": \"{PASSWORD}\"}}"),
-        ),
-    )
-    .await;
+    let a = send(&app, login_request()).await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
     assert!(a.headers.contains_key(header::RETRY_AFTER));
     assert!(a.body.contains("try again in"), "{}", a.body);
     // The form says so too.
-    let page = send(&app, get("/login").body(Body::empty()).unwrap()).await;
-    let pre = page.cookie("cage_pre").unwrap();
-    let token = pre.split_once('=').unwrap().1.to_owned();
+    let page = send(&app, get_plain("/login")).await;
+    let (pre, token) = page.pre_session();
     let a = send(
         &app,
-        form(
-            post("/login").header(header::COOKIE, &pre),
-            &format!("csrf={token}&password={PASSWORD}"),
-        ),
+        form_with("/login", &pre, &format!("csrf={token}&password={PASSWORD}")),
     )
     .await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
@@ -870,18 +836,8 @@ async fn the_dashboard_isolates_and_releases_with_a_confirmation() {
     let backend = TestBackend::with_password();
     let app = app(backend.clone());
     let (cookie, csrf) = login(&app).await;
-    let page = |app: Router, cookie: String| async move {
-        send(
-            &app,
-            get("/")
-                .header(header::COOKIE, cookie)
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-    };
-    let a = page(app.clone(), cookie.clone()).await;
-    for id in [
+    let a = send(&app, get_with("/", &cookie)).await;
+    a.assert_holds(&[
         "id=cage-state data-state=\"open\"",
         "action=\"/isolate\"",
         "id=isolate-reason",
@@ -892,34 +848,20 @@ async fn the_dashboard_isolates_and_releases_with_a_confirmation() {
         "id=nav-alerts",
         "id=nav-settings",
         "id=logout",
-    ] {
-        assert!(a.body.contains(id), "{id}");
-    }
-    let a = send(
-        &app,
-        form(
-            post("/isolate").header(header::COOKIE, &cookie),
-            &format!("csrf={csrf}&reason=looks+odd"),
-        ),
-    )
-    .await;
+    ]);
+    // The dashboard's forms, with the session's token.
+    let press = |uri: &str, fields: &str| form_with(uri, &cookie, &format!("csrf={csrf}&{fields}"));
+    let a = send(&app, press("/isolate", "reason=looks+odd")).await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
     assert!(backend.isolated());
     assert_eq!(backend.0.lock().unwrap().reason, "looks odd");
     assert!(backend.0.lock().unwrap().who.starts_with("web:"));
-    let a = page(app.clone(), cookie.clone()).await;
+    let a = send(&app, get_with("/", &cookie)).await;
     assert!(a.body.contains("data-state=\"isolated\""));
     assert!(a.body.contains("action=\"/release\""));
     assert!(a.body.contains("id=release "));
     // The release button leads to a confirmation, and nothing is released yet.
-    let a = send(
-        &app,
-        form(
-            post("/release").header(header::COOKIE, &cookie),
-            &format!("csrf={csrf}&reason=ok"),
-        ),
-    )
-    .await;
+    let a = send(&app, press("/release", "reason=ok")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.body.contains("id=release-confirm"), "{}", a.body);
     assert!(
@@ -928,25 +870,11 @@ async fn the_dashboard_isolates_and_releases_with_a_confirmation() {
         a.body
     );
     assert!(backend.isolated());
-    let a = send(
-        &app,
-        form(
-            post("/release").header(header::COOKIE, &cookie),
-            &format!("csrf={csrf}&reason=ok&confirm=yes"),
-        ),
-    )
-    .await;
+    let a = send(&app, press("/release", "reason=ok&confirm=yes")).await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
     assert!(!backend.isolated());
     // The API does the same in one step each.
-    let api = |uri: &str| {
-        json(
-            post(uri)
-                .header(header::COOKIE, cookie.clone())
-                .header("x-csrf-token", csrf.clone()),
-            "{\"reason\": \"script\"}",
-        )
-    };
+    let api = |uri: &str| api_with(uri, &cookie, &csrf, "{\"reason\": \"script\"}");
     let a = send(&app, api("/api/isolate")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.body.contains("\"state\":\"isolated\""), "{}", a.body);
@@ -958,12 +886,7 @@ async fn the_dashboard_isolates_and_releases_with_a_confirmation() {
 async fn pages_api_and_downloads_answer_with_a_session() {
     let app = app(TestBackend::with_password());
     let (cookie, _) = login(&app).await;
-    let read = |uri: &str| {
-        get(uri)
-            .header(header::COOKIE, cookie.clone())
-            .body(Body::empty())
-            .unwrap()
-    };
+    let read = |uri: &str| get_with(uri, &cookie);
     for page in PAGES {
         let a = send(&app, read(page)).await;
         assert_eq!(a.status, StatusCode::OK, "{page}: {}", a.body);
@@ -1019,16 +942,10 @@ async fn security_headers_are_on_every_response() {
     let app = app(TestBackend::with_password());
     let (cookie, _) = login(&app).await;
     for (req, store) in [
-        (get("/login").body(Body::empty()).unwrap(), true),
-        (
-            get("/")
-                .header(header::COOKIE, &cookie)
-                .body(Body::empty())
-                .unwrap(),
-            true,
-        ),
-        (get("/api/state").body(Body::empty()).unwrap(), true),
-        (get("/nothing").body(Body::empty()).unwrap(), true),
+        (get_plain("/login"), true),
+        (get_with("/", &cookie), true),
+        (get_plain("/api/state"), true),
+        (get_plain("/nothing"), true),
         (
             Request::get("/")
                 .header(header::HOST, "evil.example")
@@ -1036,7 +953,7 @@ async fn security_headers_are_on_every_response() {
                 .unwrap(),
             true,
         ),
-        (get("/assets/cage.js").body(Body::empty()).unwrap(), false),
+        (get_plain("/assets/cage.js"), false),
     ] {
         let what = req.uri().to_string();
         let a = send(&app, req).await;
@@ -1069,14 +986,7 @@ async fn security_headers_are_on_every_response() {
         );
     }
     // The session cookie's attributes.
-    let a = send(
-        &app,
-        json(
-            post("/api/login"),
-            &format!("{{\"password\": \"{PASSWORD}\"}}"),
-        ),
-    )
-    .await;
+    let a = send(&app, login_request()).await;
     let set = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
         assert!(set.contains(attr), "{set}");
@@ -1084,14 +994,7 @@ async fn security_headers_are_on_every_response() {
     let token = set.split(';').next().unwrap().split_once('=').unwrap().1;
     assert_eq!(token.len(), 64, "256 bits as hex");
     // No inline script or style anywhere.
-    let a = send(
-        &app,
-        get("/")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let a = send(&app, get_with("/", &cookie)).await;
     assert!(
         !a.body.contains("<script>") && !a.body.contains("style=") && !a.body.contains("<style")
     );
@@ -1103,31 +1006,18 @@ async fn logout_and_a_password_change_end_sessions() {
     let app = app(backend.clone());
     let (one, csrf_one) = login(&app).await;
     let (two, _) = login(&app).await;
-    let state = |c: String| {
-        get("/api/state")
-            .header(header::COOKIE, c)
-            .body(Body::empty())
-            .unwrap()
+    let state = |c: &str| get_with("/api/state", c);
+    // The password form of session one, with its token.
+    let change = |current: &str| {
+        let fields =
+            format!("csrf={csrf_one}&current={current}&password=newpassword&confirm=newpassword");
+        form_with("/settings/password", &one, &fields)
     };
     // A wrong current password changes nothing.
-    let a = send(
-        &app,
-        form(
-            post("/settings/password").header(header::COOKIE, &one),
-            &format!("csrf={csrf_one}&current=wrong&password=newpassword&confirm=newpassword"),
-        ),
-    )
-    .await;
+    let a = send(&app, change("wrong")).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert!(a.body.contains("current password is wrong"));
-    let a = send(
-        &app,
-        form(
-            post("/settings/password").header(header::COOKIE, &one),
-            &format!("csrf={csrf_one}&current={PASSWORD}&password=newpassword&confirm=newpassword"),
-        ),
-    )
-    .await;
+    let a = send(&app, change(PASSWORD)).await;
     assert_eq!(
         (a.status, a.location()),
         (StatusCode::SEE_OTHER, "/settings?saved=password")
@@ -1137,22 +1027,19 @@ async fn logout_and_a_password_change_end_sessions() {
         backend.0.lock().unwrap().hash.as_ref().unwrap()
     ));
     assert_eq!(
-        send(&app, state(two)).await.status,
+        send(&app, state(&two)).await.status,
         StatusCode::UNAUTHORIZED,
         "the other session ended"
     );
-    assert_eq!(send(&app, state(one.clone())).await.status, StatusCode::OK);
+    assert_eq!(send(&app, state(&one)).await.status, StatusCode::OK);
     let a = send(
         &app,
-        form(
-            post("/logout").header(header::COOKIE, &one),
-            &format!("csrf={csrf_one}"),
-        ),
+        form_with("/logout", &one, &format!("csrf={csrf_one}")),
     )
     .await;
     assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/login"));
     assert_eq!(
-        send(&app, state(one)).await.status,
+        send(&app, state(&one)).await.status,
         StatusCode::UNAUTHORIZED
     );
 }
@@ -1164,8 +1051,9 @@ async fn settings_are_shown_and_applied() {
     let (cookie, csrf) = login(&app).await;
     let a = send(
         &app,
-        form(
-            post("/settings").header(header::COOKIE, &cookie),
+        form_with(
+            "/settings",
+            &cookie,
             &format!(
                 "csrf={csrf}&address=192.168.10.1%2F24&ipv6=1&address6=fd00%3A%3A1%2F64\
                  &admin_hosts=192.168.8.10%0D%0A192.168.8.11&auto_blocked=20&auto_upload_bytes=\
@@ -1182,21 +1070,15 @@ async fn settings_are_shown_and_applied() {
     assert_eq!(s.admin_hosts, vec!["192.168.8.10", "192.168.8.11"]);
     assert!(s.ipv6);
     assert_eq!(s.auto_upload_bytes, "");
-    let a = send(
-        &app,
-        get("/settings?saved=settings")
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let a = send(&app, get_with("/settings?saved=settings", &cookie)).await;
     assert!(a.body.contains("Saved and applied"));
     assert!(a.body.contains("192.168.8.11"));
     // Refused: the message, the form as sent, nothing changed.
     let a = send(
         &app,
-        form(
-            post("/settings").header(header::COOKIE, &cookie),
+        form_with(
+            "/settings",
+            &cookie,
             &format!("csrf={csrf}&address=10.0.0.300"),
         ),
     )
@@ -1405,12 +1287,7 @@ mod fuzz {
 async fn refused_names_are_listed_escaped_and_allowed_with_one_action() {
     let app = app(TestBackend::with_password());
     let (cookie, csrf) = login(&app).await;
-    let read = |uri: &str| {
-        get(uri)
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap()
-    };
+    let read = |uri: &str| get_with(uri, &cookie);
     let a = send(&app, read("/dns")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(
@@ -1426,10 +1303,7 @@ async fn refused_names_are_listed_escaped_and_allowed_with_one_action() {
     // One action: the row's form.
     let a = send(
         &app,
-        form(
-            post("/dns/allow").header(header::COOKIE, &cookie),
-            &format!("csrf={csrf}&name=pypi.org"),
-        ),
+        form_with("/dns/allow", &cookie, &format!("csrf={csrf}&name=pypi.org")),
     )
     .await;
     assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
@@ -1438,42 +1312,22 @@ async fn refused_names_are_listed_escaped_and_allowed_with_one_action() {
     let review: Review = serde_json::from_str(&a.body).unwrap();
     assert_eq!(review.allowed, vec!["pypi.org".to_owned()]);
     assert!(review.refused.iter().all(|r| r.name != "pypi.org"));
-    // A name the agent refuses: 422 with its message; an empty one: 400.
-    let a = send(
-        &app,
-        json(
-            post("/api/dns/allow")
-                .header(header::COOKIE, &cookie)
-                .header("x-csrf-token", &csrf),
-            "{\"name\": \"not a name\"}",
+    // A name the agent refuses: 422 with its message; an empty one: 400; a good one
+    // through the API too.
+    for (name, status, says) in [
+        (
+            "not a name",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "is not a domain name",
         ),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.body);
-    assert!(a.body.contains("is not a domain name"), "{}", a.body);
-    let a = send(
-        &app,
-        json(
-            post("/api/dns/allow")
-                .header(header::COOKIE, &cookie)
-                .header("x-csrf-token", &csrf),
-            "{\"name\": \"  \"}",
-        ),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
-    let a = send(
-        &app,
-        json(
-            post("/api/dns/allow")
-                .header(header::COOKIE, &cookie)
-                .header("x-csrf-token", &csrf),
-            "{\"name\": \"api.github.com\"}",
-        ),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-    assert!(a.body.contains("api.github.com"));
+        ("  ", StatusCode::BAD_REQUEST, ""),
+        ("api.github.com", StatusCode::OK, "api.github.com"),
+    ] {
+        let body = format!("{{\"name\": \"{name}\"}}");
+        let a = send(&app, api_with("/api/dns/allow", &cookie, &csrf, &body)).await;
+        assert_eq!(a.status, status, "{}", a.body);
+        assert!(a.body.contains(says), "{}", a.body);
+    }
 }
 
 /// The page listens on every address it was given (the LAN's IPv4 and IPv6 addresses),
@@ -1519,12 +1373,7 @@ async fn the_ai_port_is_shown_and_changed() {
     backend.0.lock().unwrap().ai_port = Some("lan2".into());
     let app = app(backend.clone());
     let (cookie, csrf) = login(&app).await;
-    let page = |uri: &str| {
-        get(uri)
-            .header(header::COOKIE, &cookie)
-            .body(Body::empty())
-            .unwrap()
-    };
+    let page = |uri: &str| get_with(uri, &cookie);
     let a = send(&app, page("/")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.body.contains("id=ai-port"), "{}", a.body);
@@ -1542,12 +1391,8 @@ async fn the_ai_port_is_shown_and_changed() {
         a.body
     );
 
-    let choose = |choice: &str| {
-        form(
-            post("/port").header(header::COOKIE, &cookie),
-            &format!("csrf={csrf}&choice={choice}"),
-        )
-    };
+    let choose =
+        |choice: &str| form_with("/port", &cookie, &format!("csrf={csrf}&choice={choice}"));
     let a = send(&app, choose("lan1")).await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(a.body.contains("no way in"), "{}", a.body);

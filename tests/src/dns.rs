@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cage_agent::probe::{NetNs, NsThread, ProbeError};
+use cage_agent::probe::{Background, NetNs, ProbeError};
 use simple_dns::rdata::{RData, A, AAAA, CNAME};
 use simple_dns::{
     Name, Packet, PacketFlag, Question, ResourceRecord, CLASS, QCLASS, QTYPE, RCODE, TYPE,
@@ -25,104 +25,81 @@ pub enum Answer {
 
 /// An authoritative DNS server on UDP and TCP at the given addresses. Every name
 /// of `zone` is answered with its records (a CNAME is followed within the zone), others
-/// with NXDOMAIN. Counts the queries it got.
+/// with NXDOMAIN. Counts the queries it got. Stops when dropped.
 pub struct AuthServer {
-    stop: Arc<AtomicBool>,
     queries: Arc<AtomicU64>,
-    threads: Vec<NsThread<()>>,
+    _threads: Vec<Background>,
 }
 
 impl AuthServer {
+    /// Bound on every address when it returns, so the server is up when `start` is.
     pub fn start(
         ns: &NetNs,
         addrs: &[SocketAddr],
         zone: HashMap<String, Answer>,
         ttl: u32,
     ) -> Result<AuthServer, ProbeError> {
-        let stop = Arc::new(AtomicBool::new(false));
         let queries = Arc::new(AtomicU64::new(0));
         let zone = Arc::new(zone);
         let mut threads = Vec::new();
         for &sa in addrs {
-            let (st, q, z) = (stop.clone(), queries.clone(), zone.clone());
-            let io = |op: &str, source| ProbeError::Io {
-                ns: ns.name().to_owned(),
-                op: format!("{op} {sa}"),
-                source,
-            };
-            // Bound before the thread returns, so the server is up when `start` is.
-            let (tx, rx) = std::sync::mpsc::channel();
-            threads.push(ns.spawn("dns-udp", move || {
-                let sock = UdpSocket::bind(sa);
-                let sock = match sock {
-                    Ok(s) => {
-                        let _ = tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return Ok(());
-                    }
-                };
-                sock.set_read_timeout(Some(Duration::from_millis(100))).ok();
-                let mut buf = [0u8; 4096];
-                while !st.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    q.fetch_add(1, Ordering::Relaxed);
-                    if let Some(r) = respond(&buf[..n], &z, ttl) {
-                        let _ = sock.send_to(&r, from);
-                    }
-                }
-                Ok(())
-            })?);
-            rx.recv()
-                .map_err(|_| io("binding", std::io::Error::other("thread died")))?
-                .map_err(|e| io("binding UDP", e))?;
-            let (st, q, z) = (stop.clone(), queries.clone(), zone.clone());
-            let (tx, rx) = std::sync::mpsc::channel();
-            threads.push(ns.spawn("dns-tcp", move || {
-                let l = match TcpListener::bind(sa) {
-                    Ok(l) => {
-                        let _ = tx.send(Ok(()));
-                        l
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return Ok(());
-                    }
-                };
-                l.set_nonblocking(true).ok();
-                while !st.load(Ordering::Relaxed) {
-                    let Ok((mut c, _)) = l.accept() else {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    };
-                    c.set_nonblocking(false).ok();
-                    c.set_read_timeout(Some(Duration::from_secs(2))).ok();
-                    while let Some(msg) = read_framed(&mut c) {
+            let (q, z) = (queries.clone(), zone.clone());
+            let udp = server(
+                ns,
+                "dns-udp",
+                "binding UDP",
+                sa,
+                UdpSocket::bind,
+                move |sock, stop| {
+                    sock.set_read_timeout(Some(Duration::from_millis(100))).ok();
+                    let mut buf = [0u8; 4096];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                            continue;
+                        };
                         q.fetch_add(1, Ordering::Relaxed);
-                        match respond(&msg, &z, ttl) {
-                            Some(r) => {
-                                if write_framed(&mut c, &r).is_err() {
-                                    break;
-                                }
-                            }
-                            None => break,
+                        if let Some(r) = respond(&buf[..n], &z, ttl) {
+                            let _ = sock.send_to(&r, from);
                         }
                     }
-                }
-                Ok(())
-            })?);
-            rx.recv()
-                .map_err(|_| io("binding", std::io::Error::other("thread died")))?
-                .map_err(|e| io("binding TCP", e))?;
+                },
+            )?;
+            threads.push(udp);
+            let (q, z) = (queries.clone(), zone.clone());
+            let tcp = server(
+                ns,
+                "dns-tcp",
+                "binding TCP",
+                sa,
+                TcpListener::bind,
+                move |l, stop| {
+                    l.set_nonblocking(true).ok();
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((mut c, _)) = l.accept() else {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        };
+                        c.set_nonblocking(false).ok();
+                        c.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                        while let Some(msg) = read_framed(&mut c) {
+                            q.fetch_add(1, Ordering::Relaxed);
+                            match respond(&msg, &z, ttl) {
+                                Some(r) => {
+                                    if write_framed(&mut c, &r).is_err() {
+                                        break;
+                                    }
+                                }
+                                None => break,
+                            }
+                        }
+                    }
+                },
+            )?;
+            threads.push(tcp);
         }
         Ok(AuthServer {
-            stop,
             queries,
-            threads,
+            _threads: threads,
         })
     }
 
@@ -132,13 +109,35 @@ impl AuthServer {
     }
 }
 
-impl Drop for AuthServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// A server thread in `ns` (named `thread`): `bind` on `sa`, done when this returns (an
+/// error says `op` and the address), then `serve` with what it bound until stopped.
+fn server<S: 'static>(
+    ns: &NetNs,
+    thread: &str,
+    op: &'static str,
+    sa: SocketAddr,
+    bind: impl FnOnce(SocketAddr) -> std::io::Result<S> + Send + 'static,
+    serve: impl FnOnce(S, &AtomicBool) + Send + 'static,
+) -> Result<Background, ProbeError> {
+    let name = ns.name().to_owned();
+    let (background, ()) = Background::start(
+        ns,
+        thread,
+        &format!("{thread} on {sa} "),
+        move || {
+            let bound = bind(sa).map_err(|source| ProbeError::Io {
+                ns: name,
+                op: format!("{op} {sa}"),
+                source,
+            })?;
+            Ok((bound, ()))
+        },
+        move |bound, stop| {
+            serve(bound, stop);
+            Ok(())
+        },
+    )?;
+    Ok(background)
 }
 
 fn read_framed(c: &mut TcpStream) -> Option<Vec<u8>> {
@@ -295,16 +294,14 @@ pub fn resolve_here(
 
 /// TCP listeners on a port of every address of a namespace (IPv4 and IPv6 wildcards),
 /// noting the local address of every connection accepted: which destination a
-/// connection really reached.
+/// connection really reached. Stop when dropped.
 pub struct Listeners {
-    stop: Arc<AtomicBool>,
     accepted: Arc<Mutex<Vec<SocketAddr>>>,
-    threads: Vec<NsThread<()>>,
+    _threads: Vec<Background>,
 }
 
 impl Listeners {
     pub fn start(ns: &NetNs, ports: &[u16]) -> Result<Listeners, ProbeError> {
-        let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         for &port in ports {
@@ -312,64 +309,33 @@ impl Listeners {
                 IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             ] {
-                let (st, acc) = (stop.clone(), accepted.clone());
+                let acc = accepted.clone();
                 let sa = SocketAddr::new(any, port);
-                let (tx, rx) = std::sync::mpsc::channel();
-                threads.push(ns.spawn("listener", move || {
-                    let sock = socket2::Socket::new(
-                        socket2::Domain::for_address(sa),
-                        socket2::Type::STREAM,
-                        None,
-                    );
-                    let l = sock.and_then(|s| {
-                        if sa.is_ipv6() {
-                            s.set_only_v6(true)?;
-                        }
-                        s.set_reuse_address(true)?;
-                        s.bind(&sa.into())?;
-                        s.listen(64)?;
-                        s.set_nonblocking(true)?;
-                        Ok(TcpListener::from(s))
-                    });
-                    let l = match l {
-                        Ok(l) => {
-                            let _ = tx.send(Ok(()));
-                            l
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return Ok(());
-                        }
-                    };
-                    while !st.load(Ordering::Relaxed) {
-                        match l.accept() {
-                            Ok((c, _)) => {
-                                if let Ok(local) = c.local_addr() {
-                                    acc.lock().unwrap().push(local);
+                let listener = server(
+                    ns,
+                    "listener",
+                    "listening on",
+                    sa,
+                    listen,
+                    move |l, stop| {
+                        while !stop.load(Ordering::Relaxed) {
+                            match l.accept() {
+                                Ok((c, _)) => {
+                                    if let Ok(local) = c.local_addr() {
+                                        acc.lock().unwrap().push(local);
+                                    }
                                 }
+                                Err(_) => std::thread::sleep(Duration::from_millis(5)),
                             }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
                         }
-                    }
-                    Ok(())
-                })?);
-                rx.recv()
-                    .map_err(|_| ProbeError::Io {
-                        ns: ns.name().to_owned(),
-                        op: format!("listening on {sa}"),
-                        source: std::io::Error::other("thread died"),
-                    })?
-                    .map_err(|source| ProbeError::Io {
-                        ns: ns.name().to_owned(),
-                        op: format!("listening on {sa}"),
-                        source,
-                    })?;
+                    },
+                )?;
+                threads.push(listener);
             }
         }
         Ok(Listeners {
-            stop,
             accepted,
-            threads,
+            _threads: threads,
         })
     }
 
@@ -389,13 +355,22 @@ impl Listeners {
     }
 }
 
-impl Drop for Listeners {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+/// A non-blocking TCP listener on `sa` (IPv6 only for an IPv6 address, so that the
+/// IPv4 wildcard can have the same port).
+fn listen(sa: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if sa.is_ipv6() {
+        s.set_only_v6(true)?;
     }
+    s.set_reuse_address(true)?;
+    s.bind(&sa.into())?;
+    s.listen(64)?;
+    s.set_nonblocking(true)?;
+    Ok(TcpListener::from(s))
 }
 
 /// Connect from a thread in `ns` to `dst` (at most `timeout`): whether it connected.

@@ -2,37 +2,24 @@
 //! host), with bounded connect and read times, for the tests that prove where the page
 //! answers and where it does not.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::NetNs;
+use cage_web::client;
 
 use crate::browser;
 use crate::lab::CageRun;
 
-/// One request from inside `ns`: the status, the head and the body, or why none came.
-pub fn request(
-    ns: &NetNs,
-    addr: SocketAddr,
-    request: String,
-) -> Result<(u16, String, String), String> {
+/// One request from inside `ns`: the answer, or why none came.
+pub fn request(ns: &NetNs, addr: SocketAddr, request: String) -> Result<client::Answer, String> {
     browser::in_namespace(ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no HTTP answer: {text}"))?;
-        Ok((status, head.to_owned(), body.to_owned()))
+        let (connect, read) = (Duration::from_millis(1500), Duration::from_secs(30));
+        let a = client::exchange(addr, &request, connect, read).map_err(|e| e.to_string())?;
+        if a.status == 0 {
+            return Err(format!("no HTTP answer: {}{}", a.head, a.body));
+        }
+        Ok(a)
     })
 }
 
@@ -43,16 +30,17 @@ pub fn get_login(ns: &NetNs, addr: SocketAddr) -> Result<u16, String> {
         addr,
         format!("GET /login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
     )
-    .map(|(status, _, _)| status)
+    .map(|a| a.status)
 }
 
 /// Poll (bounded) until the page answers at `addr` from `ns`: 200, or 303 to the
-/// first-run set-up while no password is set.
-pub fn wait_page(ns: &NetNs, addr: SocketAddr, run: &CageRun) {
-    let until = Instant::now() + Duration::from_secs(20);
+/// first-run set-up while no password is set. How long it took.
+pub fn wait_page(ns: &NetNs, addr: SocketAddr, run: &CageRun) -> Duration {
+    let start = Instant::now();
+    let until = start + Duration::from_secs(20);
     loop {
         match get_login(ns, addr) {
-            Ok(200 | 303) => return,
+            Ok(200 | 303) => return start.elapsed(),
             other => assert!(
                 Instant::now() < until,
                 "the page never answered at {addr}: {other:?}\ncage run:\n{}",
@@ -89,18 +77,9 @@ pub fn login(
     why: impl Fn() -> String,
 ) -> (String, String) {
     let until = Instant::now() + Duration::from_secs(15);
-    let login = serde_json::json!({ "password": password }).to_string();
-    let (head, answer) = loop {
-        match request(
-            ns,
-            ui,
-            format!(
-                "POST /api/login HTTP/1.1\r\nHost: {ui}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{login}",
-                login.len()
-            ),
-        ) {
-            Ok((200, head, body)) => break (head, body),
+    let login = loop {
+        match request(ns, ui, client::login_request(ui, password)) {
+            Ok(a) if a.status == 200 => break a,
             other => {
                 assert!(
                     Instant::now() < until,
@@ -111,16 +90,8 @@ pub fn login(
             }
         }
     };
-    let cookie = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(": ")?;
-            k.eq_ignore_ascii_case("set-cookie").then_some(v)
-        })
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
-    let v: serde_json::Value = serde_json::from_str(&answer).expect("login JSON");
+    let cookie = login.session_cookie().expect("a session cookie").to_owned();
+    let v: serde_json::Value = serde_json::from_str(&login.body).expect("login JSON");
     let csrf = v["csrf"].as_str().expect("a CSRF token").to_owned();
     (cookie, csrf)
 }

@@ -307,6 +307,18 @@ fn ip_batch(ns: &str, lines: &[String]) -> Result<(), LabError> {
     Ok(())
 }
 
+/// The lines of an `ip -batch` script.
+fn lines(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// IPv4 and IPv6 forwarding on in `ns`: a router.
+fn forward(ns: &NetNs) -> Result<(), LabError> {
+    ns.set_sysctl("net.ipv4.ip_forward", "1")?;
+    ns.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    Ok(())
+}
+
 /// `ip netns exec NS nft -f -` with `script` on stdin.
 fn nft(ns: &str, script: &str) -> Result<(), LabError> {
     checked(
@@ -414,23 +426,20 @@ pub fn root_links() -> Result<Vec<String>, LabError> {
 pub fn cage_bin() -> Result<PathBuf, LabError> {
     let path = match std::env::var_os("CAGE_BIN") {
         Some(p) => PathBuf::from(p),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .parent()
-                        .expect("the tests crate lives in the workspace")
-                        .join("target")
-                });
-            target.join("debug").join("cage")
-        }
+        None => crate::target_dir().join("debug").join("cage"),
     };
     if path.is_file() {
         Ok(path)
     } else {
         Err(LabError::NoCageBinary { path })
     }
+}
+
+/// Panics unless this process runs as root and there is a `cage` binary to test, saying
+/// which is missing: what every test of the `cage` binary checks before it builds a lab.
+pub fn require_cage() {
+    crate::require_root();
+    cage_bin().unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// `cage run` in the router's namespace; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -456,11 +465,22 @@ impl CageRun {
 
     /// Wait (at most 15 s) until it has applied its policy; panics with its log if not.
     pub fn wait_applied(&self) {
+        self.wait_until(
+            Duration::from_secs(15),
+            "cage run did not apply its policy",
+            || self.log().contains("policy applied"),
+        );
+    }
+
+    /// Poll `cond` until it holds, for at most `within`; when the time passes first,
+    /// panics with `failure` and this daemon's log (what it did meanwhile is most often
+    /// why).
+    pub fn wait_until(&self, within: Duration, failure: &str, mut cond: impl FnMut() -> bool) {
         let start = Instant::now();
-        while !self.log().contains("policy applied") {
+        while !cond() {
             assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "cage run did not apply its policy:\n{}",
+                start.elapsed() < within,
+                "{failure}\ncage run:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -540,6 +560,24 @@ impl Lab {
         lab.build()?;
         lab.wait_ready()?;
         Ok(lab)
+    }
+
+    /// The lab of one test of `cage`, under a prefix of its own, once [`require_cage`]
+    /// holds.
+    pub fn for_test() -> Lab {
+        require_cage();
+        Lab::up(&unique_prefix()).expect("lab up")
+    }
+
+    /// [`Lab::for_test`] with the configuration the contract assumes (the base one and
+    /// [`crate::contract::CONFIG_EXTRA`]), followed by `extra_sections`.
+    pub fn for_contract(extra_sections: &str) -> Lab {
+        let lab = Lab::for_test();
+        lab.write_config(&format!(
+            "{}{extra_sections}",
+            crate::contract::CONFIG_EXTRA
+        ));
+        lab
     }
 
     /// The lab's namespaces and directory under `prefix`, with nothing in them yet, after
@@ -627,7 +665,6 @@ impl Lab {
             ns(Node::Lan),
             ns(Node::Up),
         );
-        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
         // The router. Links come up before addresses and routes: a route via a gateway
         // needs its device up.
@@ -655,8 +692,7 @@ impl Lab {
             ]),
         )?;
         let r = self.netns(Node::Router);
-        r.set_sysctl("net.ipv4.ip_forward", "1")?;
-        r.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        forward(&r)?;
         // Reverse-path filtering would drop spoofed packets before Cage sees them and
         // prove nothing about Cage: off, explicitly (it is off by default too).
         r.set_sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -689,7 +725,6 @@ impl Lab {
             ns(Node::Hotel),
             ns(Node::Inet),
         );
-        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
         // The hotel's gateway: a bridge for the router and the hotel host, a link to the
         // internet, and every route pointing there.
@@ -714,9 +749,7 @@ impl Lab {
                 "route add ::/0 via 2001:db8:ff::2",
             ]),
         )?;
-        let u = self.netns(Node::Up);
-        u.set_sysctl("net.ipv4.ip_forward", "1")?;
-        u.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        forward(&self.netns(Node::Up))?;
 
         let mut inet_lines = lines(&[
             "link set lo up",
@@ -1097,6 +1130,29 @@ impl Lab {
             .spawn()
             .unwrap_or_else(|e| panic!("starting cage run: {e}"));
         CageRun { child, log }
+    }
+
+    /// [`Lab::spawn_cage_run`], once it has applied its policy.
+    pub fn cage_run(&self) -> CageRun {
+        let run = self.spawn_cage_run();
+        run.wait_applied();
+        run
+    }
+
+    /// [`Lab::cage_run`], then the segment ready: its ports bridged and its hosts
+    /// reachable.
+    pub fn cage_run_ready(&self) -> CageRun {
+        let run = self.cage_run();
+        self.wait_segment_ready().expect("segment ready");
+        run
+    }
+
+    /// [`Lab::cage_run_ready`], and the router's neighbour entries of ai1 pinned: where a
+    /// test that sends from ai1 starts.
+    pub fn cage_run_ai1_ready(&self) -> CageRun {
+        let run = self.cage_run_ready();
+        self.pin_router_neighbours(Node::Ai1).expect("neighbours");
+        run
     }
 
     /// Leave the lab running after this value is gone (the demo does, so that people can

@@ -10,6 +10,8 @@
 //!
 //! Everything here needs root: namespaces, veths and raw sockets.
 
+use std::path::{Path, PathBuf};
+
 pub mod browser;
 pub mod contract;
 pub mod dns;
@@ -19,6 +21,20 @@ pub mod lab;
 pub mod openwrt;
 pub mod owlab;
 pub mod wait;
+
+/// The workspace's directory, where the tests crate lives.
+pub fn workspace_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+}
+
+/// Where cargo puts what it builds: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target"))
+}
 
 /// Whether this process runs as root (effective user id 0).
 pub fn is_root() -> bool {
@@ -66,16 +82,26 @@ pub fn require_root() {
     );
 }
 
+/// A finished command that must have succeeded: panics naming `what`, with the exit
+/// status and everything the command printed, when it did not. Its standard output.
+pub fn assert_success(out: &std::process::Output, what: impl std::fmt::Display) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Say on stderr that something could not be checked on this machine, and add it to the
 /// list that `cargo xtask test` prints at the end of the run
 /// (`<target>/tmp/cage-test-warnings.txt`): loudly, never a silent pass.
 pub fn warn(msg: &str) {
     use std::io::Write;
     eprintln!("WARNING: {msg}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let dir = target.join("tmp");
+    let dir = target_dir().join("tmp");
     let _ = std::fs::create_dir_all(&dir);
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)

@@ -47,12 +47,7 @@ impl Tools {
     pub fn get() -> Tools {
         let dir = std::env::var_os("CAGE_OPENWRT_TOOLS")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .parent()
-                    .expect("the tests crate lives in the workspace")
-                    .join("target/openwrt")
-            });
+            .unwrap_or_else(|| crate::workspace_dir().join("target/openwrt"));
         for needed in ["prefix/bin/uci", "prefix/sbin/netifd", "openwrt-23.05.4"] {
             assert!(
                 dir.join(needed).exists(),
@@ -221,17 +216,11 @@ impl Root {
     /// Like [`Root::sh`], panicking with the script's output unless it succeeds; its
     /// standard output.
     pub fn sh_ok(&self, script: &str) -> String {
-        let out = self.sh(script);
-        assert!(
-            out.status.success(),
-            "in {} ({}): `{script}` failed ({}):\n{}{}",
-            self.dir.display(),
-            self.board.label(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (dir, label) = (self.dir.display(), self.board.label());
+        crate::assert_success(
+            &self.sh(script),
+            format_args!("in {dir} ({label}): `{script}`"),
+        )
     }
 
     /// `uci -q get KEY` inside the root, or `None`.
@@ -247,26 +236,35 @@ impl Root {
     /// (GL.iNet's firmware ships it on; OpenWrt's own default is `disabled '1'`). Not
     /// produced by OpenWrt's scripts here: they need the hardware.
     pub fn add_radio(&self, enabled: bool) {
-        let script = format!(
-            "uci -q batch <<'EOF'\n\
-             set wireless.radio0=wifi-device\n\
-             set wireless.radio0.type='mac80211'\n\
-             set wireless.radio0.path='platform/soc/18000000.wifi'\n\
-             set wireless.radio0.channel='1'\n\
-             set wireless.radio0.band='2g'\n\
-             set wireless.radio0.htmode='HE20'\n\
-             set wireless.radio0.disabled='{}'\n\
-             set wireless.default_radio0=wifi-iface\n\
-             set wireless.default_radio0.device='radio0'\n\
-             set wireless.default_radio0.network='lan'\n\
-             set wireless.default_radio0.mode='ap'\n\
-             set wireless.default_radio0.ssid='OpenWrt'\n\
-             set wireless.default_radio0.encryption='none'\n\
-             commit wireless\n\
-             EOF",
-            if enabled { 0 } else { 1 }
-        );
         self.write("etc/config/wireless", "");
+        self.uci_set(
+            "wireless",
+            &[
+                ("wireless.radio0", "wifi-device"),
+                ("wireless.radio0.type", "mac80211"),
+                ("wireless.radio0.path", "platform/soc/18000000.wifi"),
+                ("wireless.radio0.channel", "1"),
+                ("wireless.radio0.band", "2g"),
+                ("wireless.radio0.htmode", "HE20"),
+                ("wireless.radio0.disabled", if enabled { "0" } else { "1" }),
+                ("wireless.default_radio0", "wifi-iface"),
+                ("wireless.default_radio0.device", "radio0"),
+                ("wireless.default_radio0.network", "lan"),
+                ("wireless.default_radio0.mode", "ap"),
+                ("wireless.default_radio0.ssid", "OpenWrt"),
+                ("wireless.default_radio0.encryption", "none"),
+            ],
+        );
+    }
+
+    /// `uci set` of each `(KEY, VALUE)` (a section's type for a key that names a
+    /// section), then `uci commit CONFIG`: one `uci batch` in the root.
+    pub fn uci_set(&self, config: &str, sets: &[(&str, &str)]) {
+        let mut script = String::from("uci -q batch <<'EOF'\n");
+        for (key, value) in sets {
+            script.push_str(&format!("set {key}='{value}'\n"));
+        }
+        script.push_str(&format!("commit {config}\nEOF"));
         self.sh_ok(&script);
     }
 
@@ -653,10 +651,9 @@ impl<'a> Router<'a> {
             .args(["netns", "add", &netns])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "ip netns add {netns} (this test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
+        crate::assert_success(
+            &out,
+            format_args!("ip netns add {netns} (this test needs root)"),
         );
         let _ = std::fs::remove_file(root.join("tmp/.router-up"));
         root.write("tmp/.router-init", INIT);
@@ -844,16 +841,9 @@ impl Ipk {
     /// when it is not there.
     pub fn x86_64() -> Ipk {
         let version = format!("{}-r1", env!("CARGO_PKG_VERSION"));
-        let dist = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .parent()
-                    .expect("the tests crate lives in the workspace")
-                    .join("target")
-            })
-            .join("dist");
-        let path = dist.join(format!("cage_{version}_x86_64.ipk"));
+        let path = crate::target_dir()
+            .join("dist")
+            .join(format!("cage_{version}_x86_64.ipk"));
         assert!(
             path.is_file(),
             "{} is missing: run `cargo xtask package --target x86_64` (cargo xtask test does)",
@@ -867,10 +857,7 @@ impl Ipk {
     /// The package's scripts are the repository's: a package built before a change of
     /// `openwrt/` would test the old scripts.
     fn assert_fresh(&self) {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .join("openwrt");
+        let repo = crate::workspace_dir().join("openwrt");
         let out = Command::new("sh")
             .arg("-c")
             .arg("tar -xzOf \"$1\" ./data.tar.gz | tar -tzf - | sed -n 's|^\\./||p'")
@@ -884,37 +871,33 @@ impl Ipk {
             if !source.exists() {
                 continue; // the binary
             }
-            let packaged = Command::new("sh")
-                .arg("-c")
-                .arg("tar -xzOf \"$1\" ./data.tar.gz | tar -xzOf - \"./$2\"")
-                .arg("sh")
-                .arg(&self.path)
-                .arg(name)
-                .output()
-                .unwrap()
-                .stdout;
             assert!(
-                packaged == std::fs::read(&source).unwrap(),
+                self.member("data", name) == std::fs::read(&source).unwrap(),
                 "{} holds an older {name} than openwrt/files: run `cargo xtask package --target x86_64`",
                 self.path.display()
             );
         }
         for script in ["postinst", "prerm"] {
-            let packaged = Command::new("sh")
-                .arg("-c")
-                .arg("tar -xzOf \"$1\" ./control.tar.gz | tar -xzOf - \"./$2\"")
-                .arg("sh")
-                .arg(&self.path)
-                .arg(script)
-                .output()
-                .unwrap()
-                .stdout;
             assert!(
-                packaged == std::fs::read(repo.join("control").join(script)).unwrap(),
+                self.member("control", script) == std::fs::read(repo.join("control").join(script)).unwrap(),
                 "{} holds an older {script} than openwrt/control: run `cargo xtask package --target x86_64`",
                 self.path.display()
             );
         }
+    }
+
+    /// The file `./NAME` of the package's `ARCHIVE.tar.gz` (`data` or `control`).
+    fn member(&self, archive: &str, name: &str) -> Vec<u8> {
+        Command::new("sh")
+            .arg("-c")
+            .arg("tar -xzOf \"$1\" \"./$2.tar.gz\" | tar -xzOf - \"./$3\"")
+            .arg("sh")
+            .arg(&self.path)
+            .arg(archive)
+            .arg(name)
+            .output()
+            .unwrap()
+            .stdout
     }
 
     /// The same package as another version, with `edit` run on its unpacked data tree
@@ -932,11 +915,7 @@ impl Ipk {
                 .current_dir(&work)
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            crate::assert_success(&out, script);
         };
         sh(&format!("tar -xzf '{}' -C outer", self.path.display()));
         sh("tar -xzf outer/data.tar.gz -C data && tar -xzf outer/control.tar.gz -C control");

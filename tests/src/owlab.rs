@@ -242,14 +242,7 @@ impl OwLab {
         ow.start_holder();
         ow.sh_ok("cage --version >/dev/null");
         // First boot's uci-defaults, as OpenWrt runs them: in the router, with its ports.
-        let out = ow.sh("cd /etc/uci-defaults && sh ./90-cage");
-        assert!(
-            out.status.success(),
-            "90-cage failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::assert_success(&ow.sh("cd /etc/uci-defaults && sh ./90-cage"), "90-cage");
         let layout = ow.read_layout(&ports);
         // The access points' interfaces, as the Wi-Fi driver would make them.
         let mut batch = vec![];
@@ -431,14 +424,7 @@ impl OwLab {
     /// devices (netifd's ifup hotplug events run `20-firewall`, which runs `fw4 reload`),
     /// and the lab's links carry traffic.
     pub fn boot_network(&self) {
-        let out = self.sh("fw4 start");
-        assert!(
-            out.status.success(),
-            "fw4 start failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::assert_success(&self.sh("fw4 start"), "fw4 start");
         self.start_netifd();
         self.wait_network_up();
     }
@@ -536,16 +522,11 @@ impl OwLab {
 
     /// Like [`OwLab::sh`], panicking with the output unless it succeeds; its stdout.
     pub fn sh_ok(&self, script: &str) -> String {
-        let out = self.sh(script);
-        assert!(
-            out.status.success(),
-            "in the router ({}): `{script}` failed ({}):\n{}{}",
-            self.board.label(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let label = self.board.label();
+        crate::assert_success(
+            &self.sh(script),
+            format_args!("in the router ({label}): `{script}`"),
+        )
     }
 
     /// A command line that runs a program of the root in the router.
@@ -616,19 +597,19 @@ impl OwLab {
 
     /// The lab's addresses, set with the real uci (see the module's docs).
     fn lab_addresses(&self) {
-        self.root.sh_ok(
-            "uci -q batch <<'EOF'\n\
-             set network.lan.ipaddr='192.168.8.1'\n\
-             set network.lan.netmask='255.255.255.0'\n\
-             set network.lan.ip6addr='fd00:8::1/64'\n\
-             set network.wan.proto='static'\n\
-             set network.wan.ipaddr='10.99.0.2'\n\
-             set network.wan.netmask='255.255.255.0'\n\
-             set network.wan.gateway='10.99.0.1'\n\
-             set network.wan.ip6addr='2001:db8:99::2/64'\n\
-             set network.wan.ip6gw='2001:db8:99::1'\n\
-             commit network\n\
-             EOF",
+        self.root.uci_set(
+            "network",
+            &[
+                ("network.lan.ipaddr", "192.168.8.1"),
+                ("network.lan.netmask", "255.255.255.0"),
+                ("network.lan.ip6addr", "fd00:8::1/64"),
+                ("network.wan.proto", "static"),
+                ("network.wan.ipaddr", "10.99.0.2"),
+                ("network.wan.netmask", "255.255.255.0"),
+                ("network.wan.gateway", "10.99.0.1"),
+                ("network.wan.ip6addr", "2001:db8:99::2/64"),
+                ("network.wan.ip6gw", "2001:db8:99::1"),
+            ],
         );
     }
 

@@ -9,16 +9,7 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::Verdict;
 use cage_tests::contract::{self, run_matrix, Expect, Report};
-use cage_tests::lab::{self, Lab, Node};
-use cage_tests::require_root;
-
-fn lab_with_config() -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(contract::CONFIG_EXTRA);
-    lab
-}
+use cage_tests::lab::{Lab, Node};
 
 fn assert_passes(lab: &Lab, report: &Report) {
     let failures = report.failures();
@@ -45,16 +36,9 @@ fn status_json(lab: &Lab) -> serde_json::Value {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_apply_enforces_the_contract() {
-    let lab = lab_with_config();
+    let lab = Lab::for_contract("");
     let t = Instant::now();
-    let out = lab.cage(&["apply"]);
-    assert!(
-        out.status.success(),
-        "cage apply failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     println!("cage apply took {:?}", t.elapsed());
     let report = run_matrix(&lab, &contract::checks());
     assert_passes(&lab, &report);
@@ -72,7 +56,7 @@ fn cage_apply_enforces_the_contract() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_run_enforces_the_contract_and_it_outlives_the_daemon() {
-    let lab = lab_with_config();
+    let lab = Lab::for_contract("");
     let mut daemon = lab.spawn_cage_run();
     let until = Instant::now() + Duration::from_secs(15);
     loop {
@@ -107,7 +91,7 @@ fn cage_run_enforces_the_contract_and_it_outlives_the_daemon() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn without_cages_tables_the_denied_packets_arrive() {
-    let lab = lab_with_config();
+    let lab = Lab::for_contract("");
     let out = lab.cage(&["apply"]);
     assert!(out.status.success(), "cage apply failed: {out:?}");
     let out = lab.cage(&["disable"]);

@@ -65,9 +65,7 @@ fn zone() -> HashMap<String, Answer> {
 }
 
 fn dns_lab(dns_section: &str) -> DnsLab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     for a in [ALLOWED4, OTHER4, EDGE4, OUTSIDE_DNS4, "203.0.113.88"] {
         lab.ip(
             Node::Inet,
@@ -113,11 +111,11 @@ fn dns_lab(dns_section: &str) -> DnsLab {
     }
 }
 
-fn start(l: &DnsLab) -> CageRun {
-    let run = l.lab.spawn_cage_run();
-    run.wait_applied();
-    l.lab.wait_segment_ready().expect("segment");
-    run
+/// [`dns_lab`] with `cage run` on it, its policy applied and the segment ready.
+fn running_dns_lab(dns_section: &str) -> (DnsLab, CageRun) {
+    let l = dns_lab(dns_section);
+    let run = l.lab.cage_run_ready();
+    (l, run)
 }
 
 fn ask(l: &DnsLab, node: Node, server: SocketAddr, name: &str, v6: bool, tcp: bool) -> Resolved {
@@ -177,8 +175,7 @@ const ALLOWLIST: &str = "config dns 'dns'\n\
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn allowlist_allows_only_answers_to_allowed_names_over_ipv4_and_ipv6() {
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let ai1 = l.lab.netns(Node::Ai1);
 
     // An allowed name resolves through the router, over UDP and TCP, IPv4 and IPv6…
@@ -289,8 +286,7 @@ fn allowlist_allows_only_answers_to_allowed_names_over_ipv4_and_ipv6() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
-    let l = dns_lab(ALLOWLIST);
-    let mut run = start(&l);
+    let (l, mut run) = running_dns_lab(ALLOWLIST);
     let ai1 = l.lab.netns(Node::Ai1);
     // Learned before the reload: must stay reachable across it.
     ask(&l, Node::Ai1, router_dns4(), "allowed.test", false, false);
@@ -360,15 +356,9 @@ fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
     std::fs::write(l.lab.config_path(), &bad).unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !run.log().contains("new configuration refused") {
-        assert!(
-            Instant::now() < deadline,
-            "reload not refused:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    run.wait_until(Duration::from_secs(10), "reload not refused", || {
+        run.log().contains("new configuration refused")
+    });
     for (name, addr) in [("other.test", OTHER4), ("allowed.test", ALLOWED4)] {
         let r = ask(&l, Node::Ai1, router_dns4(), name, false, false);
         assert_eq!(r.addrs, vec![ip(addr)], "{name} after a refused reload");
@@ -388,8 +378,7 @@ fn a_refused_name_is_reviewed_and_allowed_without_restarting() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn query_floods_and_long_names_are_refused_counted_and_logged() {
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let ai2 = l.lab.netns(Node::Ai2);
     // 200 queries as fast as they go: beyond the burst (40) and the rate (20/s), REFUSED.
     let refused = ai2
@@ -456,8 +445,7 @@ fn query_floods_and_long_names_are_refused_counted_and_logged() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn dns_violations_can_isolate_the_segment() {
-    let l = dns_lab(&format!("{ALLOWLIST}\toption auto_violations '30'\n"));
-    let run = start(&l);
+    let (l, run) = running_dns_lab(&format!("{ALLOWLIST}\toption auto_violations '30'\n"));
     let ai2 = l.lab.netns(Node::Ai2);
     ai2.run("flood", || {
         for _ in 0..150 {
@@ -466,11 +454,11 @@ fn dns_violations_can_isolate_the_segment() {
         Ok(())
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    run.wait_until(Duration::from_secs(10), "not isolated", || {
         let out = l.lab.cage(&["status", "--json"]);
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        if s["isolation"]["isolated"] == true {
+        let isolated = s["isolation"]["isolated"] == true;
+        if isolated {
             assert!(
                 s["isolation"]["reason"]
                     .as_str()
@@ -478,20 +466,17 @@ fn dns_violations_can_isolate_the_segment() {
                     .contains("DNS limit violations"),
                 "{s}"
             );
-            break;
         }
-        assert!(Instant::now() < deadline, "not isolated:\n{}", run.log());
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        isolated
+    });
 }
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn open_mode_sends_all_dns_through_cage_and_names_flows() {
-    let l = dns_lab(
+    let (l, run) = running_dns_lab(
         "config dns 'dns'\n\tlist upstream '203.0.113.10'\n\tlist doh_block_ip '203.0.113.88'\n",
     );
-    let run = start(&l);
     let ai1 = l.lab.netns(Node::Ai1);
     for (server, v6) in [
         (router_dns4(), false),
@@ -567,15 +552,8 @@ fn without_cage_run_dns_fails_closed() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_contract_holds_with_dns_through_cage() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(&format!(
-        "{}\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n",
-        contract::CONFIG_EXTRA
-    ));
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let lab = Lab::for_contract("\nconfig dns 'dns'\n\tlist upstream '203.0.113.10'\n");
+    let run = lab.cage_run();
     let checks: Vec<_> = contract::checks()
         .into_iter()
         .filter(|c| {
@@ -603,8 +581,7 @@ fn the_contract_holds_with_dns_through_cage() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn selftest_holds_with_dns_through_cage() {
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let router = l.lab.netns(Node::Router);
     for addr in [lab::LAN_HOST4, lab::LAN_HOST6] {
         let _ = cage_agent::probe::probe_in(&router, &cage_agent::probe::Probe::icmp(addr));
@@ -784,8 +761,7 @@ fn allow_set_elements_are_added_over_netlink_with_their_timeouts() {
 #[ignore = "needs root: cargo xtask test"]
 fn a_refused_name_is_allowed_from_the_web_page() {
     browser::require_chromium();
-    let l = dns_lab(ALLOWLIST);
-    let run = start(&l);
+    let (l, run) = running_dns_lab(ALLOWLIST);
     let pid = run.pid();
     let ai1 = l.lab.netns(Node::Ai1);
     let mut passwd = l
@@ -869,20 +845,15 @@ fn other_test_allowed(l: &DnsLab, run: &CageRun, how: &str) {
         text.contains("list allow_domain 'other.test'"),
         "{how}: config:\n{text}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let refused = format!("other.test still refused after {how}");
+    run.wait_until(Duration::from_secs(10), &refused, || {
         let r = ask(l, Node::Ai1, router_dns4(), "other.test", false, false);
-        if r.rcode == RCODE::NoError {
+        let answered = r.rcode == RCODE::NoError;
+        if answered {
             assert_eq!(r.addrs, vec![ip(OTHER4)]);
-            break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "other.test still refused after {how}:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        answered
+    });
     assert!(
         connects(&l.lab.netns(Node::Ai1), sa(OTHER4, 443), T),
         "other.test not reachable after {how}"

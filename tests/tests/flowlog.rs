@@ -5,10 +5,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use cage_agent::probe::{probe_in, Probe};
-use cage_tests::contract;
+use cage_agent::probe::{probe_in, NetNs, Probe};
 use cage_tests::lab::{self, Lab, Node, AI1_4, AI1_MAC, HOTEL4, LAN_HOST4, ROUTER_SEG4};
-use cage_tests::{require_root, wait};
+use cage_tests::wait;
 
 fn flows(lab: &Lab) -> Vec<serde_json::Value> {
     let out = lab.cage(&["flows", "--json", "-n", "0", "--verdict", "blocked"]);
@@ -30,17 +29,47 @@ fn find<'a>(
         .find(|r| r["peer"] == peer.to_string() && r["peer_port"] == port && r["proto"] == proto)
 }
 
+/// Send `probe` from `ns`, waiting 300 ms for an answer that must not come: the policy
+/// denies it.
+fn assert_denied(ns: &NetNs, probe: Probe) {
+    let probe = probe.timeout(Duration::from_millis(300));
+    let a = probe_in(ns, &probe).expect("probe");
+    assert!(
+        !a.outcome.answered(),
+        "{:?} {}:{} answered",
+        probe.proto,
+        probe.dst,
+        probe.port
+    );
+}
+
+/// `count` datagrams of `size` bytes from `from` in `ns` to the UDP echo server at
+/// `to`:7000, each echoed in full: the local port they were sent from.
+fn udp_echoes(ns: &NetNs, from: IpAddr, to: IpAddr, count: u8, size: usize) -> u16 {
+    ns.run("udp", move || {
+        let s = std::net::UdpSocket::bind((from, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        for i in 0..count {
+            s.send_to(&vec![i; size], (to, 7000)).unwrap();
+            let mut b = vec![0u8; 2 * size];
+            let (n, _) = s.recv_from(&mut b).unwrap();
+            assert_eq!(n, size);
+        }
+        Ok(s.local_addr().unwrap().port())
+    })
+    .expect("udp")
+}
+
+/// The lab with the contract's configuration and these options of the flow log.
+fn lab_with_flowlog(options: &str) -> Lab {
+    Lab::for_contract(&format!("\nconfig flowlog 'flowlog'\n{options}"))
+}
+
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn denied_attempts_appear_as_blocked_records_with_their_rule() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(contract::CONFIG_EXTRA);
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = Lab::for_contract("");
+    let run = lab.cage_run_ai1_ready();
 
     let ai1 = lab.netns(Node::Ai1);
     let attempts = [
@@ -51,25 +80,11 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
     ];
     for (dst, port, _) in attempts {
         for _ in 0..3 {
-            let a = probe_in(
-                &ai1,
-                &Probe::tcp(dst, port)
-                    .from(AI1_4)
-                    .timeout(Duration::from_millis(300)),
-            )
-            .expect("probe");
-            assert!(!a.outcome.answered(), "{dst}:{port} answered");
+            assert_denied(&ai1, Probe::tcp(dst, port).from(AI1_4));
         }
     }
     // And one from the LAN into the segment.
-    let a = probe_in(
-        &lab.netns(Node::Lan),
-        &Probe::tcp(AI1_4, 22)
-            .from(LAN_HOST4)
-            .timeout(Duration::from_millis(300)),
-    )
-    .expect("probe");
-    assert!(!a.outcome.answered());
+    assert_denied(&lab.netns(Node::Lan), Probe::tcp(AI1_4, 22).from(LAN_HOST4));
 
     // Written within one flush interval (5 s).
     let deadline = Instant::now() + Duration::from_secs(12);
@@ -137,14 +152,7 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
     // when the machine is busy): at most 12, a second apart.
     let mut followed = Err(std::sync::mpsc::RecvTimeoutError::Timeout);
     for _ in 0..12 {
-        let a = probe_in(
-            &ai1,
-            &Probe::udp(LAN_HOST4, 5555)
-                .from(AI1_4)
-                .timeout(Duration::from_millis(300)),
-        )
-        .expect("probe");
-        assert!(!a.outcome.answered());
+        assert_denied(&ai1, Probe::udp(LAN_HOST4, 5555).from(AI1_4));
         followed = rx.recv_timeout(Duration::from_secs(1));
         if followed.is_ok() {
             break;
@@ -161,14 +169,7 @@ fn denied_attempts_appear_as_blocked_records_with_their_rule() {
     assert_eq!(r["rule"], "deny:lan", "{r}");
 
     // A SIGTERM'd daemon writes what it holds before it goes.
-    let a = probe_in(
-        &ai1,
-        &Probe::udp(LAN_HOST4, 4444)
-            .from(AI1_4)
-            .timeout(Duration::from_millis(300)),
-    )
-    .expect("probe");
-    assert!(!a.outcome.answered());
+    assert_denied(&ai1, Probe::udp(LAN_HOST4, 4444).from(AI1_4));
     std::thread::sleep(Duration::from_millis(500));
     let log = run.log();
     let status = run.stop();
@@ -300,15 +301,8 @@ fn allowed_flows_are_counted_exactly() {
     use cage_tests::lab::{AI1_6, PUBLIC4, PUBLIC6};
     use std::io::{Read, Write};
 
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    let path = lab.write_config(contract::CONFIG_EXTRA);
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n";
-    std::fs::write(&path, text).unwrap();
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let lab = lab_with_flowlog("\toption idle_timeout '2'\n");
+    let run = lab.cage_run();
     assert!(
         run.log().contains("attached the flow counter"),
         "{}",
@@ -325,33 +319,9 @@ fn allowed_flows_are_counted_exactly() {
 
     let ai1 = lab.netns(Node::Ai1);
     // UDP over IPv4: 5 datagrams of 100 bytes, each echoed: 128 L3 bytes each way each.
-    let udp_port = ai1
-        .run("udp", || {
-            let s = std::net::UdpSocket::bind((AI1_4, 0)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            for i in 0..5u8 {
-                s.send_to(&[i; 100], (PUBLIC4, 7000)).unwrap();
-                let mut b = [0u8; 200];
-                let (n, _) = s.recv_from(&mut b).unwrap();
-                assert_eq!(n, 100);
-            }
-            Ok(s.local_addr().unwrap().port())
-        })
-        .expect("udp");
+    let udp_port = udp_echoes(&ai1, AI1_4, PUBLIC4, 5, 100);
     // UDP over IPv6: 3 datagrams of 1000 bytes: 40 + 8 + 1000 each way each.
-    let udp6_port = ai1
-        .run("udp6", || {
-            let s = std::net::UdpSocket::bind((AI1_6, 0)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            for i in 0..3u8 {
-                s.send_to(&[i; 1000], (PUBLIC6, 7000)).unwrap();
-                let mut b = [0u8; 2000];
-                let (n, _) = s.recv_from(&mut b).unwrap();
-                assert_eq!(n, 1000);
-            }
-            Ok(s.local_addr().unwrap().port())
-        })
-        .expect("udp6");
+    let udp6_port = udp_echoes(&ai1, AI1_6, PUBLIC6, 3, 1000);
     // TCP over IPv4: what goes over the wire is measured by a capture on ai1's eth0.
     let cap = Capture::start(&ai1, "eth0", AI1_4, PUBLIC4);
     let tcp_port = ai1
@@ -432,29 +402,14 @@ fn allowed_flows_are_counted_exactly() {
     assert_eq!(v["flow_log"]["ebpf_update_failed"], 0, "{v:#}");
 }
 
-/// Start `cage run` and wait for its policy.
-fn start_run(lab: &Lab) -> lab::CageRun {
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    run
-}
-
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     use cage_agent::probe::{Servers, Service};
     use cage_tests::lab::PUBLIC4;
 
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    let path = lab.write_config(contract::CONFIG_EXTRA);
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n\toption active_timeout '10'\n";
-    std::fs::write(&path, text).unwrap();
-    let mut run = start_run(&lab);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = lab_with_flowlog("\toption idle_timeout '2'\n\toption active_timeout '10'\n");
+    let mut run = lab.cage_run_ai1_ready();
     let _servers = Servers::start(
         &lab.netns(Node::Inet),
         &[Service::udp(7000)],
@@ -528,7 +483,7 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     written("the first short flow's record", shorts[0].0);
     shorts.push(short_flow(4));
     let _ = run.stop();
-    run = start_run(&lab);
+    run = lab.cage_run();
     shorts.push(short_flow(5));
     // The active timeout (10 s) writes the long flow's first part while it goes on;
     // then a crash, with the rest of it and a short flow only in the map.
@@ -537,7 +492,7 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
     let _ = run.stop();
-    run = start_run(&lab);
+    run = lab.cage_run();
     let (long_port_seen, long_sent, long_echoed) = long.join().expect("long flow");
     assert_eq!(long_port_seen, long_port);
     shorts.push(short_flow(2));
@@ -594,18 +549,10 @@ fn restarts_in_the_middle_of_traffic_neither_duplicate_nor_lose_records() {
 fn twenty_thousand_short_flows_are_each_logged_or_counted_lost() {
     use cage_tests::lab::PUBLIC4;
 
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    let path = lab.write_config(contract::CONFIG_EXTRA);
     // A small map, so that a burst of 20 000 flows overflows it: the loss path is
     // exercised, not only the happy one.
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\nconfig flowlog 'flowlog'\n\toption idle_timeout '1'\n\toption max_flows '4096'\n";
-    std::fs::write(&path, text).unwrap();
-    let run = start_run(&lab);
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = lab_with_flowlog("\toption idle_timeout '1'\n\toption max_flows '4096'\n");
+    let run = lab.cage_run_ai1_ready();
     // The internet host drops the datagrams quietly (no ICMP errors: flows of their own).
     lab.nft(
         Node::Inet,

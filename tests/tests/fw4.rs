@@ -57,8 +57,7 @@ fn table_handle(ow: &OwLab, table: &str) -> String {
 }
 
 fn fw4_beside_cage(fw4: Fw4) {
-    cage_tests::require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    lab::require_cage();
     let t = Instant::now();
     let ow = OwLab::up(Board::Mt6000, fw4);
     println!("{} with {}:\n{}", ow.board().label(), fw4, ow.layout());
@@ -134,13 +133,7 @@ fn fw4_beside_cage(fw4: Fw4) {
         timings
     });
     for (cmd, took, out) in &timings {
-        assert!(
-            out.status.success(),
-            "`{cmd}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        cage_tests::assert_success(out, format_args!("`{cmd}`"));
         println!("{cmd}: {} ms", took.as_millis());
     }
     println!("while fw4 reloaded and restarted: {probing}");

@@ -69,6 +69,13 @@ fn lan_bridge_ports(router: &Router) -> String {
 /// The page's address as the owner types it: the LAN address from network.lan, the port
 /// from cage.main.web_listen ('lan:PORT': every address of the LAN device, read at run
 /// time).
+/// Each `(KEY, VALUE)`: `uci get KEY` in the router says VALUE.
+fn assert_uci(router: &Router, expected: &[(&str, &str)]) {
+    for (key, value) in expected {
+        assert_eq!(router.uci_get(key).as_deref(), Some(*value), "{key}");
+    }
+}
+
 fn page(router: &Router) -> String {
     let listen = router.uci_get("cage.main.web_listen").unwrap_or_default();
     let lan = router.uci_get("network.lan.ipaddr").unwrap_or_default();
@@ -476,21 +483,17 @@ fn cage_port_moves_the_ai_port_between_lan_ports() {
         router.sh_ok("sed -i \"s/^\\t#option vlan '10'/\\toption vlan '10'/\" /etc/config/cage");
         assert_eq!(router.uci_get("cage.ai.vlan").as_deref(), Some("10"));
         assert_eq!(cage_port(router, "auto").0, 0);
-        assert_eq!(
-            router.uci_get("network.cage_dev.ports").as_deref(),
-            Some("lan5 lan1.10 lan2.10 lan3.10 lan4.10")
-        );
-        assert_eq!(
-            router.uci_get("network.cage_vlan_lan1.type").as_deref(),
-            Some("8021q")
-        );
-        assert_eq!(
-            router.uci_get("network.cage_vlan_lan1.ifname").as_deref(),
-            Some("lan1")
-        );
-        assert_eq!(
-            router.uci_get("network.cage_vlan_lan1.vid").as_deref(),
-            Some("10")
+        assert_uci(
+            router,
+            &[
+                (
+                    "network.cage_dev.ports",
+                    "lan5 lan1.10 lan2.10 lan3.10 lan4.10",
+                ),
+                ("network.cage_vlan_lan1.type", "8021q"),
+                ("network.cage_vlan_lan1.ifname", "lan1"),
+                ("network.cage_vlan_lan1.vid", "10"),
+            ],
         );
         let s = show(router);
         assert_eq!(s.ai_port, ["lan5"], "the trunk is not an untagged AI port");
@@ -884,17 +887,13 @@ fn remove_leaves_no_cage_table_and_the_segment_switched_off() {
             assert!(!root.join("etc/rc.d/S18cage").exists());
             // The segment: switched off, its sections named, the AI port on no network
             // (not given back to the LAN: the machine on it is the one that was caged).
-            assert_eq!(
-                router.uci_get("network.cage.disabled").as_deref(),
-                Some("1")
-            );
-            assert_eq!(
-                router.uci_get("network.cage.cage_removed").as_deref(),
-                Some("1")
-            );
-            assert_eq!(
-                router.uci_get("wireless.cage.disabled").as_deref(),
-                Some("1")
+            assert_uci(
+                router,
+                &[
+                    ("network.cage.disabled", "1"),
+                    ("network.cage.cage_removed", "1"),
+                    ("wireless.cage.disabled", "1"),
+                ],
             );
             assert_eq!(
                 lan_bridge_ports(router),
@@ -1124,12 +1123,7 @@ fn cage_port_honours_uci_config_dir() {
                 )
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "cage-port {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            cage_tests::assert_success(&out, format_args!("cage-port {args:?}"))
         };
         assert!(run(&["show"]).contains("ai_port lan5\n"));
         run(&["set", "lan2"]);

@@ -17,6 +17,9 @@ const MARKERS: &[&str] = &[
     "require_root(",
     "geteuid(",
     "Lab::up(",
+    "Lab::for_test(",
+    "Lab::for_contract(",
+    "require_cage(",
     "NetNsGuard::named(",
     "NetNsGuard::anonymous(",
 ];

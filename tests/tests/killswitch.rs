@@ -15,32 +15,13 @@ use cage_tests::contract::{self, run_matrix, Host};
 use cage_tests::lab::{
     self, Lab, Node, AI2_4, LAN_HOST4, PUBLIC4, PUBLIC6, ROUTER_WAN4, ROUTER_WAN6,
 };
-use cage_tests::require_root;
 
 const BUTTON_CONFIG: &str = "\nconfig killswitch 'killswitch'\n\toption button 'BTN_0'\n";
 
-fn lab_up(extra_sections: &str) -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    let path = lab.write_config(contract::CONFIG_EXTRA);
-    if !extra_sections.is_empty() {
-        let text = std::fs::read_to_string(&path).unwrap() + extra_sections;
-        std::fs::write(&path, text).unwrap();
-    }
-    lab
-}
-
 fn cage_ok(lab: &Lab, args: &[&str]) -> String {
     let out = lab.cage(args);
-    assert!(
-        out.status.success(),
-        "cage {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    cage_tests::assert_success(&out, format_args!("cage {args:?}"))
+        + &String::from_utf8_lossy(&out.stderr)
 }
 
 /// Remove Cage's nftables tables behind its back, as a reboot (or someone with a shell)
@@ -154,10 +135,8 @@ fn tcp_sink(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> cage_agent::probe::
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
-    let lab = lab_up("");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
+    let lab = Lab::for_contract("");
+    let run = lab.cage_run_ready();
 
     let limits = WitnessLimits {
         max_duration: Duration::from_secs(120),
@@ -283,7 +262,7 @@ fn isolate_stops_a_running_transfer_and_a_ping_flood_at_once() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release() {
-    let lab = lab_up("");
+    let lab = Lab::for_contract("");
     let servers = apply_with_internet(&lab);
     assert_open(&lab, "before isolating");
 
@@ -292,8 +271,7 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
     assert_isolated(&lab, "isolated with no daemon");
 
     // Starting the daemon keeps it.
-    let mut run = lab.spawn_cage_run();
-    run.wait_applied();
+    let mut run = lab.cage_run();
     assert_isolated(&lab, "after cage run started");
 
     // SIGKILL and restart keep it.
@@ -301,15 +279,13 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
     unsafe { libc::kill(run.pid() as i32, libc::SIGKILL) };
     let _ = run.stop();
     assert_isolated(&lab, "with the daemon killed");
-    run = lab.spawn_cage_run();
-    run.wait_applied();
+    run = lab.cage_run();
     assert_isolated(&lab, "after the restart");
     drop(run);
 
     // A reboot: the kernel forgets everything; the state on disk does not.
     forget_cages_tables(&lab);
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
+    let run = lab.cage_run();
     assert_isolated(&lab, "after a reboot");
 
     // While isolated, every check of the contract that involves the segment is denied,
@@ -369,7 +345,7 @@ fn isolation_holds_without_the_daemon_across_restarts_and_reboot_until_release()
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_hardware_button_isolates_through_the_hotplug_script() {
-    let lab = lab_up(BUTTON_CONFIG);
+    let lab = Lab::for_contract(BUTTON_CONFIG);
     let _servers = apply_with_internet(&lab);
     assert_open(&lab, "before the button");
 
@@ -442,11 +418,8 @@ const AUTO_CONFIG: &str =
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
-    let lab = lab_up(AUTO_CONFIG);
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = Lab::for_contract(AUTO_CONFIG);
+    let run = lab.cage_run_ai1_ready();
 
     // Below the limit: nothing happens.
     scan_lan(&lab, 1..11);
@@ -475,11 +448,8 @@ fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_stays_off_unless_configured() {
-    let lab = lab_up("");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let lab = Lab::for_contract("");
+    let _run = lab.cage_run_ai1_ready();
     scan_lan(&lab, 1..61);
     assert!(
         !wait_isolated(&lab, Duration::from_secs(3)),
@@ -494,7 +464,7 @@ fn auto_isolation_stays_off_unless_configured() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_fires_on_an_upload_burst() {
-    let lab = lab_up(
+    let lab = Lab::for_contract(
         "\nconfig killswitch 'killswitch'\n\toption auto_upload_bytes '200000'\n\toption auto_window '10'\n",
     );
     let _servers = Servers::start(
@@ -503,10 +473,7 @@ fn auto_isolation_fires_on_an_upload_burst() {
         Duration::from_secs(60),
     )
     .expect("servers");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let run = lab.cage_run_ai1_ready();
     assert_open(&lab, "before the upload");
     assert!(
         !wait_isolated(&lab, Duration::from_secs(2)),
@@ -540,7 +507,7 @@ fn auto_isolation_fires_on_an_upload_burst() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_ebpf_flag_alone_isolates_and_nftables_alone_isolates() {
-    let lab = lab_up("");
+    let lab = Lab::for_contract("");
     let _servers = apply_with_internet(&lab);
     assert_open(&lab, "before");
     cage_ok(&lab, &["isolate", "--reason", "layers"]);

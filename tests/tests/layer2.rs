@@ -10,7 +10,6 @@
 
 use cage_tests::contract::{self, run_matrix, Check};
 use cage_tests::lab::{Lab, Node};
-use cage_tests::{lab, require_root};
 
 fn caged_to_caged() -> Vec<Check> {
     let checks: Vec<Check> = contract::checks()
@@ -26,10 +25,7 @@ fn caged_to_caged() -> Vec<Check> {
 }
 
 fn applied_lab() -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     let router = lab.netns(Node::Router);
     for key in [
         "net.bridge.bridge-nf-call-iptables",
@@ -40,12 +36,7 @@ fn applied_lab() -> Lab {
             .expect("switching br_netfilter off");
     }
     // `apply`, not `run`: a daemon would put back what these tests take away.
-    let out = lab.cage(&["apply"]);
-    assert!(
-        out.status.success(),
-        "cage apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     lab
 }
 
@@ -74,6 +65,13 @@ fn remove_bridge_table(lab: &Lab) {
     lab.nft(Node::Router, "delete table bridge cage");
 }
 
+/// Every caged -> caged probe was denied: the matrix.
+fn caged_hosts_kept_apart(lab: &Lab) -> contract::Report {
+    let report = run_matrix(lab, &caged_to_caged());
+    assert!(report.failures().is_empty(), "{report}");
+    report
+}
+
 fn l2_denied_packets(lab: &Lab) -> u64 {
     let out = lab.cage(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
@@ -87,8 +85,7 @@ fn l2_denied_packets(lab: &Lab) -> u64 {
 fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
     isolation_off(&lab);
-    let report = run_matrix(&lab, &caged_to_caged());
-    assert!(report.failures().is_empty(), "{report}");
+    let report = caged_hosts_kept_apart(&lab);
     let dropped = l2_denied_packets(&lab);
     assert!(
         dropped > 0,
@@ -102,8 +99,7 @@ fn the_bridge_rule_alone_keeps_caged_hosts_apart() {
 fn port_isolation_alone_keeps_caged_hosts_apart() {
     let lab = applied_lab();
     remove_bridge_table(&lab);
-    let report = run_matrix(&lab, &caged_to_caged());
-    assert!(report.failures().is_empty(), "{report}");
+    let report = caged_hosts_kept_apart(&lab);
     println!("bridge table removed, isolation on: all blocked\n{report}");
 }
 

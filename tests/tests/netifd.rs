@@ -145,8 +145,7 @@ fn bridge_ports(ow: &OwLab, bridge: &str) -> Vec<String> {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn netifd_makes_the_segment_cage_adopts_it_and_no_probe_gets_through_when_netifd_remakes_it() {
-    cage_tests::require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
+    lab::require_cage();
     let t = Instant::now();
     let ow = OwLab::up(Board::Mt3000, Fw4::Release2305);
     println!("{}:\n{}", ow.board().label(), ow.layout());
@@ -249,11 +248,10 @@ fn netifd_makes_the_segment_cage_adopts_it_and_no_probe_gets_through_when_netifd
         )
         .unwrap();
     let moved: IpAddr = "192.168.9.1".parse().unwrap();
-    let moved_at = Instant::now();
-    wait_page(&lan_ns, SocketAddr::new(moved, WEB_PORT), &run);
+    let took = wait_page(&lan_ns, SocketAddr::new(moved, WEB_PORT), &run);
     println!(
         "the page followed the LAN address netifd moved in {:.1} s",
-        moved_at.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     assert!(
         get_login(&lan_ns, SocketAddr::new(ROUTER_LAN4, WEB_PORT)).is_err(),

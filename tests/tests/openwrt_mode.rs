@@ -3,19 +3,16 @@
 //! network), holds the policy by the bridge's name, then isolates every port of the
 //! bridge once it appears, and the whole contract holds.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cage_tests::contract::{self, run_matrix};
-use cage_tests::lab::{self, Lab, Node};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node};
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_adopts_the_bridge_netifd_makes_and_the_contract_holds() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    let path = lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
+    let path = lab.config_path();
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "config cage 'main'\n",
         "config cage 'main'\n\toption mode 'openwrt'\n",
@@ -24,15 +21,11 @@ fn cage_adopts_the_bridge_netifd_makes_and_the_contract_holds() {
 
     let run = lab.spawn_cage_run();
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
-        let start = Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "timed out waiting for {what}:\n{}",
-                run.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        run.wait_until(
+            Duration::from_secs(15),
+            &format!("timed out waiting for {what}"),
+            cond,
+        )
     };
     wait("the policy", &|| run.log().contains("policy applied"));
     assert!(run.log().contains("does not exist yet"), "{}", run.log());

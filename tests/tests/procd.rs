@@ -317,8 +317,9 @@ fn the_page_says_where_the_agent_plugs_in_and_the_owner_moves_it() {
     let lan = ow.lab().netns(Node::Lan);
     let ui = SocketAddr::new(lab::ROUTER_LAN4, WEB_PORT);
     let (cookie, csrf) = http::login(&lan, ui, PASSWORD, || ow.syslog());
-    let (status, _, body) = http::request(&lan, ui, http::get(ui, "/", &cookie)).unwrap();
-    assert_eq!(status, 200, "{body}");
+    let first = http::request(&lan, ui, http::get(ui, "/", &cookie)).unwrap();
+    let body = first.body;
+    assert_eq!(first.status, 200, "{body}");
     assert!(
         body.contains("<b class=ai-port-label>LAN 5</b>")
             && body.contains("<code class=ai-port-device>lan5</code>")
@@ -333,7 +334,7 @@ fn the_page_says_where_the_agent_plugs_in_and_the_owner_moves_it() {
         http::form_post(ui, "/port", &cookie, &format!("csrf={csrf}&choice=lan4")),
     )
     .unwrap();
-    assert_eq!(moved.0, 303, "POST /port choice=lan4: {moved:?}");
+    assert_eq!(moved.status, 303, "POST /port choice=lan4: {moved:?}");
     let master = |ow: &OwLab, port: &str| -> (String, bool) {
         let out = ow
             .lab()
@@ -357,7 +358,9 @@ fn the_page_says_where_the_agent_plugs_in_and_the_owner_moves_it() {
         "the change is not in the log:\n{}",
         ow.syslog()
     );
-    let (_, _, body) = http::request(&lan, ui, http::get(ui, "/port", &cookie)).unwrap();
+    let body = http::request(&lan, ui, http::get(ui, "/port", &cookie))
+        .unwrap()
+        .body;
     assert!(
         body.contains("<code class=ai-port-device>lan4</code>"),
         "{body}"
@@ -373,11 +376,11 @@ fn the_page_says_where_the_agent_plugs_in_and_the_owner_moves_it() {
     )
     .unwrap();
     assert_eq!(
-        refused.0, 422,
+        refused.status, 422,
         "POST /port choice=eth1 (the WAN): {refused:?}"
     );
     assert!(
-        refused.2.contains("not a wired LAN or AI port"),
+        refused.body.contains("not a wired LAN or AI port"),
         "{refused:?}"
     );
     assert_eq!(files(&ow), before, "a refused change changed the files");

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, Probe, Servers, Service, Witness, WitnessLimits};
-use cage_tests::contract;
-use cage_tests::lab::{self, Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4};
 
 /// Kill/restart cycles, and how long the prober runs at most.
 const CYCLES: usize = 5;
@@ -29,13 +27,8 @@ fn in_segment(a: IpAddr) -> bool {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(contract::CONFIG_EXTRA);
-    let mut run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment ready");
+    let lab = Lab::for_contract("");
+    let mut run = lab.cage_run_ready();
 
     let lan = lab.netns(Node::Lan);
     let witness = Witness::start(&lan, WitnessLimits::default()).expect("witness");
@@ -100,8 +93,7 @@ fn no_probe_reaches_the_lan_while_cage_run_is_killed_and_restarted() {
         let _ = run.stop();
         // The daemon is gone: the kernel alone holds the policy for a while.
         std::thread::sleep(Duration::from_millis(400));
-        run = lab.spawn_cage_run();
-        run.wait_applied();
+        run = lab.cage_run();
         println!("cycle {}: cage run killed and restarted", cycle + 1);
     }
     std::thread::sleep(Duration::from_millis(400));

@@ -11,22 +11,13 @@ use std::time::{Duration, Instant};
 use cage_agent::probe::{probe_in, Outcome, Probe};
 use cage_agent::selftest::{Check, Report};
 use cage_tests::contract;
-use cage_tests::lab::{self, Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4, PUBLIC6};
-use cage_tests::require_root;
+use cage_tests::lab::{Lab, Node, LAN_HOST4, LAN_HOST6, PUBLIC4, PUBLIC6};
 
 /// A lab with Cage's policy applied (`apply`, not `run`: a daemon would repair what the
 /// failure tests break).
 fn applied_lab() -> Lab {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(contract::CONFIG_EXTRA);
-    let out = lab.cage(&["apply"]);
-    assert!(
-        out.status.success(),
-        "cage apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let lab = Lab::for_contract("");
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
     lab.wait_segment_ready().expect("segment ready");
     // A live router's neighbour table knows the LAN hosts that are active; the lab's LAN
     // host has been quiet since the lab came up, so make the router talk to it once.
@@ -108,6 +99,20 @@ fn selftest(lab: &Lab) -> (Option<i32>, Report, String) {
         )
     });
     (out.status.code(), report, stderr)
+}
+
+/// `cage selftest` on an applied lab whose policy the nft command `breaking` broke: it
+/// fails (exit code 1) and leaves nothing behind on the router. The lab and the report
+/// (printed).
+fn broken_selftest(breaking: &str) -> (Lab, Report) {
+    let lab = applied_lab();
+    let before = snapshot(&lab);
+    lab.nft(Node::Router, breaking);
+    let (code, report, stderr) = selftest(&lab);
+    println!("{}", table(&report));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_clean(&lab, &before);
+    (lab, report)
 }
 
 fn failed(report: &Report) -> Vec<&Check> {
@@ -220,13 +225,7 @@ fn every_check_holds_with_cages_policy_and_nothing_is_left() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn without_cages_table_the_failing_checks_are_named_and_nothing_is_left() {
-    let lab = applied_lab();
-    let before = snapshot(&lab);
-    lab.nft(Node::Router, "delete table inet cage");
-
-    let (code, report, stderr) = selftest(&lab);
-    println!("{}", table(&report));
-    assert_eq!(code, Some(1), "{stderr}");
+    let (lab, report) = broken_selftest("delete table inet cage");
     assert!(!report.ok);
     assert!(report.verdict.contains("checks FAIL"), "{}", report.verdict);
     let names: BTreeSet<&str> = failed(&report).iter().map(|c| c.name.as_str()).collect();
@@ -251,23 +250,14 @@ fn without_cages_table_the_failing_checks_are_named_and_nothing_is_left() {
         status.contains("PROBLEM: the last self-test failed: "),
         "{status}"
     );
-    assert_clean(&lab, &before);
 }
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn an_accept_towards_the_lan_fails_exactly_the_lan_checks() {
-    let lab = applied_lab();
-    let before = snapshot(&lab);
     // A rule in another table cannot override Cage's drop; one in Cage's own chain can.
-    lab.nft(
-        Node::Router,
-        "insert rule inet cage segment_egress oifname br-lan accept",
-    );
-
-    let (code, report, stderr) = selftest(&lab);
-    println!("{}", table(&report));
-    assert_eq!(code, Some(1), "{stderr}");
+    let (_lab, report) =
+        broken_selftest("insert rule inet cage segment_egress oifname br-lan accept");
     let failed = failed(&report);
     assert!(
         failed.iter().all(|c| c.name == "caged -> LAN"),
@@ -291,7 +281,6 @@ fn an_accept_towards_the_lan_fails_exactly_the_lan_checks() {
         "{}",
         report.verdict
     );
-    assert_clean(&lab, &before);
 }
 
 #[test]
@@ -359,16 +348,8 @@ fn while_isolated_every_check_expects_the_segment_cut_off() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn does_not_trip_automatic_isolation() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(&format!(
-        "{}\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n",
-        contract::CONFIG_EXTRA
-    ));
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment ready");
+    let lab = Lab::for_contract("\nconfig killswitch 'killswitch'\n\toption auto_blocked '30'\n");
+    let run = lab.cage_run_ready();
     let before = snapshot(&lab);
     let (code, report, stderr) = selftest(&lab);
     assert_eq!(code, Some(0), "{stderr}\n{}", table(&report));
@@ -385,9 +366,7 @@ fn does_not_trip_automatic_isolation() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn cage_run_self_tests_after_every_policy_change() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let config = format!(
         "{}\nconfig selftest 'selftest'\n\toption after_change '1'\n\tlist target '203.0.113.10'\n",
         contract::CONFIG_EXTRA
@@ -395,20 +374,14 @@ fn cage_run_self_tests_after_every_policy_change() {
     let path = lab.write_config(&config);
     let run = lab.spawn_cage_run();
     let wait_for = |what: &str, n: usize| {
-        let start = Instant::now();
-        while run
-            .log()
-            .matches("self-test (after a policy change): all")
-            .count()
-            < n
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(40),
-                "no {what} self-test:\n{}",
-                run.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        run.wait_until(
+            Duration::from_secs(40),
+            &format!("no {what} self-test"),
+            || {
+                let passed = "self-test (after a policy change): all";
+                run.log().matches(passed).count() >= n
+            },
+        )
     };
     wait_for("first", 1);
     let status = lab.cage(&["status", "--json"]);

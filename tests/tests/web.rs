@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use cage_agent::probe::{probe_in, NetNs, Probe, Servers, Service};
 use cage_tests::browser::{self, Browser, Driver};
-use cage_tests::contract;
 use cage_tests::lab::{self, Lab, Node, PUBLIC4, PUBLIC6, ROUTER_LAN4, ROUTER_SEG4};
-use cage_tests::require_root;
 
 const UI_PORT: u16 = lab::WEB_PORT;
 const PASSWORD: &str = "correct horse battery";
@@ -57,21 +55,15 @@ fn screenshot_path() -> PathBuf {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
-    require_root();
     browser::require_chromium();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
-    lab.write_config(contract::CONFIG_EXTRA);
+    let lab = Lab::for_contract("");
     let _servers = Servers::start(
         &lab.netns(Node::Inet),
         &[Service::udp(53)],
         Duration::from_secs(300),
     )
     .expect("servers on the internet host");
-    let run = lab.spawn_cage_run();
-    run.wait_applied();
-    lab.wait_segment_ready().expect("segment");
-    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    let run = lab.cage_run_ai1_ready();
     let ai1 = lab.netns(Node::Ai1);
     let lan = lab.netns(Node::Lan);
     let ui = SocketAddr::new(ROUTER_LAN4, UI_PORT);

@@ -7,20 +7,17 @@
 //! most routers.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cage_tests::http::{get_login, wait_page};
 use cage_tests::lab::{self, Lab, Node, ROUTER_LAN4, ROUTER_LAN6, ROUTER_SEG4, ROUTER_SEG6};
-use cage_tests::require_root;
 
 const PORT: u16 = 2243;
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_them() {
-    require_root();
-    lab::cage_bin().unwrap_or_else(|e| panic!("{e}"));
-    let lab = Lab::up(&lab::unique_prefix()).expect("lab up");
+    let lab = Lab::for_test();
     let path = lab.config_path();
     let text = lab.base_config().replace(
         &format!("option web_listen '192.168.8.1:{}'", lab::WEB_PORT),
@@ -28,8 +25,7 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
     );
     assert!(text.contains("'lan:2243'"), "{text}");
     std::fs::write(&path, text).unwrap();
-    let mut run = lab.spawn_cage_run();
-    run.wait_applied();
+    let mut run = lab.cage_run();
     let lan = lab.netns(Node::Lan);
     let v4 = SocketAddr::new(ROUTER_LAN4, PORT);
     let v6 = SocketAddr::new(ROUTER_LAN6, PORT);
@@ -72,11 +68,10 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
         &["addr", "add", "192.168.9.10/24", "dev", "eth0"],
     )
     .unwrap();
-    let moved_at = Instant::now();
-    wait_page(&lan, SocketAddr::new(new4, PORT), &run);
+    let took = wait_page(&lan, SocketAddr::new(new4, PORT), &run);
     println!(
         "the page followed the LAN's new address in {:.1} s",
-        moved_at.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     assert!(
         run.log()
@@ -95,15 +90,11 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
     // No LAN address at all: the page waits, saying so, and the daemon goes on.
     lab.ip(Node::Router, &["addr", "flush", "dev", "br-lan"])
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(20);
-    while !run.log().contains("web page: no address to listen on yet") {
-        assert!(
-            Instant::now() < until,
-            "the page did not say it has no address:\n{}",
-            run.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    run.wait_until(
+        Duration::from_secs(20),
+        "the page did not say it has no address",
+        || run.log().contains("web page: no address to listen on yet"),
+    );
     assert!(run.is_running(), "cage run stopped:\n{}", run.log());
     // And comes back with the address.
     lab.ip(

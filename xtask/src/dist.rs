@@ -167,16 +167,15 @@ pub fn run_dist(args: &[&str]) -> Result<()> {
     let (built, failed) = build_all(&targets);
     print_summary(&built, &failed);
     if !failed.is_empty() {
-        bail!(
-            "not built or not running: {}",
-            failed
-                .iter()
-                .map(|(t, _)| t.triple)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        bail!("not built or not running: {}", triples(&failed));
     }
     Ok(())
+}
+
+/// The targets that failed, for the error that ends the command: `a, b`.
+pub fn triples(failed: &[(&'static Target, anyhow::Error)]) -> String {
+    let names: Vec<_> = failed.iter().map(|(t, _)| t.triple).collect();
+    names.join(", ")
 }
 
 /// Build every target in turn; the ones that failed come back with their error.

@@ -41,23 +41,23 @@ pub fn run_fuzz(seconds: u64) -> Result<()> {
         seeds.len()
     );
     let corpus = std::fs::canonicalize(corpus)?;
-    run(Command::new("cargo")
-        .current_dir("cage-agent")
-        .args(["+nightly", "fuzz", "run", "config"])
-        .arg(&corpus)
-        .arg("--")
-        .arg(format!("-max_total_time={seconds}"))
-        .arg("-max_len=4096"))?;
+    libfuzzer("config", &corpus, seconds, 4096)?;
     // DNS messages (hostile queries, upstream answers): the forwarder's parsing.
     let dns_corpus = Path::new("target/fuzz-corpus/dns");
     std::fs::create_dir_all(dns_corpus)?;
     let dns_corpus = std::fs::canonicalize(dns_corpus)?;
     println!("xtask fuzz: {seconds} s of libFuzzer on the DNS forwarder's message handling");
+    libfuzzer("dns", &dns_corpus, seconds, 1500)
+}
+
+/// `cargo +nightly fuzz run TARGET CORPUS` in cage-agent, for `seconds`, with inputs of
+/// at most `max_len` bytes.
+fn libfuzzer(target: &str, corpus: &Path, seconds: u64, max_len: usize) -> Result<()> {
     run(Command::new("cargo")
         .current_dir("cage-agent")
-        .args(["+nightly", "fuzz", "run", "dns"])
-        .arg(&dns_corpus)
+        .args(["+nightly", "fuzz", "run", target])
+        .arg(corpus)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
-        .arg("-max_len=1500"))
+        .arg(format!("-max_len={max_len}")))
 }

@@ -98,11 +98,7 @@ pub fn run_package(args: &[&str]) -> Result<()> {
     if !failed.is_empty() {
         bail!(
             "no package for {}: the binary did not build or does not run",
-            failed
-                .iter()
-                .map(|(t, _)| t.triple)
-                .collect::<Vec<_>>()
-                .join(", ")
+            dist::triples(&failed)
         );
     }
     Ok(())

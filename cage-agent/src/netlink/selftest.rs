@@ -11,7 +11,6 @@ use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
 use netlink_packet_route::link::{BridgePortState, InfoData, InfoKind, InfoVeth};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
@@ -77,14 +76,7 @@ fn ip_of(a: &NeighbourAddress) -> Option<IpAddr> {
 /// Read the router: links, addresses, neighbours, default gateways.
 pub async fn router_view() -> Result<RouterView, NetlinkError> {
     let nl = Rtnl::connect()?;
-    let msgs: Vec<LinkMessage> = nl
-        .handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| dump_error("list links", e))?;
+    let msgs = nl.link_messages().await?;
     let links: Vec<RouterLink> = msgs
         .iter()
         .filter_map(|m| {
@@ -116,14 +108,8 @@ pub async fn router_view() -> Result<RouterView, NetlinkError> {
         .map(|a| (name_of(a.index), a.local))
         .collect();
 
-    let neigh: Vec<NeighbourMessage> = nl
-        .handle
-        .neighbours()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| dump_error("list neighbours", e))?;
+    let neigh: Vec<NeighbourMessage> =
+        dump(nl.handle.neighbours().get().execute(), "list neighbours").await?;
     let neighbours = neigh
         .iter()
         .filter_map(|m| {
@@ -229,13 +215,8 @@ pub async fn add_probe_port(
 /// The bridge port state of `name` is forwarding.
 pub async fn port_forwarding(name: &str) -> Result<bool, NetlinkError> {
     let nl = Rtnl::connect()?;
-    let msgs: Vec<LinkMessage> = nl
-        .handle
-        .link()
-        .get()
-        .match_name(name)
-        .execute()
-        .try_collect()
+    let msgs = nl
+        .named_link_messages(name)
         .await
         .map_err(|e| request_error(name, "look up link", e))?;
     Ok(msgs.iter().any(|m| {
@@ -273,18 +254,7 @@ pub async fn delete_link(name: &str) -> Result<bool, NetlinkError> {
     };
     match nl.handle.link().del(link.index).execute().await {
         Ok(()) => Ok(true),
-        Err(e) => {
-            let err = to_io(e);
-            if err.raw_os_error() == Some(libc::ENODEV) {
-                Ok(false)
-            } else {
-                Err(NetlinkError::Request {
-                    ifname: name.to_owned(),
-                    op: "delete link".into(),
-                    source: err,
-                })
-            }
-        }
+        Err(e) => unless_no_device(e, name, "delete link").map(|()| false),
     }
 }
 

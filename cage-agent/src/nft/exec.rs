@@ -48,18 +48,21 @@ pub(super) fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// [`run`] for a listing, its JSON parsed; `None` when nft says the table, set, meter or
-/// counter does not exist.
-pub(super) fn list_json(
+/// [`run`] for a JSON listing (`nft -j list …`): the objects it lists (its `nftables`
+/// array); `None` when nft says the table, set, meter or counter does not exist.
+pub(super) fn list_objects(
     args: &[&str],
     operation: &'static str,
-) -> Result<Option<serde_json::Value>, NftError> {
+) -> Result<Option<Vec<serde_json::Value>>, NftError> {
     let out = match run(args, None, operation) {
         Ok(out) => out,
         Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => return Ok(None),
         Err(e) => return Err(e),
     };
-    serde_json::from_str(&out)
-        .map(Some)
-        .map_err(|source| NftError::Json { operation, source })
+    let mut v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|source| NftError::Json { operation, source })?;
+    Ok(Some(match v["nftables"].take() {
+        serde_json::Value::Array(objects) => objects,
+        _ => Vec::new(),
+    }))
 }

@@ -20,7 +20,7 @@ use serde::Serialize;
 pub use cage_policy::text::{to_json, to_text};
 
 use crate::policy::TABLE;
-use exec::{list_json, run};
+use exec::{list_objects, run};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -203,10 +203,10 @@ pub fn bindings() -> Result<crate::policy::Bindings, NftError> {
     let mut out = crate::policy::Bindings::default();
     for name in [sets.macport, sets.bind4, sets.bind6] {
         let args = ["-j", "list", "set", "bridge", TABLE, name];
-        let Some(v) = list_json(&args, "read the layer-2 bindings")? else {
+        let Some(objects) = list_objects(&args, "read the layer-2 bindings")? else {
             continue;
         };
-        for (key, left) in set_elements(&v) {
+        for (key, left) in set_elements(&objects) {
             let [a, b] = key.as_slice() else { continue };
             if name == sets.macport {
                 out.macs.push((a.clone(), b.clone(), left));
@@ -220,12 +220,10 @@ pub fn bindings() -> Result<crate::policy::Bindings, NftError> {
 
 /// The elements of a listed set: each one's value (its parts, for a concatenation) and
 /// the seconds it has left (`expires`, or its `timeout` when nft gives no expiry).
-fn set_elements(v: &serde_json::Value) -> Vec<(Vec<String>, u32)> {
+fn set_elements(objects: &[serde_json::Value]) -> Vec<(Vec<String>, u32)> {
     let part = |p: &serde_json::Value| p.as_str().map(str::to_owned);
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    objects
+        .iter()
         .filter_map(|o| o["set"]["elem"].as_array())
         .flatten()
         .filter_map(|e| {
@@ -255,13 +253,11 @@ pub fn isolated_now() -> Result<bool, NftError> {
         TABLE,
         crate::policy::ISOLATED_SET,
     ];
-    let Some(v) = list_json(&set, "read the kill switch's set")? else {
+    let Some(objects) = list_objects(&set, "read the kill switch's set")? else {
         return Ok(false);
     };
-    Ok(v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(objects
+        .iter()
         .any(|o| o["set"]["elem"].as_array().is_some_and(|e| !e.is_empty())))
 }
 
@@ -270,11 +266,11 @@ pub fn isolated_now() -> Result<bool, NftError> {
 /// or the rule is off).
 pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, NftError> {
     let meter = ["-j", "list", "meter", "inet", TABLE, name];
-    let Some(v) = list_json(&meter, "read an automatic-isolation meter")? else {
+    let Some(objects) = list_objects(&meter, "read an automatic-isolation meter")? else {
         return Ok(BTreeMap::new());
     };
     let mut counts = BTreeMap::new();
-    for o in v["nftables"].as_array().into_iter().flatten() {
+    for o in &objects {
         for e in o["meter"]["elem"].as_array().into_iter().flatten() {
             let e = &e["elem"];
             let Some(addr) = e["val"].as_str().and_then(|a| a.parse().ok()) else {
@@ -289,15 +285,10 @@ pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, Nft
 /// A named counter of Cage's inet table; `None` when it (or the table) is absent.
 pub fn named_counter(name: &str) -> Result<Option<Count>, NftError> {
     let counter = ["-j", "list", "counter", "inet", TABLE, name];
-    let Some(v) = list_json(&counter, "read a counter")? else {
+    let Some(objects) = list_objects(&counter, "read a counter")? else {
         return Ok(None);
     };
-    Ok(v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|o| o.get("counter"))
-        .map(Count::of))
+    Ok(objects.iter().find_map(|o| o.get("counter")).map(Count::of))
 }
 
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
@@ -325,11 +316,10 @@ pub fn counters() -> Result<Option<BTreeMap<String, Count>>, NftError> {
     for family in ["inet", "bridge"] {
         // Read as plain JSON: only rules' comments and counters matter here.
         let table = ["-j", "list", "table", family, TABLE];
-        let Some(v) = list_json(&table, "read Cage's counters")? else {
+        let Some(items) = list_objects(&table, "read Cage's counters")? else {
             continue;
         };
         found = true;
-        let items = v["nftables"].as_array().cloned().unwrap_or_default();
         for item in items {
             let rule = &item["rule"];
             let Some(comment) = rule["comment"].as_str() else {

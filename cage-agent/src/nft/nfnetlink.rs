@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 
 use netlink_sys::{constants::NETLINK_NETFILTER, Socket, SocketAddr};
 
@@ -101,23 +100,7 @@ pub fn add(entries: &[super::AllowElement]) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let timeout = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt on a socket we own, with a correctly sized timeval.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &timeout as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    socket2::SockRef::from(&socket).set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
     let base = std::process::id().wrapping_mul(7919) ^ (entries.len() as u32) << 20;
     let mut seq = base;
     let mut batch = Vec::new();

@@ -40,7 +40,7 @@ mod sys;
 mod verdict;
 mod witness;
 
-pub use netns::{NetNs, NetNsGuard, NsThread};
+pub use netns::{Background, NetNs, NetNsGuard, NsThread};
 pub use packet::{Family, Proto, Token, TOKEN_LEN};
 pub use prober::{probe_in, send_probe, Attempt, Outcome, Probe};
 pub use servers::{Servers, Service};

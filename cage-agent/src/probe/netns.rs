@@ -363,9 +363,10 @@ fn ip(args: &[&str]) -> io::Result<String> {
 
 // ---- background threads ---------------------------------------------------------------
 
-/// A thread in a namespace that works until told to stop: what the witness and the echo
-/// servers run on. Stopped and joined by [`Background::stop`], or when dropped.
-pub(super) struct Background {
+/// A thread in a namespace that works until told to stop: what the witness, the echo
+/// servers and the lab's DNS servers run on. Stopped and joined by [`Background::stop`],
+/// or when dropped.
+pub struct Background {
     stop: Arc<AtomicBool>,
     thread: Option<NsThread<()>>,
 }
@@ -375,7 +376,7 @@ impl Background {
     /// flag is set. Returns once `setup` is done (at most 10 s), with the value it handed
     /// back, or its error. `label` starts the messages of a start that failed
     /// ("servers " for "servers did not start within 10 s").
-    pub(super) fn start<S, R>(
+    pub fn start<S, R>(
         ns: &NetNs,
         what: &str,
         label: &str,
@@ -430,7 +431,7 @@ impl Background {
     }
 
     /// Tell the thread to stop and wait for it; its error, if it failed.
-    pub(super) fn stop(&mut self) -> Result<(), ProbeError> {
+    pub fn stop(&mut self) -> Result<(), ProbeError> {
         self.stop.store(true, Ordering::SeqCst);
         match self.thread.take() {
             Some(t) => t.join(),

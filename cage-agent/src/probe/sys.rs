@@ -140,19 +140,11 @@ pub(super) fn send_msg_from(
     msg.msg_namelen = to.len();
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    // SAFETY: the control message is built inside `control`, which is large enough for
-    // one in_pktinfo or in6_pktinfo (checked by CMSG_SPACE below).
+    // SAFETY: `msg` is the message sent below and `control` its buffer, both alive until
+    // it is sent.
     unsafe {
         match from {
             Some(IpAddr::V4(a)) => {
-                let space = libc::CMSG_SPACE(mem::size_of::<libc::in_pktinfo>() as u32);
-                assert!(space as usize <= control.0.len());
-                msg.msg_control = control.0.as_mut_ptr().cast();
-                msg.msg_controllen = space as _;
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::IPPROTO_IP;
-                (*cmsg).cmsg_type = libc::IP_PKTINFO;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::in_pktinfo>() as u32) as _;
                 let info = libc::in_pktinfo {
                     ipi_ifindex: 0,
                     ipi_spec_dst: libc::in_addr {
@@ -160,24 +152,28 @@ pub(super) fn send_msg_from(
                     },
                     ipi_addr: libc::in_addr { s_addr: 0 },
                 };
-                ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                put_cmsg(
+                    &mut msg,
+                    &mut control,
+                    libc::IPPROTO_IP,
+                    libc::IP_PKTINFO,
+                    info,
+                );
             }
             Some(IpAddr::V6(a)) => {
-                let space = libc::CMSG_SPACE(mem::size_of::<libc::in6_pktinfo>() as u32);
-                assert!(space as usize <= control.0.len());
-                msg.msg_control = control.0.as_mut_ptr().cast();
-                msg.msg_controllen = space as _;
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
-                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::in6_pktinfo>() as u32) as _;
                 let info = libc::in6_pktinfo {
                     ipi6_addr: libc::in6_addr {
                         s6_addr: a.octets(),
                     },
                     ipi6_ifindex: ifindex,
                 };
-                ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                put_cmsg(
+                    &mut msg,
+                    &mut control,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_PKTINFO,
+                    info,
+                );
             }
             None => {}
         }
@@ -188,6 +184,34 @@ pub(super) fn send_msg_from(
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+/// Make `data` the one control message of `msg` (`level`, `kind`: e.g. `IPPROTO_IP`,
+/// `IP_PKTINFO`), built in `control`, which must be large enough (checked).
+///
+/// # Safety
+///
+/// `control` must outlive every use of `msg` that reads its control message.
+unsafe fn put_cmsg<T>(
+    msg: &mut libc::msghdr,
+    control: &mut ControlBuf,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: T,
+) {
+    let space = libc::CMSG_SPACE(mem::size_of::<T>() as u32);
+    assert!(space as usize <= control.0.len());
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is set and holds CMSG_SPACE(T) bytes, so the first
+    // header and its data lie inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<T>() as u32) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), data);
     }
 }
 

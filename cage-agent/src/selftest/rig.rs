@@ -132,28 +132,26 @@ impl Drop for Rig {
 
 /// Up to `n` host addresses from the top of `net` (below the broadcast address).
 pub(super) fn top_hosts4(net: Ipv4Net, n: u32) -> Vec<Ipv4Addr> {
-    if net.prefix_len() >= 31 {
-        return Vec::new();
-    }
     let (first, last) = (u32::from(net.network()), u32::from(net.broadcast()));
-    (1..=n)
-        .map(|k| last - k)
-        .filter(|&a| a > first)
-        .map(Ipv4Addr::from)
+    // Below `last`, which is a u32: the cast back is exact.
+    top_of(first.into(), last.into(), n.into())
+        .map(|a| Ipv4Addr::from(a as u32))
         .collect()
 }
 
 /// Up to `n` addresses from the top of `net`.
 pub(super) fn top_hosts6(net: Ipv6Net, n: u128) -> Vec<Ipv6Addr> {
-    if net.prefix_len() >= 127 {
-        return Vec::new();
-    }
     let (first, last) = (u128::from(net.network()), u128::from(net.broadcast()));
+    top_of(first, last, n).map(Ipv6Addr::from).collect()
+}
+
+/// Up to `n` numbers counting down from just below `last`, all above `first`: the top
+/// hosts of a network whose first and last addresses are these (none in a /31, /32,
+/// /127 or /128).
+fn top_of(first: u128, last: u128, n: u128) -> impl Iterator<Item = u128> {
     (1..=n)
-        .map(|k| last - k)
-        .filter(|&a| a > first)
-        .map(Ipv6Addr::from)
-        .collect()
+        .filter_map(move |k| last.checked_sub(k))
+        .filter(move |&a| a > first)
 }
 
 /// Addresses the router's DHCP server has leased (dnsmasq's lease file on OpenWrt).
@@ -494,6 +492,14 @@ fn listening(a: &Attempt) -> &'static str {
     }
 }
 
+/// `check` failed with an error (`detail`) before it could be judged.
+fn failed(mut check: Check, detail: String) -> Check {
+    check.observed = "ERROR".into();
+    check.ok = Some(false);
+    check.detail = detail;
+    check
+}
+
 fn run_one(planned: &Planned, ctx: &Ctx) -> Check {
     let mut check = not_run(planned, "");
     let from = match planned.from {
@@ -502,12 +508,7 @@ fn run_one(planned: &Planned, ctx: &Ctx) -> Check {
     };
     let attempt = match probe::probe_in(from, &planned.probe) {
         Ok(a) => a,
-        Err(e) => {
-            check.observed = "ERROR".into();
-            check.ok = Some(false);
-            check.detail = format!("the probe could not be made: {e}");
-            return check;
-        }
+        Err(e) => return failed(check, format!("the probe could not be made: {e}")),
     };
     let witness = match planned.judge {
         Judge::Router => Some(ctx.witness_router),
@@ -533,12 +534,7 @@ fn run_one(planned: &Planned, ctx: &Ctx) -> Check {
     };
     let observation = match witness.judge(attempt) {
         Ok(o) => o,
-        Err(e) => {
-            check.observed = "ERROR".into();
-            check.ok = Some(false);
-            check.detail = format!("cannot judge: {e}");
-            return check;
-        }
+        Err(e) => return failed(check, format!("cannot judge: {e}")),
     };
     let attempt = &observation.attempt;
     // The probe's own packets: from its source address (and, for TCP, whose SYN carries

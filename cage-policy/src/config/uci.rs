@@ -402,69 +402,66 @@ mod tests {
 
     #[test]
     fn errors_name_the_line_and_the_form() {
-        let e = err("config cage\n\toption a 'b\n");
-        assert!(e.starts_with("line 2: unterminated ' quote"), "{e}");
-        let e = err("config cage\n\toption a \"b\n");
-        assert!(e.starts_with("line 2: unterminated \" quote"), "{e}");
-        let e = err("\n# hi\n\toption a b\n");
-        assert!(
-            e.starts_with("line 3: 'option' before any 'config' line"),
-            "{e}"
-        );
-        let e = err("\nlist a b\n");
-        assert!(
-            e.starts_with("line 2: 'list' before any 'config' line"),
-            "{e}"
-        );
-        let e = err("config cage\n\toption state_dir\n");
-        assert!(
-            e.starts_with("line 2: option 'state_dir' has no value"),
-            "{e}"
-        );
-        let e = err("config cage\n\toption state_dir /a /b\n");
-        assert!(
-            e.starts_with("line 2: unexpected '/b' after the last argument"),
-            "{e}"
-        );
-        let e = err("config cage main extra\n");
-        assert!(e.starts_with("line 1: unexpected 'extra'"), "{e}");
-        let e = err("config\n");
-        assert!(
-            e.starts_with("line 1: 'config' needs a section type"),
-            "{e}"
-        );
+        for (text, start) in [
+            (
+                "config cage\n\toption a 'b\n",
+                "line 2: unterminated ' quote",
+            ),
+            (
+                "config cage\n\toption a \"b\n",
+                "line 2: unterminated \" quote",
+            ),
+            (
+                "\n# hi\n\toption a b\n",
+                "line 3: 'option' before any 'config' line",
+            ),
+            ("\nlist a b\n", "line 2: 'list' before any 'config' line"),
+            (
+                "config cage\n\toption state_dir\n",
+                "line 2: option 'state_dir' has no value",
+            ),
+            (
+                "config cage\n\toption state_dir /a /b\n",
+                "line 2: unexpected '/b' after the last argument",
+            ),
+            ("config cage main extra\n", "line 1: unexpected 'extra'"),
+            ("config\n", "line 1: 'config' needs a section type"),
+            (
+                "config cage 'my main'\n",
+                "line 1: 'my main' is not a valid section name",
+            ),
+            (
+                "config 'seg.ment'\n",
+                "line 1: 'seg.ment' is not a valid section type",
+            ),
+            (
+                "config cage\n\toption '' x\n",
+                "line 2: '' is not a valid option name",
+            ),
+            (
+                "config cage\n\topton a b\n",
+                "line 2: unknown keyword 'opton'",
+            ),
+            (
+                "config cage\n\toption a b; option c d\n",
+                "line 2: unquoted ';'",
+            ),
+            (
+                "config cage\n\toption a b\\\n",
+                "line 2: backslash at the end of the line",
+            ),
+            ("package\n", "line 1: 'package' needs a name"),
+        ] {
+            let e = err(text);
+            assert!(e.starts_with(start), "{e}");
+        }
+        // The one error that also suggests the name meant.
         let e = err("config cage\n\toption state-dir /a\n");
         assert!(
             e.starts_with("line 2: 'state-dir' is not a valid option name")
                 && e.ends_with("e.g. 'state_dir'"),
             "{e}"
         );
-        let e = err("config cage 'my main'\n");
-        assert!(
-            e.starts_with("line 1: 'my main' is not a valid section name"),
-            "{e}"
-        );
-        let e = err("config 'seg.ment'\n");
-        assert!(
-            e.starts_with("line 1: 'seg.ment' is not a valid section type"),
-            "{e}"
-        );
-        let e = err("config cage\n\toption '' x\n");
-        assert!(
-            e.starts_with("line 2: '' is not a valid option name"),
-            "{e}"
-        );
-        let e = err("config cage\n\topton a b\n");
-        assert!(e.starts_with("line 2: unknown keyword 'opton'"), "{e}");
-        let e = err("config cage\n\toption a b; option c d\n");
-        assert!(e.starts_with("line 2: unquoted ';'"), "{e}");
-        let e = err("config cage\n\toption a b\\\n");
-        assert!(
-            e.starts_with("line 2: backslash at the end of the line"),
-            "{e}"
-        );
-        let e = err("package\n");
-        assert!(e.starts_with("line 1: 'package' needs a name"), "{e}");
     }
 
     #[test]

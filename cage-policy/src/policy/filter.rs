@@ -320,16 +320,19 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
             ],
         );
     }
-    for proto in ["udp", "tcp"] {
-        c.rule(
-            "allow:dns",
-            vec![
-                is(payload("ip", "daddr"), net(router4)),
-                dport(proto, dns_port),
-                accept(),
-            ],
-        );
-    }
+    let allow_dns = |c: &mut ChainRules, family: &'static str, router: IpNet| {
+        for proto in ["udp", "tcp"] {
+            c.rule(
+                "allow:dns",
+                vec![
+                    is(payload(family, "daddr"), net(router)),
+                    dport(proto, dns_port),
+                    accept(),
+                ],
+            );
+        }
+    };
+    allow_dns(&mut c, "ip", router4);
     if let Some(r6) = seg.router6() {
         let router6 = IpNet::from(std::net::IpAddr::V6(r6));
         c.rule(
@@ -343,16 +346,7 @@ fn segment_to_router(cfg: &Config) -> ChainRules {
                 accept(),
             ],
         );
-        for proto in ["udp", "tcp"] {
-            c.rule(
-                "allow:dns",
-                vec![
-                    is(payload("ip6", "daddr"), net(router6)),
-                    dport(proto, dns_port),
-                    accept(),
-                ],
-            );
-        }
+        allow_dns(&mut c, "ip6", router6);
         // Without neighbour discovery IPv6 does not work on the link at all.
         c.rule(
             "allow:ndp",
