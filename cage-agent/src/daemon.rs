@@ -159,6 +159,8 @@ struct Daemon {
     applied_text: String,
     /// The last segment setup error, logged once rather than at every tick.
     segment_error: Option<String>,
+    /// The last error pinning the router's neighbours, said once until it changes.
+    pin_error: Option<String>,
     /// The DNS forwarder, while the configuration has DNS through Cage.
     dns: Option<dns::Forwarder>,
     /// What it shares with the flow log and automatic isolation; outlives restarts of
@@ -187,6 +189,7 @@ impl Daemon {
             state,
             applied_text,
             segment_error: None,
+            pin_error: None,
             dns: None,
             dns_shared: Arc::new(dns::Shared::default()),
             auto: AutoWatch::default(),
@@ -214,6 +217,7 @@ impl Daemon {
     /// was applied.
     async fn on_watch(&mut self) {
         self.repair_segment().await;
+        self.pin_neighbours().await;
         let seen = Observed::now(&self.current).await;
         let drifted = drift(&self.current, &self.applied_text, &seen);
         ::log::debug!(
@@ -227,6 +231,48 @@ impl Daemon {
             let next = apply::check_config(self.current.config.clone()).await;
             self.reapply(next, "re-apply failed").await;
         }
+    }
+
+    /// The router's neighbour entries for the caged hosts follow the layer-2 bindings:
+    /// pinned to the bound MAC, put back when something moved one.
+    async fn pin_neighbours(&mut self) {
+        let bound: Vec<(IpAddr, String)> = match nft::bindings() {
+            Ok(b) => b.addrs.into_iter().map(|(a, m, _)| (a, m)).collect(),
+            Err(e) => {
+                ::log::debug!("bindings not read: {e}");
+                return;
+            }
+        };
+        let bridge = &self.current.config.segment.bridge;
+        match crate::netlink::pin_neighbours(bridge, &bound).await {
+            Ok(r) => {
+                for (addr, mac) in &r.repaired {
+                    log::warn(&format!(
+                        "the router's neighbour entry for {addr} named {mac}, not the MAC the \
+                         address is bound to: put back (an advertisement for someone else's \
+                         address)"
+                    ));
+                }
+                if !r.pinned.is_empty() || !r.unpinned.is_empty() {
+                    ::log::debug!(
+                        "neighbours pinned: {:?}, unpinned (binding ended): {:?}",
+                        r.pinned,
+                        r.unpinned
+                    );
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.pin_error.as_ref() != Some(&e) {
+                    log::error(&format!(
+                        "the caged hosts' neighbour entries not pinned: {e}"
+                    ));
+                    self.pin_error = Some(e);
+                }
+                return;
+            }
+        }
+        self.pin_error = None;
     }
 
     /// What automatic isolation must read now; `None` when it has nothing to watch: no

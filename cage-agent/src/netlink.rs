@@ -386,6 +386,116 @@ fn conntrack_max() -> u32 {
         .unwrap_or(0)
 }
 
+/// What [`pin_neighbours`] did to the router's neighbour table on the segment.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PinReport {
+    /// Bound addresses pinned anew to their MAC.
+    pub pinned: Vec<IpAddr>,
+    /// Entries that named another MAC than the binding (an advertisement for someone
+    /// else's address got through to the router's stack): (address, the MAC it named).
+    pub repaired: Vec<(IpAddr, String)>,
+    /// Pins of bindings that ended, removed.
+    pub unpinned: Vec<IpAddr>,
+}
+
+/// Make the router's neighbour entries on `bridge` say what the layer-2 bindings say:
+/// every bound address (the address's MAC, from `bridge cage`'s sets) a permanent entry
+/// with that MAC, which no neighbour advertisement or ARP can move; a permanent entry
+/// whose binding ended is removed. The bridge family cannot match an IPv6 neighbour
+/// advertisement by its target, so one for someone else's address can reach the
+/// router's stack: the bridge then drops what the router would misdeliver, and this
+/// puts the entry back. Nothing when the bridge does not exist (yet).
+pub async fn pin_neighbours(
+    bridge: &str,
+    bound: &[(IpAddr, String)],
+) -> Result<PinReport, NetlinkError> {
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    let nl = Rtnl::connect()?;
+    let Some(link) = nl.link(bridge).await? else {
+        return Ok(PinReport::default());
+    };
+    let entries = dump(
+        nl.handle.neighbours().get().execute(),
+        "list the neighbour table",
+    )
+    .await?;
+    // (address) → (MAC, permanent, the message, to delete it by)
+    let mut now: HashMap<IpAddr, (Option<String>, bool, _)> = HashMap::new();
+    for m in entries
+        .into_iter()
+        .filter(|m| m.header.ifindex == link.index)
+    {
+        let mut addr = None;
+        let mut lladdr = None;
+        for a in &m.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                    addr = Some(IpAddr::V4(*v4))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                    addr = Some(IpAddr::V6(*v6))
+                }
+                NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                    lladdr = Some(mac_text(l))
+                }
+                _ => {}
+            }
+        }
+        if let Some(addr) = addr {
+            let permanent = m.header.state == NeighbourState::Permanent;
+            now.insert(addr, (lladdr, permanent, m));
+        }
+    }
+    let mut report = PinReport::default();
+    for (addr, mac) in bound {
+        let mac = mac.to_ascii_lowercase();
+        match now.get(addr) {
+            Some((Some(l), true, _)) if *l == mac => continue,
+            Some((Some(l), _, _)) if *l != mac => report.repaired.push((*addr, l.clone())),
+            _ => {}
+        }
+        let Some(lla) = parse_mac(&mac) else { continue };
+        nl.handle
+            .neighbours()
+            .add(link.index, *addr)
+            .link_layer_address(&lla)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| request_error(bridge, &format!("pin the neighbour {addr}"), e))?;
+        report.pinned.push(*addr);
+    }
+    for (addr, (_, permanent, msg)) in now {
+        if permanent && !bound.iter().any(|(a, _)| *a == addr) {
+            nl.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| request_error(bridge, &format!("unpin the neighbour {addr}"), e))?;
+            report.unpinned.push(addr);
+        }
+    }
+    Ok(report)
+}
+
+fn mac_text(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
+}
+
 /// The addresses of `devices` that a service can listen on, IPv4 first: not IPv6
 /// link-local ones (a browser cannot be given one without a zone), and not IPv6 ones that
 /// are still tentative or failed duplicate address detection (they cannot be bound).

@@ -9,14 +9,14 @@
 //! Frames are made by hand and sent on an AF_PACKET socket in the attacker's namespace,
 //! as a hostile host would; what arrives is seen with tcpdump on the attacker's side.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
 use cage_agent::probe::NetNs;
-use cage_tests::lab::{self, Lab, Node, AI1_MAC, AI2_4, AI2_MAC, ROUTER_SEG4};
-
-const INTERNET4: &str = "203.0.113.10";
+use cage_tests::lab::{
+    self, Lab, Node, AI1_6, AI1_MAC, AI2_4, AI2_6, AI2_MAC, PUBLIC4, PUBLIC6, ROUTER_SEG4,
+};
 
 fn mac(text: &str) -> [u8; 6] {
     let mut m = [0u8; 6];
@@ -45,6 +45,52 @@ fn arp(op: u16, dst: [u8; 6], sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ip
     f.extend(spa.octets());
     f.extend(tha);
     f.extend(tpa.octets());
+    f
+}
+
+fn v6(a: std::net::IpAddr) -> Ipv6Addr {
+    match a {
+        std::net::IpAddr::V6(a) => a,
+        other => panic!("{other} is not IPv6"),
+    }
+}
+
+/// A neighbour advertisement (Ethernet II, IPv6, ICMPv6 136) from `src` (MAC and
+/// address) to all nodes, saying `target` is at `src`'s MAC, override set; `solicited`
+/// sets the S flag as well (a forged answer).
+fn neighbour_advert(src_mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, solicited: bool) -> Vec<u8> {
+    let dst: Ipv6Addr = "ff02::1".parse().unwrap();
+    let mut icmp = vec![136, 0, 0, 0, if solicited { 0x60 } else { 0x20 }, 0, 0, 0];
+    icmp.extend(target.octets());
+    icmp.extend([2, 1]);
+    icmp.extend(src_mac);
+    // The checksum over the pseudo-header (RFC 8200 8.1) and the message.
+    let mut sum: u32 = 0;
+    for bytes in [
+        &src.octets()[..],
+        &dst.octets()[..],
+        &(icmp.len() as u32).to_be_bytes()[..],
+        &[0, 0, 0, 58][..],
+        &icmp[..],
+    ] {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let check = !(sum as u16);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend(src_mac);
+    f.extend(0x86ddu16.to_be_bytes());
+    f.extend([0x60, 0, 0, 0]);
+    f.extend((icmp.len() as u16).to_be_bytes());
+    f.extend([58, 255]);
+    f.extend(src.octets());
+    f.extend(dst.octets());
+    f.extend(icmp);
     f
 }
 
@@ -124,38 +170,86 @@ fn in_ns(lab: &Lab, node: Node, cmd: &[&str], timeout: Duration) -> std::process
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// ai1 steals ai2's IPv4 address: takes it, announces it to the router (a gratuitous
-/// request and a reply to the router, again and again), sends from it, while ai2 pings
-/// the internet. What ai1 captured of the traffic meant for ai2, and how many of ai2's
-/// pings were answered (of 20).
-fn steal_ipv4(lab: &Lab) -> (usize, usize) {
-    let victim = v4(AI2_4);
-    let router = v4(ROUTER_SEG4);
-    let rmac = router_mac(lab);
-    let me = mac(AI1_MAC);
+/// The family an attack is on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn victim(self) -> std::net::IpAddr {
+        match self {
+            Family::V4 => AI2_4,
+            Family::V6 => AI2_6,
+        }
+    }
+
+    fn internet(self) -> std::net::IpAddr {
+        match self {
+            Family::V4 => PUBLIC4,
+            Family::V6 => PUBLIC6,
+        }
+    }
+
+    fn prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// What ai1 announces to take the victim's address: ARP (a gratuitous request and a
+    /// reply to the router) or neighbour advertisements (an unsolicited and a forged
+    /// solicited one, override set).
+    fn announcements(self, lab: &Lab) -> Vec<Vec<u8>> {
+        let me = mac(AI1_MAC);
+        match self {
+            Family::V4 => {
+                let (victim, router, rmac) = (v4(AI2_4), v4(ROUTER_SEG4), router_mac(lab));
+                vec![
+                    arp(1, [0xff; 6], me, victim, [0; 6], victim),
+                    arp(2, rmac, me, victim, rmac, router),
+                ]
+            }
+            Family::V6 => vec![
+                neighbour_advert(me, v6(AI1_6), v6(AI2_6), false),
+                neighbour_advert(me, v6(AI1_6), v6(AI2_6), true),
+            ],
+        }
+    }
+}
+
+/// ai1 steals ai2's address: takes it, announces it to the router again and again, and
+/// sends from it, while ai2 pings the internet. What ai1 captured of the traffic meant
+/// for ai2, and how many of ai2's 20 pings were answered.
+fn steal(lab: &Lab, family: Family) -> (usize, usize) {
+    let victim = family.victim();
+    let internet = family.internet().to_string();
     // The address on ai1 too, so that its stack takes what it receives for it.
     lab.ip(
         Node::Ai1,
-        &["addr", "add", &format!("{victim}/32"), "dev", "eth0"],
+        &[
+            "addr",
+            "add",
+            &format!("{victim}/{}", family.prefix()),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
     )
     .expect("ai2's address on ai1");
+    let filter = match family {
+        Family::V4 => format!("ip dst host {victim} and not arp"),
+        Family::V6 => format!("ip6 dst host {victim} and not (icmp6 and ip6[40] >= 133)"),
+    };
     let capture = {
         let ns = lab.ns(Node::Ai1);
         std::thread::spawn(move || {
             lab::run_command(
                 Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "timeout",
-                    "8",
-                    "tcpdump",
-                    "-i",
-                    "eth0",
-                    "-n",
-                    "-l",
-                    "-p",
-                    &format!("ip dst host {victim} and not arp"),
+                    "netns", "exec", &ns, "timeout", "8", "tcpdump", "-i", "eth0", "-n", "-l",
+                    "-p", &filter,
                 ]),
                 None,
                 Duration::from_secs(15),
@@ -165,11 +259,12 @@ fn steal_ipv4(lab: &Lab) -> (usize, usize) {
     std::thread::sleep(Duration::from_millis(800));
     let victim_ping = {
         let ns = lab.ns(Node::Ai2);
+        let internet = internet.clone();
         std::thread::spawn(move || {
             lab::run_command(
                 Command::new("ip").args([
                     "netns", "exec", &ns, "ping", "-n", "-c", "20", "-i", "0.2", "-W", "1",
-                    INTERNET4,
+                    &internet,
                 ]),
                 None,
                 Duration::from_secs(15),
@@ -178,14 +273,7 @@ fn steal_ipv4(lab: &Lab) -> (usize, usize) {
     };
     let ai1 = lab.netns(Node::Ai1);
     for _ in 0..10 {
-        send_frames(
-            &ai1,
-            "eth0",
-            vec![
-                arp(1, [0xff; 6], me, victim, [0; 6], victim),
-                arp(2, rmac, me, victim, rmac, router),
-            ],
-        );
+        send_frames(&ai1, "eth0", family.announcements(lab));
         // And packets from the stolen address, to the internet.
         let _ = in_ns(
             lab,
@@ -199,7 +287,7 @@ fn steal_ipv4(lab: &Lab) -> (usize, usize) {
                 "0.2",
                 "-I",
                 &victim.to_string(),
-                INTERNET4,
+                &internet,
             ],
             Duration::from_secs(5),
         );
@@ -222,16 +310,28 @@ fn steal_ipv4(lab: &Lab) -> (usize, usize) {
 /// theirs.
 fn hosts_talk_first(lab: &Lab) {
     for node in [Node::Ai2, Node::Ai1] {
-        let out = in_ns(
-            lab,
-            node,
-            &["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", INTERNET4],
-            Duration::from_secs(10),
-        );
-        assert!(
-            out.status.success(),
-            "{node:?} cannot reach the internet: {out:?}"
-        );
+        for internet in [PUBLIC4, PUBLIC6] {
+            let out = in_ns(
+                lab,
+                node,
+                &[
+                    "ping",
+                    "-n",
+                    "-c",
+                    "2",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    &internet.to_string(),
+                ],
+                Duration::from_secs(10),
+            );
+            assert!(
+                out.status.success(),
+                "{node:?} cannot reach {internet}: {out:?}"
+            );
+        }
     }
 }
 
@@ -251,7 +351,7 @@ fn ipv4_address_theft_fails_and_the_victim_keeps_working() {
     lab.wait_segment_ready().expect("segment");
     lab.nft(Node::Router, "delete table bridge cage");
     hosts_talk_first(&lab);
-    let (seen, _) = steal_ipv4(&lab);
+    let (seen, _) = steal(&lab, Family::V4);
     let entry = router_neighbour(&lab, &AI2_4.to_string());
     println!("without Cage's bridge table: ai1 captured {seen} packets meant for ai2; the router's entry: {entry}");
     assert!(
@@ -271,7 +371,7 @@ fn ipv4_address_theft_fails_and_the_victim_keeps_working() {
         bound.contains(&format!("{AI2_4} . {AI2_MAC}")),
         "ai2's address is not bound to its MAC:\n{bound}"
     );
-    let (seen, answered) = steal_ipv4(&lab);
+    let (seen, answered) = steal(&lab, Family::V4);
     let entry = router_neighbour(&lab, &AI2_4.to_string());
     let theft = denied(&lab, "deny:addr-theft");
     println!(
@@ -288,4 +388,58 @@ fn ipv4_address_theft_fails_and_the_victim_keeps_working() {
         "ai2's traffic suffered: {answered}/20 answered"
     );
     assert!(theft >= 20, "the theft was not counted: {theft}");
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn ipv6_address_theft_fails_and_the_victim_keeps_working() {
+    // Without Cage's bridge table first: the advertisements must move the router's
+    // entry and bring ai2's traffic to ai1 in this lab.
+    let lab = Lab::for_contract("");
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
+    lab.wait_segment_ready().expect("segment");
+    lab.nft(Node::Router, "delete table bridge cage");
+    hosts_talk_first(&lab);
+    let (seen, _) = steal(&lab, Family::V6);
+    let entry = router_neighbour(&lab, &AI2_6.to_string());
+    println!(
+        "without Cage's bridge table: ai1 captured {seen} packets meant for ai2; the router's \
+         entry: {entry}"
+    );
+    assert!(
+        seen > 0 && entry.contains(AI1_MAC),
+        "the attack did not work without Cage's bridge table (captured {seen}, entry {entry}): \
+         this test would prove nothing"
+    );
+    drop(lab);
+
+    // With Cage, its daemon running: the advertisement's target cannot be matched in
+    // the bridge family, so the router's entry may move for a moment; the bridge never
+    // delivers ai2's packets to ai1, and `cage run` puts the entry back.
+    let lab = Lab::for_contract("");
+    let run = lab.cage_run_ready();
+    hosts_talk_first(&lab);
+    let (seen, answered) = steal(&lab, Family::V6);
+    let entry = router_neighbour(&lab, &AI2_6.to_string());
+    let misdelivered = denied(&lab, "deny:misdelivery");
+    println!(
+        "with Cage: ai1 captured {seen} packets meant for ai2; ai2's pings answered \
+         {answered}/20; the router's entry: {entry}; deny:misdelivery {misdelivered} packets"
+    );
+    assert_eq!(
+        seen,
+        0,
+        "ai1 received traffic meant for ai2\ncage run:\n{}",
+        run.log()
+    );
+    assert!(
+        entry.contains(AI2_MAC) && !entry.contains(AI1_MAC),
+        "the router's neighbour entry for ai2 stayed moved: {entry}\ncage run:\n{}",
+        run.log()
+    );
+    assert!(
+        answered >= 18,
+        "ai2's traffic suffered: {answered}/20 answered\ncage run:\n{}",
+        run.log()
+    );
 }
