@@ -443,3 +443,122 @@ fn ipv6_address_theft_fails_and_the_victim_keeps_working() {
         run.log()
     );
 }
+
+/// ai1 opens `n` TCP connections to `server` at once (non-blocking) and keeps them: the
+/// ones that were accepted within `wait`, still held.
+fn hold_connections(
+    lab: &Lab,
+    node: Node,
+    server: std::net::SocketAddr,
+    n: usize,
+    wait: Duration,
+) -> (Vec<socket2::Socket>, usize) {
+    lab.netns(node)
+        .run("holding TCP connections", move || {
+            use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+            // Room for them all: the soft limit of open files is 1024.
+            // SAFETY: setrlimit with a valid struct; raising the soft limit up to the hard.
+            unsafe {
+                let mut lim: libc::rlimit = std::mem::zeroed();
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                lim.rlim_cur = lim.rlim_max.min(65536);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+            let mut socks = Vec::new();
+            for _ in 0..n {
+                let s = Socket::new(
+                    Domain::for_address(server),
+                    Type::STREAM,
+                    Some(Protocol::TCP),
+                )
+                .expect("a socket");
+                s.set_nonblocking(true).expect("non-blocking");
+                let _ = s.connect(&SockAddr::from(server));
+                socks.push(s);
+            }
+            std::thread::sleep(wait);
+            let held = socks.iter().filter(|s| s.peer_addr().is_ok()).count();
+            Ok((socks, held))
+        })
+        .expect("in the namespace")
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn a_dns_over_tcp_hold_flood_leaves_the_others_their_dns() {
+    // Without the shares (set out of reach) the flood must starve ai2's DNS over TCP in
+    // this lab; with the defaults it must not.
+    let unlimited = "\nconfig limits 'limits'\n\toption dns_tcp_per_host '1024'\n\
+                     \toption new_flows_burst '100000'\n\toption new_flows_per_second '100000'\n";
+    let (held, tcp, _) = dns_tcp_flood(unlimited);
+    println!(
+        "without the shares: ai1 holds {held} DNS-over-TCP connections; ai2 over TCP: {tcp:?}"
+    );
+    assert!(
+        tcp.is_err(),
+        "ai2's DNS over TCP worked while ai1 held {held} connections without a share: this \
+         test would prove nothing"
+    );
+
+    let (held, tcp, udp) = dns_tcp_flood("");
+    println!("with the default shares: ai1 holds {held}; ai2 over TCP: {tcp:?}; over UDP: {udp:?}");
+    assert!(
+        held <= 16,
+        "ai1 holds {held} connections, over its share of 16"
+    );
+    for (how, got) in [("TCP", tcp), ("UDP", udp)] {
+        let got = got.unwrap_or_else(|e| panic!("ai2's DNS over {how} failed: {e}"));
+        assert_eq!(got.addrs, vec![PUBLIC4], "ai2's DNS over {how}: {got:?}");
+    }
+}
+
+type Resolution = Result<cage_tests::dns::Resolved, String>;
+
+/// A lab with DNS through Cage and `extra` sections; ai1 tries 3000 DNS-over-TCP
+/// connections to the router and holds what it gets while ai2 resolves a name over TCP
+/// and over UDP: how many ai1 holds, and ai2's answers.
+fn dns_tcp_flood(extra: &str) -> (usize, Resolution, Resolution) {
+    use cage_tests::dns::{resolve, Answer, AuthServer};
+    let lab = Lab::for_test();
+    let zone = [("api.example.test".to_owned(), Answer::Addrs(vec![PUBLIC4]))]
+        .into_iter()
+        .collect();
+    let _auth = AuthServer::start(
+        &lab.netns(Node::Inet),
+        &[std::net::SocketAddr::new(PUBLIC4, 53)],
+        zone,
+        300,
+    )
+    .expect("the authoritative server");
+    lab.write_config(&format!(
+        "\nconfig dns 'dns'\n\tlist upstream '{PUBLIC4}:53'\n{extra}"
+    ));
+    let run = lab.cage_run_ready();
+    let dns = std::net::SocketAddr::new(ROUTER_SEG4, 53);
+    let (held_socks, held) = hold_connections(&lab, Node::Ai1, dns, 3000, Duration::from_secs(3));
+    let victim = lab.netns(Node::Ai2);
+    let tcp = resolve(
+        &victim,
+        dns,
+        "api.example.test",
+        false,
+        true,
+        Duration::from_secs(3),
+    );
+    let udp = resolve(
+        &victim,
+        dns,
+        "api.example.test",
+        false,
+        false,
+        Duration::from_secs(3),
+    );
+    println!(
+        "  deny:dns-tcp-share {} packets, deny:flow-rate {} packets",
+        denied(&lab, "deny:dns-tcp-share"),
+        denied(&lab, "deny:flow-rate")
+    );
+    drop(held_socks);
+    drop(run);
+    (held, tcp, udp)
+}

@@ -32,8 +32,10 @@ use crate::nft::AllowElement;
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// TCP connections served at once at most.
-const MAX_TCP: usize = 64;
+/// TCP connections served at once at most: sixteen hosts' worth of the per-host share
+/// the policy enforces in the kernel (`limits.dns_tcp_per_host`, 16 by default), so one
+/// host, or a few, cannot take every slot.
+const MAX_TCP: usize = 256;
 /// Limit violations of one kind are logged at most once in this interval (the rest are
 /// counted and summed up in the next line).
 const LOG_EVERY: Duration = Duration::from_secs(10);
