@@ -116,10 +116,21 @@ pub fn ebpf_options(cfg: &Config) -> ebpf::Options {
 
 /// Attach (idempotently) and set the kill switch's flag to `isolated`. Says what it did
 /// when it attached anew.
+/// The records one caged host may have in a flow map of `capacity`:
+/// `limits.flow_share` percent of it, at least one; 0 (no limit) at 100 percent.
+pub fn host_share(cfg: &Config, capacity: u32) -> u32 {
+    match cfg.limits.flow_share {
+        100.. => 0,
+        p => (u64::from(capacity) * u64::from(p) / 100).max(1) as u32,
+    }
+}
+
 pub fn attach_ebpf(cfg: &Config, isolated: bool) -> Result<Option<String>, ebpf::EbpfError> {
     let opts = ebpf_options(cfg);
     let a = ebpf::attach(&opts)?;
-    ebpf::Maps::open(&opts.pin_dir)?.set_isolated(isolated)?;
+    let mut maps = ebpf::Maps::open(&opts.pin_dir)?;
+    maps.set_isolated(isolated)?;
+    maps.set_host_share(host_share(cfg, a.flow_capacity))?;
     let new = [a.ingress, a.egress]
         .iter()
         .any(|h| *h != ebpf::HookState::AlreadyAttached);

@@ -602,6 +602,45 @@ fn wan_list(c: &Checked) -> String {
     }
 }
 
+/// Hosts over their share of the eBPF flow map, said at most once a minute each with
+/// what they lost since.
+#[derive(Default)]
+struct OverShare {
+    /// Per host: its over-share count last said, and when.
+    said: HashMap<cage_common::HostKey, (u32, Instant)>,
+}
+
+impl OverShare {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// The lines to log for these readings of the hosts map.
+    fn news(
+        &mut self,
+        hosts: &[(cage_common::HostKey, cage_common::HostFlows)],
+        now: Instant,
+    ) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (key, flows) in hosts {
+            let (said, due) = match self.said.get(key) {
+                Some(&(said, at)) => (said, now.duration_since(at) >= Self::EVERY),
+                None => (0, true),
+            };
+            if flows.over_share > said && due {
+                lines.push(format!(
+                    "flow log: {} has its share of the flow map ({} flows): {} more of its \
+                     new flows counted, not recorded (limits.flow_share; the other hosts \
+                     are still recorded)",
+                    key.ip(),
+                    flows.flows,
+                    flows.over_share - said
+                ));
+                self.said.insert(*key, (flows.over_share, now));
+            }
+        }
+        lines
+    }
+}
+
 /// The flow log's side of the daemon: denied packets from NFLOG folded into blocked-flow
 /// records and written in batches. If the log or NFLOG cannot be opened, the cage still
 /// holds; the problem is logged and the flow log is off.
@@ -622,6 +661,8 @@ struct Collector {
     persisted_at: std::time::Instant,
     /// DNS names for the records (the forwarder's answers), when DNS goes through Cage.
     names: Option<Arc<dns::Shared>>,
+    /// Hosts over their share of the flow map: what was said of each, and when.
+    over_share: OverShare,
 }
 
 impl Collector {
@@ -658,6 +699,7 @@ impl Collector {
             reader,
             stats,
             accounted: NflogCounts::default(),
+            over_share: OverShare::default(),
             blocked: Blocked::default(),
             table_full: 0,
             sweeper: Sweeper::load(&flows::dir(cfg)),
@@ -723,6 +765,8 @@ impl Collector {
             });
         let mut ended = Vec::new();
         let mut in_map = 0;
+        // Each host's records left in the map after this sweep, for its share.
+        let mut per_host: HashMap<cage_common::HostKey, u32> = HashMap::new();
         // The counters before the walk over the map: a flow created in between is then
         // in the walk but not yet counted, so the eviction estimate below can only err
         // low while traffic flows, and is exact once it stops.
@@ -739,6 +783,11 @@ impl Collector {
                         &hostnames,
                     );
                     in_map = flows.len() - done.len();
+                    let done_set: std::collections::HashSet<&cage_common::FlowKey> =
+                        done.iter().collect();
+                    for (k, _) in flows.iter().filter(|(k, _)| !done_set.contains(k)) {
+                        *per_host.entry(cage_common::HostKey::of(k)).or_default() += 1;
+                    }
                     records.extend(allowed);
                     ended = done;
                 }
@@ -797,6 +846,18 @@ impl Collector {
                 }
                 log.stats.ebpf_evicted = evicted;
                 log.stats.ebpf_update_failed = s.flow_update_failed;
+                log.stats.ebpf_over_share = s.over_share;
+            }
+            if let Err(e) = m.set_host_flows(&per_host) {
+                log::error(&format!("flow log: cannot update the hosts' shares: {e}"));
+            }
+            match m.hosts() {
+                Ok(hosts) => {
+                    for line in self.over_share.news(&hosts, std::time::Instant::now()) {
+                        log::warn(&line);
+                    }
+                }
+                Err(e) => log::error(&format!("flow log: cannot read the hosts' shares: {e}")),
             }
             let _ = log.save_stats();
         }

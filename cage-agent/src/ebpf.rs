@@ -48,9 +48,9 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::EbpfLoader;
 use cage_common::{
-    Control, FlowKey, FlowValue, DEFAULT_FLOW_ENTRIES, MAP_CONTROL, MAP_FLOWS, MAP_STATS,
-    PROG_EGRESS, PROG_INGRESS, STAT_COUNT, STAT_FLOWS_CREATED, STAT_FLOW_UPDATE_FAILED,
-    STAT_ISOLATED_DROPPED, STAT_MALFORMED, STAT_NOT_IP,
+    Control, FlowKey, FlowValue, HostFlows, HostKey, DEFAULT_FLOW_ENTRIES, MAP_CONTROL, MAP_FLOWS,
+    MAP_HOSTS, MAP_STATS, PROG_EGRESS, PROG_INGRESS, STAT_COUNT, STAT_FLOWS_CREATED,
+    STAT_FLOW_UPDATE_FAILED, STAT_ISOLATED_DROPPED, STAT_MALFORMED, STAT_NOT_IP, STAT_OVER_SHARE,
 };
 
 /// The eBPF object, built by `build.rs` (which fails when it cannot build it).
@@ -276,7 +276,7 @@ pub fn attach(opts: &Options) -> Result<Attachment, EbpfError> {
     // No kernel BTF needed, and none looked for: stock OpenWrt kernels have none.
     loader.btf(None);
     loader.map_max_entries(MAP_FLOWS, opts.flow_entries);
-    let pins: Vec<(&str, PathBuf)> = [MAP_FLOWS, MAP_CONTROL, MAP_STATS]
+    let pins: Vec<(&str, PathBuf)> = [MAP_FLOWS, MAP_CONTROL, MAP_STATS, MAP_HOSTS]
         .into_iter()
         .map(|m| (m, opts.pin_dir.join(m)))
         .collect();
@@ -574,7 +574,7 @@ pub fn detach(bridge: &str, pin_dir: &Path) -> Result<(), Vec<EbpfError>> {
             errors.push(e);
         }
     }
-    for map in [MAP_FLOWS, MAP_CONTROL, MAP_STATS] {
+    for map in [MAP_FLOWS, MAP_CONTROL, MAP_STATS, MAP_HOSTS] {
         if let Err(e) = remove_pin(&pin_dir.join(map)) {
             errors.push(e);
         }
@@ -610,6 +610,8 @@ pub struct Stats {
     pub not_ip: u64,
     /// IP packets with unreadable headers (passed, not recorded).
     pub malformed: u64,
+    /// New flows not recorded because their host had its share of the map.
+    pub over_share: u64,
 }
 
 /// The pinned maps, opened from their pins (no program is loaded: cheap, and usable from
@@ -618,6 +620,9 @@ pub struct Maps {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     control: Array<MapData, Control>,
     stats: PerCpuArray<MapData, u64>,
+    /// Each host's part of the flow map; absent where an older `cage` pinned the maps
+    /// and its program is still attached (then no host is held to a share).
+    hosts: Option<HashMap<MapData, HostKey, HostFlows>>,
     flow_capacity: u32,
 }
 
@@ -647,10 +652,19 @@ impl Maps {
         let stats = open(MAP_STATS)?
             .try_into()
             .map_err(map_err("the stats map as a per-CPU array"))?;
+        let hosts = match pin_dir.join(MAP_HOSTS).exists() {
+            true => Some(
+                open(MAP_HOSTS)?
+                    .try_into()
+                    .map_err(map_err("the hosts map as a hash map"))?,
+            ),
+            false => None,
+        };
         Ok(Maps {
             flows,
             control,
             stats,
+            hosts,
             flow_capacity,
         })
     }
@@ -714,6 +728,7 @@ impl Maps {
             isolated_dropped: at(STAT_ISOLATED_DROPPED),
             not_ip: at(STAT_NOT_IP),
             malformed: at(STAT_MALFORMED),
+            over_share: at(STAT_OVER_SHARE),
         })
     }
 
@@ -725,21 +740,66 @@ impl Maps {
     /// Turn the kill switch's fast path on or off: one map write, effective from the next
     /// packet on both hooks.
     pub fn set_isolated(&mut self, isolated: bool) -> Result<(), EbpfError> {
-        let control = Control {
-            isolated: u32::from(isolated),
-            ..Control::default()
-        };
+        self.change_control(|c| c.isolated = u32::from(isolated))
+    }
+
+    pub fn isolated(&self) -> Result<bool, EbpfError> {
+        Ok(self.control()?.isolated != 0)
+    }
+
+    /// Records one host may have in the flow map at once (0: no limit).
+    pub fn set_host_share(&mut self, share: u32) -> Result<(), EbpfError> {
+        self.change_control(|c| c.host_share = share)
+    }
+
+    fn control(&self) -> Result<Control, EbpfError> {
+        self.control
+            .get(&0, 0)
+            .map_err(map_err("reading the control map"))
+    }
+
+    /// Change one switch of the control record, keeping the others. Only `cage` writes
+    /// it, one process at a time for each switch.
+    fn change_control(&mut self, change: impl FnOnce(&mut Control)) -> Result<(), EbpfError> {
+        let mut control = self.control()?;
+        change(&mut control);
         self.control
             .set(0, control, 0)
             .map_err(map_err("writing the control map"))
     }
 
-    pub fn isolated(&self) -> Result<bool, EbpfError> {
-        let control = self
-            .control
-            .get(&0, 0)
-            .map_err(map_err("reading the control map"))?;
-        Ok(control.isolated != 0)
+    /// Each host's part of the flow map as the program counts it.
+    pub fn hosts(&self) -> Result<Vec<(HostKey, HostFlows)>, EbpfError> {
+        let Some(hosts) = &self.hosts else {
+            return Ok(Vec::new());
+        };
+        let mut all = Vec::new();
+        for item in hosts.iter().take(2 * cage_common::HOST_ENTRIES as usize) {
+            match item {
+                Ok(kv) => all.push(kv),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("reading the hosts map")(e)),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Set each host's count of records to what the map holds now (`counts`; a host
+    /// not in it has none): the program counts up, records written out and evicted are
+    /// counted down here. Keeps what the program counted over its share.
+    pub fn set_host_flows(&mut self, counts: &StdHashMap<HostKey, u32>) -> Result<(), EbpfError> {
+        let known = self.hosts()?;
+        let Some(hosts) = &mut self.hosts else {
+            return Ok(());
+        };
+        for (key, mut value) in known {
+            value.flows = counts.get(&key).copied().unwrap_or(0);
+            match hosts.insert(key, value, 0) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("writing the hosts map")(e)),
+            }
+        }
+        Ok(())
     }
 }
 

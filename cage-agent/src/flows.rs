@@ -66,6 +66,10 @@ pub struct LogStats {
     pub ebpf_evicted: u64,
     #[serde(default)]
     pub ebpf_update_failed: u64,
+    /// New flows not recorded because their host had its share of the eBPF map
+    /// (`limits.flow_share`): the flooding host's, while the others stay recorded.
+    #[serde(default)]
+    pub ebpf_over_share: u64,
     /// Records not copied to the persistent directory because the day's write budget
     /// was spent.
     #[serde(default)]

@@ -345,13 +345,15 @@ pub fn render_text(s: &Status) -> String {
                 o,
                 "flows:   {} records written; lost: {} rotated away unread, {} denied \
                  packets not handed over (NFLOG overruns {}), {} over the log rate limit, \
-                 {} flows evicted from the eBPF map, {} records over the flash budget",
+                 {} flows evicted from the eBPF map, {} new flows of hosts over their share \
+                 of it, {} records over the flash budget",
                 f.written,
                 f.rotated_away,
                 f.nflog_dropped,
                 f.nflog_overruns,
                 s.unlogged,
                 f.ebpf_evicted,
+                f.ebpf_over_share,
                 f.persist_over_budget
             );
         }

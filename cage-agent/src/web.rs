@@ -173,6 +173,7 @@ pub fn page_status(s: &status::Status) -> Status {
                 + f.nflog_dropped
                 + f.ebpf_evicted
                 + f.ebpf_update_failed
+                + f.ebpf_over_share
                 + f.persist_over_budget
         })
         .unwrap_or(0)
@@ -335,6 +336,10 @@ impl Backend for AgentBackend {
                     (
                         f.ebpf_update_failed,
                         "packets the eBPF map could not record",
+                    ),
+                    (
+                        f.ebpf_over_share,
+                        "new flows of a host over its share of the eBPF map",
                     ),
                     (f.persist_over_budget, "records over the flash write budget"),
                 ];

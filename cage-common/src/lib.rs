@@ -26,6 +26,10 @@ pub const MAP_FLOWS: &str = "CAGE_FLOWS";
 pub const MAP_CONTROL: &str = "CAGE_CONTROL";
 /// Per-CPU counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "CAGE_STATS";
+/// Each caged host's flows in [`MAP_FLOWS`]: [`HostKey`] → [`HostFlows`], an LRU hash.
+pub const MAP_HOSTS: &str = "CAGE_HOSTS";
+/// Hosts [`MAP_HOSTS`] keeps at most: far more than a segment has.
+pub const HOST_ENTRIES: u32 = 1024;
 
 /// The classifier for the segment bridge's ingress: frames from caged hosts.
 pub const PROG_INGRESS: &str = "cage_tc_ingress";
@@ -46,6 +50,9 @@ pub const STAT_ISOLATED_DROPPED: u32 = 2;
 pub const STAT_NOT_IP: u32 = 3;
 /// IP packets whose headers could not be read (truncated or malformed): passed, not recorded.
 pub const STAT_MALFORMED: u32 = 4;
+/// New flows not recorded because their host already had its share of the flow map
+/// ([`Control::host_share`]): passed, not recorded, counted per host as well.
+pub const STAT_OVER_SHARE: u32 = 5;
 /// Number of counter slots (some spare, so new counters need no map change).
 pub const STAT_COUNT: u32 = 8;
 
@@ -86,6 +93,43 @@ impl FlowKey {
     pub fn server_ip(&self) -> IpAddr {
         ip_of(self.family, &self.server_addr)
     }
+}
+
+/// A caged host, as [`MAP_HOSTS`] knows it: its address in [`FlowKey`]'s layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostKey {
+    pub addr: [u8; 16],
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl HostKey {
+    pub fn ip(&self) -> IpAddr {
+        ip_of(self.family, &self.addr)
+    }
+
+    /// The key of the host of `flow`.
+    pub fn of(flow: &FlowKey) -> HostKey {
+        HostKey {
+            addr: flow.client_addr,
+            family: flow.family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// One caged host's part of the flow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostFlows {
+    /// Its records in the flow map: the classifier adds one for each record it creates,
+    /// the collector sets the true count at every sweep (it removes records, and the
+    /// LRU evicts some, which nobody counts down).
+    pub flows: u32,
+    /// Its new flows not recorded because `flows` had reached the share. Only grows.
+    pub over_share: u32,
 }
 
 fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
@@ -129,8 +173,12 @@ pub struct FlowValue {
 pub struct Control {
     /// Non-zero: the kill switch is on; every frame to and from the segment is dropped.
     pub isolated: u32,
+    /// Records one caged host may have in the flow map at once; 0: no limit. Its new
+    /// flows beyond it are counted (`STAT_OVER_SHARE`, [`HostFlows::over_share`]), not
+    /// recorded, so one host flooding the map leaves the others visible.
+    pub host_share: u32,
     /// Room for more switches without changing the map's value size.
-    pub _reserved: [u32; 3],
+    pub _reserved: [u32; 2],
 }
 
 #[cfg(feature = "user")]
@@ -142,6 +190,10 @@ mod user {
     unsafe impl aya::Pod for super::FlowValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Control {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HostKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HostFlows {}
 }
 
 #[cfg(test)]
@@ -155,6 +207,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(core::mem::size_of::<FlowValue>(), 6 * 8 + 6 + 1 + 1);
         assert_eq!(core::mem::size_of::<Control>(), 16);
+        assert_eq!(core::mem::size_of::<HostKey>(), 16 + 1 + 3);
+        assert_eq!(core::mem::size_of::<HostFlows>(), 4 + 4);
     }
 
     #[test]

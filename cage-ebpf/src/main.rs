@@ -34,9 +34,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use cage_common::{
-    Control, FlowKey, FlowValue, DEFAULT_FLOW_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, STAT_COUNT,
-    STAT_FLOWS_CREATED, STAT_FLOW_UPDATE_FAILED, STAT_ISOLATED_DROPPED, STAT_MALFORMED,
-    STAT_NOT_IP,
+    Control, FlowKey, FlowValue, HostFlows, HostKey, DEFAULT_FLOW_ENTRIES, FAMILY_IPV4,
+    FAMILY_IPV6, HOST_ENTRIES, STAT_COUNT, STAT_FLOWS_CREATED, STAT_FLOW_UPDATE_FAILED,
+    STAT_ISOLATED_DROPPED, STAT_MALFORMED, STAT_NOT_IP, STAT_OVER_SHARE,
 };
 
 /// Let the packet continue: in TCX this is `TCX_NEXT`, in a direct-action cls_bpf filter
@@ -71,6 +71,9 @@ static CAGE_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 #[map]
 static CAGE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map]
+static CAGE_HOSTS: LruHashMap<HostKey, HostFlows> = LruHashMap::with_max_entries(HOST_ENTRIES, 0);
 
 #[classifier]
 pub fn cage_tc_ingress(ctx: TcContext) -> i32 {
@@ -122,6 +125,27 @@ fn try_cage_tc(ctx: &TcContext, dir: Direction) -> Result<i32, u32> {
     let packet = parse(ctx, dir)?;
     record(&packet, dir)?;
     Ok(TC_ACT_UNSPEC)
+}
+
+/// The records one host may have in the flow map; 0: no limit.
+#[inline(always)]
+fn host_share() -> u32 {
+    match CAGE_CONTROL.get(0) {
+        // SAFETY: a valid pointer into the array's value, read once.
+        Some(control) => unsafe { core::ptr::read_volatile(&control.host_share) },
+        None => 0,
+    }
+}
+
+/// This host's entry in `CAGE_HOSTS`, made when it has none; `None` only when the map
+/// refuses (then the host is not held to its share: recording beats losing).
+#[inline(always)]
+fn host_entry(host: &HostKey) -> Option<*mut HostFlows> {
+    if let Some(h) = CAGE_HOSTS.get_ptr_mut(host) {
+        return Some(h);
+    }
+    let _ = CAGE_HOSTS.insert(host, &HostFlows::default(), BPF_NOEXIST);
+    CAGE_HOSTS.get_ptr_mut(host)
 }
 
 #[inline(always)]
@@ -330,6 +354,24 @@ fn record(p: &Packet, dir: Direction) -> Result<(), u32> {
         add(value, p, dir, now);
         return Ok(());
     }
+    // A new flow: within its host's share of the map, or counted and not recorded.
+    let share = host_share();
+    let mut host: Option<*mut HostFlows> = None;
+    if share != 0 {
+        host = host_entry(&HostKey::of(&p.key));
+        if let Some(h) = host {
+            // SAFETY: a pointer into a map value the kernel keeps alive for this run.
+            unsafe {
+                if core::ptr::read_volatile(&raw const (*h).flows) >= share {
+                    atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
+                        &raw mut (*h).over_share,
+                        1,
+                    );
+                    return Err(STAT_OVER_SHARE);
+                }
+            }
+        }
+    }
     let mut value = FlowValue {
         first_seen_ns: now,
         last_seen_ns: now,
@@ -350,6 +392,10 @@ fn record(p: &Packet, dir: Direction) -> Result<(), u32> {
     }
     if CAGE_FLOWS.insert(p.key, value, BPF_NOEXIST).is_ok() {
         count(STAT_FLOWS_CREATED);
+        if let Some(h) = host {
+            // SAFETY: as above.
+            unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*h).flows, 1) };
+        }
         return Ok(());
     }
     // Another CPU created the record between our lookup and insert: add to it. If it is
