@@ -236,13 +236,16 @@ impl Daemon {
     /// The router's neighbour entries for the caged hosts follow the layer-2 bindings:
     /// pinned to the bound MAC, put back when something moved one.
     async fn pin_neighbours(&mut self) {
-        let bound: Vec<(IpAddr, String)> = match nft::bindings() {
-            Ok(b) => b.addrs.into_iter().map(|(a, m, _)| (a, m)).collect(),
+        let mut bindings = match nft::bindings() {
+            Ok(b) => b,
             Err(e) => {
                 ::log::debug!("bindings not read: {e}");
                 return;
             }
         };
+        self.bind_leases(&mut bindings);
+        let bound: Vec<(IpAddr, String)> =
+            bindings.addrs.into_iter().map(|(a, m, _)| (a, m)).collect();
         let bridge = &self.current.config.segment.bridge;
         match crate::netlink::pin_neighbours(bridge, &bound).await {
             Ok(r) => {
@@ -273,6 +276,41 @@ impl Daemon {
             }
         }
         self.pin_error = None;
+    }
+
+    /// The DHCP server's leases bind their addresses to their MACs (a lease wins over
+    /// first come); `bindings` follows.
+    fn bind_leases(&mut self, bindings: &mut policy::Bindings) {
+        let cfg = &self.current.config;
+        let leases = flows::dhcp_leases(Path::new(flows::DHCP_LEASES));
+        if leases.is_empty() {
+            return;
+        }
+        let now = crate::clock::unix_now();
+        let changes = flows::lease_bindings(
+            &leases,
+            &bindings.addrs,
+            cfg.segment.subnet4(),
+            now,
+            cfg.limits.bind_timeout,
+        );
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = nft::bind_leased(&changes) {
+            log::error(&format!("leased addresses not bound: {e}"));
+            return;
+        }
+        for (addr, old, mac, secs) in changes {
+            if let Some(old) = &old {
+                log::warn(&format!(
+                    "{addr} was bound to {old}, but its DHCP lease names {mac}: bound to \
+                     {mac} now, {old} claiming it is dropped"
+                ));
+            }
+            bindings.addrs.retain(|(a, _, _)| *a != IpAddr::V4(addr));
+            bindings.addrs.push((IpAddr::V4(addr), mac, secs));
+        }
     }
 
     /// What automatic isolation must read now; `None` when it has nothing to watch: no
@@ -947,6 +985,35 @@ fn lock_down_if_bare(config_path: &Path) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_host_over_its_share_is_said_once_a_minute_with_what_it_lost() {
+        let key = |last: u8| cage_common::HostKey {
+            addr: [192, 168, 10, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            family: cage_common::FAMILY_IPV4,
+            _pad: [0; 3],
+        };
+        let flows = |flows, over_share| cage_common::HostFlows { flows, over_share };
+        let mut o = OverShare::default();
+        let t0 = Instant::now();
+        let lines = o.news(&[(key(11), flows(4096, 10)), (key(12), flows(3, 0))], t0);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("192.168.10.11") && lines[0].contains("10 more"));
+        // Within the minute: nothing, however much more it lost.
+        assert!(o
+            .news(&[(key(11), flows(4096, 500))], t0 + Duration::from_secs(30))
+            .is_empty());
+        // After it: what it lost since the last line.
+        let lines = o.news(&[(key(11), flows(4096, 700))], t0 + Duration::from_secs(61));
+        assert!(lines[0].contains("690 more"), "{lines:?}");
+        // Nothing new: nothing said.
+        assert!(o
+            .news(
+                &[(key(11), flows(4096, 700))],
+                t0 + Duration::from_secs(200)
+            )
+            .is_empty());
+    }
+
     use super::*;
 
     const MINUTE: Duration = Duration::from_secs(60);

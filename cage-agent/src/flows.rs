@@ -35,6 +35,7 @@ pub fn proto_name(p: u8) -> String {
         6 => "tcp".into(),
         17 => "udp".into(),
         58 => "icmpv6".into(),
+        crate::nflog::PROTO_ARP => "arp".into(),
         n => n.to_string(),
     }
 }
@@ -387,6 +388,101 @@ pub fn table_line(r: &FlowRecord) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_lease_binds_its_address_and_wins_over_first_come() {
+        let subnet: ipnet::Ipv4Net = "192.168.10.1/24".parse().unwrap();
+        let leases = vec![
+            // ai2's lease, its address taken first by ai1.
+            (
+                "192.168.10.100".parse().unwrap(),
+                "02:ca:9e:00:00:12".into(),
+                5000,
+            ),
+            // Bound already to its own MAC: nothing to do.
+            (
+                "192.168.10.101".parse().unwrap(),
+                "02:ca:9e:00:00:13".into(),
+                0,
+            ),
+            // Not bound yet.
+            (
+                "192.168.10.102".parse().unwrap(),
+                "02:ca:9e:00:00:14".into(),
+                1100,
+            ),
+            // Ended, and another network's.
+            (
+                "192.168.10.103".parse().unwrap(),
+                "02:ca:9e:00:00:15".into(),
+                900,
+            ),
+            (
+                "192.168.8.100".parse().unwrap(),
+                "02:ca:9e:00:00:16".into(),
+                5000,
+            ),
+        ];
+        let bound = vec![
+            (
+                "192.168.10.100".parse().unwrap(),
+                "02:ca:9e:00:00:11".into(),
+                3000,
+            ),
+            (
+                "192.168.10.101".parse().unwrap(),
+                "02:CA:9E:00:00:13".into(),
+                3000,
+            ),
+        ];
+        assert_eq!(
+            lease_bindings(&leases, &bound, subnet, 1000, 3600),
+            vec![
+                (
+                    "192.168.10.100".parse().unwrap(),
+                    Some("02:ca:9e:00:00:11".into()),
+                    "02:ca:9e:00:00:12".into(),
+                    3600
+                ),
+                (
+                    "192.168.10.102".parse().unwrap(),
+                    None,
+                    "02:ca:9e:00:00:14".into(),
+                    100
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_lease_file_reads_as_dnsmasq_writes_it() {
+        let dir = std::env::temp_dir().join(format!("cage-leases-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dhcp.leases");
+        std::fs::write(
+            &path,
+            "1700000000 02:CA:9E:00:00:12 192.168.10.100 agent-mini 01:02:ca:9e:00:00:12\n\
+             0 02:ca:9e:00:00:13 192.168.10.101 * *\n\
+             garbage line\n",
+        )
+        .unwrap();
+        assert_eq!(
+            dhcp_leases(&path),
+            vec![
+                (
+                    "192.168.10.100".parse().unwrap(),
+                    "02:ca:9e:00:00:12".into(),
+                    1_700_000_000
+                ),
+                (
+                    "192.168.10.101".parse().unwrap(),
+                    "02:ca:9e:00:00:13".into(),
+                    0
+                ),
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
     use std::time::Duration;
 
@@ -656,6 +752,66 @@ pub fn dhcp_hostnames(path: &Path) -> HashMap<IpAddr, String> {
             Some((ip, (*name).to_owned()))
         })
         .collect()
+}
+
+/// The IPv4 leases of the DHCP server's lease file (dnsmasq's: `expiry mac ip hostname
+/// client-id`, expiry in Unix seconds, 0 for never): (address, MAC in lower case,
+/// expiry). Empty when there is none.
+pub fn dhcp_leases(path: &Path) -> Vec<(std::net::Ipv4Addr, String, u64)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let expiry = f.first()?.parse().ok()?;
+            let mac = f.get(1)?.to_ascii_lowercase();
+            let ip = f.get(2)?.parse().ok()?;
+            (mac.len() == 17).then_some((ip, mac, expiry))
+        })
+        .collect()
+}
+
+/// What the DHCP leases change in the layer-2 bindings: every lease in the segment's
+/// `subnet` that has not ended binds its address to its MAC (for what is left of it, at
+/// most `bind_timeout`), replacing a binding to another MAC (a host that used the
+/// address first: the lease wins). Each change: (address, the other MAC if replaced,
+/// the lease's MAC, seconds).
+pub fn lease_bindings(
+    leases: &[(std::net::Ipv4Addr, String, u64)],
+    bound: &[(IpAddr, String, u32)],
+    subnet: ipnet::Ipv4Net,
+    now: u64,
+    bind_timeout: u32,
+) -> Vec<(std::net::Ipv4Addr, Option<String>, String, u32)> {
+    let mut changes = Vec::new();
+    for (addr, mac, expiry) in leases {
+        if !subnet.contains(addr) || (*expiry != 0 && *expiry <= now) {
+            continue;
+        }
+        let left = if *expiry == 0 {
+            bind_timeout
+        } else {
+            u32::try_from(expiry - now)
+                .unwrap_or(u32::MAX)
+                .min(bind_timeout)
+        };
+        let now_bound: Vec<&String> = bound
+            .iter()
+            .filter(|(a, _, _)| *a == IpAddr::V4(*addr))
+            .map(|(_, m, _)| m)
+            .collect();
+        if now_bound.iter().any(|m| m.eq_ignore_ascii_case(mac)) {
+            continue;
+        }
+        changes.push((
+            *addr,
+            now_bound.first().map(|m| (*m).clone()),
+            mac.clone(),
+            left,
+        ));
+    }
+    changes
 }
 
 /// Where dnsmasq keeps its leases on OpenWrt.

@@ -207,7 +207,21 @@ pub fn parse(nlas: &[PacketNla]) -> Option<Denied> {
             _ => {}
         }
     }
-    let (proto, src, dst, len, l4) = ip_header(payload?)?;
+    let payload = payload?;
+    if let Some((src, dst)) = arp(payload) {
+        return Some(Denied {
+            at: SystemTime::now(),
+            rule,
+            proto: PROTO_ARP,
+            src: src.into(),
+            dst: dst.into(),
+            sport: None,
+            dport: None,
+            mac,
+            len: payload.len() as u32,
+        });
+    }
+    let (proto, src, dst, len, l4) = ip_header(payload)?;
     let (sport, dport) = match proto {
         6 | 17 if l4.len() >= 4 => (
             Some(u16::from_be_bytes([l4[0], l4[1]])),
@@ -227,6 +241,22 @@ pub fn parse(nlas: &[PacketNla]) -> Option<Denied> {
         mac,
         len,
     })
+}
+
+/// The protocol number a denied ARP packet is recorded with (the bridge table denies
+/// ARP that claims someone else's address): 255, which IANA keeps reserved, so it is no
+/// IP protocol a packet can carry.
+pub const PROTO_ARP: u8 = 255;
+
+/// An ARP packet for IPv4 over Ethernet: (sender address, target address).
+fn arp(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if p.len() < 28 || p[..6] != [0, 1, 8, 0, 6, 4] {
+        return None;
+    }
+    Some((
+        Ipv4Addr::new(p[14], p[15], p[16], p[17]),
+        Ipv4Addr::new(p[24], p[25], p[26], p[27]),
+    ))
 }
 
 /// (protocol, source, destination, packet length, transport header onward).
@@ -290,6 +320,27 @@ mod tests {
         assert_eq!((d.sport, d.dport), (Some(42000), Some(22)));
         assert_eq!(d.mac, Some([2, 0xca, 0x9e, 0, 0, 0x11]));
         assert_eq!(d.len, 60);
+    }
+
+    #[test]
+    fn parses_a_logged_arp_claim() {
+        // A reply: 192.168.10.12 is at 02:ca:9e:00:00:11 (someone else's address).
+        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 2];
+        arp.extend([2, 0xca, 0x9e, 0, 0, 0x11, 192, 168, 10, 12]);
+        arp.extend([2, 0, 0, 0, 0, 1, 192, 168, 10, 1]);
+        let mut hw = vec![0xff; 6];
+        hw.extend([2, 0xca, 0x9e, 0, 0, 0x11, 8, 6]);
+        let d = parse(&[
+            PacketNla::Prefix(CString::new("deny:addr-theft").unwrap()),
+            PacketNla::HwHeader(hw),
+            PacketNla::Payload(arp),
+        ])
+        .unwrap();
+        assert_eq!(d.proto, PROTO_ARP);
+        assert_eq!(d.src, "192.168.10.12".parse::<IpAddr>().unwrap());
+        assert_eq!(d.dst, "192.168.10.1".parse::<IpAddr>().unwrap());
+        assert_eq!(d.mac, Some([2, 0xca, 0x9e, 0, 0, 0x11]));
+        assert_eq!(crate::flows::proto_name(d.proto), "arp");
     }
 
     #[test]

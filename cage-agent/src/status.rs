@@ -50,7 +50,51 @@ pub struct Status {
     pub ai_port: Option<crate::aiport::Report>,
     /// Where the web page is served now (`web_listen`, the LAN's addresses resolved).
     pub web: Vec<String>,
+    /// The caged machines as the layer-2 bindings know them: each MAC, its port and
+    /// the addresses bound to it.
+    pub machines: Vec<Machine>,
     pub problems: Vec<String>,
+}
+
+/// One caged machine: a MAC bound to a port, and the addresses bound to that MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Machine {
+    pub mac: String,
+    /// `None` when only an address names the MAC (its port binding ended first).
+    pub port: Option<String>,
+    /// (address, seconds its binding has left unused).
+    pub addresses: Vec<(std::net::IpAddr, u32)>,
+    /// Seconds the MAC's binding to its port has left unused.
+    pub left: Option<u32>,
+}
+
+/// The bindings grouped by machine (MAC), in MAC order.
+pub fn machines(b: &crate::policy::Bindings) -> Vec<Machine> {
+    let mut by_mac: BTreeMap<String, Machine> = BTreeMap::new();
+    let entry = |by_mac: &mut BTreeMap<String, Machine>, mac: &str| {
+        by_mac
+            .entry(mac.to_ascii_lowercase())
+            .or_insert_with(|| Machine {
+                mac: mac.to_ascii_lowercase(),
+                port: None,
+                addresses: vec![],
+                left: None,
+            })
+            .clone()
+    };
+    for (mac, port, left) in &b.macs {
+        let mut m = entry(&mut by_mac, mac);
+        m.port = Some(port.clone());
+        m.left = Some(*left);
+        by_mac.insert(m.mac.clone(), m);
+    }
+    for (addr, mac, left) in &b.addrs {
+        let mut m = entry(&mut by_mac, mac);
+        m.addresses.push((*addr, *left));
+        m.addresses.sort();
+        by_mac.insert(m.mac.clone(), m);
+    }
+    by_mac.into_values().collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -206,6 +250,10 @@ pub async fn gather(config_path: &Path) -> Status {
         },
         Err(_) => None,
     };
+    let machines = nft::bindings().map(|b| machines(&b)).unwrap_or_else(|e| {
+        problems.push(format!("cannot read the layer-2 bindings: {e}"));
+        vec![]
+    });
     let web = match &cfg {
         Ok(c) => match crate::listen::listen_addresses(c).await {
             Ok(addrs) => addrs.iter().map(crate::listen::url).collect(),
@@ -238,6 +286,7 @@ pub async fn gather(config_path: &Path) -> Status {
         unlogged,
         ai_port,
         web,
+        machines,
         problems,
     }
 }
@@ -333,6 +382,20 @@ pub fn render_text(s: &Status) -> String {
             if p.isolated { ", isolated" } else { "" },
         );
     }
+    for m in &s.machines {
+        let addrs: Vec<String> = m.addresses.iter().map(|(a, _)| a.to_string()).collect();
+        let _ = writeln!(
+            o,
+            "machine: {} on {}: {}",
+            m.mac,
+            m.port.as_deref().unwrap_or("(port binding ended)"),
+            if addrs.is_empty() {
+                "no address yet".to_owned()
+            } else {
+                addrs.join(", ")
+            }
+        );
+    }
     let _ = writeln!(o, "denied:  {} packets", s.denied_total);
     for (k, c) in &s.denied {
         if c.packets > 0 {
@@ -420,4 +483,47 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(o, "PROBLEM: {p}");
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings_are_grouped_by_machine() {
+        let b = crate::policy::Bindings {
+            macs: vec![("02:CA:9E:00:00:11".into(), "cage1".into(), 3000)],
+            addrs: vec![
+                (
+                    "fd00:cafe:10::11".parse().unwrap(),
+                    "02:ca:9e:00:00:11".into(),
+                    3500,
+                ),
+                (
+                    "192.168.10.11".parse().unwrap(),
+                    "02:ca:9e:00:00:11".into(),
+                    3600,
+                ),
+                // An address whose MAC's port binding ended before it.
+                (
+                    "192.168.10.12".parse().unwrap(),
+                    "02:ca:9e:00:00:12".into(),
+                    100,
+                ),
+            ],
+        };
+        let m = machines(&b);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mac, "02:ca:9e:00:00:11");
+        assert_eq!(m[0].port.as_deref(), Some("cage1"));
+        assert_eq!(
+            m[0].addresses,
+            vec![
+                ("192.168.10.11".parse().unwrap(), 3600),
+                ("fd00:cafe:10::11".parse().unwrap(), 3500)
+            ]
+        );
+        assert_eq!(m[1].port, None);
+        assert_eq!(m[1].addresses.len(), 1);
+    }
 }

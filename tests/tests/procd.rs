@@ -242,6 +242,23 @@ fn dhcp_lease_names_the_flows(ow: &OwLab) {
         "dnsmasq's lease file has no {ip} {NAME}:\n{leases}"
     );
     println!("dnsmasq (OpenWrt's init script) leased {ip}/{mask} to ai1 as {NAME}");
+    // The lease binds the address to ai1's MAC before ai1 has sent from it (a lease
+    // wins over first come, first served): cage run reads the lease file.
+    let mac = leases
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(ip))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_ascii_lowercase();
+    ow.wait_for(
+        "cage run to bind the leased address to ai1's MAC",
+        Duration::from_secs(10),
+        |ow| {
+            ow.nft_list("set bridge cage bind4")
+                .contains(&format!("{ip} . {mac}"))
+        },
+    );
+    println!("cage run bound {ip} to {mac} from the lease, before ai1 used it");
     // Traffic from the leased address, then its flow record with the name.
     ow.lab()
         .ip(

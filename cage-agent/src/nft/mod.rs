@@ -218,6 +218,34 @@ pub fn bindings() -> Result<crate::policy::Bindings, NftError> {
     Ok(out)
 }
 
+/// Bind IPv4 addresses to the MAC their DHCP lease names (a lease wins over first come,
+/// first served): each (address, the MAC it is bound to now if another, the lease's
+/// MAC, seconds the binding lasts). One transaction.
+pub fn bind_leased(
+    changes: &[(std::net::Ipv4Addr, Option<String>, String, u32)],
+) -> Result<(), NftError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let sets = &crate::policy::BIND_SETS;
+    let mut script = String::new();
+    for (addr, old, mac, secs) in changes {
+        if let Some(old) = old {
+            script.push_str(&format!(
+                "delete element bridge {TABLE} {} {{ {addr} . {old} }}\n\
+                 delete element bridge {TABLE} {} {{ {addr} }}\n",
+                sets.bind4, sets.own4
+            ));
+        }
+        script.push_str(&format!(
+            "add element bridge {TABLE} {} {{ {addr} timeout {secs}s }}\n\
+             add element bridge {TABLE} {} {{ {addr} . {mac} timeout {secs}s }}\n",
+            sets.own4, sets.bind4
+        ));
+    }
+    run(&["-f", "-"], Some(&script), "bind leased addresses").map(|_| ())
+}
+
 /// The elements of a listed set: each one's value (its parts, for a concatenation) and
 /// the seconds it has left (`expires`, or its `timeout` when nft gives no expiry).
 fn set_elements(objects: &[serde_json::Value]) -> Vec<(Vec<String>, u32)> {
@@ -282,13 +310,22 @@ pub fn meter_counts(name: &str) -> Result<BTreeMap<std::net::IpAddr, Count>, Nft
     Ok(counts)
 }
 
-/// A named counter of Cage's inet table; `None` when it (or the table) is absent.
+/// A named counter of Cage's tables, summed over both; `None` when absent from both.
 pub fn named_counter(name: &str) -> Result<Option<Count>, NftError> {
-    let counter = ["-j", "list", "counter", "inet", TABLE, name];
-    let Some(objects) = list_objects(&counter, "read a counter")? else {
-        return Ok(None);
-    };
-    Ok(objects.iter().find_map(|o| o.get("counter")).map(Count::of))
+    // Both tables may have one of that name (each table its own `unlogged`): summed.
+    let mut sum: Option<Count> = None;
+    for family in ["inet", "bridge"] {
+        let counter = ["-j", "list", "counter", family, TABLE, name];
+        let Some(objects) = list_objects(&counter, "read a counter")? else {
+            continue;
+        };
+        if let Some(c) = objects.iter().find_map(|o| o.get("counter")).map(Count::of) {
+            let s = sum.get_or_insert_with(Count::default);
+            s.packets += c.packets;
+            s.bytes += c.bytes;
+        }
+    }
+    Ok(sum)
 }
 
 /// Packet and byte counts of one rule comment (e.g. `deny:lan`), summed over its rules.
