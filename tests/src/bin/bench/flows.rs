@@ -256,13 +256,13 @@ fn in_ns<T: Send + 'static>(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub(crate) enum Transport {
     Tcp,
     Udp,
 }
 
 impl Transport {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "TCP",
             Transport::Udp => "UDP",
@@ -271,11 +271,11 @@ impl Transport {
 }
 
 /// One iperf3 run.
-struct Run {
+pub(crate) struct Run {
     /// What the receiver got, Mbit/s.
-    mbps: f64,
+    pub(crate) mbps: f64,
     /// UDP: datagrams lost, percent.
-    lost: Option<f64>,
+    pub(crate) lost: Option<f64>,
     /// How long the client ran.
     wall: Duration,
     /// Cage's programs during the run (zero without them).
@@ -353,7 +353,7 @@ fn check_counted(counter: &Counter, t: Transport) -> Result<()> {
 }
 
 /// One iperf3 run from ai1 to the internet host, with a one-off server.
-fn iperf(lab: &Lab, t: Transport) -> Result<Run> {
+pub(crate) fn iperf(lab: &Lab, t: Transport) -> Result<Run> {
     let (inet, ai1) = (lab.ns(Node::Inet), lab.ns(Node::Ai1));
     let port = IPERF_PORT.to_string();
     let server = Command::new("ip")

@@ -6,6 +6,8 @@
 //! - `flows`: what the eBPF flow counter costs (throughput with/without) and how many new
 //!   flows a second it records;
 //! - `dns`: what DNS through Cage's forwarder adds to a lookup;
+//! - `neighbour`: what the layer-2 bindings and per-host shares cost a caged host's
+//!   traffic;
 //! - `web`: page and API latency with 10 000 flows, and the agent's memory (runs the
 //!   `web_bench` programs that xtask built).
 //!
@@ -21,11 +23,12 @@ use cage_tests::lab::{CageRun, Lab};
 mod dns;
 mod flows;
 mod killswitch;
+mod neighbour;
 mod results;
 mod web;
 
 const USAGE: &str = "\
-usage: bench killswitch | flows | dns | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
+usage: bench killswitch | flows | dns | neighbour | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
   (run by `cargo xtask bench …`, which builds what is measured first)
 ";
 
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
             ["killswitch"] => root().and_then(|()| killswitch::killswitch()),
             ["flows"] => root().and_then(|()| flows::flows()),
             ["dns"] => root().and_then(|()| dns::dns()),
+            ["neighbour"] => root().and_then(|()| neighbour::neighbour()),
             ["web", glibc, musl] => web::web(glibc, musl),
             _ => return None,
         })
