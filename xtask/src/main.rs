@@ -16,6 +16,7 @@ mod fuzz;
 mod openwrt;
 mod package;
 mod setup;
+mod vm;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -32,6 +33,8 @@ usage: cargo xtask <command>
                      message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
+  vm ARCH... [--full]   boot Debian's Linux 6.1 for x86_64, aarch64 or mipsel under qemu and
+                     run the lab in it (smoke run; --full: every VM check), results per arch
 ";
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         },
         ["dist", rest @ ..] => setup::install().and_then(|()| dist::run_dist(rest)),
         ["package", rest @ ..] => setup::install().and_then(|()| package::run_package(rest)),
+        ["vm", rest @ ..] => setup::install().and_then(|()| vm::run_vm(rest)),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
