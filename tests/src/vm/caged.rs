@@ -100,7 +100,9 @@ pub fn attach_path(section: &str, c: &Caged, jit: Option<bool>) -> bool {
     let mut tc = String::new();
     for hook in ["ingress", "egress"] {
         let mut cmd = c.lab.in_router_netns();
-        cmd.args(["tc", "filter", "show", "dev", "br-cage", hook]);
+        // iproute2's tc by its path: busybox's nsenter prefers its own applets, and
+        // busybox's tc knows no clsact.
+        cmd.args(["/sbin/tc", "filter", "show", "dev", "br-cage", hook]);
         match lab::run_command(&mut cmd, None, Duration::from_secs(20)) {
             Ok(out) => {
                 tc.push_str(&String::from_utf8_lossy(&out.stdout));
