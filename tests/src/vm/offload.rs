@@ -93,6 +93,57 @@ pub fn run() {
         }
     }
 
+    // `cage status`: software offload is no problem; hardware offload is one, with
+    // what to do. A flowtable with `flags offload` cannot be made on veths (no
+    // hardware), so the configured side is shown: fw4's `flow_offloading_hw '1'`.
+    let hw = |c: &caged::Caged| -> Vec<String> {
+        let out = c.lab.cage(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .filter(|p| p.contains("hardware flow offload"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let soft = hw(&c);
+    row(
+        SECTION,
+        "cage status: software offload is no problem",
+        soft.is_empty(),
+        "no problem",
+        if soft.is_empty() {
+            "with fw4's software flowtable in place".to_owned()
+        } else {
+            soft.join("; ")
+        },
+    );
+    let config = std::path::Path::new("/etc/config/firewall");
+    let written = std::fs::create_dir_all("/etc/config").and_then(|()| {
+        std::fs::write(
+            config,
+            "config defaults\n\toption flow_offloading '1'\n\toption flow_offloading_hw '1'\n",
+        )
+    });
+    let reported = hw(&c);
+    let _ = std::fs::remove_file(config);
+    row(
+        SECTION,
+        "cage status: hardware offload (flow_offloading_hw '1') is a problem",
+        written.is_ok() && reported.len() == 1 && reported[0].contains("uci set firewall"),
+        if reported.is_empty() {
+            "not reported"
+        } else {
+            "reported"
+        },
+        reported
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("{written:?}")),
+    );
+
     // Counted exactly all the same: UDP and TCP, both families.
     flows::exact(&c, SECTION, &flows::Kind::ALL);
     // The kill switch cuts offloaded flows (the TCP transfer is long-lived).
