@@ -12,9 +12,11 @@
 //!
 //! Everything here needs root: namespaces, veths and raw sockets.
 
+#[cfg(feature = "web")]
 pub mod browser;
 pub mod contract;
 pub mod dns;
+#[cfg(feature = "web")]
 pub mod http;
 pub mod lab;
 pub mod openwrt;

@@ -177,6 +177,7 @@ fn build_vmlab(t: &'static crate::dist::Target) -> Result<PathBuf> {
         "--locked",
         "--package",
         "cage-tests",
+        "--no-default-features",
         "--bin",
         "vmlab",
     ])
