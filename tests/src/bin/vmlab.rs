@@ -3,7 +3,10 @@
 //! - `vmlab`: the whole run: the kernel's facts, its modules loaded, then each scenario
 //!   of the plan (`vmlab.mode=smoke|full`, `vmlab.only=a,b` on the kernel's command line)
 //!   in a process of its own, bounded in time; a scenario that dies or hangs is a failed
-//!   row. Exits 0 when every row is ok.
+//!   row. Exits 0 when every row is ok. Built with the release profile (as `cage`, whose
+//!   dependency builds it shares), so a panic aborts its scenario's process: the panic's
+//!   message is on the console, the row says the scenario did not end, the run goes on
+//!   (what the scenario made is left in the throwaway guest).
 //! - `vmlab run NAME`: one scenario, in this process.
 
 use std::io::{BufRead, BufReader, Write};

@@ -10,8 +10,9 @@
 //! (leaks after the press), `cost` (the program's run time per packet), `matrix` (the
 //! contract or its subsets), `vlan`, `offload` and `golden` (x86_64's full run).
 //!
-//! Each scenario runs in a process of its own (`vmlab run NAME`), so a panic or a hang
-//! ends one scenario, which is then reported as failed, and not the whole run.
+//! Each scenario runs in a process of its own (`vmlab run NAME`), so a panic (an abort:
+//! `vmlab` has the release profile) or a hang ends one scenario, which is then reported
+//! as failed, and not the whole run.
 
 use std::fmt::Display;
 use std::io::Write;
