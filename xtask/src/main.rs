@@ -35,6 +35,7 @@ usage: cargo xtask <command>
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
   vm ARCH... [--full]   boot Debian's Linux 6.1 for x86_64, aarch64 or mipsel under qemu and
                      run the lab in it (smoke run; --full: every VM check), results per arch
+  vm ci              CI's VM stage: x86_64 --full, aarch64 and mipsel smoke runs
 ";
 
 fn main() -> ExitCode {
