@@ -140,7 +140,10 @@ fn ensure_architecture(arch: &Arch) -> Result<()> {
 /// remembered in the cache, for runs without a mirror.
 fn kernel_package(arch: &Arch, dir: &Path) -> Result<String> {
     let remembered = dir.join("kernel-package");
-    let _ = ensure_architecture(arch);
+    // Without a mirror this fails; the cache may still hold everything.
+    if let Err(e) = ensure_architecture(arch) {
+        println!("xtask vm: {e:#}");
+    }
     let asked = output(Command::new("apt-cache").args([
         "depends",
         "--no-recommends",
