@@ -127,15 +127,22 @@ pub fn attach_path(section: &str, c: &Caged, jit: Option<bool>) -> bool {
         [false, false] => "interpreted",
         _ => "JIT state unknown",
     };
-    let netlink = said.contains("(Netlink");
+    // TCX arrived in 6.6; before it, clsact and cls_bpf through netlink.
+    let (release, _) = kernel::uname();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let tcx = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 6);
+    let netlink = said.contains(if tcx { "(Tcx" } else { "(Netlink" });
     row(
         section,
         "eBPF program attached",
         netlink && both && da && jit_ok,
         format!("clsact + cls_bpf, {how}"),
         if netlink && both && da {
-            "no TCX on 6.1: cage chose netlink; tc shows both programs direct-action on br-cage"
-                .to_owned()
+            format!(
+                "no TCX on {release}: cage chose netlink; tc shows both programs direct-action on br-cage"
+            )
         } else {
             format!("cage said {said:?}; tc: {}", tc.replace('\n', " | "))
         },
