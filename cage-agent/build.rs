@@ -81,7 +81,20 @@ fn main() {
         .current_dir(&ebpf_crate)
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            format!("--cfg=bpf_target_arch=\"{arch}\""),
+            [
+                format!("--cfg=bpf_target_arch=\"{arch}\""),
+                // No BPF-to-BPF calls: bpf-linker's default `--bpf-expand-memcpy-in-order`
+                // leaves LLVM no way to inline a memset, which then becomes a call into a
+                // `memset` subprogram, and the MIPS32 eBPF JIT takes no subprograms (6.1's
+                // `emit_call` refuses a call whose address is not fixed in the first pass)
+                // and falls back to the interpreter: on the Mango (MT7628) Cage's program
+                // ran interpreted with `bpf_jit_enable=1` (the VM stage, `cargo xtask vm
+                // mipsel --full`). Without that option memsets are inlined; with
+                // `--disable-memory-builtins` a call to one that is not fails the build.
+                "-Clink-arg=--disable-expand-memcpy-in-order".into(),
+                "-Clink-arg=--disable-memory-builtins".into(),
+            ]
+            .join("\x1f"),
         );
     // What the outer cargo (or clippy) set for the host build must not leak into the
     // nested one: its compiler, wrappers, flags and toolchain choice.

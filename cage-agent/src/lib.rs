@@ -23,6 +23,7 @@ pub mod log;
 pub mod netlink;
 pub mod nflog;
 pub mod nft;
+pub mod offload;
 pub mod probe;
 pub mod running;
 pub mod selftest;

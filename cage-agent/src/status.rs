@@ -266,6 +266,9 @@ pub async fn gather(config_path: &Path) -> Status {
         },
         Err(_) => vec![],
     };
+    problems.extend(crate::offload::problems(Path::new(
+        crate::offload::FIREWALL_CONFIG,
+    )));
     Status {
         enforcing,
         lockdown,

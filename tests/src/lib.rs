@@ -7,19 +7,24 @@
 //! - [`wait`]: waiting on a condition, bounded in time, instead of fixed sleeps.
 //! - [`contract`]: MISSION.md's connectivity contract as a table of checks, and a runner
 //!   that proves each one with real packets (see `cage_agent::probe`) and prints a matrix.
+//! - [`vm`]: what the program `vmlab` runs inside `cargo xtask vm`'s guests (the lab on
+//!   Debian's 6.1 kernels for x86_64, aarch64 and mipsel).
 //!
 //! Everything here needs root: namespaces, veths and raw sockets.
 
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "web")]
 pub mod browser;
 pub mod contract;
 pub mod dns;
+#[cfg(feature = "web")]
 pub mod http;
 pub mod jsonfilter;
 pub mod lab;
 pub mod openwrt;
 pub mod owlab;
+pub mod vm;
 pub mod wait;
 
 /// The workspace's directory, where the tests crate lives.

@@ -227,11 +227,10 @@ pub fn print_summary(built: &[Built], failed: &[(&'static Target, anyhow::Error)
     println!("binaries in {}", dist_dir().display());
 }
 
-/// Build one target, copy the binary to `target/dist/<triple>/cage` and run it.
-pub fn build(t: &'static Target) -> Result<Built> {
-    let started = Instant::now();
-    println!("xtask dist: building {} ({:?})", t.triple, t.toolchain);
-    let mut cmd = match t.toolchain {
+/// `cargo build` for `t`'s toolchain (stable, or nightly `zigbuild` with `-Z build-std`
+/// and the target's flags), before the package, profile and target are given.
+pub fn cargo_for(t: &Target) -> Command {
+    match t.toolchain {
         Toolchain::Stable => {
             let mut c = cargo();
             c.arg("build");
@@ -261,7 +260,14 @@ pub fn build(t: &'static Target) -> Result<Built> {
                 .env_remove("RUSTC");
             c
         }
-    };
+    }
+}
+
+/// Build one target, copy the binary to `target/dist/<triple>/cage` and run it.
+pub fn build(t: &'static Target) -> Result<Built> {
+    let started = Instant::now();
+    println!("xtask dist: building {} ({:?})", t.triple, t.toolchain);
+    let mut cmd = cargo_for(t);
     cmd.args([
         "--release",
         "--locked",

@@ -16,6 +16,7 @@ mod fuzz;
 mod openwrt;
 mod package;
 mod setup;
+mod vm;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -33,6 +34,9 @@ usage: cargo xtask <command>
                      message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
   package [--target T]  .ipk packages for OpenWrt/opkg in target/dist (no SDK needed)
+  vm ARCH... [--full]   boot Debian's Linux 6.1 for x86_64, aarch64 or mipsel under qemu and
+                     run the lab in it (smoke run; --full: every VM check), results per arch
+  vm ci              CI's VM stage: x86_64 --full, aarch64 and mipsel smoke runs
 ";
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         },
         ["dist", rest @ ..] => setup::install().and_then(|()| dist::run_dist(rest)),
         ["package", rest @ ..] => setup::install().and_then(|()| package::run_package(rest)),
+        ["vm", rest @ ..] => setup::install().and_then(|()| vm::run_vm(rest)),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);

@@ -1,6 +1,7 @@
 //! Install what building and testing Cage needs, idempotently and quickly when it is
 //! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3, and
-//! Chromium with its WebDriver for the web page's browser test), the rustup components
+//! Chromium with its WebDriver for the web page's browser test; qemu for the VM stage),
+//! the rustup components
 //! the checks use, and the eBPF toolchain (nightly's rust-src and a bpf-linker built
 //! against the nightly toolchain's own libLLVM).
 
@@ -28,6 +29,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // The web page's end-to-end test drives a real headless Chromium.
     ("chromium", "chromium"),
     ("chromium-driver", "chromedriver"),
+    // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
+    // guest's programs are read, the x86_64 kernel's xz payload unpacked.
+    ("binutils", "readelf"),
+    ("xz-utils", "xz"),
 ];
 
 fn have(program: &str) -> bool {
@@ -49,8 +54,10 @@ pub fn require_root(why: &str) -> Result<()> {
 pub fn install() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
+        .copied()
+        .chain(crate::vm::qemu_packages())
         .filter(|(_, program)| !have(program))
-        .map(|(pkg, _)| *pkg)
+        .map(|(pkg, _)| pkg)
         .collect();
     if !missing.is_empty() {
         require_root("installing Debian packages")?;

@@ -145,6 +145,36 @@ pub fn supports_bridge_meta() -> bool {
     .is_ok()
 }
 
+/// The flowtables in the kernel that offload to hardware (`flags offload`, what fw4
+/// writes with `flow_offloading_hw '1'`), as `family table name`. Read from nft's text
+/// listing: its JSON (nft 1.0.6) leaves a flowtable's flags out.
+pub fn hardware_flowtables() -> Result<Vec<String>, NftError> {
+    let text = run(&["list", "flowtables"], None, "list the flowtables")?;
+    Ok(offloading_flowtables(&text))
+}
+
+/// The flowtables with `flags offload` in `nft list flowtables` text.
+pub fn offloading_flowtables(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let (mut table, mut flowtable) = (String::new(), String::new());
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", family, name, "{"] => table = format!("{family} {name}"),
+            ["flowtable", name, "{"] => flowtable = (*name).to_owned(),
+            ["flags", rest @ ..]
+                if !flowtable.is_empty()
+                    && rest.iter().any(|f| f.trim_end_matches(',') == "offload") =>
+            {
+                found.push(format!("{table} {flowtable}"));
+            }
+            ["}"] if !flowtable.is_empty() => flowtable.clear(),
+            _ => {}
+        }
+    }
+    found
+}
+
 /// Remove Cage's tables (both families) in one transaction. Returns whether any existed.
 pub fn remove() -> Result<bool, NftError> {
     let existed = !list_text()?.is_empty();
