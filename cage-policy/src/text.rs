@@ -352,6 +352,14 @@ fn expr(e: &Expression, quote: bool) -> String {
                 }
             }
             NamedExpression::CT(c) => format!("ct {}", c.key),
+            NamedExpression::Numgen(n) => format!(
+                "numgen {} mod {}",
+                match n.mode {
+                    nftables::expr::NgMode::Inc => "inc",
+                    nftables::expr::NgMode::Random => "random",
+                },
+                n.ng_mod
+            ),
             NamedExpression::Concat(parts) => parts
                 .iter()
                 .map(|p| expr(p, quote))

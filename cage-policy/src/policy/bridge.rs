@@ -141,6 +141,24 @@ pub(super) fn layer2(batch: &mut Batch<'static>, cfg: &Config, facts: &Facts) ->
     ]
 }
 
+/// One frame in [`REFRESH_EVERY`], at random: the one whose binding's timeout is
+/// renewed. The others only look their binding up, which costs less than renewing it
+/// (two set updates a frame for each of MAC and address): a host in use sends many
+/// frames within `limits.bind_timeout`, so one in sixteen renews it all the same.
+fn refresh_now() -> Statement<'static> {
+    is(
+        Expression::Named(NamedExpression::Numgen(nftables::expr::Numgen {
+            mode: nftables::expr::NgMode::Random,
+            ng_mod: REFRESH_EVERY,
+            offset: None,
+        })),
+        Expression::Number(0),
+    )
+}
+
+/// See [`refresh_now`].
+const REFRESH_EVERY: u32 = 16;
+
 /// A per-key meter that matches once `key` goes over `per_minute` (after `burst`).
 fn over_rate(
     name: &str,
@@ -192,11 +210,16 @@ fn bind_mac(lim: &crate::config::Limits) -> ChainRules {
     c.rule(
         "allow:bound-mac",
         vec![
+            refresh_now(),
             is(mac_port(), set_ref(b.macport)),
             set_stmt(Update, b.macport, mac_port()),
             set_stmt(Update, b.macs, mac()),
             goto("bind_addr"),
         ],
+    );
+    c.rule(
+        "allow:bound-mac",
+        vec![is(mac_port(), set_ref(b.macport)), goto("bind_addr")],
     );
     c.deny("deny:mac-theft", vec![is(mac(), set_ref(b.macs))]);
     // Over the rate: to a chain of its own, so that the meter is asked once a frame
@@ -253,11 +276,16 @@ fn bind_addr(cfg: &Config) -> ChainRules {
         c.rule(
             "allow:bound-address",
             vec![
+                refresh_now(),
                 is(pair(), set_ref(bind)),
                 set_stmt(Update, bind, pair()),
                 set_stmt(Update, own, addr.clone()),
                 Statement::Return(None),
             ],
+        );
+        c.rule(
+            "allow:bound-address",
+            vec![is(pair(), set_ref(bind)), Statement::Return(None)],
         );
         c.deny("deny:addr-theft", vec![is(addr.clone(), set_ref(own))]);
         c.rule(
