@@ -87,14 +87,7 @@ pub(super) fn layer2(batch: &mut Batch<'static>, cfg: &Config, facts: &Facts) ->
         batch.add(regular_chain(bridge, name));
     }
     binding_sets(batch, lim.bind_timeout, &facts.bindings);
-    batch.add(NfListObject::Counter(schema::Counter {
-        family: bridge,
-        table: TABLE.into(),
-        name: UNLOGGED_COUNTER.into(),
-        handle: None,
-        packets: None,
-        bytes: None,
-    }));
+    batch.add(unlogged_counter(bridge));
 
     // Frames from the segment's ports: by the bridge where the kernel can match it
     // (nft_meta_bridge), by the configured ports otherwise.

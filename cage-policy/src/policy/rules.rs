@@ -135,6 +135,19 @@ pub(super) fn log(prefix: &str) -> Statement<'static> {
     }))
 }
 
+/// The `unlogged` counter of a table: denied packets over the log's rate limit. Each of
+/// Cage's tables has its own (a rule can only name a counter of its table).
+pub(super) fn unlogged_counter(family: NfFamily) -> NfListObject<'static> {
+    NfListObject::Counter(schema::Counter {
+        family,
+        table: TABLE.into(),
+        name: UNLOGGED_COUNTER.into(),
+        handle: None,
+        packets: None,
+        bytes: None,
+    })
+}
+
 pub(super) fn unlogged() -> Statement<'static> {
     Statement::Counter(Counter::Named(UNLOGGED_COUNTER.into()))
 }

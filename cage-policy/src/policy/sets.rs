@@ -58,14 +58,7 @@ pub(super) fn sets(batch: &mut Batch<'static>, cfg: &Config, facts: &Facts) {
         "LAN hosts that may open connections into the segment",
     ));
 
-    batch.add(NfListObject::Counter(schema::Counter {
-        family: NfFamily::INet,
-        table: TABLE.into(),
-        name: UNLOGGED_COUNTER.into(),
-        handle: None,
-        packets: None,
-        bytes: None,
-    }));
+    batch.add(unlogged_counter(NfFamily::INet));
 
     let dns = &cfg.dns;
     if dns.enabled && dns.egress == Egress::Allowlist {
