@@ -335,6 +335,34 @@ fn hosts_talk_first(lab: &Lab) {
     }
 }
 
+/// The lab with Cage's policy applied (no daemon) and its bridge table removed: each
+/// attack must work there, or its failure with Cage would prove nothing.
+fn lab_without_bridge_table() -> Lab {
+    let lab = Lab::for_contract("");
+    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
+    lab.wait_segment_ready().expect("segment");
+    lab.nft(Node::Router, "delete table bridge cage");
+    lab
+}
+
+/// The theft of ai2's address works without Cage's bridge table: ai1 captures what is
+/// meant for ai2, and the router's entry names ai1.
+fn theft_works_without_the_bridge_table(family: Family) {
+    let lab = lab_without_bridge_table();
+    hosts_talk_first(&lab);
+    let (seen, _) = steal(&lab, family);
+    let entry = router_neighbour(&lab, &family.victim().to_string());
+    println!(
+        "without Cage's bridge table ({family:?}): ai1 captured {seen} packets meant for \
+         ai2; the router's entry: {entry}"
+    );
+    assert!(
+        seen > 0 && entry.contains(AI1_MAC),
+        "the attack did not work without Cage's bridge table (captured {seen}, entry {entry}): \
+         this test would prove nothing"
+    );
+}
+
 fn denied(lab: &Lab, rule: &str) -> u64 {
     let out = lab.cage(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
@@ -344,22 +372,7 @@ fn denied(lab: &Lab, rule: &str) -> u64 {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn ipv4_address_theft_fails_and_the_victim_keeps_working() {
-    // First without Cage's bridge table: the attack must work in this lab, or its
-    // failure below would prove nothing.
-    let lab = Lab::for_contract("");
-    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
-    lab.wait_segment_ready().expect("segment");
-    lab.nft(Node::Router, "delete table bridge cage");
-    hosts_talk_first(&lab);
-    let (seen, _) = steal(&lab, Family::V4);
-    let entry = router_neighbour(&lab, &AI2_4.to_string());
-    println!("without Cage's bridge table: ai1 captured {seen} packets meant for ai2; the router's entry: {entry}");
-    assert!(
-        seen > 0 && entry.contains(AI1_MAC),
-        "the attack did not work without Cage's bridge table (captured {seen}, entry {entry}): \
-         this test would prove nothing"
-    );
-    drop(lab);
+    theft_works_without_the_bridge_table(Family::V4);
 
     // Then with Cage, as applied.
     let lab = Lab::for_contract("");
@@ -393,25 +406,7 @@ fn ipv4_address_theft_fails_and_the_victim_keeps_working() {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn ipv6_address_theft_fails_and_the_victim_keeps_working() {
-    // Without Cage's bridge table first: the advertisements must move the router's
-    // entry and bring ai2's traffic to ai1 in this lab.
-    let lab = Lab::for_contract("");
-    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
-    lab.wait_segment_ready().expect("segment");
-    lab.nft(Node::Router, "delete table bridge cage");
-    hosts_talk_first(&lab);
-    let (seen, _) = steal(&lab, Family::V6);
-    let entry = router_neighbour(&lab, &AI2_6.to_string());
-    println!(
-        "without Cage's bridge table: ai1 captured {seen} packets meant for ai2; the router's \
-         entry: {entry}"
-    );
-    assert!(
-        seen > 0 && entry.contains(AI1_MAC),
-        "the attack did not work without Cage's bridge table (captured {seen}, entry {entry}): \
-         this test would prove nothing"
-    );
-    drop(lab);
+    theft_works_without_the_bridge_table(Family::V6);
 
     // With Cage, its daemon running: the advertisement's target cannot be matched in
     // the bridge family, so the router's entry may move for a moment; the bridge never
@@ -763,10 +758,7 @@ fn mac_flood(lab: &Lab) -> (usize, usize) {
 #[ignore = "needs root: cargo xtask test"]
 fn a_mac_flood_stays_within_its_ports_limit() {
     // Without Cage's bridge table the bridge learns every made-up MAC in this lab.
-    let lab = Lab::for_contract("");
-    cage_tests::assert_success(&lab.cage(&["apply"]), "cage apply");
-    lab.wait_segment_ready().expect("segment");
-    lab.nft(Node::Router, "delete table bridge cage");
+    let lab = lab_without_bridge_table();
     let (learned, _) = mac_flood(&lab);
     println!("without Cage's bridge table: the bridge learned {learned} MACs on ai1's port");
     assert!(
