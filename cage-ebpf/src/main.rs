@@ -144,7 +144,7 @@ fn host_entry(host: &HostKey) -> Option<*mut HostFlows> {
     if let Some(h) = CAGE_HOSTS.get_ptr_mut(host) {
         return Some(h);
     }
-    let _ = CAGE_HOSTS.insert(host, &HostFlows::default(), BPF_NOEXIST);
+    let _ = CAGE_HOSTS.insert(host, HostFlows::default(), BPF_NOEXIST);
     CAGE_HOSTS.get_ptr_mut(host)
 }
 
