@@ -44,7 +44,10 @@ const RATES: [u32; 7] = [5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 0];
 /// A flow map with room for every flow of a step. With the default 16384, 20 000 flows
 /// inside the idle timeout cannot all be held at any rate (the LRU evicts the oldest,
 /// which the collector counts as lost): a matter of size, not of rate.
-const FLOW_CONFIG: &str = "\nconfig flowlog 'flowlog'\n\toption max_flows '32768'\n";
+/// The whole map for the one sending host (no per-host share): the map's capacity is
+/// what is measured.
+const FLOW_CONFIG: &str = "\nconfig flowlog 'flowlog'\n\toption max_flows '32768'\n\n\
+                           config limits 'limits'\n\toption flow_share '100'\n";
 /// The pinned programs (`cage_common::PROG_INGRESS`, `PROG_EGRESS`).
 const PROGRAMS: [&str; 2] = ["cage_tc_ingress", "cage_tc_egress"];
 
