@@ -706,8 +706,13 @@ impl Maps {
 
     /// Remove a record the collector has written out.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), EbpfError> {
+        // Gone already: the LRU evicted it after the collector read it. It was written,
+        // so it counts as removed, not as lost (aya reports ENOENT as a syscall error).
         match self.flows.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(map_err("removing a flow")(e)),
         }
     }

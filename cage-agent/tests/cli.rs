@@ -134,7 +134,7 @@ impl Router {
             .output()
             .unwrap();
         assert!(out.status.success());
-        without_learned_elements(&String::from_utf8(out.stdout).unwrap())
+        cage_agent::nft::without_learned_elements(&String::from_utf8(out.stdout).unwrap())
     }
 
     fn wait_for(&self, what: &str, cond: impl Fn() -> bool) {
@@ -408,27 +408,4 @@ fn a_broken_configuration_at_boot_locks_the_segment_down() {
     let ruleset = r.ruleset();
     assert!(!ruleset.contains("deny:lockdown"), "{ruleset}");
     assert!(ruleset.contains("segment_egress"), "{ruleset}");
-}
-
-/// `text` (nft's listing) without the `elements = { … }` of sets whose elements expire.
-fn without_learned_elements(text: &str) -> String {
-    let mut out = Vec::new();
-    let mut skipping = false;
-    for line in text.lines() {
-        if skipping {
-            if line.trim_end().ends_with('}') {
-                skipping = false;
-            }
-            continue;
-        }
-        if line.trim_start().starts_with("elements = {") && line.contains("expires") {
-            skipping = !line.trim_end().ends_with('}');
-            continue;
-        }
-        out.push(line);
-    }
-    if out.is_empty() {
-        return String::new();
-    }
-    out.join("\n") + "\n"
 }

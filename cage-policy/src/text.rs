@@ -391,3 +391,29 @@ fn expr(e: &Expression, quote: bool) -> String {
         ),
     }
 }
+
+/// `text` (nft's listing) without the `elements = { … }` of sets whose elements expire:
+/// what the kernel learns from traffic on its own (the layer-2 bindings, the meters),
+/// state like counters rather than policy. Elements Cage writes itself have no expiry and
+/// stay. For comparing a ruleset before and after something that must not change it.
+pub fn without_learned_elements(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if skipping {
+            if line.trim_end().ends_with('}') {
+                skipping = false;
+            }
+            continue;
+        }
+        if line.trim_start().starts_with("elements = {") && line.contains("expires") {
+            skipping = !line.trim_end().ends_with('}');
+            continue;
+        }
+        out.push(line);
+    }
+    if out.is_empty() {
+        return String::new();
+    }
+    out.join("\n") + "\n"
+}

@@ -737,6 +737,13 @@ impl<'a> Router<'a> {
             .expect("nsenter")
     }
 
+    /// The router's nftables policy: `nft list ruleset` without the set elements the
+    /// kernel learns from traffic and expires (layer-2 bindings, meters), which change
+    /// with every frame and are not policy.
+    pub fn policy(&self) -> String {
+        cage_agent::nft::without_learned_elements(&self.sh_ok("nft list ruleset"))
+    }
+
     /// Like [`Router::sh`], panicking with the output unless it succeeds; its standard
     /// output and standard error, in that order.
     pub fn sh_ok(&self, script: &str) -> String {

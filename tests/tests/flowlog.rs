@@ -550,12 +550,16 @@ fn twenty_thousand_short_flows_are_each_logged_or_counted_lost() {
     use cage_tests::lab::PUBLIC4;
 
     // A small map, so that a burst of 20 000 flows overflows it: the loss path is
-    // exercised, not only the happy one. The whole map for the one host (no share): what
-    // is measured here is eviction from a full map; a host's share is the neighbour
-    // tests' business.
+    // exercised, not only the happy one. The whole map for the one host (no share) and
+    // no flow-rate or conntrack limit: what is measured here is eviction from a full
+    // map; the hostile host's limits are the neighbour tests' business. (With them, the
+    // attempts over the rate are denied and written as blocked records, and their eBPF
+    // records, evicted unwritten, are counted lost as well: both, for one attempt.)
     let lab = lab_with_flowlog(
         "\toption idle_timeout '1'\n\toption max_flows '4096'\n\n\
-         config limits 'limits'\n\toption flow_share '100'\n",
+         config limits 'limits'\n\toption flow_share '100'\n\
+         \toption new_flows_per_second '100000'\n\toption new_flows_burst '1000000'\n\
+         \toption conntrack_per_host '1000000'\n",
     );
     let run = lab.cage_run_ai1_ready();
     // The internet host drops the datagrams quietly (no ICMP errors: flows of their own).

@@ -701,7 +701,7 @@ fn init_script_under_procd_runs_cage_and_reloads_only_a_valid_config() {
             "{}",
             router.syslog()
         );
-        let tables = router.sh_ok("nft list ruleset");
+        let tables = router.policy();
         let sighups = |r: &Router| {
             r.syslog()
                 .matches("SIGHUP: reloading configuration")
@@ -745,11 +745,7 @@ fn init_script_under_procd_runs_cage_and_reloads_only_a_valid_config() {
         assert!(cage_running(router));
         // The bad edit's reload_config did not signal: one SIGHUP, the good one's.
         assert_eq!(sighups(router), 1, "{}", router.syslog());
-        assert_eq!(
-            router.sh_ok("nft list ruleset"),
-            tables,
-            "the policy changed"
-        );
+        assert_eq!(router.policy(), tables, "the policy changed");
         // Stopping the service ends the daemon only: the policy stays in the kernel.
         router.sh_ok("/etc/init.d/cage stop");
         assert!(eventually(10, || !cage_running(router)));
@@ -758,11 +754,7 @@ fn init_script_under_procd_runs_cage_and_reloads_only_a_valid_config() {
             Some(1),
             "cage run still runs"
         );
-        assert_eq!(
-            router.sh_ok("nft list ruleset"),
-            tables,
-            "stop took the policy down"
-        );
+        assert_eq!(router.policy(), tables, "stop took the policy down");
     });
 }
 
@@ -1000,7 +992,7 @@ fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
                 .collect::<Vec<_>>()
         };
         let before = snapshot();
-        let policy = router.sh_ok("nft list ruleset");
+        let policy = router.policy();
         let (ok, out) = router.opkg_install(&bad);
         assert!(ok, "{out}");
         assert!(
@@ -1008,11 +1000,7 @@ fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
             "the shipped file did not land"
         );
         assert_eq!(snapshot(), before, "{out}");
-        assert_eq!(
-            router.sh_ok("nft list ruleset"),
-            policy,
-            "the policy changed:\n{out}"
-        );
+        assert_eq!(router.policy(), policy, "the policy changed:\n{out}");
         assert!(out.contains("cage.ai.address"), "{out}");
         // The new `cage run` refuses the file and stops; the kernel keeps the last good
         // policy (procd tries again every 5 s, with the same result).
@@ -1025,7 +1013,7 @@ fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
             "{}",
             router.syslog()
         );
-        assert_eq!(router.sh_ok("nft list ruleset"), policy);
+        assert_eq!(router.policy(), policy);
         let check = router.sh("cage check");
         assert!(!check.status.success());
 
@@ -1042,7 +1030,7 @@ fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
         assert_eq!(out.status.code(), Some(1));
         router.sh_ok("reload_config");
         assert_eq!(snapshot(), before);
-        assert_eq!(router.sh_ok("nft list ruleset"), policy);
+        assert_eq!(router.policy(), policy);
     });
 }
 

@@ -17,7 +17,7 @@ use nftables::schema::{NfListObject, Nftables};
 use nftables::types::NfFamily;
 use serde::Serialize;
 
-pub use cage_policy::text::{to_json, to_text};
+pub use cage_policy::text::{to_json, to_text, without_learned_elements};
 
 use crate::policy::TABLE;
 use exec::{list_objects, run};
