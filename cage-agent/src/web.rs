@@ -353,6 +353,7 @@ impl Backend for AgentBackend {
                     }
                 }
             }
+            alerts.extend(neighbour_alerts(&s.denied));
             if let Some(d) = crate::dns::read_stats(&self.config()) {
                 let limited = d.refused_rate + d.refused_long;
                 if limited > 0 {
@@ -757,11 +758,48 @@ pub fn set_password(path: &Path, password: &str, confirm: &str) -> Result<(), Pa
     Ok(())
 }
 
+/// One alert for each of the rules against a hostile neighbour that has stopped
+/// something: how many, what, and the rule to look for in the flow log (its blocked
+/// records name the host).
+fn neighbour_alerts(denied: &std::collections::BTreeMap<String, crate::nft::Count>) -> Vec<Alert> {
+    crate::policy::NEIGHBOUR_DENIES
+        .iter()
+        .filter_map(|(rule, what)| {
+            let n = denied.get(*rule).map_or(0, |c| c.packets);
+            (n > 0).then(|| Alert {
+                time: None,
+                kind: "neighbour".into(),
+                text: format!("{n} {what} dropped ({rule} in the flow log)"),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn a_neighbour_defence_that_stopped_something_is_an_alert() {
+        let count = |packets| crate::nft::Count { packets, bytes: 0 };
+        let denied = [
+            ("deny:addr-theft".to_owned(), count(30)),
+            ("deny:mac-flood".to_owned(), count(0)),
+            ("deny:lan".to_owned(), count(7)),
+        ]
+        .into_iter()
+        .collect();
+        let alerts = neighbour_alerts(&denied);
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0].kind, "neighbour");
+        assert_eq!(
+            alerts[0].text,
+            "30 frames claiming another machine's bound address (address theft) dropped \
+             (deny:addr-theft in the flow log)"
+        );
+    }
 
     /// A flow with every field set, so that none is left out of its JSON.
     fn full_record() -> FlowRecord {

@@ -153,7 +153,7 @@ pub fn hosts_from_flows(flows: &[FlowRecord]) -> Vec<Host> {
 pub struct Alert {
     /// Unix time, when known.
     pub time: Option<u64>,
-    /// `auto-isolation`, `selftest`, `lost-records` or `problem`.
+    /// `auto-isolation`, `selftest`, `lost-records`, `dns-limits`, `neighbour` or `problem`.
     pub kind: String,
     pub text: String,
 }

@@ -447,6 +447,62 @@ fn auto_isolation_fires_on_a_port_scan_of_the_lan() {
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
+fn auto_isolation_fires_on_a_flow_flood_over_the_hosts_share() {
+    // ai1 only talks to the internet, which it may: the attempts that count are its new
+    // flows over `limits.new_flows_per_second` (200 a second, bursts of 1000).
+    let lab = Lab::for_contract(
+        "\nconfig killswitch 'killswitch'\n\toption auto_blocked '500'\n\toption auto_window '10'\n",
+    );
+    let run = lab.cage_run_ai1_ready();
+    assert!(
+        !wait_isolated(&lab, Duration::from_secs(2)),
+        "isolated before the flood"
+    );
+    lab.netns(Node::Ai1)
+        .run("3000 new flows at once", || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+            for port in 20_000..23_000u16 {
+                s.send_to(b"x", (PUBLIC4, port)).expect("send");
+            }
+            Ok(())
+        })
+        .expect("the flood");
+    assert!(
+        wait_isolated(&lab, Duration::from_secs(8)),
+        "not isolated after a flood of new flows with auto_blocked 500:\n{}",
+        run.log()
+    );
+    let v = status(&lab);
+    assert_eq!(v["isolation"]["source"], "auto", "{v:#}");
+    let reason = v["isolation"]["reason"].as_str().unwrap_or_default();
+    // What counted were ai1's new flows over its rate: blocked records of that rule.
+    // (written within a flush interval)
+    let over_records = || {
+        let ai1 = lab::AI1_4.to_string();
+        let flows = lab.cage(&["flows", "--json", "-n", "0", "--host", &ai1]);
+        String::from_utf8_lossy(&flows.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["rule"] == "deny:flow-rate")
+            .count()
+    };
+    let start = Instant::now();
+    let mut over = over_records();
+    while over == 0 && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(500));
+        over = over_records();
+    }
+    println!("3000 new flows at once: {reason}; {over} blocked records of deny:flow-rate");
+    assert!(over > 0, "no blocked record of deny:flow-rate");
+    assert!(
+        reason.contains(&lab::AI1_4.to_string()) && reason.contains("blocked attempts"),
+        "reason without evidence: {reason}"
+    );
+    assert_isolated(&lab, "after automatic isolation on a flow flood");
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
 fn auto_isolation_stays_off_unless_configured() {
     let lab = Lab::for_contract("");
     let _run = lab.cage_run_ai1_ready();

@@ -166,8 +166,13 @@ fn host_shares(cfg: &Config, facts: &Facts) -> Vec<ChainRules> {
             ],
         );
     }
+    // Going over a share is a blocked attempt too: with `killswitch.auto_blocked` on, it
+    // counts towards the host's automatic isolation like a rejected one.
     let over = |name: &'static str, comment: &str| {
         let mut o = ChainRules::new(NfFamily::INet, name);
+        if cfg.killswitch.auto_blocked > 0 {
+            o.rule(comment, vec![jump(COUNT_BLOCKED_CHAIN)]);
+        }
         o.deny(comment, vec![]);
         o
     };

@@ -50,6 +50,43 @@ pub const PRIO_BRIDGE_FILTER: i32 = -210;
 /// rule is switched on. Cumulative: the daemon compares readings over its window.
 pub const AUTO_BLOCKED: [&str; 2] = ["auto_blocked4", "auto_blocked6"];
 pub const AUTO_UPLOAD: [&str; 2] = ["auto_upload4", "auto_upload6"];
+/// The rules that stop one caged host from harming the others (layer-2 bindings, floods,
+/// shares), with what each stops, for the owner's alerts.
+pub const NEIGHBOUR_DENIES: [(&str, &str); 8] = [
+    (
+        "deny:mac-theft",
+        "frames from another port with a bound MAC (MAC theft)",
+    ),
+    (
+        "deny:addr-theft",
+        "frames claiming another machine's bound address (address theft)",
+    ),
+    (
+        "deny:mac-flood",
+        "frames from new MACs over a port's limit (MAC flood)",
+    ),
+    (
+        "deny:addr-flood",
+        "frames from new addresses over a MAC's limit (address flood)",
+    ),
+    (
+        "deny:misdelivery",
+        "packets the router would have delivered to the wrong MAC",
+    ),
+    (
+        "deny:conntrack-share",
+        "new connections of a host over its conntrack share",
+    ),
+    (
+        "deny:flow-rate",
+        "new connections of a host over its rate of new flows",
+    ),
+    (
+        "deny:dns-tcp-share",
+        "DNS-over-TCP connections of a host over its share",
+    ),
+];
+
 const COUNT_BLOCKED_CHAIN: &str = "count_blocked";
 const COUNT_UPLOAD_CHAIN: &str = "count_upload";
 
