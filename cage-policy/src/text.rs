@@ -392,13 +392,14 @@ fn expr(e: &Expression, quote: bool) -> String {
     }
 }
 
-/// `text` (nft's listing) without the `elements = { … }` of sets whose elements expire:
-/// what the kernel learns from traffic on its own (the layer-2 bindings, the meters),
-/// state like counters rather than policy. Elements Cage writes itself have no expiry and
-/// stay. For comparing a ruleset before and after something that must not change it.
+/// `text` (nft's listing, with or without `-s`) without the `elements = { … }` of sets
+/// and meters the kernel fills from traffic on its own (flags `dynamic` or `timeout`: the
+/// layer-2 bindings, the meters) or whose elements expire: state like counters rather
+/// than policy. The sets Cage writes (deny lists, admin hosts, the kill switch) stay. For
+/// comparing a ruleset before and after something that must not change it.
 pub fn without_learned_elements(text: &str) -> String {
     let mut out = Vec::new();
-    let mut skipping = false;
+    let (mut skipping, mut learned) = (false, false);
     for line in text.lines() {
         if skipping {
             if line.trim_end().ends_with('}') {
@@ -406,7 +407,12 @@ pub fn without_learned_elements(text: &str) -> String {
             }
             continue;
         }
-        if line.trim_start().starts_with("elements = {") && line.contains("expires") {
+        let t = line.trim_start();
+        if t.starts_with("set ") || t.starts_with("meter ") {
+            learned = false;
+        } else if t.starts_with("flags ") && (t.contains("dynamic") || t.contains("timeout")) {
+            learned = true;
+        } else if t.starts_with("elements = {") && (learned || line.contains("expires")) {
             skipping = !line.trim_end().ends_with('}');
             continue;
         }
@@ -416,4 +422,23 @@ pub fn without_learned_elements(text: &str) -> String {
         return String::new();
     }
     out.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_learned_elements;
+
+    #[test]
+    fn learned_elements_go_and_written_ones_stay() {
+        let listing = "table bridge cage {\n\tset own4 {\n\t\ttype ipv4_addr\n\t\tsize 4096\n\
+            \t\tflags dynamic,timeout\n\t\ttimeout 1h\n\t\telements = { 192.168.10.11,\n\
+            \t\t\t     192.168.10.12 }\n\t}\n\n\tset admin4 {\n\t\ttype ipv4_addr\n\
+            \t\telements = { 192.168.8.20 }\n\t}\n\n\tset seen {\n\t\ttype ipv4_addr\n\
+            \t\telements = { 10.0.0.1 expires 5s }\n\t}\n}\n";
+        let kept = without_learned_elements(listing);
+        assert!(!kept.contains("192.168.10.1"), "{kept}");
+        assert!(!kept.contains("10.0.0.1"), "{kept}");
+        assert!(kept.contains("elements = { 192.168.8.20 }"), "{kept}");
+        assert!(kept.contains("flags dynamic,timeout"), "{kept}");
+    }
 }

@@ -32,14 +32,15 @@ fn assert_passes(ow: &OwLab, report: &Report, when: &str) {
     );
 }
 
-/// `nft -s list table FAMILY NAME` in the router: the table without counter values.
+/// `nft -s list table FAMILY NAME` in the router: the table without counter values and
+/// without the set elements the kernel learns from traffic (the layer-2 bindings).
 fn stateless(ow: &OwLab, table: &str) -> String {
     let mut cmd = ow.lab().in_router_netns();
     cmd.args(["nft", "-s", "list", "table"])
         .args(table.split(' '));
     let out = cmd.output().expect("nft");
     assert!(out.status.success(), "nft -s list table {table}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cage_agent::nft::without_learned_elements(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// The handle nft gives a table (a new one when the table is made again).
@@ -115,6 +116,10 @@ fn fw4_beside_cage(fw4: Fw4) {
     // fw4 reload and restart, ten times each, while every deny is probed the whole time.
     let cage_before = (stateless(&ow, "inet cage"), stateless(&ow, "bridge cage"));
     let fw4_handle = table_handle(&ow, "inet fw4");
+    let cage_handles = (
+        table_handle(&ow, "inet cage"),
+        table_handle(&ow, "bridge cage"),
+    );
     let denies: Vec<_> = contract::checks()
         .into_iter()
         .filter(|c| c.expect == Expect::Deny)
@@ -153,6 +158,15 @@ fn fw4_beside_cage(fw4: Fw4) {
         (stateless(&ow, "inet cage"), stateless(&ow, "bridge cage")),
         cage_before,
         "fw4 left Cage's tables as they were"
+    );
+    // Not made again either (which would also have dropped the learned bindings).
+    assert_eq!(
+        (
+            table_handle(&ow, "inet cage"),
+            table_handle(&ow, "bridge cage")
+        ),
+        cage_handles,
+        "Cage's tables were made again during fw4's reloads and restarts"
     );
 
     let report = run_matrix(ow.lab(), &contract::checks());
