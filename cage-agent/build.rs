@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
+    link_without_unwind_tables();
     println!("cargo:rerun-if-env-changed=CAGE_EBPF_OBJECT");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out_dir.join("cage-ebpf.o");
@@ -127,6 +128,32 @@ fn main() {
     let built = target_dir.join(target).join("release").join("cage-ebpf");
     std::fs::copy(&built, &object)
         .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), object.display()));
+}
+
+/// The router binaries that rust-lld links (`cargo xtask dist`'s aarch64 and x86_64,
+/// `.cargo/config.toml`) leave out `.eh_frame` and `.eh_frame_hdr`: 536 KB of the
+/// 3.1 MB aarch64 binary. The release profile aborts on panic, so nothing unwinds; the
+/// tables are there only because the standard library's bitcode carries debug info,
+/// which makes LLVM describe every frame of the LTO module. A panic still prints its
+/// message and aborts; only the backtrace that `RUST_BACKTRACE` asks for (addresses
+/// without names, the binary being stripped) ends at the first frame. Host builds, linked
+/// by `cc`, keep their tables, and so do the zig-linked armv7 (ARM's own `.ARM.exidx`,
+/// 60 KB) and mipsel builds (330 KB of `.eh_frame`): zig's `cc` driver would need these
+/// flags in its own terms, which nothing here has tried yet.
+fn link_without_unwind_tables() {
+    let linker = env::var_os("RUSTC_LINKER").map(PathBuf::from);
+    let lld = linker
+        .as_deref()
+        .and_then(Path::file_name)
+        .is_some_and(|name| name == "rust-lld");
+    if !lld || env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return;
+    }
+    let script = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
+        .join("no-eh-frame.ld");
+    println!("cargo:rerun-if-changed={}", script.display());
+    println!("cargo:rustc-link-arg-bins=--no-eh-frame-hdr");
+    println!("cargo:rustc-link-arg-bins=-T{}", script.display());
 }
 
 /// Nightly with rust-src, and bpf-linker on PATH; or what is missing. Paths that would
