@@ -23,15 +23,17 @@ use crate::results::{load_average, median, pct, record};
 /// iperf3's port on the internet host.
 const IPERF_PORT: u16 = 5201;
 /// Seconds per iperf3 run.
-const RUN_SECS: u64 = 3;
+pub(crate) const RUN_SECS: u64 = 3;
 /// With/without pairs per transport, alternated (ABBA, so that a drift of the machine's
 /// speed during the run does not favour one side).
 const PAIRS: usize = 9;
 /// UDP: one stream of small datagrams offered faster than the lab forwards them, so the
 /// received rate is the forwarding capacity in packets. TCP hands the bridge 64 KiB GSO
 /// packets, in which a per-packet cost hides; this shows it.
-const UDP_RATE: &str = "300M";
+pub(crate) const UDP_RATE: &str = "300M";
 const UDP_LEN: &str = "512";
+/// The smallest datagrams (`bench product`): what a per-packet cost does at its worst.
+const SMALL_UDP_LEN: &str = "64";
 /// New flows per step of the flow-rate test: one datagram each, each from its own
 /// source port (the same ports every step: the map is new each step, and conntrack's
 /// entries are reused instead of filling its table).
@@ -261,7 +263,10 @@ fn in_ns<T: Send + 'static>(
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Transport {
     Tcp,
+    /// 512-byte datagrams.
     Udp,
+    /// 64-byte datagrams.
+    SmallUdp,
 }
 
 impl Transport {
@@ -269,6 +274,16 @@ impl Transport {
         match self {
             Transport::Tcp => "TCP",
             Transport::Udp => "UDP",
+            Transport::SmallUdp => "UDP 64 B",
+        }
+    }
+
+    /// The datagrams' payload length, for UDP.
+    pub(crate) fn datagram_len(self) -> Option<&'static str> {
+        match self {
+            Transport::Tcp => None,
+            Transport::Udp => Some(UDP_LEN),
+            Transport::SmallUdp => Some(SMALL_UDP_LEN),
         }
     }
 }
@@ -376,8 +391,8 @@ pub(crate) fn iperf(lab: &Lab, t: Transport) -> Result<Run> {
         .args(["netns", "exec", &ai1, "iperf3", "-c"])
         .arg(PUBLIC4.to_string())
         .args(["-p", &port, "-t", &secs, "-i", "0", "-J"]);
-    if t == Transport::Udp {
-        client.args(["-u", "-b", UDP_RATE, "-l", UDP_LEN]);
+    if let Some(len) = t.datagram_len() {
+        client.args(["-u", "-b", UDP_RATE, "-l", len]);
     }
     let start = Instant::now();
     let out = output_within(&mut client, Duration::from_secs(RUN_SECS + 20))?;
@@ -393,7 +408,9 @@ pub(crate) fn iperf(lab: &Lab, t: Transport) -> Result<Run> {
         / 1e6;
     let lost = match t {
         Transport::Tcp => None,
-        Transport::Udp => json_number(&json, &["sum_received"], "lost_percent"),
+        Transport::Udp | Transport::SmallUdp => {
+            json_number(&json, &["sum_received"], "lost_percent")
+        }
     };
     Ok(Run {
         mbps,
