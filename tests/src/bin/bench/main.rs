@@ -8,6 +8,8 @@
 //! - `dns`: what DNS through Cage's forwarder adds to a lookup;
 //! - `neighbour`: what the layer-2 bindings and per-host shares cost a caged host's
 //!   traffic;
+//! - `product`: a plain router, a hand-written nftables ruleset and Cage as a whole,
+//!   forwarding a caged host's traffic side by side;
 //! - `web`: page and API latency with 10 000 flows, and the agent's memory (runs the
 //!   `web_bench` programs that xtask built).
 //!
@@ -24,11 +26,12 @@ mod dns;
 mod flows;
 mod killswitch;
 mod neighbour;
+mod product;
 mod results;
 mod web;
 
 const USAGE: &str = "\
-usage: bench killswitch | flows | dns | neighbour | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
+usage: bench killswitch | flows | dns | neighbour | product | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
   (run by `cargo xtask bench …`, which builds what is measured first)
 ";
 
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
             ["flows"] => root().and_then(|()| flows::flows()),
             ["dns"] => root().and_then(|()| dns::dns()),
             ["neighbour"] => root().and_then(|()| neighbour::neighbour()),
+            ["product"] => root().and_then(|()| product::product()),
             ["web", glibc, musl] => web::web(glibc, musl),
             _ => return None,
         })
