@@ -30,6 +30,7 @@ usage: cargo xtask <command>
   bench web          page and API latency with 10 000 flows, the agent's memory (bench/RESULTS.md)
   bench dns          lookup latency through Cage's DNS forwarder against direct (bench/RESULTS.md)
   bench neighbour    throughput with/without the layer-2 bindings and per-host shares (bench/RESULTS.md)
+  bench product      a plain router, hand-written nftables and Cage side by side (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer, then DNS
                      message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
         ["demo"] => setup::install().and_then(|()| demo::up()),
         ["lab", "down"] => demo::down(),
         ["test"] => setup::install().and_then(|()| test()),
-        ["bench", which @ ("killswitch" | "flows" | "dns" | "neighbour")] => {
+        ["bench", which @ ("killswitch" | "flows" | "dns" | "neighbour" | "product")] => {
             setup::install().and_then(|()| bench::run_bench(which))
         }
         ["bench", "web"] => bench::run_bench("web"),
