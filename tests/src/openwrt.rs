@@ -744,6 +744,26 @@ impl<'a> Router<'a> {
         cage_agent::nft::without_learned_elements(&self.sh_ok("nft list ruleset"))
     }
 
+    /// [`Router::policy`] once Cage's policy is in and has settled: the same in two
+    /// readings a second apart (right after the install, `cage run` may still apply it
+    /// again as netifd brings the interfaces up). Panics after 15 s without that.
+    pub fn settled_policy(&self) -> String {
+        let start = std::time::Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < std::time::Duration::from_secs(15) {
+            let now = self.policy();
+            if now == last && now.contains("chain segment_egress") {
+                return now;
+            }
+            last = now;
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        panic!(
+            "on the {} router: Cage's policy did not settle in 15 s; the last reading:\n{last}",
+            self.root.board().label()
+        )
+    }
+
     /// Like [`Router::sh`], panicking with the output unless it succeeds; its standard
     /// output and standard error, in that order.
     pub fn sh_ok(&self, script: &str) -> String {

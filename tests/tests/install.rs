@@ -701,7 +701,7 @@ fn init_script_under_procd_runs_cage_and_reloads_only_a_valid_config() {
             "{}",
             router.syslog()
         );
-        let tables = router.policy();
+        let tables = router.settled_policy();
         let sighups = |r: &Router| {
             r.syslog()
                 .matches("SIGHUP: reloading configuration")
@@ -992,7 +992,7 @@ fn a_bad_config_from_an_upgrade_or_the_owner_never_half_applies() {
                 .collect::<Vec<_>>()
         };
         let before = snapshot();
-        let policy = router.policy();
+        let policy = router.settled_policy();
         let (ok, out) = router.opkg_install(&bad);
         assert!(ok, "{out}");
         assert!(
