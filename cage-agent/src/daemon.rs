@@ -31,8 +31,19 @@ use crate::nft;
 use crate::policy::{self, Facts};
 use crate::running::{self, DaemonState};
 
-/// How often the daemon verifies the kernel state and re-detects the facts.
+/// How often the daemon verifies the kernel state and re-detects the facts when it cannot
+/// hear the kernel's announcements of changes (see [`Monitors`]).
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often it reads everything anyway when it hears them: a safety net, not the way
+/// a change is found.
+pub const FULL_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+/// Announced changes come in bursts (a replaced table is one message per object, a
+/// remade bridge several links, addresses and routes): the daemon acts once on a burst,
+/// this long after its first message.
+pub const SETTLE: Duration = Duration::from_millis(100);
+/// How often the checks that start no process run: the DHCP leases' file changed, the
+/// eBPF kill-switch flag (a map, which announces nothing).
+pub const QUICK_INTERVAL: Duration = Duration::from_secs(2);
 /// How often denied packets are taken from the NFLOG reader, and how often the flow log
 /// is written (one batched write, friendly to flash).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -95,8 +106,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             "the web page is off: cannot start its thread: {e}"
         ));
     }
-    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    let mut monitors = Monitors::open();
+    let mut tick = tokio::time::interval(monitors.watch_interval());
     tick.tick().await;
+    let mut quick_tick = tokio::time::interval(QUICK_INTERVAL);
+    quick_tick.tick().await;
+    // When to act on announced changes, once they have settled.
+    let mut announced: Option<Instant> = None;
+    let mut heard_from: Vec<&str> = Vec::new();
     let mut auto_tick = tokio::time::interval(AUTO_INTERVAL);
     auto_tick.tick().await;
     let mut collector = Collector::start(&d.current.config);
@@ -108,9 +125,29 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         // Computed anew at every turn from the configuration in force, so a reloaded
         // `selftest.interval` counts from the next turn on.
         let next_selftest = d.selftest.next(&d.current.config.selftest);
+        let bridge = d.current.config.segment.bridge.clone();
+        let interval_before = monitors.watch_interval();
         tokio::select! {
             _ = hup.recv() => d.on_hup(config_path).await,
+            heard = monitors.changed(&bridge) => {
+                if let Some(what) = heard {
+                    announced.get_or_insert_with(|| Instant::now() + SETTLE);
+                    if !heard_from.contains(&what) {
+                        heard_from.push(what);
+                    }
+                }
+            }
+            _ = sleep_until(announced) => {
+                announced = None;
+                ::log::debug!(
+                    "watch: the kernel announced a change ({})",
+                    heard_from.join(", ")
+                );
+                heard_from.clear();
+                d.on_watch().await;
+            }
             _ = tick.tick() => d.on_watch().await,
+            _ = quick_tick.tick() => d.on_quick().await,
             _ = auto_tick.tick() => d.on_auto().await,
             _ = sleep_until(next_selftest) => {
                 if d.selftest.scheduled_due(&d.current.config.selftest, Instant::now()) {
@@ -127,6 +164,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        if monitors.watch_interval() != interval_before {
+            // A monitor failed: back to reading the kernel every few seconds.
+            tick = tokio::time::interval(monitors.watch_interval());
+            tick.tick().await;
+        }
     }
     // What the kernel still holds in its log batch arrives within its flush timeout.
     tokio::time::sleep(nflog::FLUSH_TIMEOUT * 2).await;
@@ -139,6 +181,101 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
     Ok(())
+}
+
+/// The kernel's announcements of changes that `cage run` repairs: to Cage's tables
+/// (nfnetlink) and to links, addresses, routes and the segment's neighbour entries
+/// (rtnetlink). With both, the daemon reads the kernel's state when it changed rather
+/// than every [`WATCH_INTERVAL`], and idles; a monitor that cannot be opened or fails
+/// is dropped, with a warning, and the daemon polls again.
+struct Monitors {
+    nft: Option<nft::monitor::Monitor>,
+    rt: Option<crate::netlink::monitor::Monitor>,
+}
+
+/// `CAGE_WATCH=poll` makes `cage run` read the kernel every [`WATCH_INTERVAL`] instead
+/// of listening to its announcements: for a kernel whose announcements are suspect, and
+/// for `bench idle`, which compares both.
+pub const WATCH_ENV: &str = "CAGE_WATCH";
+
+impl Monitors {
+    fn open() -> Monitors {
+        if std::env::var(WATCH_ENV).is_ok_and(|v| v == "poll") {
+            log::info(&format!(
+                "{WATCH_ENV}=poll: reading the kernel every {} s rather than listening to its \
+                 announcements of changes",
+                WATCH_INTERVAL.as_secs()
+            ));
+            return Monitors {
+                nft: None,
+                rt: None,
+            };
+        }
+        let nft = nft::monitor::Monitor::open()
+            .inspect_err(|e| Self::failed("nf_tables", e))
+            .ok();
+        let rt = crate::netlink::monitor::Monitor::open()
+            .inspect_err(|e| Self::failed("rtnetlink", e))
+            .ok();
+        Monitors { nft, rt }
+    }
+
+    fn failed(what: &str, e: &std::io::Error) {
+        log::warn(&format!(
+            "cannot hear {what}'s announcements of changes ({e}): reading the kernel every \
+             {} s instead",
+            WATCH_INTERVAL.as_secs()
+        ));
+    }
+
+    fn watch_interval(&self) -> Duration {
+        if self.nft.is_some() && self.rt.is_some() {
+            FULL_CHECK_INTERVAL
+        } else {
+            WATCH_INTERVAL
+        }
+    }
+
+    /// Wait for an announcement that concerns Cage, and say whose it was; `None` when a
+    /// monitor failed (and is dropped).
+    async fn changed(&mut self, bridge: &str) -> Option<&'static str> {
+        let Monitors { nft, rt } = self;
+        let nft = async {
+            match nft.as_mut() {
+                Some(m) => m
+                    .changed()
+                    .await
+                    .map(|()| "nf_tables")
+                    .map_err(|e| ("nf_tables", e)),
+                None => std::future::pending().await,
+            }
+        };
+        let rt = async {
+            match rt.as_mut() {
+                Some(m) => m
+                    .changed(bridge)
+                    .await
+                    .map(|()| "rtnetlink")
+                    .map_err(|e| ("rtnetlink", e)),
+                None => std::future::pending().await,
+            }
+        };
+        let heard = tokio::select! {
+            r = nft => r,
+            r = rt => r,
+        };
+        match heard {
+            Ok(what) => Some(what),
+            Err((what, e)) => {
+                Self::failed(what, &e);
+                match what {
+                    "nf_tables" => self.nft = None,
+                    _ => self.rt = None,
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Sleep until `at`; never wake when there is no `at`.
@@ -161,6 +298,8 @@ struct Daemon {
     segment_error: Option<String>,
     /// The last error pinning the router's neighbours, said once until it changes.
     pin_error: Option<String>,
+    /// When the DHCP server last wrote its leases, as last seen.
+    leases_seen: Option<std::time::SystemTime>,
     /// The DNS forwarder, while the configuration has DNS through Cage.
     dns: Option<dns::Forwarder>,
     /// What it shares with the flow log and automatic isolation; outlives restarts of
@@ -190,6 +329,7 @@ impl Daemon {
             applied_text,
             segment_error: None,
             pin_error: None,
+            leases_seen: None,
             dns: None,
             dns_shared: Arc::new(dns::Shared::default()),
             auto: AutoWatch::default(),
@@ -230,6 +370,24 @@ impl Daemon {
             log::warn(&format!("{reason}: re-applying the policy"));
             let next = apply::check_config(self.current.config.clone()).await;
             self.reapply(next, "re-apply failed").await;
+        }
+    }
+
+    /// The checks between announcements that start no process: a new DHCP lease binds
+    /// its address at once (the lease file changed), and the eBPF kill-switch flag, a
+    /// map that announces nothing, still follows the kill switch.
+    async fn on_quick(&mut self) {
+        let leases = std::fs::metadata(flows::DHCP_LEASES)
+            .and_then(|m| m.modified())
+            .ok();
+        if leases != self.leases_seen {
+            self.leases_seen = leases;
+            ::log::debug!("the DHCP leases changed");
+            self.pin_neighbours().await;
+        }
+        let wanted = isolation::load(&self.current.config).isolated;
+        if ebpf_isolated(&self.current.config.pin_dir()).is_some_and(|flag| flag != wanted) {
+            self.on_watch().await;
         }
     }
 
@@ -493,8 +651,11 @@ impl Daemon {
                     ));
                 }
                 if repaired {
-                    // A bridge made anew has lost its eBPF attachment.
-                    match apply::attach_ebpf(&self.current.config, self.current.isolated) {
+                    // A bridge made anew has lost its eBPF attachment. Its flag follows the
+                    // kill switch as stored, the truth (a `cage release` from the shell
+                    // since the last apply changed that, not `self.current`).
+                    let isolated = isolation::load(&self.current.config).isolated;
+                    match apply::attach_ebpf(&self.current.config, isolated) {
                         Ok(Some(a)) => log::warn(&format!("segment repaired: {a}")),
                         Ok(None) => {}
                         Err(e) => log::error(&format!("eBPF not attached: {e}")),
@@ -585,22 +746,65 @@ impl Observed {
             structure: nft::list_structure().map_err(|e| e.to_string()),
             wanted_isolated: isolation::load(&current.config).isolated,
             kernel_isolated: nft::isolated_now().map_err(|e| e.to_string()),
-            ebpf_isolated: crate::ebpf::is_pinned(&pin_dir)
-                .then(|| {
-                    crate::ebpf::Maps::open(&pin_dir)
-                        .and_then(|m| m.isolated())
-                        .ok()
-                })
-                .flatten(),
+            ebpf_isolated: ebpf_isolated(&pin_dir),
             facts: crate::netlink::detect_facts(&current.config).await.ok(),
         }
     }
+}
+
+/// The eBPF program's kill-switch flag, when the program is pinned and the flag could be
+/// read.
+fn ebpf_isolated(pin_dir: &Path) -> Option<bool> {
+    crate::ebpf::is_pinned(pin_dir)
+        .then(|| {
+            crate::ebpf::Maps::open(pin_dir)
+                .and_then(|m| m.isolated())
+                .ok()
+        })
+        .flatten()
+}
+
+/// The tables the applied policy makes, as nft's listing names them ("bridge cage"),
+/// each once (the transaction adds each twice: add, delete, add, to replace it whether
+/// or not it was there).
+fn applied_tables(current: &Checked) -> Vec<String> {
+    let mut tables: Vec<String> = current
+        .ruleset
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            nftables::schema::NfObject::CmdObject(nftables::schema::NfCmd::Add(
+                nftables::schema::NfListObject::Table(t),
+            )) => serde_json::to_value(t.family)
+                .ok()
+                .and_then(|f| f.as_str().map(|f| format!("{f} {}", t.name))),
+            _ => None,
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    tables.retain(|t| seen.insert(t.clone()));
+    tables
 }
 
 /// Why the kernel no longer has what the daemon applied, if it doesn't: the first of
 /// Cage's tables removed or changed, the kill switch differing from its stored state (in
 /// nftables or in the eBPF flag), the WAN's facts changed.
 fn drift(current: &Checked, applied_text: &str, seen: &Observed) -> Option<String> {
+    // Each table the policy makes, by name first: `applied_text` is read back from the
+    // kernel after applying, so a table removed in that instant would be missing from
+    // both.
+    if let Ok(t) = &seen.structure {
+        if let Some(gone) = applied_tables(current)
+            .into_iter()
+            .find(|name| !t.contains(&format!("table {name} {{")))
+        {
+            return Some(if t.is_empty() {
+                "Cage's tables were removed".into()
+            } else {
+                format!("Cage's table {gone} was removed")
+            });
+        }
+    }
     match &seen.structure {
         Ok(t) if t.is_empty() => return Some("Cage's tables were removed".into()),
         Ok(t) if t != applied_text => return Some("Cage's tables were changed".into()),
@@ -1034,12 +1238,13 @@ mod tests {
     }
 
     fn daemon(text: &str, start: Instant) -> Daemon {
-        Daemon::new(
-            checked(text),
-            DaemonState::default(),
-            "table inet cage {}".into(),
-            start,
-        )
+        let current = checked(text);
+        // What the kernel lists of an applied policy, as far as drift reads it: its tables.
+        let applied = applied_tables(&current)
+            .iter()
+            .map(|t| format!("table {t} {{\n}}\n"))
+            .collect();
+        Daemon::new(current, DaemonState::default(), applied, start)
     }
 
     fn interval(minutes: u32) -> String {
@@ -1161,7 +1366,19 @@ mod tests {
         );
         assert_eq!(
             check(&seen("table inet cage { chain x {} }")).as_deref(),
+            Some("Cage's table bridge cage was removed")
+        );
+        assert_eq!(
+            check(&seen(&format!("{applied}table inet other {{\n}}\n"))).as_deref(),
             Some("Cage's tables were changed")
+        );
+        // A table gone from what was read back after applying is still missed.
+        let both = applied_tables(&d.current);
+        assert_eq!(both, ["inet cage", "bridge cage"]);
+        let inet_only = "table inet cage {\n}\n";
+        assert_eq!(
+            drift(&d.current, inet_only, &seen(inet_only)).as_deref(),
+            Some("Cage's table bridge cage was removed")
         );
         let mut o = seen(&applied);
         o.structure = Err("nft: not found".into());

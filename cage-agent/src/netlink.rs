@@ -31,6 +31,8 @@ use serde::Serialize;
 use crate::config::{Config, WanDevices};
 use crate::policy::Facts;
 
+pub mod monitor;
+pub mod multicast;
 pub mod selftest;
 
 /// The kernel's switch for IPv4 forwarding (per network namespace).

@@ -1116,6 +1116,12 @@ impl Lab {
     /// Start `cage run` in the router's namespace; it is stopped when the guard drops.
     /// Its output goes to `cage-run.log` in the lab's directory.
     pub fn spawn_cage_run(&self) -> CageRun {
+        self.spawn_cage_run_env(&[])
+    }
+
+    /// [`Lab::spawn_cage_run`] with these environment variables (`CAGE_LOG`,
+    /// `CAGE_WATCH`).
+    pub fn spawn_cage_run_env(&self, env: &[(&str, &str)]) -> CageRun {
         let log = self.dir.join("cage-run.log");
         let file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
@@ -1124,6 +1130,7 @@ impl Lab {
             .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         let child = self
             .cage_command(&["run"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)

@@ -8,6 +8,7 @@
 //! capturing it, and the error message is what a user needs to see.
 
 mod exec;
+pub mod monitor;
 mod nfnetlink;
 
 use std::collections::BTreeMap;
