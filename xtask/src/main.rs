@@ -31,6 +31,7 @@ usage: cargo xtask <command>
   bench dns          lookup latency through Cage's DNS forwarder against direct (bench/RESULTS.md)
   bench neighbour    throughput with/without the layer-2 bindings and per-host shares (bench/RESULTS.md)
   bench product      a plain router, hand-written nftables and Cage side by side (bench/RESULTS.md)
+  bench idle         cage run's idle CPU and repair time, listening against polling (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer, then DNS
                      message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
@@ -48,7 +49,7 @@ fn main() -> ExitCode {
         ["demo"] => setup::install().and_then(|()| demo::up()),
         ["lab", "down"] => demo::down(),
         ["test"] => setup::install().and_then(|()| test()),
-        ["bench", which @ ("killswitch" | "flows" | "dns" | "neighbour" | "product")] => {
+        ["bench", which @ ("killswitch" | "flows" | "dns" | "neighbour" | "product" | "idle")] => {
             setup::install().and_then(|()| bench::run_bench(which))
         }
         ["bench", "web"] => bench::run_bench("web"),

@@ -10,6 +10,8 @@
 //!   traffic;
 //! - `product`: a plain router, a hand-written nftables ruleset and Cage as a whole,
 //!   forwarding a caged host's traffic side by side;
+//! - `idle`: `cage run`'s CPU with nothing to do and how soon it repairs a change,
+//!   listening to the kernel's announcements against polling;
 //! - `web`: page and API latency with 10 000 flows, and the agent's memory (runs the
 //!   `web_bench` programs that xtask built).
 //!
@@ -24,6 +26,7 @@ use cage_tests::lab::{CageRun, Lab};
 
 mod dns;
 mod flows;
+mod idle;
 mod killswitch;
 mod neighbour;
 mod product;
@@ -31,7 +34,7 @@ mod results;
 mod web;
 
 const USAGE: &str = "\
-usage: bench killswitch | flows | dns | neighbour | product | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
+usage: bench killswitch | flows | dns | neighbour | product | idle | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
   (run by `cargo xtask bench …`, which builds what is measured first)
 ";
 
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
             ["dns"] => root().and_then(|()| dns::dns()),
             ["neighbour"] => root().and_then(|()| neighbour::neighbour()),
             ["product"] => root().and_then(|()| product::product()),
+            ["idle"] => root().and_then(|()| idle::idle()),
             ["web", glibc, musl] => web::web(glibc, musl),
             _ => return None,
         })
