@@ -33,11 +33,15 @@ impl Monitor {
     /// bridge anew), or the kernel drops announcements (a full queue).
     pub async fn changed(&mut self, bridge: &str) -> io::Result<()> {
         loop {
-            let bridge_index = if_index(bridge);
+            // Looked up at the first neighbour message only: most waits end without one.
+            let mut bridge_index = None;
             let mut concerns = false;
             let overrun = self
                 .subscription
-                .next(|kind, payload| concerns |= concerns_segment(kind, payload, bridge_index))
+                .next(|kind, payload| {
+                    let index = || *bridge_index.get_or_insert_with(|| if_index(bridge));
+                    concerns |= concerns_segment(kind, payload, index);
+                })
                 .await?;
             if concerns || overrun {
                 return Ok(());
@@ -49,7 +53,11 @@ impl Monitor {
 /// Whether one rtnetlink message announces a change the daemon acts on: any link,
 /// address or route; a neighbour entry only on the bridge (`bridge_index`), since the
 /// LAN's entries change state all the time.
-pub fn concerns_segment(kind: u16, payload: &[u8], bridge_index: Option<u32>) -> bool {
+pub fn concerns_segment(
+    kind: u16,
+    payload: &[u8],
+    bridge_index: impl FnOnce() -> Option<u32>,
+) -> bool {
     if LINK_ADDR_ROUTE.contains(&kind) {
         return true;
     }
@@ -61,7 +69,7 @@ pub fn concerns_segment(kind: u16, payload: &[u8], bridge_index: Option<u32>) ->
         .get(4..8)
         .and_then(|b| b.try_into().ok())
         .map(i32::from_ne_bytes);
-    matches!((index, bridge_index), (Some(i), Some(b)) if i64::from(i) == i64::from(b))
+    index.is_some_and(|i| bridge_index().is_some_and(|b| i64::from(i) == i64::from(b)))
 }
 
 fn if_index(name: &str) -> Option<u32> {
@@ -85,16 +93,16 @@ mod tests {
     #[test]
     fn links_addresses_and_routes_count_and_neighbours_only_on_the_bridge() {
         for kind in LINK_ADDR_ROUTE {
-            assert!(concerns_segment(kind, &[], Some(7)), "type {kind}");
+            assert!(concerns_segment(kind, &[], || Some(7)), "type {kind}");
         }
-        assert!(concerns_segment(28, &ndmsg(7), Some(7)));
-        assert!(concerns_segment(29, &ndmsg(7), Some(7)));
+        assert!(concerns_segment(28, &ndmsg(7), || Some(7)));
+        assert!(concerns_segment(29, &ndmsg(7), || Some(7)));
         // The LAN's neighbours, and any while the bridge is not there.
-        assert!(!concerns_segment(28, &ndmsg(3), Some(7)));
-        assert!(!concerns_segment(28, &ndmsg(7), None));
+        assert!(!concerns_segment(28, &ndmsg(3), || Some(7)));
+        assert!(!concerns_segment(28, &ndmsg(7), || None));
         // Too short to name an interface; and a type nobody acts on (RTM_NEWRULE).
-        assert!(!concerns_segment(28, &[2, 0], Some(7)));
-        assert!(!concerns_segment(32, &ndmsg(7), Some(7)));
+        assert!(!concerns_segment(28, &[2, 0], || Some(7)));
+        assert!(!concerns_segment(32, &ndmsg(7), || Some(7)));
     }
 
     #[test]

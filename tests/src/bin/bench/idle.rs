@@ -15,8 +15,8 @@ use crate::results::{load_average, median, pct, record};
 
 const ROUNDS: usize = 2;
 /// How long the idle daemon is measured, once it has settled.
-const IDLE_SECS: u64 = 40;
-const SETTLE: Duration = Duration::from_secs(5);
+const IDLE_SECS: u64 = 60;
+const SETTLE: Duration = Duration::from_secs(20);
 /// Repairs timed in each lab.
 const REPAIRS: usize = 5;
 
