@@ -255,7 +255,11 @@ fn after_setup_the_first_run_page_shows_the_ai_port_the_wifi_qr_code_and_runs_th
     let got = http::request(&lan, ui, http::get(ui, "/first-run", &cookie))
         .unwrap_or_else(|e| panic!("the LAN host with the session: {e}"));
     assert_eq!(got.status, 200);
-    assert!(got.body.contains(&key), "the owner's page has the key");
+    assert!(
+        got.body
+            .contains(r"<code class=wifi-key>k;e,y:&quot;q\z 1</code>"),
+        "the owner's page has the key, escaped for HTML"
+    );
     let no_store = got.head.to_ascii_lowercase();
     assert!(
         no_store.contains("cache-control: no-store"),
