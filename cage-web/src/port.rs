@@ -96,6 +96,10 @@ fn render(p: &AiPort, csrf: &str, message: Option<&str>) -> Html<String> {
     }
     o.push_str(&summary(p));
     o.push_str(&choice_form(p, csrf, "/port"));
+    o.push_str(
+        "<p><a href=\"/first-run\" id=first-run-link>The first-run page</a>: the AI \
+         Wi-Fi's key and QR code, and the self-test.</p>",
+    );
     html::page("AI port", "port", csrf, &o)
 }
 

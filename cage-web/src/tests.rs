@@ -1512,6 +1512,13 @@ async fn the_first_run_page_shows_port_wifi_and_runs_the_selftest() {
     // The key is on the page only: not in the JSON API.
     let api = send(&app, get_with("/api/port", &cookie)).await;
     assert!(!api.body.contains("k3y") && !api.body.contains("offlinekey"));
+    // The way back to it, later.
+    let a = send(&app, get_with("/port", &cookie)).await;
+    assert!(
+        a.body.contains("href=\"/first-run\" id=first-run-link"),
+        "{}",
+        a.body
+    );
 
     // A refused port: the page again, with the reason, and nothing changed.
     let choose = |choice: &str| {

@@ -208,8 +208,8 @@ fn after_setup_the_first_run_page_shows_the_ai_port_the_wifi_qr_code_and_runs_th
         );
 
         // The AI Wi-Fi: name, key, and a QR code that reads back as both.
-        assert_eq!(texts(&b, ".wifi-ssid"), [ssid.clone()]);
-        assert_eq!(texts(&b, ".wifi-key"), [key.clone()]);
+        assert_eq!(texts(&b, ".wifi-ssid"), [ssid.as_str()]);
+        assert_eq!(texts(&b, ".wifi-key"), [key.as_str()]);
         let svg =
             b.rt.block_on(async {
                 b.client
