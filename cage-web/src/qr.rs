@@ -1,11 +1,11 @@
 //! The AI Wi-Fi as a QR code: the payload phones read to join a network
 //! (`WIFI:T:WPA;S:<name>;P:<key>;;`, the format ZXing defined and the Wi-Fi Alliance's
-//! WPA3 specification adopted), and the code drawn as SVG on the server (the `qrcode`
-//! crate encodes; this module draws, so no image crate or renderer comes with it).
+//! WPA3 specification adopted), and the code drawn as SVG on the server (the `qrcodegen`
+//! crate encodes, without dependencies; this module draws).
 
 use std::fmt::Write as _;
 
-use qrcode::{Color, EcLevel, QrCode};
+use qrcodegen::{QrCode, QrCodeEcc};
 
 use crate::backend::AiWifi;
 
@@ -59,21 +59,23 @@ pub fn payload(w: &AiWifi) -> Result<String, String> {
 }
 
 /// Modules of light border the format asks for around the code.
-const QUIET: usize = 4;
+const QUIET: i32 = 4;
 
-/// `data` as a QR code (error correction M), drawn as one SVG path of unit squares in a
+/// `data` as a QR code (error correction M at least: the encoder raises it where the
+/// same size allows), drawn as one SVG path of unit squares in a
 /// `viewBox`, so it scales to any size without blurring; `id` and `label` name it for
 /// the page and for screen readers.
 pub fn svg(data: &str, id: &str, label: &str) -> Result<String, String> {
-    let code = QrCode::with_error_correction_level(data.as_bytes(), EcLevel::M)
+    let code = QrCode::encode_text(data, QrCodeEcc::Medium)
         .map_err(|e| format!("cannot encode it as a QR code: {e}"))?;
-    let width = code.width();
-    let colors = code.to_colors();
+    let width = code.size();
     let size = width + 2 * QUIET;
-    let mut path = String::with_capacity(width * width * 4);
-    for (i, c) in colors.iter().enumerate() {
-        if *c == Color::Dark {
-            let _ = write!(path, "M{} {}h1v1h-1z", i % width + QUIET, i / width + QUIET);
+    let mut path = String::with_capacity((width * width * 4) as usize);
+    for y in 0..width {
+        for x in 0..width {
+            if code.get_module(x, y) {
+                let _ = write!(path, "M{} {}h1v1h-1z", x + QUIET, y + QUIET);
+            }
         }
     }
     Ok(format!(
