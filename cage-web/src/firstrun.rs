@@ -178,7 +178,7 @@ fn render(v: &View, csrf: &str, message: Option<Message<'_>>) -> String {
     o.push_str(&enforces(v));
     match &v.port {
         Ok(p) => {
-            o.push_str(&port::summary(p));
+            o.push_str(&port::summary_with(p, false));
             o.push_str(&port::choice_form(p, csrf, "/first-run/port"));
         }
         Err(e) => {

@@ -17,6 +17,12 @@ use crate::{AppState, WebError};
 
 /// The box "where the agent plugs in", for the dashboard and this page.
 pub fn summary(p: &AiPort) -> String {
+    summary_with(p, true)
+}
+
+/// The box, with or without the links to the pages that have more (the first-run page,
+/// which has the form and the Wi-Fi's key itself, leaves them out).
+pub(crate) fn summary_with(p: &AiPort, links: bool) -> String {
     let mut o = String::from("<section id=ai-port class=box><h2>Where the agent plugs in</h2>");
     if p.ai_ports.is_empty() {
         o.push_str(
@@ -36,9 +42,13 @@ pub fn summary(p: &AiPort) -> String {
     for ssid in &p.wifi_ai {
         let _ = write!(
             o,
-            "<p>Or join it to the AI Wi-Fi <b class=wifi-ai>{}</b> (<a href=\"/first-run#ai-wifi\" \
-             class=wifi-join>its key and QR code</a>).</p>",
-            esc(ssid)
+            "<p>Or join it to the AI Wi-Fi <b class=wifi-ai>{}</b>{}.</p>",
+            esc(ssid),
+            if links {
+                " (<a href=\"/first-run#ai-wifi\" class=wifi-join>its key and QR code</a>)"
+            } else {
+                ""
+            }
         );
     }
     let mut ways: Vec<String> = Vec::new();
@@ -63,7 +73,7 @@ pub fn summary(p: &AiPort) -> String {
     for n in &p.notes {
         let _ = write!(o, "<p class=note>{}</p>", esc(n));
     }
-    if p.changeable() {
+    if p.changeable() && links {
         o.push_str("<p><a href=\"/port\" id=ai-port-change>Choose another port</a></p>");
     }
     o.push_str("</section>");

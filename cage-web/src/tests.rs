@@ -1505,6 +1505,8 @@ async fn the_first_run_page_shows_port_wifi_and_runs_the_selftest() {
         !a.body.contains("wifi-qr-1"),
         "a QR code for a Wi-Fi that is off"
     );
+    // The form and the key are here: no links away to them.
+    assert!(!a.body.contains("id=ai-port-change") && !a.body.contains("class=wifi-join"));
     assert!(
         !a.body.contains("<i>"),
         "the key reached the page unescaped"

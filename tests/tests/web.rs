@@ -164,6 +164,9 @@ fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
 
         // Release asks for a confirmation first.
         b.click("#release");
+        // The confirmation step's page (the old page's #cage-state can go stale under
+        // the check while it loads).
+        b.find("#release-confirm");
         assert_eq!(
             b.attr("#cage-state", "data-state").as_deref(),
             Some("isolated"),
