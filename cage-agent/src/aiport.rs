@@ -197,6 +197,58 @@ pub fn show(cfg: &Config) -> Result<Report, PortError> {
     }
 }
 
+/// An access point on the segment, as `cage-port wifi` reads it from
+/// `/etc/config/wireless`, key included: for the owner's first-run page only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wifi {
+    /// The wifi-iface section (`cage` for the one 90-cage makes).
+    pub section: String,
+    pub ssid: String,
+    pub encryption: String,
+    pub key: String,
+    pub hidden: bool,
+    /// The access point and its radio are on.
+    pub enabled: bool,
+}
+
+impl Wifi {
+    /// Parse `cage-port wifi`: an `ap SECTION` line starts each access point, the
+    /// `KEY VALUE` lines after it describe it. Values are taken as they are (an SSID may
+    /// begin or end with a space); unknown keys are left out.
+    pub fn parse(text: &str) -> Vec<Wifi> {
+        let mut out: Vec<Wifi> = Vec::new();
+        for line in text.lines() {
+            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+            if key == "ap" {
+                out.push(Wifi {
+                    section: value.to_owned(),
+                    ..Wifi::default()
+                });
+                continue;
+            }
+            let Some(w) = out.last_mut() else { continue };
+            match key {
+                "ssid" => w.ssid = value.to_owned(),
+                "encryption" => w.encryption = value.to_owned(),
+                "key" => w.key = value.to_owned(),
+                "hidden" => w.hidden = value == "1",
+                "enabled" => w.enabled = value == "1",
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// The access points on the segment with their keys: `cage-port wifi` on OpenWrt; none
+/// in standalone mode (Cage makes no Wi-Fi itself).
+pub fn wifi(cfg: &Config) -> Result<Vec<Wifi>, PortError> {
+    match cfg.main.mode.resolve(crate::config::on_openwrt()) {
+        Mode::OpenWrt => Ok(Wifi::parse(&run_helper(&["wifi"])?)),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// What to make the AI port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
@@ -274,6 +326,37 @@ mod tests {
             "AI port: eth1 (the LAN port): plug the agent's machine in here"
         );
         assert!(lines.contains(&"owner's way in: Wi-Fi 'OpenWrt'".to_owned()));
+    }
+
+    #[test]
+    fn reads_the_access_points_with_their_keys_as_they_are() {
+        let w = Wifi::parse(
+            "ap cage\nssid Cage-AI \nencryption psk2\nkey a;b,c: d\nhidden 0\nenabled 1\n\
+             future x\nap cfg073579\nssid Second\nencryption none\nkey \nhidden 1\n\
+             enabled 0\n",
+        );
+        assert_eq!(
+            w,
+            vec![
+                Wifi {
+                    section: "cage".into(),
+                    ssid: "Cage-AI ".into(),
+                    encryption: "psk2".into(),
+                    key: "a;b,c: d".into(),
+                    hidden: false,
+                    enabled: true,
+                },
+                Wifi {
+                    section: "cfg073579".into(),
+                    ssid: "Second".into(),
+                    encryption: "none".into(),
+                    key: String::new(),
+                    hidden: true,
+                    enabled: false,
+                },
+            ]
+        );
+        assert!(Wifi::parse("ssid before any ap\n").is_empty());
     }
 
     #[test]

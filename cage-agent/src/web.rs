@@ -535,6 +535,81 @@ impl Backend for AgentBackend {
         .boxed()
     }
 
+    fn ai_wifi(&self) -> BoxFuture<'_, Result<Vec<cage_web::AiWifi>, BackendError>> {
+        async move {
+            let cfg = self.config();
+            let aps = tokio::task::spawn_blocking(move || crate::aiport::wifi(&cfg))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            Ok(aps
+                .into_iter()
+                .map(|w| cage_web::AiWifi {
+                    ssid: w.ssid,
+                    key: w.key,
+                    encryption: w.encryption,
+                    hidden: w.hidden,
+                    enabled: w.enabled,
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn run_selftest(&self, who: String) -> BoxFuture<'_, Result<SelfTest, BackendError>> {
+        async move {
+            let cfg = self.config();
+            log::info(&format!("web page: {who} runs the self-test"));
+            // What `cage run` does on its schedule: the same run, stored for `cage
+            // status`. A thread of its own, not one of the page's two blocking threads:
+            // it takes up to half a minute.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("cage-selftest".into())
+                .spawn(move || {
+                    let targets = cfg
+                        .selftest
+                        .targets
+                        .iter()
+                        .filter_map(|t| t.parse().ok())
+                        .collect();
+                    let opts = crate::selftest::Options { targets };
+                    let _ = tx.send(crate::selftest::run_and_store(&cfg, &opts));
+                })
+                .map_err(failed)?;
+            let result = rx
+                .await
+                .map_err(|_| failed("the self-test's thread ended without a result"))?;
+            match result {
+                Ok(r) => {
+                    if r.ok {
+                        log::info(&format!("self-test (from the web page): {}", r.verdict));
+                    } else {
+                        log::error(&format!(
+                            "ALERT: self-test (from the web page): {}",
+                            r.verdict
+                        ));
+                    }
+                    Ok(SelfTest {
+                        finished_at: r.finished_at,
+                        ok: r.ok,
+                        verdict: r.verdict,
+                    })
+                }
+                Err(e @ crate::selftest::SelftestError::Busy { .. }) => {
+                    Err(BackendError::Refused(e.to_string()))
+                }
+                Err(e) => {
+                    log::error(&format!(
+                        "ALERT: self-test (from the web page) could not run: {e}"
+                    ));
+                    Err(failed(format!("could not run: {e}")))
+                }
+            }
+        }
+        .boxed()
+    }
+
     fn event(&self, message: &str) {
         log::info(message);
     }

@@ -211,6 +211,21 @@ impl AiPort {
     }
 }
 
+/// An access point on the segment (the AI Wi-Fi), with its key: only the logged-in
+/// owner's first-run page shows it, never the JSON API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AiWifi {
+    pub ssid: String,
+    /// The WPA passphrase; empty when the network has none.
+    pub key: String,
+    /// OpenWrt's `encryption` (`psk2`, `sae-mixed`, `none`, …).
+    pub encryption: String,
+    /// The SSID is not broadcast.
+    pub hidden: bool,
+    /// Its radio and the access point itself are switched on.
+    pub enabled: bool,
+}
+
 /// The DNS review (Cage's forwarder): the egress mode, the allowed names, and the names
 /// refused in allow-list mode, most recent first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +276,12 @@ pub trait Backend: Send + Sync + 'static {
         choice: String,
         who: String,
     ) -> BoxFuture<'_, Result<AiPort, BackendError>>;
+    /// The access points on the segment, with their keys (none where Cage does not
+    /// know of one, e.g. without OpenWrt's wireless configuration).
+    fn ai_wifi(&self) -> BoxFuture<'_, Result<Vec<AiWifi>, BackendError>>;
+    /// Run the self-test now (`cage selftest`) and store its result, as `cage run` does
+    /// on its schedule; refused while another one runs. `who` is for the log.
+    fn run_selftest(&self, who: String) -> BoxFuture<'_, Result<SelfTest, BackendError>>;
     /// A security event for the agent's log (logins, failed logins, password changes).
     /// Events a client can cause at will are only reported while the login backoff lets
     /// it try, so this cannot flood the log.

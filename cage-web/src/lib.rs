@@ -15,12 +15,14 @@ pub mod backend;
 pub mod client;
 pub mod dashboard;
 pub mod error;
+pub mod firstrun;
 pub mod flows;
 pub mod hosts;
 pub mod html;
 pub mod listener;
 pub mod login;
 pub mod port;
+pub mod qr;
 pub mod review;
 pub mod security;
 pub mod session;
@@ -33,7 +35,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use backend::{
-    hosts_from_flows, Access, AiPort, Alert, AuditEntry, Backend, BackendError, CageState,
+    hosts_from_flows, Access, AiPort, AiWifi, Alert, AuditEntry, Backend, BackendError, CageState,
     FlowFilter, FlowRecord, Host, RefusedName, Review, SelfTest, Settings, Status,
 };
 pub use error::WebError;
@@ -109,6 +111,9 @@ pub fn router(state: AppState) -> Router {
         .route("/dns", get(review::page))
         .route("/dns/allow", post(review::allow))
         .route("/port", get(port::page).post(port::set))
+        .route("/first-run", get(firstrun::page))
+        .route("/first-run/port", post(firstrun::set_port))
+        .route("/first-run/selftest", post(firstrun::selftest))
         .route("/settings", get(settings::page).post(settings::apply))
         .route("/settings/password", post(settings::password))
         .route("/logout", post(login::logout))

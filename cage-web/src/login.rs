@@ -188,9 +188,10 @@ async fn try_login(
     Ok(state.sessions().create(Instant::now()))
 }
 
-fn logged_in(active: &Active) -> Response {
+/// The session's cookie set, the pre-session's expired, and on to `to`.
+fn logged_in(active: &Active, to: &str) -> Response {
     let r = with_cookie(
-        Redirect::to("/").into_response(),
+        Redirect::to(to).into_response(),
         &session_cookie(&active.token),
     );
     with_cookie(r, &expired(session::PRE_COOKIE))
@@ -202,7 +203,7 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Response {
         Err(r) => return r,
     };
     match try_login(&state, ip, form.password, false).await {
-        Ok(active) => logged_in(&active),
+        Ok(active) => logged_in(&active, "/"),
         Err(e) if e.status == StatusCode::UNAUTHORIZED => {
             login_form(StatusCode::UNAUTHORIZED, Some("Wrong password."))
         }
@@ -246,7 +247,8 @@ pub async fn setup(State(state): State<AppState>, req: Request) -> Response {
         "web page: the password was set by the first-run setup from {ip}"
     ));
     let active = state.sessions().create(Instant::now());
-    logged_in(&active)
+    // On to the first-run page: where to plug the agent in, the AI Wi-Fi, the self-test.
+    logged_in(&active, "/first-run")
 }
 
 #[derive(Deserialize)]

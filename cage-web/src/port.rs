@@ -17,6 +17,12 @@ use crate::{AppState, WebError};
 
 /// The box "where the agent plugs in", for the dashboard and this page.
 pub fn summary(p: &AiPort) -> String {
+    summary_with(p, true)
+}
+
+/// The box, with or without the links to the pages that have more (the first-run page,
+/// which has the form and the Wi-Fi's key itself, leaves them out).
+pub(crate) fn summary_with(p: &AiPort, links: bool) -> String {
     let mut o = String::from("<section id=ai-port class=box><h2>Where the agent plugs in</h2>");
     if p.ai_ports.is_empty() {
         o.push_str(
@@ -36,8 +42,13 @@ pub fn summary(p: &AiPort) -> String {
     for ssid in &p.wifi_ai {
         let _ = write!(
             o,
-            "<p>Or join it to the AI Wi-Fi <b class=wifi-ai>{}</b>.</p>",
-            esc(ssid)
+            "<p>Or join it to the AI Wi-Fi <b class=wifi-ai>{}</b>{}.</p>",
+            esc(ssid),
+            if links {
+                " (<a href=\"/first-run#ai-wifi\" class=wifi-join>its key and QR code</a>)"
+            } else {
+                ""
+            }
         );
     }
     let mut ways: Vec<String> = Vec::new();
@@ -62,7 +73,7 @@ pub fn summary(p: &AiPort) -> String {
     for n in &p.notes {
         let _ = write!(o, "<p class=note>{}</p>", esc(n));
     }
-    if p.changeable() {
+    if p.changeable() && links {
         o.push_str("<p><a href=\"/port\" id=ai-port-change>Choose another port</a></p>");
     }
     o.push_str("</section>");
@@ -94,11 +105,24 @@ fn render(p: &AiPort, csrf: &str, message: Option<&str>) -> Html<String> {
         let _ = write!(o, "<p class=ok id=port-message>{}</p>", esc(m));
     }
     o.push_str(&summary(p));
+    o.push_str(&choice_form(p, csrf, "/port"));
+    o.push_str(
+        "<p><a href=\"/first-run\" id=first-run-link>The first-run page</a>: the AI \
+         Wi-Fi's key and QR code, and the self-test.</p>",
+    );
+    html::page("AI port", "port", csrf, &o)
+}
+
+/// The form that chooses the AI port, posting to `action` (`/port`, `/first-run/port`);
+/// where the page cannot change it, a line that says where it is set instead.
+pub(crate) fn choice_form(p: &AiPort, csrf: &str, action: &str) -> String {
+    let mut o = String::new();
     if p.changeable() {
         let _ = write!(
             o,
-            "<form method=post action=\"/port\" class=stack id=port-form>{}\
+            "<form method=post action=\"{}\" class=stack id=port-form>{}\
              <label for=port-choice>AI port</label><select id=port-choice name=choice>",
+            esc(action),
             html::csrf_field(csrf)
         );
         let mut choices: Vec<&String> = p.ai_ports.iter().map(|(d, _)| d).collect();
@@ -131,20 +155,13 @@ fn render(p: &AiPort, csrf: &str, message: Option<&str>) -> Html<String> {
              configuration.</p>",
         );
     }
-    html::page("AI port", "port", csrf, &o)
+    o
 }
 
-#[derive(Deserialize)]
-pub struct ChoiceForm {
-    #[serde(default)]
-    choice: String,
-}
-
-pub async fn set(
-    State(state): State<AppState>,
-    PageForm(authed, form): PageForm<ChoiceForm>,
-) -> Result<Redirect, WebError> {
-    let choice = short_text("choice", &form.choice, 32)?;
+/// A choice as the form sends it, checked before the agent sees it: a device name or
+/// `none`.
+pub(crate) fn checked_choice(raw: &str) -> Result<String, WebError> {
+    let choice = short_text("choice", raw, 32)?;
     let ok = !choice.is_empty()
         && choice
             .chars()
@@ -154,6 +171,20 @@ pub async fn set(
             "choice: a port's device name (e.g. eth1, lan5) or none",
         ));
     }
+    Ok(choice)
+}
+
+#[derive(Deserialize)]
+pub struct ChoiceForm {
+    #[serde(default)]
+    pub(crate) choice: String,
+}
+
+pub async fn set(
+    State(state): State<AppState>,
+    PageForm(authed, form): PageForm<ChoiceForm>,
+) -> Result<Redirect, WebError> {
+    let choice = checked_choice(&form.choice)?;
     state.backend.set_ai_port(choice, authed.who()).await?;
     Ok(Redirect::to("/port?saved=1"))
 }

@@ -41,6 +41,9 @@ struct Inner {
     allowed: Vec<String>,
     /// The router's wired ports: `ai_port` is one of them or none.
     ai_port: Option<String>,
+    /// The last self-test, and how many were run from the page.
+    selftest: Option<SelfTest>,
+    selftest_runs: u32,
 }
 
 /// The agent, in memory.
@@ -109,7 +112,7 @@ impl Backend for TestBackend {
             flows: 30,
             blocked: 10,
             lost: 0,
-            selftest: None,
+            selftest: i.selftest.clone(),
             problems: vec![],
         };
         async move { s }.boxed()
@@ -265,6 +268,49 @@ impl Backend for TestBackend {
         }
         async move { result.map(test_port) }.boxed()
     }
+    fn ai_wifi(&self) -> BoxFuture<'_, Result<Vec<AiWifi>, BackendError>> {
+        async move { Ok(test_wifi()) }.boxed()
+    }
+    fn run_selftest(&self, _who: String) -> BoxFuture<'_, Result<SelfTest, BackendError>> {
+        let mut i = self.0.lock().unwrap();
+        // The second run finds the first one's lock, as the agent's would while it runs.
+        let result = if i.selftest_runs >= 1 {
+            Err(BackendError::Refused(
+                "another cage selftest is running".into(),
+            ))
+        } else {
+            let t = SelfTest {
+                finished_at: 1_764_066_700,
+                ok: true,
+                verdict: "all 42 checks hold".into(),
+            };
+            i.selftest = Some(t.clone());
+            Ok(t)
+        };
+        i.selftest_runs += 1;
+        async move { result }.boxed()
+    }
+}
+
+/// Two access points on the segment: one with every character the QR format escapes
+/// and HTML's too, one switched off.
+fn test_wifi() -> Vec<AiWifi> {
+    vec![
+        AiWifi {
+            ssid: "Cage-AI <b>;".into(),
+            key: r#"k3y;with,"all":\&<i>"#.into(),
+            encryption: "psk2".into(),
+            hidden: false,
+            enabled: true,
+        },
+        AiWifi {
+            ssid: "Cage-AI-5G".into(),
+            key: "offlinekey".into(),
+            encryption: "sae".into(),
+            hidden: false,
+            enabled: false,
+        },
+    ]
 }
 
 fn test_port(ai: Option<String>) -> AiPort {
@@ -402,8 +448,9 @@ async fn login(app: &Router) -> (String, String) {
     )
 }
 
-const PAGES: [&str; 10] = [
+const PAGES: [&str; 11] = [
     "/",
+    "/first-run",
     "/port",
     "/dns",
     "/hosts",
@@ -423,8 +470,10 @@ const API_GETS: [&str; 7] = [
     "/api/audit",
     "/api/alerts",
 ];
-const PAGE_POSTS: [&str; 7] = [
+const PAGE_POSTS: [&str; 9] = [
     "/dns/allow",
+    "/first-run/port",
+    "/first-run/selftest",
     "/port",
     "/isolate",
     "/release",
@@ -543,7 +592,11 @@ async fn first_run_setup_sets_the_password_once() {
         setup(&format!("password={PASSWORD}&confirm={PASSWORD}")),
     )
     .await;
-    assert_eq!((a.status, a.location()), (StatusCode::SEE_OTHER, "/"));
+    // On to the first-run page.
+    assert_eq!(
+        (a.status, a.location()),
+        (StatusCode::SEE_OTHER, "/first-run")
+    );
     let session = a.cookie("cage_session").expect("logged in after setup");
     let hash = backend.0.lock().unwrap().hash.clone().unwrap();
     assert!(crate::verify_password(PASSWORD, &hash));
@@ -1414,4 +1467,109 @@ async fn the_ai_port_is_shown_and_changed() {
     let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
     assert_eq!(v["ai_ports"], serde_json::json!([]));
     assert_eq!(v["lan_ports"], serde_json::json!(["lan1", "lan2"]));
+}
+
+/// The first-run page, where setup leads: the AI port with its form, the AI Wi-Fi's
+/// name and key escaped for HTML, a QR code for the one that is on and none for the one
+/// that is off, the line on what the cage enforces, and the self-test button; no-store.
+/// Its port form changes the port or shows the refusal on the page, changing nothing;
+/// the self-test button runs it once and shows the result, and a second run's refusal.
+#[tokio::test]
+async fn the_first_run_page_shows_port_wifi_and_runs_the_selftest() {
+    let backend = TestBackend::with_password();
+    backend.0.lock().unwrap().ai_port = Some("lan2".into());
+    let app = app(backend.clone());
+    let (cookie, csrf) = login(&app).await;
+    let a = send(&app, get_with("/first-run", &cookie)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        a.headers[header::CACHE_CONTROL].to_str().unwrap(),
+        "no-store",
+        "the page with the key must not be cached"
+    );
+    a.assert_holds(&[
+        "id=enforces-line",
+        "reaches the internet and nothing else",
+        "<code class=ai-port-device>lan2</code>",
+        "<form method=post action=\"/first-run/port\"",
+        "<option value=\"lan2\" selected>",
+        "<b class=wifi-ssid>Cage-AI &lt;b&gt;;</b>",
+        "<code class=wifi-key>k3y;with,&quot;all&quot;:\\&amp;&lt;i&gt;</code>",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"wifi-qr-0\"",
+        "<b class=wifi-ssid>Cage-AI-5G</b>",
+        "<code class=wifi-key>offlinekey</code>",
+        "id=selftest-run",
+        "No self-test has run yet.",
+    ]);
+    assert!(
+        !a.body.contains("wifi-qr-1"),
+        "a QR code for a Wi-Fi that is off"
+    );
+    // The form and the key are here: no links away to them.
+    assert!(!a.body.contains("id=ai-port-change") && !a.body.contains("class=wifi-join"));
+    assert!(
+        !a.body.contains("<i>"),
+        "the key reached the page unescaped"
+    );
+    // The key is on the page only: not in the JSON API.
+    let api = send(&app, get_with("/api/port", &cookie)).await;
+    assert!(!api.body.contains("k3y") && !api.body.contains("offlinekey"));
+    // The way back to it, later.
+    let a = send(&app, get_with("/port", &cookie)).await;
+    assert!(
+        a.body.contains("href=\"/first-run\" id=first-run-link"),
+        "{}",
+        a.body
+    );
+
+    // A refused port: the page again, with the reason, and nothing changed.
+    let choose = |choice: &str| {
+        form_with(
+            "/first-run/port",
+            &cookie,
+            &format!("csrf={csrf}&choice={choice}"),
+        )
+    };
+    let a = send(&app, choose("lan1")).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    a.assert_holds(&[
+        "id=fr-error",
+        "The AI port was not changed: lan1 would leave you no way in",
+        "id=\"wifi-qr-0\"",
+    ]);
+    assert_eq!(backend.0.lock().unwrap().ai_port.as_deref(), Some("lan2"));
+    let a = send(&app, choose("eth1%3B%20reboot")).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.body.contains("id=fr-error"), "{}", a.body);
+    assert_eq!(backend.0.lock().unwrap().ai_port.as_deref(), Some("lan2"));
+    // An accepted one.
+    let a = send(&app, choose("none")).await;
+    assert_eq!(
+        (a.status, a.location()),
+        (StatusCode::SEE_OTHER, "/first-run?port=saved")
+    );
+    assert_eq!(backend.0.lock().unwrap().ai_port, None);
+    let a = send(&app, get_with("/first-run?port=saved", &cookie)).await;
+    a.assert_holds(&["id=fr-message", "id=ai-port-none"]);
+
+    // The self-test, from the button.
+    let run = || form_with("/first-run/selftest", &cookie, &format!("csrf={csrf}"));
+    let a = send(&app, run()).await;
+    assert_eq!(
+        (a.status, a.location()),
+        (StatusCode::SEE_OTHER, "/first-run?selftest=ran")
+    );
+    let a = send(&app, get_with("/first-run?selftest=ran", &cookie)).await;
+    a.assert_holds(&[
+        "data-ok=\"true\"",
+        "Self-test passed at 2025-11-25 10:31:40 UTC: all 42 checks hold",
+    ]);
+    let a = send(&app, run()).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        a.body
+            .contains("The self-test did not run: another cage selftest is running"),
+        "{}",
+        a.body
+    );
 }

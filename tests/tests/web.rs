@@ -108,6 +108,10 @@ fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
         b.type_into("#password", PASSWORD);
         b.type_into("#confirm", PASSWORD);
         b.click("#setup-submit");
+        // Setup leads to the first-run page (tests/tests/web_firstrun.rs); on to the
+        // dashboard from there.
+        b.find("#to-dashboard");
+        b.click("#to-dashboard");
         assert_eq!(
             b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10)),
             "open"
@@ -160,6 +164,9 @@ fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
 
         // Release asks for a confirmation first.
         b.click("#release");
+        // The confirmation step's page (the old page's #cage-state can go stale under
+        // the check while it loads).
+        b.find("#release-confirm");
         assert_eq!(
             b.attr("#cage-state", "data-state").as_deref(),
             Some("isolated"),

@@ -1,6 +1,6 @@
 //! Install what building and testing Cage needs, idempotently and quickly when it is
 //! already there: Debian packages (nftables, iproute2, ping, tcpdump, iperf3, and
-//! Chromium with its WebDriver for the web page's browser test; qemu for the VM stage),
+//! Chromium with its WebDriver for the web page's browser test, zbar's QR reader; qemu for the VM stage),
 //! the rustup components
 //! the checks use, and the eBPF toolchain (nightly's rust-src and a bpf-linker built
 //! against the nightly toolchain's own libLLVM).
@@ -29,6 +29,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The web page's end-to-end test drives a real headless Chromium.
     ("chromium", "chromium"),
     ("chromium-driver", "chromedriver"),
+    // The first-run page's test reads the AI Wi-Fi's QR code as a phone would.
+    ("zbar-tools", "zbarimg"),
     // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
     // guest's programs are read, the x86_64 kernel's xz payload unpacked.
     ("binutils", "readelf"),
