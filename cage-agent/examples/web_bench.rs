@@ -90,6 +90,7 @@ fn main() {
                 host: host.into(),
                 host_port: Some(32768 + (i % 28000) as u16),
                 mac: Some(format!("02:00:00:00:00:{:02x}", host[3])),
+                bridge_port: None,
                 peer: if blocked {
                     [192, 168, 8, 10]
                 } else {

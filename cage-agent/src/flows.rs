@@ -299,6 +299,7 @@ impl Blocked {
                     host: k.host,
                     host_port: if out { f.other_port } else { k.service },
                     mac: f.mac.map(mac_text),
+                    bridge_port: None,
                     peer: k.peer,
                     peer_port: if out { k.service } else { f.other_port },
                     direction: k.direction.into(),
@@ -313,6 +314,20 @@ impl Blocked {
                 }
             })
             .collect()
+    }
+}
+
+/// Name each record's bridge port from its MAC's binding (`ports`: lower-case MAC →
+/// port). A frame that claimed another machine's MAC (`deny:mac-theft`) came in on
+/// another port than that MAC's: its record names none rather than the victim's.
+pub fn name_ports(records: &mut [FlowRecord], ports: &HashMap<String, String>) {
+    for r in records {
+        if r.bridge_port.is_some() || r.rule.as_deref() == Some("deny:mac-theft") {
+            continue;
+        }
+        if let Some(mac) = &r.mac {
+            r.bridge_port = ports.get(&mac.to_ascii_lowercase()).cloned();
+        }
     }
 }
 
@@ -451,6 +466,29 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn records_name_their_machines_port_but_not_a_stolen_macs() {
+        let d = |rule: &str| denied("192.168.10.11", "192.168.8.10", 40000, 22, rule);
+        let mut b = Blocked::default();
+        b.add(&d("deny:lan"), &[]);
+        b.add(&d("deny:mac-theft"), &[]);
+        let mut records = b.drain();
+        records.push(FlowRecord {
+            mac: None,
+            ..records[0].clone()
+        });
+        let ports: HashMap<String, String> =
+            [("02:00:00:00:00:11".to_owned(), "eth1".to_owned())].into();
+        name_ports(&mut records, &ports);
+        let got: Vec<(Option<&str>, Option<&str>)> = records
+            .iter()
+            .map(|r| (r.rule.as_deref(), r.bridge_port.as_deref()))
+            .collect();
+        assert!(got.contains(&(Some("deny:lan"), Some("eth1"))), "{got:?}");
+        assert!(got.contains(&(Some("deny:mac-theft"), None)), "{got:?}");
+        assert_eq!(records[2].bridge_port, None, "no MAC, no port");
     }
 
     #[test]
@@ -694,6 +732,7 @@ impl Sweeper {
                     host: k.client_ip(),
                     host_port: (!icmp).then_some(k.client_port),
                     mac: mac.map(mac_text),
+                    bridge_port: None,
                     peer: k.server_ip(),
                     peer_port: (!icmp || k.server_port != 0).then_some(k.server_port),
                     direction: "out".into(),
@@ -915,6 +954,7 @@ mod persist_tests {
             host: "192.168.10.11".parse().unwrap(),
             host_port: Some(i),
             mac: None,
+            bridge_port: None,
             peer: "203.0.113.10".parse().unwrap(),
             peer_port: Some(53),
             direction: "out".into(),

@@ -11,6 +11,7 @@ pub mod alerts;
 pub mod assets;
 pub mod auth;
 pub mod backend;
+pub mod charts;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod dashboard;
@@ -20,6 +21,8 @@ pub mod hosts;
 pub mod html;
 pub mod listener;
 pub mod login;
+pub mod machines;
+pub mod pictures;
 pub mod port;
 pub mod review;
 pub mod security;
@@ -33,9 +36,10 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use backend::{
-    hosts_from_flows, Access, AiPort, Alert, AuditEntry, Backend, BackendError, CageState,
-    FlowFilter, FlowRecord, Host, RefusedName, Review, SelfTest, Settings, Status,
+    Access, AiPort, Alert, AuditEntry, Backend, BackendError, Binding, CageState, FlowFilter,
+    FlowRecord, RefusedName, Review, Segment, SelfTest, Settings, Status,
 };
+pub use machines::{Machine, Machines};
 pub use error::WebError;
 pub use session::{hash_password, password_problem, verify_password};
 
@@ -102,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .route("/isolate", post(dashboard::isolate))
         .route("/release", post(dashboard::release))
         .route("/hosts", get(hosts::page))
+        .route("/hosts/{mac}", get(hosts::machine_page))
         .route("/flows", get(flows::page))
         .route("/flows.jsonl", get(flows::download_jsonl))
         .route("/flows.csv", get(flows::download_csv))
@@ -119,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/release", post(dashboard::api_release))
         .route("/api/flows", get(flows::api_flows))
         .route("/api/hosts", get(hosts::api_hosts))
+        .route("/api/hosts/{mac}", get(hosts::api_machine))
         .route("/api/audit", get(alerts::api_audit))
         .route("/api/alerts", get(alerts::api_alerts))
         .route("/api/dns", get(review::api_review))
