@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cage_web::{
-    Access, Alert, AuditEntry, Backend, BackendError, Binding, CageState, FlowFilter,
-    FlowRecord, Review, Segment, SelfTest, Settings, Status,
+    Access, Alert, AuditEntry, Backend, BackendError, Binding, CageState, FlowFilter, FlowRecord,
+    Review, Segment, SelfTest, Settings, Status,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -306,8 +306,7 @@ impl Backend for AgentBackend {
             let cfg = self.config();
             let mut router: Vec<IpAddr> = vec![IpAddr::V4(cfg.segment.address.addr())];
             router.extend(cfg.segment.address6.map(|a| IpAddr::V6(a.addr())));
-            match crate::netlink::device_addresses(std::slice::from_ref(&cfg.segment.bridge))
-                .await
+            match crate::netlink::device_addresses(std::slice::from_ref(&cfg.segment.bridge)).await
             {
                 Ok(found) => router.extend(found),
                 Err(e) => ::log::debug!("the segment bridge's addresses not read: {e}"),

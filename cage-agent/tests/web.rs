@@ -247,13 +247,14 @@ async fn flows_and_hosts_come_from_the_flow_log() {
         seg.router.contains(&"192.168.10.1".parse().unwrap()),
         "{seg:?}"
     );
-    assert!(seg
-        .subnets
-        .contains(&("192.168.10.0".parse().unwrap(), 24)));
+    assert!(seg.subnets.contains(&("192.168.10.0".parse().unwrap(), 24)));
     let hosts = cage_web::machines::group(&all, &seg);
     assert_eq!(hosts.machines.len(), 3);
     let h10 = hosts.find("02:00:00:00:00:0a").unwrap();
-    assert_eq!(h10.addresses, vec!["192.168.10.10".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        h10.addresses,
+        vec!["192.168.10.10".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(h10.flows, 100);
     assert_eq!(h10.bytes_up, 100 * 1000);
     assert_eq!(h10.bytes_down, 100 * 4000);

@@ -21,6 +21,8 @@ const H: u32 = 140;
 /// Room at the bottom for the time labels, at the top for the scale.
 const TOP: u32 = 16;
 const BOTTOM: u32 = 16;
+/// Where right-aligned text ends, clear of the frame.
+const R: u32 = W - 3;
 
 /// Milliseconds since the Unix epoch of an RFC 3339 UTC time as the flow log writes it
 /// (`2026-12-07T12:00:00.123Z`, the fraction optional).
@@ -95,6 +97,7 @@ impl Series {
         let len = u128::from(e - s);
         let first = (s.max(self.start) - self.start) / self.step;
         let last = ((e.min(self.end()) - 1 - self.start) / self.step).min(self.up.len() as u64 - 1);
+        let (mut up, mut down) = (0u64, 0u64);
         for i in first..=last {
             let b0 = self.start + i * self.step;
             let overlap = u128::from(e.min(b0 + self.step) - s.max(b0));
@@ -102,6 +105,15 @@ impl Series {
             let i = i as usize;
             self.up[i] = self.up[i].saturating_add(share(r.bytes_out));
             self.down[i] = self.down[i].saturating_add(share(r.bytes_in));
+            up += share(r.bytes_out);
+            down += share(r.bytes_in);
+        }
+        // A flow wholly inside the window counts exactly: what rounding down left over
+        // goes to its last step.
+        if s >= self.start && e <= self.end() {
+            let i = last as usize;
+            self.up[i] = self.up[i].saturating_add(r.bytes_out - up);
+            self.down[i] = self.down[i].saturating_add(r.bytes_in - down);
         }
     }
 
@@ -188,7 +200,13 @@ pub fn traffic_svg(id: &str, title: &str, s: &Series, compact: bool) -> String {
         &full,
         &format!(" data-up=\"{up}\" data-down=\"{down}\""),
     );
-    let max = s.up.iter().chain(&s.down).copied().max().unwrap_or(0).max(1);
+    let max =
+        s.up.iter()
+            .chain(&s.down)
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(1);
     let mid = top + (h - top - bottom) / 2;
     let half = f64::from(mid - top);
     let bar = f64::from(w) / s.up.len() as f64;
@@ -235,9 +253,10 @@ pub fn traffic_svg(id: &str, title: &str, s: &Series, compact: bool) -> String {
         let _ = write!(
             o,
             "<text x=\"2\" y=\"11\">↑ {} up · ↓ {} down</text>\
-             <text x=\"{w}\" y=\"11\" text-anchor=end>max {}</text>",
+             <text x=\"{}\" y=\"11\" text-anchor=end>max {}</text>",
             esc(&html::bytes(up)),
             esc(&html::bytes(down)),
+            w - 3,
             esc(&html::bytes(max))
         );
         time_axis(&mut o, s, w, h);
@@ -250,11 +269,12 @@ fn time_axis(o: &mut String, s: &Series, w: u32, h: u32) {
     let _ = write!(
         o,
         "<text x=\"2\" y=\"{y}\">{}</text><text x=\"{}\" y=\"{y}\" text-anchor=middle>{}</text>\
-         <text x=\"{w}\" y=\"{y}\" text-anchor=end>{} UTC</text>",
+         <text x=\"{r}\" y=\"{y}\" text-anchor=end>{} UTC</text>",
         hhmm(s.start),
         w / 2,
         hhmm(s.start + (s.end() - s.start) / 2),
         hhmm(s.end()),
+        r = w - 3,
         y = h - 3
     );
 }
@@ -297,7 +317,7 @@ pub fn blocked_svg(id: &str, title: &str, s: &Series) -> String {
         o,
         "<line class=axis x1=\"0\" y1=\"{base}\" x2=\"{W}\" y2=\"{base}\"/>\
          <text x=\"2\" y=\"11\">{total} blocked</text>\
-         <text x=\"{W}\" y=\"11\" text-anchor=end>max {max}</text>"
+         <text x=\"{R}\" y=\"11\" text-anchor=end>max {max}</text>"
     );
     time_axis(&mut o, s, W, H);
     o.push_str("</svg>");
@@ -326,17 +346,17 @@ pub fn top_svg(id: &str, title: &str, rows: &[(String, u64, u64)]) -> String {
         let wd = *down as f64 / max as f64 * f64::from(W);
         let _ = write!(
             o,
-            "<g data-name=\"{n}\" data-up=\"{up}\" data-down=\"{down}\"><title>{n}: {} up, {} down</title>\
-             <text x=\"2\" y=\"{}\">{}</text><text x=\"{W}\" y=\"{1}\" text-anchor=end>{}</text>\
-             <rect class=up x=\"0\" y=\"{}\" width=\"{wu:.1}\" height=\"9\"/>\
-             <rect class=down x=\"{wu:.1}\" y=\"{3}\" width=\"{wd:.1}\" height=\"9\"/></g>",
-            esc(&html::bytes(*up)),
-            esc(&html::bytes(*down)),
-            y + 11,
-            esc(&shown),
-            esc(&html::bytes(up + down)),
-            y + 15,
+            "<g data-name=\"{n}\" data-up=\"{up}\" data-down=\"{down}\"><title>{n}: {bu} up, {bd} down</title>\
+             <text x=\"2\" y=\"{ty}\">{shown}</text><text x=\"{R}\" y=\"{ty}\" text-anchor=end>{total}</text>\
+             <rect class=up x=\"0\" y=\"{ry}\" width=\"{wu:.1}\" height=\"9\"/>\
+             <rect class=down x=\"{wu:.1}\" y=\"{ry}\" width=\"{wd:.1}\" height=\"9\"/></g>",
             n = esc(name),
+            bu = esc(&html::bytes(*up)),
+            bd = esc(&html::bytes(*down)),
+            ty = y + 11,
+            shown = esc(&shown),
+            total = esc(&html::bytes(up + down)),
+            ry = y + 15,
         );
     }
     o.push_str("</svg>");
@@ -375,10 +395,7 @@ mod tests {
     #[test]
     fn times_read_as_the_flow_log_writes_them() {
         assert_eq!(unix_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            unix_ms("2025-11-25T10:31:00.123Z"),
-            Some(1_764_066_660_123)
-        );
+        assert_eq!(unix_ms("2025-11-25T10:31:00.123Z"), Some(1_764_066_660_123));
         assert_eq!(unix_ms("2025-11-25T10:31:00.5Z"), Some(1_764_066_660_500));
         assert_eq!(unix_ms("2000-02-29T23:59:59Z"), Some(951_868_799_000));
         for bad in [
@@ -404,7 +421,17 @@ mod tests {
         assert_eq!(s.up.len(), 60);
         assert_eq!(&s.up[57..], &[0, 300, 600]);
         assert_eq!(&s.down[57..], &[0, 600, 1200]);
-        assert_eq!(s.total_up(), 900, "the part after the window is not counted");
+        assert_eq!(
+            s.total_up(),
+            900,
+            "the part after the window is not counted"
+        );
+        // Rounding loses nothing of a flow inside the window: 1000 bytes over three
+        // minutes, 20 s in the first.
+        let f = rec("2026-12-07T12:10:40Z", "2026-12-07T12:13:40Z", 1000, 1);
+        let s = traffic([f].iter(), end, 3_600_000, 60);
+        assert_eq!(&s.up[10..14], &[111, 333, 333, 223]);
+        assert_eq!((s.total_up(), s.total_down()), (1000, 1));
         // Outside the window entirely, or unreadable: nothing.
         let old = rec("2026-12-07T11:00:00Z", "2026-12-07T11:30:00Z", 5, 5);
         let bad = rec("yesterday", "today", 5, 5);
@@ -418,7 +445,10 @@ mod tests {
         let f = rec("2026-12-07T12:10:00Z", "2026-12-07T12:10:20Z", 2048, 512);
         let s = traffic([f].iter(), end, 3_600_000, 60);
         let svg = traffic_svg("t", "Last hour", &s, false);
-        assert!(svg.starts_with("<svg id=\"t\" class=\"chart traffic\""), "{svg}");
+        assert!(
+            svg.starts_with("<svg id=\"t\" class=\"chart traffic\""),
+            "{svg}"
+        );
         assert!(svg.contains("data-up=\"2048\" data-down=\"512\""), "{svg}");
         assert!(
             svg.contains("<title>12:10–12:11: 2.0 KB up, 512 B down</title>"),
@@ -426,7 +456,10 @@ mod tests {
         );
         assert_eq!(svg.matches("<rect class=up").count(), 1);
         assert_eq!(svg.matches("<rect class=down").count(), 1);
-        assert!(svg.contains(">12:00</text>") && svg.contains(">13:00 UTC</text>"), "{svg}");
+        assert!(
+            svg.contains(">12:00</text>") && svg.contains(">13:00 UTC</text>"),
+            "{svg}"
+        );
         assert!(!svg.contains("style="), "inline style breaks the CSP");
         let spark = traffic_svg("s", "ai1", &s, true);
         assert!(!spark.contains("<text"), "{spark}");
@@ -436,18 +469,37 @@ mod tests {
         assert_eq!(s.up[6], 7);
         let svg = blocked_svg("b", "Blocked", &s);
         assert!(svg.contains("data-total=\"7\""), "{svg}");
-        assert!(svg.contains("<title>12:30–12:35: 7 blocked</title>"), "{svg}");
+        assert!(
+            svg.contains("<title>12:30–12:35: 7 blocked</title>"),
+            "{svg}"
+        );
         b.verdict = "allowed".into();
         assert_eq!(blocked([b].iter(), end, 3_600_000, 12).total_up(), 0);
 
         let svg = top_svg(
             "d",
             "Top",
-            &[("<script>x".into(), 3000, 1000), ("b.example".into(), 10, 0)],
+            &[
+                ("<script>x".into(), 3000, 1000),
+                ("b.example".into(), 10, 0),
+            ],
         );
         assert!(!svg.contains("<script>"), "{svg}");
         assert!(svg.contains("data-name=\"&lt;script&gt;x\" data-up=\"3000\""));
         assert_eq!(svg.matches("<g ").count(), 2);
+        // Row one: its name over its bars, up then down, scaled to the largest row.
+        assert!(
+            svg.contains(
+                "<text x=\"2\" y=\"11\">&lt;script&gt;x</text><text x=\"357\" y=\"11\" \
+                 text-anchor=end>3.9 KB</text><rect class=up x=\"0\" y=\"15\" width=\"270.0\" \
+                 height=\"9\"/><rect class=down x=\"270.0\" y=\"15\" width=\"90.0\" height=\"9\"/>"
+            ),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("<text x=\"2\" y=\"39\">b.example</text>"),
+            "{svg}"
+        );
         assert!(top_svg("e", "Top", &[]).contains("No allowed flows yet."));
     }
 

@@ -54,8 +54,14 @@ fn card(o: &mut String, m: &Machine) {
     let _ = write!(
         o,
         "<article class=machine id=\"machine-{id}\" data-mac=\"{mac}\"><h2><a href=\"/hosts/{mac}\">{}</a></h2>\
-         <p class=dim><span class=mac>{mac}</span>{}</p><p class=addresses>",
+         <p class=dim>{}{}</p><p class=addresses>",
         esc(label(m)),
+        // The MAC once: as the title when there is no DHCP name.
+        if m.hostname.is_some() {
+            format!("<span class=mac>{}</span>", esc(&m.mac))
+        } else {
+            "a machine without a DHCP name,".to_owned()
+        },
         m.port
             .as_deref()
             .map(|p| format!(" on port <b class=port>{}</b>", esc(p)))
@@ -227,10 +233,10 @@ pub async fn machine_page(
     let _ = write!(
         o,
         "<p>First seen <b id=first-seen>{}</b>, last seen <b>{}</b>.</p>",
-        esc(if m.first_seen.is_empty() {
-            "not in the log"
+        esc(&if m.first_seen.is_empty() {
+            "not in the log".to_owned()
         } else {
-            &m.first_seen
+            html::rfc3339_short(&m.first_seen)
         }),
         esc(&html::rfc3339_short(&m.last_seen))
     );
@@ -302,7 +308,13 @@ mod tests {
     fn macs_in_the_path_are_checked() {
         assert_eq!(parse_mac("02-CA-9E-00-00-11").unwrap(), "02:ca:9e:00:00:11");
         assert_eq!(parse_mac("02:ca:9e:00:00:11").unwrap(), "02:ca:9e:00:00:11");
-        for bad in ["", "02:ca:9e:00:00", "02:ca:9e:00:00:1g", "<script>", "02:ca:9e:00:00:111"] {
+        for bad in [
+            "",
+            "02:ca:9e:00:00",
+            "02:ca:9e:00:00:1g",
+            "<script>",
+            "02:ca:9e:00:00:111",
+        ] {
             assert_eq!(
                 parse_mac(bad).unwrap_err().status,
                 axum::http::StatusCode::BAD_REQUEST

@@ -39,8 +39,8 @@ pub use backend::{
     Access, AiPort, Alert, AuditEntry, Backend, BackendError, Binding, CageState, FlowFilter,
     FlowRecord, RefusedName, Review, Segment, SelfTest, Settings, Status,
 };
-pub use machines::{Machine, Machines};
 pub use error::WebError;
+pub use machines::{Machine, Machines};
 pub use session::{hash_password, password_problem, verify_password};
 
 /// Request bodies larger than this are refused (413): every form and JSON body of the

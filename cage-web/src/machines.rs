@@ -106,7 +106,11 @@ pub fn contains(net: IpAddr, len: u8, a: IpAddr) -> bool {
         }
         (IpAddr::V6(n), IpAddr::V6(a)) => {
             let len = u32::from(len.min(128));
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             u128::from(n) & mask == u128::from(a) & mask
         }
         _ => false,
@@ -414,7 +418,12 @@ mod tests {
             ),
             rec("198.51.100.8", Some(AI1), "allowed", None),
             // ai2's address, claimed by ai1.
-            rec("192.168.10.12", Some(AI1), "blocked", Some("deny:addr-theft")),
+            rec(
+                "192.168.10.12",
+                Some(AI1),
+                "blocked",
+                Some("deny:addr-theft"),
+            ),
             rec("192.168.10.12", Some(AI2), "allowed", None),
             // The router's address, claimed by ai1 and refused.
             rec("192.168.10.1", Some(AI1), "blocked", Some("deny:router")),
@@ -458,12 +467,18 @@ mod tests {
         );
         assert_eq!(ai1.port.as_deref(), Some("veth-ai1"));
         assert_eq!(ai1.hostname.as_deref(), Some("agent-mini"));
-        assert_eq!(ai1.flows, 8, "its own, its spoofs and the attempt towards it");
+        assert_eq!(
+            ai1.flows, 8,
+            "its own, its spoofs and the attempt towards it"
+        );
         assert_eq!(ai1.blocked, 3 + 3 + 3 + 4);
         assert_eq!(ai1.bytes_up, 8 * 100);
         assert_eq!(g.unattributed, 4);
         let ai2 = g.find(AI2).unwrap();
-        assert_eq!(ai2.addresses, vec!["192.168.10.12".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            ai2.addresses,
+            vec!["192.168.10.12".parse::<IpAddr>().unwrap()]
+        );
         assert!(ai2.spoofed.is_empty());
         for m in &g.machines {
             for a in &m.addresses {
@@ -483,7 +498,10 @@ mod tests {
         assert_eq!(m.mac, AI1);
         assert_eq!(m.flows, 0);
         assert_eq!(m.first_seen, "");
-        assert_eq!(m.addresses, vec!["192.168.10.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            m.addresses,
+            vec!["192.168.10.11".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]

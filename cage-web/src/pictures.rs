@@ -55,9 +55,7 @@ pub fn dashboard(flows: &[FlowRecord], seg: &Segment, now: u64) -> String {
     );
     let g = machines::group(flows, seg);
     if !g.machines.is_empty() {
-        o.push_str(
-            "<h2>Each machine, last hour</h2><table id=machine-charts class=sparks><tbody>",
-        );
+        o.push_str("<h2>Each machine, last hour</h2><table id=machine-charts class=sparks><tbody>");
         for m in &g.machines {
             let s = per
                 .remove(&m.mac)
@@ -134,8 +132,14 @@ mod tests {
             "{o}"
         );
         assert!(o.contains("id=\"chart-day\"") && o.contains("data-up=\"1000\""));
-        assert!(o.contains("data-name=\"api.example.com\" data-up=\"1000\""), "{o}");
+        assert!(
+            o.contains("data-name=\"api.example.com\" data-up=\"1000\""),
+            "{o}"
+        );
         assert!(o.contains("id=\"spark-02-00-00-00-00-11\""), "{o}");
-        assert!(!o.contains("70000"), "the router's traffic is not the segment's");
+        assert!(
+            !o.contains("70000"),
+            "the router's traffic is not the segment's"
+        );
     }
 }
