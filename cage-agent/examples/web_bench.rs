@@ -152,6 +152,7 @@ fn main() {
         ),
         ("GET /api/flows?limit=0 (all 10 000)", "/api/flows?limit=0"),
         ("GET /api/hosts", "/api/hosts"),
+        ("GET /hosts (machines)", "/hosts"),
         ("GET / (dashboard)", "/"),
     ];
     println!(

@@ -847,7 +847,7 @@ impl Collector {
                 r.name = names.name_of(r.host, r.peer);
             }
         }
-        flows::name_ports(&mut records, ports);
+        flows::name_ports(&mut records, ports, &cfg.segment.bridge);
         records.sort_by(|a, b| a.start.cmp(&b.start));
         ::log::debug!(
             "flow log: writing {} records, {in_map} flows still in the eBPF map",

@@ -100,16 +100,20 @@ fn spoofs(o: &mut String, m: &Machine) {
     }
     let _ = write!(
         o,
-        "<div class=spoofing><p class=error><b>Spoofing attempts</b>: {} addresses it claimed \
+        "<div class=spoofing><p class=error><b>Spoofing attempts</b>: {} sources (address or MAC) it claimed \
          that are not its own</p><ul>",
         m.spoofed.len()
     );
     for s in &m.spoofed {
         let _ = write!(
             o,
-            "<li class=spoofed data-address=\"{a}\" data-attempts=\"{}\">{a}: {} refused \
+            "<li class=spoofed data-address=\"{a}\" data-attempts=\"{}\">{}{a}: {} refused \
              (<code>{}</code>), last {}</li>",
             s.attempts,
+            s.mac
+                .as_deref()
+                .map(|m| format!("MAC {} with ", esc(m)))
+                .unwrap_or_default(),
             s.attempts,
             esc(&s.rule),
             esc(&html::rfc3339_short(&s.last)),

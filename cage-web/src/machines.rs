@@ -50,7 +50,11 @@ pub struct Machine {
 /// An address a machine claimed that is not its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spoofed {
+    /// The source address of the refused frames.
     pub address: IpAddr,
+    /// The source MAC they claimed, when not the machine's own (`deny:mac-theft`,
+    /// `deny:mac-flood`: the machine is then known by the port they came in on).
+    pub mac: Option<String>,
     /// The rule that refused it (`deny:spoofed-source`, `deny:addr-theft`, …).
     pub rule: String,
     /// Packets refused.
@@ -133,18 +137,34 @@ pub struct Attribution<'a> {
     seg: &'a Segment,
     router: HashSet<IpAddr>,
     owner: HashMap<IpAddr, String>,
+    /// Each bridge port's machine: what frames with a forged MAC are attributed by.
+    port_owner: HashMap<String, String>,
+}
+
+/// The rules that refuse a frame for the MAC it claims: its record's MAC is not its
+/// machine's.
+const MAC_RULES: [&str; 2] = ["deny:mac-theft", "deny:mac-flood"];
+
+fn forged_mac(r: &FlowRecord) -> bool {
+    r.rule
+        .as_deref()
+        .is_some_and(|rule| MAC_RULES.contains(&rule))
 }
 
 impl<'a> Attribution<'a> {
     pub fn new(flows: &[FlowRecord], seg: &'a Segment) -> Attribution<'a> {
         let router: HashSet<IpAddr> = seg.router.iter().copied().collect();
         let mut owner: HashMap<IpAddr, String> = HashMap::new();
+        let mut port_owner: HashMap<String, String> = HashMap::new();
         // Weakest first, so that a stronger source overwrites: what flows showed (the
         // newest wins), the leases, then the bindings in the kernel now.
         for r in flows {
             if let Some(mac) = &r.mac {
                 if r.tag.is_none() && !is_spoof(r, seg) {
                     owner.insert(r.host, mac.to_ascii_lowercase());
+                    if let Some(port) = &r.bridge_port {
+                        port_owner.insert(port.clone(), mac.to_ascii_lowercase());
+                    }
                 }
             }
         }
@@ -155,14 +175,27 @@ impl<'a> Attribution<'a> {
             for a in &b.addresses {
                 owner.insert(*a, b.mac.to_ascii_lowercase());
             }
+            if let Some(port) = &b.port {
+                port_owner.insert(port.clone(), b.mac.to_ascii_lowercase());
+            }
         }
-        Attribution { seg, router, owner }
+        Attribution {
+            seg,
+            router,
+            owner,
+            port_owner,
+        }
     }
 
     /// The MAC of the machine `r` belongs to.
     pub fn machine_of(&self, r: &FlowRecord) -> Option<String> {
         if r.tag.is_some() {
             return None;
+        }
+        if forged_mac(r) {
+            // Its MAC is not its machine's: the machine is the one on the port the
+            // frame came in on, if the record names one that is known.
+            return self.port_owner.get(r.bridge_port.as_deref()?).cloned();
         }
         if not_a_host(r.host, &self.router) {
             // A frame from a machine that claimed the router's address is that
@@ -194,7 +227,7 @@ impl<'a> Attribution<'a> {
 pub fn group(flows: &[FlowRecord], seg: &Segment) -> Machines {
     let who = Attribution::new(flows, seg);
     let mut by_mac: BTreeMap<String, Machine> = BTreeMap::new();
-    let mut spoofs: BTreeMap<(String, IpAddr), Spoofed> = BTreeMap::new();
+    let mut spoofs: BTreeMap<(String, IpAddr, Option<String>), Spoofed> = BTreeMap::new();
     let mut own: HashMap<String, HashSet<IpAddr>> = HashMap::new();
     let mut unattributed = 0u64;
     for r in flows {
@@ -229,8 +262,15 @@ pub fn group(flows: &[FlowRecord], seg: &Segment) -> Machines {
             m.blocked = m.blocked.saturating_add(attempts(r));
         }
         if who.is_spoof(r) {
-            let s = spoofs.entry((mac, r.host)).or_insert_with(|| Spoofed {
+            let claimed = r
+                .mac
+                .as_ref()
+                .map(|m| m.to_ascii_lowercase())
+                .filter(|m| *m != mac);
+            let key = (mac, r.host, claimed.clone());
+            let s = spoofs.entry(key).or_insert_with(|| Spoofed {
                 address: r.host,
+                mac: claimed,
                 rule: String::new(),
                 attempts: 0,
                 last: String::new(),
@@ -272,19 +312,23 @@ pub fn group(flows: &[FlowRecord], seg: &Segment) -> Machines {
         addrs.sort();
         m.addresses = addrs;
     }
-    for ((mac, addr), s) in spoofs {
+    for ((mac, addr, claimed), s) in spoofs {
         if let Some(m) = by_mac.get_mut(&mac) {
             // A source it used as its own as well is its address, and the refused
             // frames with it stay counted as blocked; only claimed ones are listed.
-            if !m.addresses.contains(&addr) {
+            if claimed.is_some() || !m.addresses.contains(&addr) {
                 m.spoofed.push(s);
             }
         }
     }
     let mut machines: Vec<Machine> = by_mac.into_values().collect();
     for m in &mut machines {
-        m.spoofed
-            .sort_by(|a, b| b.attempts.cmp(&a.attempts).then(a.address.cmp(&b.address)));
+        m.spoofed.sort_by(|a, b| {
+            b.attempts
+                .cmp(&a.attempts)
+                .then(a.address.cmp(&b.address))
+                .then(a.mac.cmp(&b.mac))
+        });
     }
     machines.sort_by(|a, b| b.bytes_up.cmp(&a.bytes_up).then(a.mac.cmp(&b.mac)));
     Machines {
@@ -425,6 +469,35 @@ mod tests {
                 Some("deny:addr-theft"),
             ),
             rec("192.168.10.12", Some(AI2), "allowed", None),
+            // Frames with ai2's MAC and a random one, coming in on ai1's port.
+            FlowRecord {
+                bridge_port: Some("veth-ai1".into()),
+                ..rec(
+                    "192.168.10.11",
+                    Some(AI2),
+                    "blocked",
+                    Some("deny:mac-theft"),
+                )
+            },
+            FlowRecord {
+                bridge_port: Some("veth-ai1".into()),
+                ..rec(
+                    "192.168.10.11",
+                    Some("02:66:66:66:66:66"),
+                    "blocked",
+                    Some("deny:mac-flood"),
+                )
+            },
+            // The same on a port nobody is known on: nobody's, but counted.
+            FlowRecord {
+                bridge_port: Some("veth-nobody".into()),
+                ..rec(
+                    "192.168.10.11",
+                    Some("02:77:77:77:77:77"),
+                    "blocked",
+                    Some("deny:mac-flood"),
+                )
+            },
             // The router's address, claimed by ai1 and refused.
             rec("192.168.10.1", Some(AI1), "blocked", Some("deny:router")),
             // The router's own traffic and multicast are nobody's.
@@ -451,29 +524,47 @@ mod tests {
                 .map(|a| a.parse::<IpAddr>().unwrap())
                 .to_vec()
         );
-        let spoofed: Vec<(String, &str, u64)> = ai1
+        let spoofed: Vec<(String, Option<&str>, &str, u64)> = ai1
             .spoofed
             .iter()
-            .map(|s| (s.address.to_string(), s.rule.as_str(), s.attempts))
+            .map(|s| {
+                (
+                    s.address.to_string(),
+                    s.mac.as_deref(),
+                    s.rule.as_str(),
+                    s.attempts,
+                )
+            })
             .collect();
         assert_eq!(
             spoofed,
             vec![
-                ("192.168.10.1".into(), "deny:router", 3),
-                ("192.168.10.12".into(), "deny:addr-theft", 3),
-                ("198.51.100.7".into(), "deny:spoofed-source", 3),
-                ("198.51.100.8".into(), "deny:spoofed-source", 3),
+                ("192.168.10.1".into(), None, "deny:router", 3),
+                (
+                    "192.168.10.11".into(),
+                    Some("02:66:66:66:66:66"),
+                    "deny:mac-flood",
+                    3
+                ),
+                ("192.168.10.11".into(), Some(AI2), "deny:mac-theft", 3),
+                ("192.168.10.12".into(), None, "deny:addr-theft", 3),
+                ("198.51.100.7".into(), None, "deny:spoofed-source", 3),
+                ("198.51.100.8".into(), None, "deny:spoofed-source", 3),
             ]
+        );
+        assert!(
+            g.find("02:66:66:66:66:66").is_none() && g.find("02:77:77:77:77:77").is_none(),
+            "a forged MAC is no machine"
         );
         assert_eq!(ai1.port.as_deref(), Some("veth-ai1"));
         assert_eq!(ai1.hostname.as_deref(), Some("agent-mini"));
         assert_eq!(
-            ai1.flows, 8,
+            ai1.flows, 10,
             "its own, its spoofs and the attempt towards it"
         );
-        assert_eq!(ai1.blocked, 3 + 3 + 3 + 4);
-        assert_eq!(ai1.bytes_up, 8 * 100);
-        assert_eq!(g.unattributed, 4);
+        assert_eq!(ai1.blocked, 5 * 3 + 4);
+        assert_eq!(ai1.bytes_up, 10 * 100);
+        assert_eq!(g.unattributed, 4 + 3);
         let ai2 = g.find(AI2).unwrap();
         assert_eq!(
             ai2.addresses,

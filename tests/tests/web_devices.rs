@@ -1,7 +1,7 @@
 //! Machines, not addresses, and pictures, in a real Chromium at a phone's viewport
 //! (390×844): `cage run` in the lab, ai1 sending real traffic over IPv4 and IPv6 to the
-//! internet host and spoofed packets from addresses outside the segment, the router
-//! pinging into the segment. Then the Hosts page must show ai1 as ONE machine with both
+//! internet host, spoofed packets from addresses outside the segment, ARP claiming ai2's
+//! address and ai2's MAC; the router pinging into the segment. Then the Hosts page must show ai1 as ONE machine with both
 //! its addresses and its spoofing attempts, none of the router's addresses as a host,
 //! and the dashboard's charts must carry the bytes the test sent — with the big red
 //! button, the state and the charts inside the phone's width (no horizontal scrolling).
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use cage_agent::probe::{probe_in, NetNs, Probe, Servers, Service};
 use cage_tests::browser::{self, Browser, Driver};
 use cage_tests::lab::{
-    self, Lab, Node, AI1_4, AI1_6, AI1_MAC, AI1_SPOOF4, AI1_SPOOF6, PUBLIC4, PUBLIC6, ROUTER_LAN4,
-    ROUTER_SEG4, ROUTER_SEG6,
+    self, Lab, Node, AI1_4, AI1_6, AI1_MAC, AI1_SPOOF4, AI1_SPOOF6, AI2_4, AI2_MAC, PUBLIC4,
+    PUBLIC6, ROUTER_LAN4, ROUTER_SEG4, ROUTER_SEG6,
 };
 use serde_json::{json, Value};
 
@@ -30,6 +30,62 @@ const SENT: [(IpAddr, IpAddr, u32, usize); 2] =
 fn l3_bytes(src: IpAddr, n: u32, payload: usize) -> u64 {
     let header = if src.is_ipv4() { 20 + 8 } else { 40 + 8 };
     u64::from(n) * (payload + header) as u64
+}
+
+fn mac(text: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (i, part) in text.split(':').enumerate() {
+        m[i] = u8::from_str_radix(part, 16).expect("a MAC");
+    }
+    m
+}
+
+/// An ARP reply (Ethernet II) from `sha`, broadcast: `spa` is at `sha`.
+fn arp_claim(sha: [u8; 6], spa: IpAddr, tpa: IpAddr) -> Vec<u8> {
+    let (IpAddr::V4(spa), IpAddr::V4(tpa)) = (spa, tpa) else {
+        panic!("ARP is IPv4")
+    };
+    let mut f = vec![0xff; 6];
+    f.extend(sha);
+    f.extend(0x0806u16.to_be_bytes());
+    f.extend([0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend(sha);
+    f.extend(spa.octets());
+    f.extend([0; 6]);
+    f.extend(tpa.octets());
+    f
+}
+
+/// Send `frames` as they are out of ai1's eth0 (AF_PACKET, SOCK_RAW).
+fn send_frames(ns: &NetNs, frames: Vec<Vec<u8>>) {
+    ns.run("raw frames", move || {
+        // SAFETY: plain socket calls on a socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+            let index = libc::if_nametoindex(c"eth0".as_ptr());
+            assert!(index > 0, "no eth0");
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            for f in &frames {
+                addr.sll_addr[..6].copy_from_slice(&f[..6]);
+                let n = libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+        Ok(())
+    })
+    .expect("in ai1's namespace");
 }
 
 /// `count` datagrams from `from` to the echo server at `to`, each echoed in full.
@@ -140,6 +196,15 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
             );
         }
     }
+    // ai2 binds its IPv4 address; then ai1 claims it (address theft) and claims ai2's
+    // MAC (MAC theft), three ARP replies each.
+    udp_echoes(&lab.netns(Node::Ai2), AI2_4, PUBLIC4, 2, 100);
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        frames.push(arp_claim(mac(AI1_MAC), AI2_4, ROUTER_SEG4));
+        frames.push(arp_claim(mac(AI2_MAC), AI1_4, ROUTER_SEG4));
+    }
+    send_frames(&ai1, frames);
     let router = lab.netns(Node::Router);
     for dst in [AI1_4, AI1_6] {
         let _ = probe_in(
@@ -156,10 +221,14 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
             r.iter()
                 .any(|f| f["host"] == host.to_string() && f["verdict"] == verdict)
         };
+        let rule = |rule: &str| r.iter().any(|f| f["rule"] == rule);
         let ready = has(AI1_4, "allowed")
             && has(AI1_6, "allowed")
+            && has(AI2_4, "allowed")
             && has(AI1_SPOOF4, "blocked")
-            && has(AI1_SPOOF6, "blocked");
+            && has(AI1_SPOOF6, "blocked")
+            && rule("deny:addr-theft")
+            && rule("deny:mac-theft");
         if ready {
             break r;
         }
@@ -295,6 +364,31 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
                 .unwrap_or_else(|| panic!("{a} is not among ai1's spoofing attempts: {m:#}"));
             assert!(s["attempts"].as_u64().unwrap() >= 3, "{s}");
         }
+        // The address and the MAC it claimed from ai2 are ai1's attempts, and ai2's own.
+        let spoofed = m["spoofed"].as_array().unwrap();
+        assert!(
+            spoofed.iter().any(|s| s["address"] == AI2_4.to_string()
+                && s["rule"] == "deny:addr-theft"
+                && s["mac"].is_null()),
+            "ai1 claiming ai2's address: {m:#}"
+        );
+        assert!(
+            spoofed
+                .iter()
+                .any(|s| s["mac"] == AI2_MAC && s["rule"] == "deny:mac-theft"),
+            "ai1 claiming ai2's MAC, known by the port it came in on: {m:#}"
+        );
+        let ai2: Vec<&Value> = machines.iter().filter(|m| m["mac"] == AI2_MAC).collect();
+        assert_eq!(ai2.len(), 1, "{api:#}");
+        assert!(
+            ai2[0]["addresses"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(AI2_4.to_string())),
+            "{:#}",
+            ai2[0]
+        );
+        assert_eq!(ai2[0]["spoofed"], json!([]), "ai1's attempts are not ai2's");
         let router_link_local: Vec<String> = lab
             .ip(
                 Node::Router,
