@@ -51,7 +51,14 @@ pub struct AgentBackend {
     cached: Mutex<Cached>,
     /// The addresses the page is listening on right now (the Host check's addresses).
     listening: Mutex<Vec<IpAddr>>,
+    /// The segment as last read, and when: reading the bindings runs `nft` three times,
+    /// too slow to do at every page of a busy visitor.
+    segment: Mutex<Option<(std::time::Instant, Segment)>>,
 }
+
+/// How long the page uses the segment's bindings and leases as read before reading them
+/// again: a new machine shows within this.
+const SEGMENT_TTL: Duration = Duration::from_secs(3);
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
@@ -71,6 +78,7 @@ impl AgentBackend {
                 cfg,
             }),
             listening: Mutex::new(Vec::new()),
+            segment: Mutex::new(None),
         }
     }
 
@@ -303,6 +311,11 @@ impl Backend for AgentBackend {
 
     fn segment(&self) -> BoxFuture<'_, Segment> {
         async move {
+            if let Some((at, seg)) = &*self.segment.lock().unwrap_or_else(|e| e.into_inner()) {
+                if at.elapsed() < SEGMENT_TTL {
+                    return seg.clone();
+                }
+            }
             let cfg = self.config();
             let mut router: Vec<IpAddr> = vec![IpAddr::V4(cfg.segment.address.addr())];
             router.extend(cfg.segment.address6.map(|a| IpAddr::V6(a.addr())));
@@ -325,12 +338,15 @@ impl Backend for AgentBackend {
             let (bindings, leases) = tokio::task::spawn_blocking(segment_files)
                 .await
                 .unwrap_or_default();
-            Segment {
+            let seg = Segment {
                 router,
                 subnets,
                 bindings,
                 leases,
-            }
+            };
+            *self.segment.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::Instant::now(), seg.clone()));
+            seg
         }
         .boxed()
     }

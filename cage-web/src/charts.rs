@@ -87,9 +87,13 @@ impl Series {
     /// Add a flow: its bytes spread evenly over the time it lasted, the part inside the
     /// series' window counted.
     pub fn add(&mut self, r: &FlowRecord) {
-        let (Some(s), Some(e)) = (unix_ms(&r.start), unix_ms(&r.end)) else {
-            return;
-        };
+        if let (Some(s), Some(e)) = (unix_ms(&r.start), unix_ms(&r.end)) {
+            self.add_span(s, e, r.bytes_out, r.bytes_in);
+        }
+    }
+
+    /// Add `bytes_out` up and `bytes_in` down sent from `s` to `e` (Unix milliseconds).
+    pub fn add_span(&mut self, s: u64, e: u64, bytes_out: u64, bytes_in: u64) {
         let e = e.max(s + 1);
         if e <= self.start || s >= self.end() {
             return;
@@ -103,17 +107,17 @@ impl Series {
             let overlap = u128::from(e.min(b0 + self.step) - s.max(b0));
             let share = |bytes: u64| (u128::from(bytes) * overlap / len) as u64;
             let i = i as usize;
-            self.up[i] = self.up[i].saturating_add(share(r.bytes_out));
-            self.down[i] = self.down[i].saturating_add(share(r.bytes_in));
-            up += share(r.bytes_out);
-            down += share(r.bytes_in);
+            self.up[i] = self.up[i].saturating_add(share(bytes_out));
+            self.down[i] = self.down[i].saturating_add(share(bytes_in));
+            up += share(bytes_out);
+            down += share(bytes_in);
         }
         // A flow wholly inside the window counts exactly: what rounding down left over
         // goes to its last step.
         if s >= self.start && e <= self.end() {
             let i = last as usize;
-            self.up[i] = self.up[i].saturating_add(r.bytes_out - up);
-            self.down[i] = self.down[i].saturating_add(r.bytes_in - down);
+            self.up[i] = self.up[i].saturating_add(bytes_out - up);
+            self.down[i] = self.down[i].saturating_add(bytes_in - down);
         }
     }
 
