@@ -121,12 +121,27 @@ pub fn contains(net: IpAddr, len: u8, a: IpAddr) -> bool {
     }
 }
 
-/// Never a caged machine: the router, multicast, broadcast, unspecified.
-fn not_a_host(a: IpAddr, router: &HashSet<IpAddr>) -> bool {
+/// Never a caged machine: the router, multicast, broadcast (the limited one and each
+/// IPv4 subnet's), unspecified.
+fn not_a_host(a: IpAddr, router: &HashSet<IpAddr>, seg: &Segment) -> bool {
     router.contains(&a)
         || a.is_multicast()
         || a.is_unspecified()
         || a == IpAddr::from([255, 255, 255, 255])
+        || seg.subnets.iter().any(|&(net, len)| match (net, a) {
+            // All host bits set, inside the subnet.
+            (IpAddr::V4(_), IpAddr::V4(v4)) if len < 31 => {
+                let host = u32::MAX >> len;
+                u32::from(v4) & host == host && contains(net, len, a)
+            }
+            _ => false,
+        })
+}
+
+/// A group (multicast or broadcast) MAC: the I/G bit of its first octet. Frames to one
+/// name no machine.
+fn group_mac(mac: &str) -> bool {
+    u8::from_str_radix(mac.get(..2).unwrap_or("00"), 16).is_ok_and(|b| b & 1 == 1)
 }
 
 /// Which machine (MAC) each record belongs to, `None` for records of no machine (the
@@ -197,7 +212,10 @@ impl<'a> Attribution<'a> {
             // frame came in on, if the record names one that is known.
             return self.port_owner.get(r.bridge_port.as_deref()?).cloned();
         }
-        if not_a_host(r.host, &self.router) {
+        if r.mac.as_deref().is_some_and(group_mac) {
+            return None;
+        }
+        if not_a_host(r.host, &self.router, self.seg) {
             // A frame from a machine that claimed the router's address is that
             // machine's spoofing attempt; the router's own traffic is nobody's.
             return match &r.mac {
@@ -232,7 +250,7 @@ pub fn group(flows: &[FlowRecord], seg: &Segment) -> Machines {
     let mut unattributed = 0u64;
     for r in flows {
         let Some(mac) = who.machine_of(r) else {
-            if r.tag.is_none() && r.verdict == "blocked" && !not_a_host(r.host, &who.router) {
+            if r.tag.is_none() && r.verdict == "blocked" && !not_a_host(r.host, &who.router, seg) {
                 unattributed = unattributed.saturating_add(attempts(r));
             }
             continue;
@@ -504,6 +522,9 @@ mod tests {
             rec("192.168.10.1", Some("02:00:00:00:00:01"), "allowed", None),
             rec("fe80::1", Some("02:00:00:00:00:01"), "allowed", None),
             rec("ff02::1", Some("33:33:00:00:00:01"), "allowed", None),
+            // The subnet's broadcast, and a frame to the broadcast MAC.
+            rec("192.168.10.255", Some(AI2), "allowed", None),
+            rec("192.168.10.77", Some("ff:ff:ff:ff:ff:ff"), "allowed", None),
         ];
         // A LAN host's attempt towards ai1 (no MAC: it came from the LAN) and towards an
         // address nobody has.
