@@ -412,8 +412,9 @@ async fn login(app: &Router) -> (String, String) {
     )
 }
 
-const PAGES: [&str; 10] = [
+const PAGES: [&str; 11] = [
     "/",
+    "/hosts/02:00:00:00:00:0a",
     "/port",
     "/dns",
     "/hosts",
@@ -424,8 +425,9 @@ const PAGES: [&str; 10] = [
     "/settings",
     "/flows?host=192.168.10.10",
 ];
-const API_GETS: [&str; 7] = [
+const API_GETS: [&str; 8] = [
     "/api/dns",
+    "/api/hosts/02:00:00:00:00:0a",
     "/api/port",
     "/api/state",
     "/api/flows",
@@ -1276,6 +1278,24 @@ mod fuzz {
                 send(&app, b.body(Body::from(body)).unwrap()).await.status
             });
             prop_assert!(status.as_u16() < 500, "{route}: {status} for {raw:?}");
+        }
+
+        #[test]
+        fn a_machines_path_never_fails_with_a_5xx(
+            api in any::<bool>(),
+            mac in "[%:a-fA-F0-9<>./ -]{0,40}",
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let status = rt.block_on(async {
+                let app = app(TestBackend::with_password());
+                let (cookie, _) = login(&app).await;
+                let uri = format!("{}/hosts/{mac}", if api { "/api" } else { "" });
+                match Request::get(uri.as_str()).header(header::HOST, HOST).header(header::COOKIE, cookie).body(Body::empty()) {
+                    Ok(req) => send(&app, req).await.status,
+                    Err(_) => StatusCode::BAD_REQUEST,
+                }
+            });
+            prop_assert!(status.as_u16() < 500, "/hosts/{mac}: {status}");
         }
 
         #[test]
