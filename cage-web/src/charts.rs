@@ -214,26 +214,35 @@ pub fn traffic_svg(id: &str, title: &str, s: &Series, compact: bool) -> String {
     let mid = top + (h - top - bottom) / 2;
     let half = f64::from(mid - top);
     let bar = f64::from(w) / s.up.len() as f64;
+    // A sparkline is two paths (small in the page); a chart's bars are elements of
+    // their own, each with its tooltip.
+    let (mut pu, mut pd) = (String::new(), String::new());
     for (i, (&u, &d)) in s.up.iter().zip(&s.down).enumerate() {
         if u == 0 && d == 0 {
             continue;
         }
         let x = bar * i as f64;
-        let at = s.start + s.step * i as u64;
-        let _ = write!(o, "<g>");
-        if !compact {
-            let _ = write!(
-                o,
-                "<title>{}–{}: {} up, {} down</title>",
-                hhmm(at),
-                hhmm(at + s.step),
-                html::bytes(u),
-                html::bytes(d)
-            );
-        }
         let hu = (u as f64 / max as f64 * half).max(if u > 0 { 1.0 } else { 0.0 });
         let hd = (d as f64 / max as f64 * half).max(if d > 0 { 1.0 } else { 0.0 });
         let bw = (bar - 0.4).max(0.6);
+        if compact {
+            if u > 0 {
+                let _ = write!(pu, "M{x:.1} {mid}v-{hu:.1}h{bw:.1}v{hu:.1}z");
+            }
+            if d > 0 {
+                let _ = write!(pd, "M{x:.1} {mid}v{hd:.1}h{bw:.1}v-{hd:.1}z");
+            }
+            continue;
+        }
+        let at = s.start + s.step * i as u64;
+        let _ = write!(
+            o,
+            "<g><title>{}–{}: {} up, {} down</title>",
+            hhmm(at),
+            hhmm(at + s.step),
+            html::bytes(u),
+            html::bytes(d)
+        );
         if u > 0 {
             let _ = write!(
                 o,
@@ -248,6 +257,12 @@ pub fn traffic_svg(id: &str, title: &str, s: &Series, compact: bool) -> String {
             );
         }
         o.push_str("</g>");
+    }
+    if !pu.is_empty() {
+        let _ = write!(o, "<path class=up d=\"{pu}\"/>");
+    }
+    if !pd.is_empty() {
+        let _ = write!(o, "<path class=down d=\"{pd}\"/>");
     }
     let _ = write!(
         o,
@@ -467,6 +482,11 @@ mod tests {
         assert!(!svg.contains("style="), "inline style breaks the CSP");
         let spark = traffic_svg("s", "ai1", &s, true);
         assert!(!spark.contains("<text"), "{spark}");
+        assert!(
+            spark.contains("<path class=up d=\"M20.0 14v-13.0h1.6v13.0z\"/>"),
+            "{spark}"
+        );
+        assert!(spark.contains("data-up=\"2048\""), "{spark}");
 
         let mut b = f_blocked("2026-12-07T12:30:10Z", 7);
         let s = blocked([b.clone()].iter(), end, 3_600_000, 12);

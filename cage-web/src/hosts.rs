@@ -255,7 +255,7 @@ pub async fn machine_page(
         .collect();
     let now = now_ms();
     let hour = charts::traffic(mine.iter().copied(), now, HOUR_MS, 60);
-    let day = charts::traffic(mine.iter().copied(), now, DAY_MS, 96);
+    let day = charts::traffic(mine.iter().copied(), now, DAY_MS, 48);
     let blocked = charts::blocked(mine.iter().copied(), now, DAY_MS, 48);
     let top: Vec<(String, u64, u64)> = d
         .top_destinations

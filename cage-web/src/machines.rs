@@ -243,7 +243,11 @@ impl<'a> Attribution<'a> {
 /// The flows grouped by machine; the bindings add the machines that have no flow yet
 /// and the ports and addresses as they are now, the leases the names.
 pub fn group(flows: &[FlowRecord], seg: &Segment) -> Machines {
-    let who = Attribution::new(flows, seg);
+    group_with(flows, seg, &Attribution::new(flows, seg))
+}
+
+/// [`group`], with the flows' attribution made already.
+pub fn group_with(flows: &[FlowRecord], seg: &Segment, who: &Attribution<'_>) -> Machines {
     let mut by_mac: BTreeMap<String, Machine> = BTreeMap::new();
     let mut spoofs: BTreeMap<(String, IpAddr, Option<String>), Spoofed> = BTreeMap::new();
     let mut own: HashMap<String, HashSet<IpAddr>> = HashMap::new();

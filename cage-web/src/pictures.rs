@@ -13,11 +13,16 @@ use crate::hosts::{label, mac_id, DAY_MS, HOUR_MS, TOP};
 use crate::html::{self, esc};
 use crate::machines::{self, Attribution};
 
+/// Steps of a machine's sparkline: one every two minutes.
+const SPARK_STEPS: usize = 30;
+/// Machines with a sparkline on the dashboard, the busiest; the Hosts page has all.
+const SPARK_MACHINES: usize = 12;
+
 /// The pictures' section of the dashboard at `now` (Unix milliseconds).
 pub fn dashboard(flows: &[FlowRecord], seg: &Segment, now: u64) -> String {
     let who = Attribution::new(flows, seg);
     let mut hour = Series::new(now, HOUR_MS, 60);
-    let mut day = Series::new(now, DAY_MS, 96);
+    let mut day = Series::new(now, DAY_MS, 48);
     let mut per: HashMap<String, Series> = HashMap::new();
     let mut recent: Vec<&FlowRecord> = Vec::new();
     let mut ours: Vec<&FlowRecord> = Vec::new();
@@ -33,7 +38,7 @@ pub fn dashboard(flows: &[FlowRecord], seg: &Segment, now: u64) -> String {
         hour.add_span(s, e, r.bytes_out, r.bytes_in);
         day.add_span(s, e, r.bytes_out, r.bytes_in);
         per.entry(mac)
-            .or_insert_with(|| Series::new(now, HOUR_MS, 60))
+            .or_insert_with(|| Series::new(now, HOUR_MS, SPARK_STEPS))
             .add_span(s, e, r.bytes_out, r.bytes_in);
         if e + DAY_MS >= now {
             recent.push(r);
@@ -49,7 +54,7 @@ pub fn dashboard(flows: &[FlowRecord], seg: &Segment, now: u64) -> String {
         o,
         "<section id=pictures><h2>Traffic of the segment</h2><div class=charts>\
          <figure>{}<figcaption>Last hour, a bar a minute: up above the line, down below</figcaption></figure>\
-         <figure>{}<figcaption>Last 24 hours, a bar a quarter hour</figcaption></figure>\
+         <figure>{}<figcaption>Last 24 hours, a bar a half hour</figcaption></figure>\
          <figure>{}<figcaption>Blocked attempts, last 24 hours, a bar a half hour</figcaption></figure>\
          <figure>{}<figcaption>Top destinations by name, last 24 hours</figcaption></figure></div>",
         charts::traffic_svg("chart-hour", "Bytes up and down, last hour", &hour, false),
@@ -57,13 +62,13 @@ pub fn dashboard(flows: &[FlowRecord], seg: &Segment, now: u64) -> String {
         charts::blocked_svg("chart-blocked", "Blocked attempts, last 24 hours", &blocked),
         charts::top_svg("chart-top", "Top destinations by name", &top),
     );
-    let g = machines::group(flows, seg);
+    let g = machines::group_with(flows, seg, &who);
     if !g.machines.is_empty() {
         o.push_str("<h2>Each machine, last hour</h2><table id=machine-charts class=sparks><tbody>");
-        for m in &g.machines {
+        for m in g.machines.iter().take(SPARK_MACHINES) {
             let s = per
                 .remove(&m.mac)
-                .unwrap_or_else(|| Series::new(now, HOUR_MS, 60));
+                .unwrap_or_else(|| Series::new(now, HOUR_MS, SPARK_STEPS));
             let _ = write!(
                 o,
                 "<tr><td><a href=\"/hosts/{mac}\">{}</a><br><span class=dim>↑ {} ↓ {}</span></td>\
@@ -81,6 +86,13 @@ pub fn dashboard(flows: &[FlowRecord], seg: &Segment, now: u64) -> String {
             );
         }
         o.push_str("</tbody></table>");
+        if g.machines.len() > SPARK_MACHINES {
+            let _ = write!(
+                o,
+                "<p class=dim>The {SPARK_MACHINES} busiest; all {} on the <a href=\"/hosts\">Hosts</a> page.</p>",
+                g.machines.len()
+            );
+        }
     }
     o.push_str("</section>");
     o
