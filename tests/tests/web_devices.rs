@@ -4,7 +4,8 @@
 //! address and ai2's MAC; the router pinging into the segment. Then the Hosts page must show ai1 as ONE machine with both
 //! its addresses and its spoofing attempts, none of the router's addresses as a host,
 //! and the dashboard's charts must carry the bytes the test sent — with the big red
-//! button, the state and the charts inside the phone's width (no horizontal scrolling).
+//! button, the state and the charts inside the phone's width (no horizontal scrolling),
+//! after a restart of `cage run` (the history is the flow log's).
 //! Screenshots: `target/web-e2e/phone-*.png` (copies in `docs/`).
 
 use std::collections::BTreeSet;
@@ -253,6 +254,14 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
     assert_eq!(own["mac"], AI1_MAC, "{own}");
     assert!(own["bridge_port"].is_string(), "no bridge port: {own}");
     let sent_up: u64 = SENT.iter().map(|&(s, _, n, p)| l3_bytes(s, n, p)).sum();
+
+    // The pictures are drawn from the flow log itself: a restarted daemon still has them.
+    let status = run.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "cage run stopped badly: {status:?}"
+    );
+    let _run = lab.cage_run_ready();
 
     let lan = lab.netns(Node::Lan);
     let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
