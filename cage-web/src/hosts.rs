@@ -18,6 +18,8 @@ use crate::html::{self, esc};
 use crate::machines::{self, Attribution, Destination, Machine, Machines};
 use crate::{AppState, WebError};
 
+/// Addresses a card lists (the API has all).
+pub const MAX_ADDRESSES: usize = 16;
 /// Flows a machine's page and its API answer list, newest.
 pub const MACHINE_FLOWS: usize = 100;
 /// Destinations in a top list.
@@ -72,11 +74,18 @@ fn card(o: &mut String, m: &Machine) {
     if m.addresses.is_empty() {
         o.push_str("<span class=dim>no address of its own seen</span>");
     }
-    for a in &m.addresses {
+    for a in m.addresses.iter().take(MAX_ADDRESSES) {
         let _ = write!(
             o,
             "<a class=address href=\"/flows?host={a}\">{a}</a> ",
             a = esc(&a.to_string())
+        );
+    }
+    if m.addresses.len() > MAX_ADDRESSES {
+        let _ = write!(
+            o,
+            "<span class=dim>and {} more</span>",
+            m.addresses.len() - MAX_ADDRESSES
         );
     }
     let _ = write!(
@@ -102,7 +111,7 @@ fn spoofs(o: &mut String, m: &Machine) {
         o,
         "<div class=spoofing><p class=error><b>Spoofing attempts</b>: {} sources (address or MAC) it claimed \
          that are not its own</p><ul>",
-        m.spoofed.len()
+        m.spoofed.len() as u64 + m.spoofed_more
     );
     for s in &m.spoofed {
         let _ = write!(
@@ -118,6 +127,13 @@ fn spoofs(o: &mut String, m: &Machine) {
             esc(&s.rule),
             esc(&html::rfc3339_short(&s.last)),
             a = esc(&s.address.to_string()),
+        );
+    }
+    if m.spoofed_more > 0 {
+        let _ = write!(
+            o,
+            "<li id=spoofed-more>and {} more claimed sources (see <a href=\"/flows?verdict=blocked\">the blocked flows</a>)</li>",
+            m.spoofed_more
         );
     }
     o.push_str("</ul></div>");

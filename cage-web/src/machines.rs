@@ -15,12 +15,18 @@ use crate::backend::{FlowRecord, Segment};
 
 /// The rules that deny a frame for the source it claims, not for where it goes: a
 /// blocked record under one of them names an address (or MAC) its machine claimed.
-pub const SPOOF_RULES: [&str; 4] = [
+pub const SPOOF_RULES: [&str; 5] = [
     "deny:spoofed-source",
     "deny:addr-theft",
+    "deny:addr-flood",
     "deny:mac-theft",
     "deny:mac-flood",
 ];
+
+/// Spoofing attempts listed per machine, the most persistent first; the others are
+/// counted ([`Machine::spoofed_more`]): a host that forges thousands of sources must not
+/// make its card thousands of lines long.
+pub const MAX_SPOOFED: usize = 32;
 
 /// One caged machine.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +47,8 @@ pub struct Machine {
     pub blocked: u64,
     /// The addresses it only claimed, each with its attempts.
     pub spoofed: Vec<Spoofed>,
+    /// Further claimed sources beyond the [`MAX_SPOOFED`] listed.
+    pub spoofed_more: u64,
     /// Start of its oldest flow and end of its newest (RFC 3339); empty when only the
     /// bindings know it.
     pub first_seen: String,
@@ -351,6 +359,10 @@ pub fn group_with(flows: &[FlowRecord], seg: &Segment, who: &Attribution<'_>) ->
                 .then(a.address.cmp(&b.address))
                 .then(a.mac.cmp(&b.mac))
         });
+        if m.spoofed.len() > MAX_SPOOFED {
+            m.spoofed_more = (m.spoofed.len() - MAX_SPOOFED) as u64;
+            m.spoofed.truncate(MAX_SPOOFED);
+        }
     }
     machines.sort_by(|a, b| b.bytes_up.cmp(&a.bytes_up).then(a.mac.cmp(&b.mac)));
     Machines {
@@ -601,6 +613,41 @@ mod tests {
                 assert!(!seg.router.contains(a), "the router's {a} is a host's");
             }
         }
+    }
+
+    #[test]
+    fn a_flood_of_forged_sources_is_counted_not_listed() {
+        let seg = segment();
+        let mut flows = vec![rec("192.168.10.11", Some(AI1), "allowed", None)];
+        for i in 0..1000u32 {
+            let [_, _, c, d] = (0x0a00_0000 + i).to_be_bytes();
+            flows.push(rec(
+                &format!("10.0.{c}.{d}"),
+                Some(AI1),
+                "blocked",
+                Some("deny:spoofed-source"),
+            ));
+            // Addresses of the segment beyond the rate of new ones: claims too.
+            flows.push(rec(
+                &format!("192.168.10.{}", 20 + i % 200),
+                Some(AI1),
+                "blocked",
+                Some("deny:addr-flood"),
+            ));
+        }
+        let g = group(&flows, &seg);
+        let m = g.find(AI1).unwrap();
+        assert_eq!(
+            m.addresses,
+            vec!["192.168.10.11".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(m.spoofed.len(), MAX_SPOOFED);
+        assert_eq!(m.spoofed_more, (1000 + 200 - MAX_SPOOFED) as u64);
+        // The addresses flooded five times come first.
+        assert!(m
+            .spoofed
+            .iter()
+            .all(|s| s.rule == "deny:addr-flood" && s.attempts == 15));
     }
 
     #[test]
