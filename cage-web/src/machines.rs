@@ -385,13 +385,15 @@ pub struct Destination {
     pub flows: u64,
 }
 
-/// The destinations of the allowed flows, most bytes (both ways) first, at most `n`.
+/// The destinations of the allowed flows, most bytes (both ways) first, at most `n`;
+/// multicast (neighbour discovery, router solicitations) is the link's, not a
+/// destination.
 pub fn top_destinations<'a>(
     flows: impl Iterator<Item = &'a FlowRecord>,
     n: usize,
 ) -> Vec<Destination> {
     let mut by: HashMap<String, Destination> = HashMap::new();
-    for r in flows.filter(|r| r.verdict == "allowed" && r.tag.is_none()) {
+    for r in flows.filter(|r| r.verdict == "allowed" && r.tag.is_none() && !r.peer.is_multicast()) {
         let name = r.name.clone().unwrap_or_else(|| r.peer.to_string());
         let d = by.entry(name.clone()).or_insert_with(|| Destination {
             name,
@@ -676,7 +678,9 @@ mod tests {
         let mut c = rec("192.168.10.11", Some(AI1), "allowed", None);
         c.bytes_in = 5000;
         let d = rec("192.168.10.11", Some(AI1), "blocked", Some("deny:lan"));
-        let flows = [a, b, c, d];
+        let mut e = rec("fe80::11", Some(AI1), "allowed", None);
+        e.peer = "ff02::2".parse().unwrap();
+        let flows = [a, b, c, d, e];
         let top = top_destinations(flows.iter(), 10);
         assert_eq!(
             top.iter()

@@ -342,6 +342,11 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
             "document.querySelector('#pictures').scrollIntoView(); return 0;",
         );
         b.screenshot(&shot("phone-charts.png"));
+        js(
+            &b,
+            "document.querySelector('#machine-charts').scrollIntoView(); return 0;",
+        );
+        b.screenshot(&shot("phone-sparks.png"));
 
         // The JSON API: ai1 is one machine with both families and its spoofing attempts.
         b.goto(&format!("{base}/api/hosts"));
