@@ -66,30 +66,24 @@ fn main() {
     cage_agent::web::set_password(&path, "benchmark password", "benchmark password").unwrap();
     let cfg = config::load(&path).unwrap();
 
-    // 10 000 records of 20 caged hosts, one in ten blocked, as the collector writes them.
+    // 10 000 records of 20 caged hosts, one in ten blocked, as the collector writes them,
+    // over the last 24 hours (so the dashboard's pictures have them all to draw).
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
     let records: Vec<FlowRecord> = (0..FLOWS)
         .map(|i| {
             let blocked = i % 10 == 0;
             let host = [192, 168, 10, 10 + (i % 20) as u8];
+            let at = day_ago + std::time::Duration::from_millis(u64::from(i) * 8_600);
             FlowRecord {
-                start: format!(
-                    "2026-11-25T{:02}:{:02}:{:02}.000Z",
-                    i / 3600 % 24,
-                    i / 60 % 60,
-                    i % 60
-                ),
-                end: format!(
-                    "2026-11-25T{:02}:{:02}:{:02}.900Z",
-                    i / 3600 % 24,
-                    i / 60 % 60,
-                    i % 60
-                ),
+                start: cage_agent::clock::rfc3339(at),
+                end: cage_agent::clock::rfc3339(at + std::time::Duration::from_millis(900)),
                 verdict: if blocked { "blocked" } else { "allowed" }.into(),
                 rule: blocked.then(|| "deny:lan".into()),
                 proto: if i % 3 == 0 { "udp" } else { "tcp" }.into(),
                 host: host.into(),
                 host_port: Some(32768 + (i % 28000) as u16),
                 mac: Some(format!("02:00:00:00:00:{:02x}", host[3])),
+                bridge_port: None,
                 peer: if blocked {
                     [192, 168, 8, 10]
                 } else {
@@ -151,6 +145,7 @@ fn main() {
         ),
         ("GET /api/flows?limit=0 (all 10 000)", "/api/flows?limit=0"),
         ("GET /api/hosts", "/api/hosts"),
+        ("GET /hosts (machines)", "/hosts"),
         ("GET / (dashboard)", "/"),
     ];
     println!(

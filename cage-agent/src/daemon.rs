@@ -160,7 +160,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     d.start_selftest("after a policy change");
                 }
             }
-            _ = flush_tick.tick() => collector.flush(&d.current.config),
+            _ = flush_tick.tick() => collector.flush(&d.current.config, &d.ports),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -173,7 +173,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // What the kernel still holds in its log batch arrives within its flush timeout.
     tokio::time::sleep(nflog::FLUSH_TIMEOUT * 2).await;
     collector.drain(&d.current.config);
-    collector.flush(&d.current.config);
+    collector.flush(&d.current.config, &d.ports);
     collector.persist(&d.current.config, true);
     collector.stop();
     if let Some(f) = d.dns.take() {
@@ -300,6 +300,9 @@ struct Daemon {
     pin_error: Option<String>,
     /// When the DHCP server last wrote its leases, as last seen.
     leases_seen: Option<std::time::SystemTime>,
+    /// Each bound MAC's bridge port, as the layer-2 bindings said at the last watch
+    /// tick: the flow log's records name the port of their machine with it.
+    ports: HashMap<String, String>,
     /// The DNS forwarder, while the configuration has DNS through Cage.
     dns: Option<dns::Forwarder>,
     /// What it shares with the flow log and automatic isolation; outlives restarts of
@@ -330,6 +333,7 @@ impl Daemon {
             segment_error: None,
             pin_error: None,
             leases_seen: None,
+            ports: HashMap::new(),
             dns: None,
             dns_shared: Arc::new(dns::Shared::default()),
             auto: AutoWatch::default(),
@@ -402,6 +406,11 @@ impl Daemon {
             }
         };
         self.bind_leases(&mut bindings);
+        self.ports = bindings
+            .macs
+            .iter()
+            .map(|(mac, port, _)| (mac.to_ascii_lowercase(), port.clone()))
+            .collect();
         let bound: Vec<(IpAddr, String)> =
             bindings.addrs.into_iter().map(|(a, m, _)| (a, m)).collect();
         let bridge = &self.current.config.segment.bridge;
@@ -979,7 +988,8 @@ impl Collector {
         }
     }
 
-    fn flush(&mut self, cfg: &Config) {
+    /// Write what ended; `ports` (MAC → bridge port) names each record's port.
+    fn flush(&mut self, cfg: &Config, ports: &HashMap<String, String>) {
         let Some(log) = &mut self.log else { return };
         let now = self.stats.snapshot();
         let lost_before = log.stats.nflog_overruns + log.stats.nflog_dropped;
@@ -1041,6 +1051,7 @@ impl Collector {
                 r.name = names.name_of(r.host, r.peer);
             }
         }
+        flows::name_ports(&mut records, ports, &cfg.segment.bridge);
         records.sort_by(|a, b| a.start.cmp(&b.start));
         ::log::debug!(
             "flow log: writing {} records, {in_map} flows still in the eBPF map",

@@ -223,6 +223,8 @@ struct BlockedFlow {
     /// The other end's port; `None` once it varied (a scan, retries).
     other_port: Option<u16>,
     mac: Option<[u8; 6]>,
+    /// The interface the first packet came in on (see [`Denied::indev`]).
+    indev: Option<u32>,
     packets: u64,
     bytes: u64,
 }
@@ -270,6 +272,7 @@ impl Blocked {
                         end: d.at,
                         other_port: d.sport,
                         mac: if inbound { None } else { d.mac },
+                        indev: if inbound { None } else { d.indev },
                         packets: 1,
                         bytes: u64::from(d.len),
                     },
@@ -299,6 +302,7 @@ impl Blocked {
                     host: k.host,
                     host_port: if out { f.other_port } else { k.service },
                     mac: f.mac.map(mac_text),
+                    bridge_port: f.indev.and_then(ifname),
                     peer: k.peer,
                     peer_port: if out { k.service } else { f.other_port },
                     direction: k.direction.into(),
@@ -313,6 +317,37 @@ impl Blocked {
                 }
             })
             .collect()
+    }
+}
+
+/// The name of interface `index`, if it exists.
+pub fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the name is NUL-terminated within `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Name each record's bridge port: the port a denied frame came in on where NFLOG said
+/// (the bridge table's denies: `deny:mac-theft` and the like name the thief's port, not
+/// the victim's), else its MAC's binding (`ports`: lower-case MAC → port). The
+/// segment's `bridge` itself (the inet table's denies) is no port.
+pub fn name_ports(records: &mut [FlowRecord], ports: &HashMap<String, String>, bridge: &str) {
+    for r in records {
+        if r.bridge_port.as_deref() == Some(bridge) {
+            r.bridge_port = None;
+        }
+        if r.bridge_port.is_some() || r.rule.as_deref() == Some("deny:mac-theft") {
+            continue;
+        }
+        if let Some(mac) = &r.mac {
+            r.bridge_port = ports.get(&mac.to_ascii_lowercase()).cloned();
+        }
     }
 }
 
@@ -454,6 +489,55 @@ mod tests {
     }
 
     #[test]
+    fn records_name_their_machines_port_but_not_a_stolen_macs() {
+        let d = |rule: &str| denied("192.168.10.11", "192.168.8.10", 40000, 22, rule);
+        let lo = ifname(1).expect("interface 1 (lo) has a name");
+        let mut b = Blocked::default();
+        b.add(&d("deny:lan"), &[]);
+        b.add(&d("deny:mac-theft"), &[]);
+        // A bridge-table deny that says where the frame came in.
+        b.add(
+            &Denied {
+                indev: Some(1),
+                ..d("deny:addr-theft")
+            },
+            &[],
+        );
+        let mut records = b.drain();
+        records.push(FlowRecord {
+            mac: None,
+            bridge_port: None,
+            rule: Some("deny:lan".into()),
+            ..records[0].clone()
+        });
+        // The inet table's: "came in on the bridge", which is no port.
+        records.push(FlowRecord {
+            rule: Some("deny:spoofed-source".into()),
+            bridge_port: Some("br-cage".into()),
+            ..records[0].clone()
+        });
+        let ports: HashMap<String, String> =
+            [("02:00:00:00:00:11".to_owned(), "eth1".to_owned())].into();
+        name_ports(&mut records, &ports, "br-cage");
+        let got: Vec<(Option<&str>, Option<&str>)> = records
+            .iter()
+            .map(|r| (r.rule.as_deref(), r.bridge_port.as_deref()))
+            .collect();
+        assert!(got.contains(&(Some("deny:lan"), Some("eth1"))), "{got:?}");
+        assert!(got.contains(&(Some("deny:mac-theft"), None)), "{got:?}");
+        assert!(
+            got.contains(&(Some("deny:addr-theft"), Some(lo.as_str()))),
+            "{got:?}"
+        );
+        assert_eq!(
+            got[4],
+            (Some("deny:spoofed-source"), Some("eth1")),
+            "{got:?}"
+        );
+        assert_eq!(records[3].bridge_port, None, "no MAC, no port");
+    }
+
+    #[test]
     fn the_lease_file_reads_as_dnsmasq_writes_it() {
         let dir = std::env::temp_dir().join(format!("cage-leases-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -496,6 +580,7 @@ mod tests {
             sport: Some(sport),
             dport: Some(dport),
             mac: Some([2, 0, 0, 0, 0, 0x11]),
+            indev: None,
             len: 60,
         }
     }
@@ -694,6 +779,7 @@ impl Sweeper {
                     host: k.client_ip(),
                     host_port: (!icmp).then_some(k.client_port),
                     mac: mac.map(mac_text),
+                    bridge_port: None,
                     peer: k.server_ip(),
                     peer_port: (!icmp || k.server_port != 0).then_some(k.server_port),
                     direction: "out".into(),
@@ -915,6 +1001,7 @@ mod persist_tests {
             host: "192.168.10.11".parse().unwrap(),
             host_port: Some(i),
             mac: None,
+            bridge_port: None,
             peer: "203.0.113.10".parse().unwrap(),
             peer_port: Some(53),
             direction: "out".into(),

@@ -40,6 +40,9 @@ pub struct Denied {
     pub dport: Option<u16>,
     /// The source MAC address, when the packet came in over Ethernet.
     pub mac: Option<[u8; 6]>,
+    /// The interface it came in on: for the bridge table's denies the bridge port (for
+    /// the inet table's, the bridge itself).
+    pub indev: Option<u32>,
     /// The IP packet's length.
     pub len: u32,
 }
@@ -195,8 +198,11 @@ pub fn parse(nlas: &[PacketNla]) -> Option<Denied> {
     let mut rule = String::new();
     let mut payload: Option<&[u8]> = None;
     let mut mac = None;
+    let (mut indev, mut physindev) = (None, None);
     for nla in nlas {
         match nla {
+            PacketNla::IfIndexInDev(i) => indev = Some(*i),
+            PacketNla::IfIndexPhysInDev(i) => physindev = Some(*i),
             PacketNla::Prefix(p) => rule = p.to_string_lossy().into_owned(),
             PacketNla::Payload(p) => payload = Some(p),
             PacketNla::HwHeader(h) if h.len() >= 12 => {
@@ -218,6 +224,7 @@ pub fn parse(nlas: &[PacketNla]) -> Option<Denied> {
             sport: None,
             dport: None,
             mac,
+            indev: physindev.or(indev),
             len: payload.len() as u32,
         });
     }
@@ -239,6 +246,7 @@ pub fn parse(nlas: &[PacketNla]) -> Option<Denied> {
         sport,
         dport,
         mac,
+        indev: physindev.or(indev),
         len,
     })
 }
@@ -332,6 +340,7 @@ mod tests {
         hw.extend([2, 0xca, 0x9e, 0, 0, 0x11, 8, 6]);
         let d = parse(&[
             PacketNla::Prefix(CString::new("deny:addr-theft").unwrap()),
+            PacketNla::IfIndexInDev(7),
             PacketNla::HwHeader(hw),
             PacketNla::Payload(arp),
         ])
@@ -340,6 +349,7 @@ mod tests {
         assert_eq!(d.src, "192.168.10.12".parse::<IpAddr>().unwrap());
         assert_eq!(d.dst, "192.168.10.1".parse::<IpAddr>().unwrap());
         assert_eq!(d.mac, Some([2, 0xca, 0x9e, 0, 0, 0x11]));
+        assert_eq!(d.indev, Some(7), "the port it came in on");
         assert_eq!(crate::flows::proto_name(d.proto), "arp");
     }
 

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cage_web::{
-    Access, Alert, AuditEntry, Backend, BackendError, CageState, FlowFilter, FlowRecord, Host,
-    Review, SelfTest, Settings, Status,
+    Access, Alert, AuditEntry, Backend, BackendError, Binding, CageState, FlowFilter, FlowRecord,
+    Review, Segment, SelfTest, Settings, Status,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -51,7 +51,14 @@ pub struct AgentBackend {
     cached: Mutex<Cached>,
     /// The addresses the page is listening on right now (the Host check's addresses).
     listening: Mutex<Vec<IpAddr>>,
+    /// The segment as last read, and when: reading the bindings runs `nft` three times,
+    /// too slow to do at every page of a busy visitor.
+    segment: Mutex<Option<(std::time::Instant, Segment)>>,
 }
+
+/// How long the page uses the segment's bindings and leases as read before reading them
+/// again: a new machine shows within this.
+const SEGMENT_TTL: Duration = Duration::from_secs(3);
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
@@ -71,6 +78,7 @@ impl AgentBackend {
                 cfg,
             }),
             listening: Mutex::new(Vec::new()),
+            segment: Mutex::new(None),
         }
     }
 
@@ -153,6 +161,36 @@ impl AgentBackend {
             .map_err(failed)?;
         Ok(records)
     }
+}
+
+/// The layer-2 bindings in the kernel now, by machine, and the DHCP leases with their
+/// names: what tells the page's machines apart besides the flow log.
+fn segment_files() -> (Vec<Binding>, Vec<(String, IpAddr, String)>) {
+    let bindings = match crate::nft::bindings() {
+        Ok(b) => status::machines(&b)
+            .into_iter()
+            .map(|m| Binding {
+                mac: m.mac,
+                port: m.port,
+                addresses: m.addresses.into_iter().map(|(a, _)| a).collect(),
+            })
+            .collect(),
+        Err(e) => {
+            ::log::debug!("the layer-2 bindings not read for the page: {e}");
+            Vec::new()
+        }
+    };
+    let path = Path::new(flows::DHCP_LEASES);
+    let names = flows::dhcp_hostnames(path);
+    let leases = flows::dhcp_leases(path)
+        .into_iter()
+        .map(|(ip, mac, _)| {
+            let ip = IpAddr::V4(ip);
+            let name = names.get(&ip).cloned().unwrap_or_default();
+            (mac, ip, name)
+        })
+        .collect();
+    (bindings, leases)
 }
 
 /// `cage status`, as the page shows it.
@@ -271,10 +309,44 @@ impl Backend for AgentBackend {
         .boxed()
     }
 
-    fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>> {
+    fn segment(&self) -> BoxFuture<'_, Segment> {
         async move {
-            let all = self.records(FlowFilter::default()).await?;
-            Ok(cage_web::hosts_from_flows(&all))
+            if let Some((at, seg)) = &*self.segment.lock().unwrap_or_else(|e| e.into_inner()) {
+                if at.elapsed() < SEGMENT_TTL {
+                    return seg.clone();
+                }
+            }
+            let cfg = self.config();
+            let mut router: Vec<IpAddr> = vec![IpAddr::V4(cfg.segment.address.addr())];
+            router.extend(cfg.segment.address6.map(|a| IpAddr::V6(a.addr())));
+            match crate::netlink::device_addresses(std::slice::from_ref(&cfg.segment.bridge)).await
+            {
+                Ok(found) => router.extend(found),
+                Err(e) => ::log::debug!("the segment bridge's addresses not read: {e}"),
+            }
+            router.sort();
+            router.dedup();
+            let mut subnets = vec![(
+                IpAddr::V4(cfg.segment.subnet4().network()),
+                cfg.segment.subnet4().prefix_len(),
+            )];
+            subnets.extend(
+                cfg.segment
+                    .subnet6()
+                    .map(|n| (IpAddr::V6(n.network()), n.prefix_len())),
+            );
+            let (bindings, leases) = tokio::task::spawn_blocking(segment_files)
+                .await
+                .unwrap_or_default();
+            let seg = Segment {
+                router,
+                subnets,
+                bindings,
+                leases,
+            };
+            *self.segment.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::Instant::now(), seg.clone()));
+            seg
         }
         .boxed()
     }
@@ -887,6 +959,7 @@ mod tests {
             host: "192.168.10.10".parse().unwrap(),
             host_port: Some(40000),
             mac: Some("02:00:00:00:00:0a".into()),
+            bridge_port: Some("eth1".into()),
             peer: "192.168.8.10".parse().unwrap(),
             peer_port: Some(22),
             direction: "out".into(),
@@ -954,7 +1027,7 @@ mod tests {
         let row: Vec<&str> = rows.next().unwrap().split(',').collect();
         let in_csv: BTreeSet<String> = header.iter().cloned().collect();
 
-        assert_eq!(in_file.len(), 19, "{in_file:?}");
+        assert_eq!(in_file.len(), 20, "{in_file:?}");
         assert_eq!(in_api, in_file, "the API and the flow log");
         assert_eq!(in_csv, in_file, "the CSV's columns and the flow log");
         assert_eq!(header.len(), in_csv.len(), "no CSV column twice");

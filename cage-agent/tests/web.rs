@@ -190,6 +190,7 @@ fn record(i: u32, host: [u8; 4], verdict: &str) -> FlowRecord {
         host: host.into(),
         host_port: Some(40000 + (i % 20000) as u16),
         mac: Some(format!("02:00:00:00:00:{:02x}", host[3])),
+        bridge_port: None,
         peer: [203, 0, 113, 10].into(),
         peer_port: Some(if verdict == "blocked" { 22 } else { 443 }),
         direction: "out".into(),
@@ -239,18 +240,27 @@ async fn flows_and_hosts_come_from_the_flow_log() {
         .await
         .unwrap();
     assert_eq!(blocked.len(), 30);
-    let hosts = b.hosts().await.unwrap();
-    assert_eq!(hosts.len(), 3);
-    let h10 = hosts
-        .iter()
-        .find(|h| h.ip.to_string() == "192.168.10.10")
-        .unwrap();
+    // Grouped by machine with what the agent knows of the segment: the router's
+    // configured address is the router's, never a host's.
+    let seg = b.segment().await;
+    assert!(
+        seg.router.contains(&"192.168.10.1".parse().unwrap()),
+        "{seg:?}"
+    );
+    assert!(seg.subnets.contains(&("192.168.10.0".parse().unwrap(), 24)));
+    let hosts = cage_web::machines::group(&all, &seg);
+    assert_eq!(hosts.machines.len(), 3);
+    let h10 = hosts.find("02:00:00:00:00:0a").unwrap();
+    assert_eq!(
+        h10.addresses,
+        vec!["192.168.10.10".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(h10.flows, 100);
     assert_eq!(h10.bytes_up, 100 * 1000);
     assert_eq!(h10.bytes_down, 100 * 4000);
-    assert_eq!(h10.blocked, 10 * 10, "packets of its blocked flows");
+    assert_eq!(h10.blocked, 10 * (10 + 8), "packets of its blocked flows");
     assert_eq!(h10.hostname.as_deref(), Some("agent10"));
-    assert_eq!(h10.mac.as_deref(), Some("02:00:00:00:00:0a"));
+    assert!(h10.spoofed.is_empty());
 }
 
 /// One HTTP/1.1 request over a fresh connection.

@@ -33,6 +33,10 @@ pub struct FlowRecord {
     pub host_port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The segment bridge's port the caged host's MAC was bound to when the record was
+    /// written (`eth1`, `wlan1`): with `mac`, which machine it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_port: Option<String>,
     /// The other end.
     pub peer: IpAddr,
     /// The peer's port (for ICMP, the type).

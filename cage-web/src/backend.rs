@@ -4,7 +4,6 @@
 //! with the real kill switch, flow log and configuration (`cage_agent::web`). The types
 //! here are what the JSON API returns, so they are part of its contract.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use futures::future::BoxFuture;
@@ -90,62 +89,31 @@ pub struct Status {
     pub problems: Vec<String>,
 }
 
-/// A caged host, as its flows show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Host {
-    pub ip: IpAddr,
-    pub mac: Option<String>,
-    pub hostname: Option<String>,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    /// End of its newest flow (RFC 3339).
-    pub last_seen: String,
-    pub flows: u64,
-    /// Packets of its blocked flows.
-    pub blocked: u64,
+/// What the agent knows of the segment besides the flow log, for telling machines apart:
+/// the router's own addresses (never a caged host), the segment's networks, the layer-2
+/// bindings as they are now and the DHCP leases. Grouping the flows by machine with it
+/// is `cage-web`'s ([`crate::machines::group`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// The router's addresses on the segment (its configured ones and what the bridge
+    /// has, link-local included).
+    pub router: Vec<IpAddr>,
+    /// The segment's networks as (network, prefix length): a caged host's own address is
+    /// in one of them (or IPv6 link-local); any other source is spoofed.
+    pub subnets: Vec<(IpAddr, u8)>,
+    /// The layer-2 bindings now: each MAC, its bridge port, the addresses bound to it.
+    pub bindings: Vec<Binding>,
+    /// The DHCP server's leases: (MAC, address, host name).
+    pub leases: Vec<(String, IpAddr, String)>,
 }
 
-/// Per-host totals of the flows, busiest uploader first. Self-test probe traffic is left
-/// out (it is Cage's own).
-pub fn hosts_from_flows(flows: &[FlowRecord]) -> Vec<Host> {
-    let mut by_ip: HashMap<IpAddr, Host> = HashMap::new();
-    for f in flows.iter().filter(|f| f.tag.is_none()) {
-        let h = by_ip.entry(f.host).or_insert_with(|| Host {
-            ip: f.host,
-            mac: None,
-            hostname: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            last_seen: String::new(),
-            flows: 0,
-            blocked: 0,
-        });
-        // RFC 3339 UTC with a fixed format sorts as text; the newest name wins.
-        if f.end >= h.last_seen {
-            h.last_seen.clone_from(&f.end);
-            if f.mac.is_some() {
-                h.mac.clone_from(&f.mac);
-            }
-            if f.hostname.is_some() {
-                h.hostname.clone_from(&f.hostname);
-            }
-        }
-        if h.mac.is_none() {
-            h.mac.clone_from(&f.mac);
-        }
-        if h.hostname.is_none() {
-            h.hostname.clone_from(&f.hostname);
-        }
-        h.bytes_up = h.bytes_up.saturating_add(f.bytes_out);
-        h.bytes_down = h.bytes_down.saturating_add(f.bytes_in);
-        h.flows += 1;
-        if f.verdict == "blocked" {
-            h.blocked = h.blocked.saturating_add(f.packets_out.max(1));
-        }
-    }
-    let mut hosts: Vec<Host> = by_ip.into_values().collect();
-    hosts.sort_by(|a, b| b.bytes_up.cmp(&a.bytes_up).then(a.ip.cmp(&b.ip)));
-    hosts
+/// One MAC as the layer-2 bindings know it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub mac: String,
+    /// `None` when only an address names the MAC (its port binding ended first).
+    pub port: Option<String>,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Something the owner should look at.
@@ -250,7 +218,8 @@ pub trait Backend: Send + Sync + 'static {
         filter: FlowFilter,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<FlowRecord>, BackendError>>;
-    fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>>;
+    /// The segment as the agent knows it now, for grouping the flows by machine.
+    fn segment(&self) -> BoxFuture<'_, Segment>;
     /// The last `n` audit entries, oldest first.
     fn audit(&self, n: usize) -> BoxFuture<'_, Vec<AuditEntry>>;
     fn alerts(&self) -> BoxFuture<'_, Vec<Alert>>;

@@ -135,6 +135,21 @@ fn render(s: &Status, csrf: &str, confirm: Option<&str>) -> String {
 pub async fn page(State(state): State<AppState>, authed: Authed) -> Html<String> {
     let s = state.backend.status().await;
     let mut body = render(&s, &authed.session.csrf, None);
+    // The pictures, from the flow log; a log that cannot be read says so instead.
+    match crate::hosts::gather(&state).await {
+        Ok((flows, seg)) => body.push_str(&crate::pictures::dashboard(
+            &flows,
+            &seg,
+            crate::hosts::now_ms(),
+        )),
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<p class=error id=pictures-error>No pictures: {}</p>",
+                esc(&e.message)
+            );
+        }
+    }
     // Where the agent plugs in, on every visit (the first one above all). A router
     // whose ports cannot be read says so instead.
     match state.backend.ai_port().await {

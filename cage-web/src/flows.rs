@@ -115,7 +115,7 @@ fn optional<T: std::str::FromStr>(
 }
 
 /// The table's rows, newest first.
-fn rows(flows: &[FlowRecord]) -> String {
+pub(crate) fn rows(flows: &[FlowRecord]) -> String {
     let mut o = String::with_capacity(flows.len() * 300);
     for f in flows.iter().rev() {
         let _ = write!(
@@ -239,7 +239,7 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-pub const CSV_HEADER: &str = "start,end,verdict,rule,proto,host,host_port,mac,hostname,peer,peer_port,name,direction,packets_out,bytes_out,packets_in,bytes_in,tag,tcp_flags";
+pub const CSV_HEADER: &str = "start,end,verdict,rule,proto,host,host_port,mac,bridge_port,hostname,peer,peer_port,name,direction,packets_out,bytes_out,packets_in,bytes_in,tag,tcp_flags";
 
 pub fn csv(flows: &[FlowRecord]) -> String {
     let mut o = String::with_capacity(flows.len() * 200);
@@ -250,7 +250,7 @@ pub fn csv(flows: &[FlowRecord]) -> String {
     for f in flows {
         let _ = write!(
             o,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
             csv_field(&f.start),
             csv_field(&f.end),
             csv_field(&f.verdict),
@@ -259,6 +259,7 @@ pub fn csv(flows: &[FlowRecord]) -> String {
             f.host,
             port(f.host_port),
             opt(&f.mac),
+            opt(&f.bridge_port),
             opt(&f.hostname),
             f.peer,
             port(f.peer_port),

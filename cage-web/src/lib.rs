@@ -11,6 +11,7 @@ pub mod alerts;
 pub mod assets;
 pub mod auth;
 pub mod backend;
+pub mod charts;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod dashboard;
@@ -21,6 +22,8 @@ pub mod hosts;
 pub mod html;
 pub mod listener;
 pub mod login;
+pub mod machines;
+pub mod pictures;
 pub mod port;
 pub mod qr;
 pub mod review;
@@ -35,10 +38,11 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use backend::{
-    hosts_from_flows, Access, AiPort, AiWifi, Alert, AuditEntry, Backend, BackendError, CageState,
-    FlowFilter, FlowRecord, Host, RefusedName, Review, SelfTest, Settings, Status,
+    Access, AiPort, AiWifi, Alert, AuditEntry, Backend, BackendError, Binding, CageState,
+    FlowFilter, FlowRecord, RefusedName, Review, Segment, SelfTest, Settings, Status,
 };
 pub use error::WebError;
+pub use machines::{Machine, Machines};
 pub use session::{hash_password, password_problem, verify_password};
 
 /// Request bodies larger than this are refused (413): every form and JSON body of the
@@ -104,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/isolate", post(dashboard::isolate))
         .route("/release", post(dashboard::release))
         .route("/hosts", get(hosts::page))
+        .route("/hosts/{mac}", get(hosts::machine_page))
         .route("/flows", get(flows::page))
         .route("/flows.jsonl", get(flows::download_jsonl))
         .route("/flows.csv", get(flows::download_csv))
@@ -124,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/release", post(dashboard::api_release))
         .route("/api/flows", get(flows::api_flows))
         .route("/api/hosts", get(hosts::api_hosts))
+        .route("/api/hosts/{mac}", get(hosts::api_machine))
         .route("/api/audit", get(alerts::api_audit))
         .route("/api/alerts", get(alerts::api_alerts))
         .route("/api/dns", get(review::api_review))

@@ -12,6 +12,7 @@ use futures::FutureExt;
 use tower::ServiceExt;
 
 use crate::backend::*;
+use crate::machines::Machines;
 use crate::{router, AppState};
 
 const HOST: &str = "192.168.8.1:8080";
@@ -70,6 +71,7 @@ impl TestBackend {
                 host: IpAddr::from([192, 168, 10, 10 + (i % 2) as u8]),
                 host_port: Some(40000 + i),
                 mac: Some("02:00:00:00:00:0a".into()),
+                bridge_port: None,
                 peer: IpAddr::from([203, 0, 113, 10]),
                 peer_port: Some(443),
                 direction: "out".into(),
@@ -153,8 +155,16 @@ impl Backend for TestBackend {
         }
         async move { Ok(v) }.boxed()
     }
-    fn hosts(&self) -> BoxFuture<'_, Result<Vec<Host>, BackendError>> {
-        async { Ok(hosts_from_flows(&TestBackend::flows())) }.boxed()
+    fn segment(&self) -> BoxFuture<'_, Segment> {
+        async {
+            Segment {
+                router: vec![IpAddr::from([192, 168, 10, 1])],
+                subnets: vec![(IpAddr::from([192, 168, 10, 0]), 24)],
+                bindings: vec![],
+                leases: vec![],
+            }
+        }
+        .boxed()
     }
     fn audit(&self, _n: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
         let a = self.0.lock().unwrap().audit.clone();
@@ -448,9 +458,10 @@ async fn login(app: &Router) -> (String, String) {
     )
 }
 
-const PAGES: [&str; 11] = [
+const PAGES: [&str; 12] = [
     "/",
     "/first-run",
+    "/hosts/02:00:00:00:00:0a",
     "/port",
     "/dns",
     "/hosts",
@@ -461,8 +472,9 @@ const PAGES: [&str; 11] = [
     "/settings",
     "/flows?host=192.168.10.10",
 ];
-const API_GETS: [&str; 7] = [
+const API_GETS: [&str; 8] = [
     "/api/dns",
+    "/api/hosts/02:00:00:00:00:0a",
     "/api/port",
     "/api/state",
     "/api/flows",
@@ -969,9 +981,25 @@ async fn pages_api_and_downloads_answer_with_a_session() {
     let v: Vec<FlowRecord> = serde_json::from_str(&a.body).unwrap();
     assert_eq!(v.len(), 2);
     assert!(v.iter().all(|f| f.verdict == "blocked"));
+    // One MAC, two addresses: one machine.
     let a = send(&app, read("/api/hosts")).await;
-    let hosts: Vec<Host> = serde_json::from_str(&a.body).unwrap();
-    assert_eq!(hosts.len(), 2);
+    let hosts: Machines = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(hosts.machines.len(), 1, "{hosts:?}");
+    assert_eq!(hosts.machines[0].addresses.len(), 2);
+    assert_eq!(hosts.machines[0].flows, 30);
+    let a = send(&app, read("/api/hosts/02-00-00-00-00-0A")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let d: crate::hosts::MachineDetail = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(d.machine.mac, "02:00:00:00:00:0a");
+    assert_eq!(d.blocked_by_rule, vec![("deny:lan".to_owned(), 10 * 5)]);
+    assert_eq!(d.flows.len(), 30);
+    let a = send(&app, read("/hosts/02:00:00:00:00:0a")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("id=\"machine-top\""), "{}", a.body);
+    let a = send(&app, read("/api/hosts/02:00:00:00:00:0b")).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    let a = send(&app, read("/api/hosts/not-a-mac")).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
     let a = send(&app, read("/flows.csv")).await;
     assert!(a.headers[header::CONTENT_DISPOSITION]
         .to_str()
@@ -1303,6 +1331,24 @@ mod fuzz {
                 send(&app, b.body(Body::from(body)).unwrap()).await.status
             });
             prop_assert!(status.as_u16() < 500, "{route}: {status} for {raw:?}");
+        }
+
+        #[test]
+        fn a_machines_path_never_fails_with_a_5xx(
+            api in any::<bool>(),
+            mac in "[%:a-fA-F0-9<>./ -]{0,40}",
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let status = rt.block_on(async {
+                let app = app(TestBackend::with_password());
+                let (cookie, _) = login(&app).await;
+                let uri = format!("{}/hosts/{mac}", if api { "/api" } else { "" });
+                match Request::get(uri.as_str()).header(header::HOST, HOST).header(header::COOKIE, cookie).body(Body::empty()) {
+                    Ok(req) => send(&app, req).await.status,
+                    Err(_) => StatusCode::BAD_REQUEST,
+                }
+            });
+            prop_assert!(status.as_u16() < 500, "/hosts/{mac}: {status}");
         }
 
         #[test]

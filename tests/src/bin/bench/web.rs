@@ -31,12 +31,14 @@ pub fn web(glibc: &str, musl: &str) -> Result<()> {
             "Load average at the start: {}. The real router (`cage_web::router`) over the \
              real backend (`cage_agent::web::AgentBackend`, the loop `cage run` serves \
              with) on loopback, release build, for glibc and for static musl; a flow log \
-             of 10 000 records (20 caged hosts, one flow in ten blocked); logged in once \
+             of 10 000 records over the last 24 hours (20 caged hosts, one flow in ten \
+             blocked); logged in once \
              through `POST /api/login`; then 300 sequential requests per route after one \
              warm-up, each on a new TCP connection, timed from connect to the last byte. \
              The peak memory before serving includes making the 10 000 records. The \
              dashboard runs `cage status`'s gathering (nft, netlink) on this machine's \
-             kernel, which holds no Cage policy here. Milliseconds.",
+             kernel, which holds no Cage policy here, and reads the whole log for its \
+             pictures, as the Hosts page and API do for the machines. Milliseconds.",
             load_average()
         ),
         &body,
