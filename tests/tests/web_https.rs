@@ -127,6 +127,28 @@ fn the_page_is_https_only_and_its_certificate_is_the_one_cage_status_shows() {
             & 0o777
     };
     assert_eq!(key_mode, 0o600);
+    // OpenSSL reads it as X.509 and its self-signature checks out; the key is its key.
+    let cert_file = state.join("web-cert.pem");
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&cert_file)
+        .arg(&cert_file)
+        .output()
+        .expect("openssl verify");
+    assert!(verify.status.success(), "openssl verify: {verify:?}");
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&cert_file)
+        .output()
+        .expect("openssl x509");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("Subject: CN = Cage")
+            && text.contains("ecdsa-with-SHA256")
+            && text.contains("IP Address:192.168.8.1"),
+        "{text}"
+    );
 
     // The fingerprint: cage status (JSON and text), the daemon's log, what the page
     // presents to OpenSSL and to the tests' client: all the same.

@@ -20,6 +20,8 @@ use cage_web::tls::TlsError;
 
 use crate::config::{Config, WebTls};
 
+mod x509;
+
 /// Cage's own certificate and key, in the state directory.
 pub const OWN_CERT: &str = "web-cert.pem";
 pub const OWN_KEY: &str = "web-key.pem";
@@ -137,10 +139,10 @@ pub fn stamp(cfg: &Config) -> Stamp {
     (cert, key, stamps)
 }
 
-/// A self-signed ECDSA P-256 certificate for "Cage", valid from the start of this year
-/// for 20 years (a router's clock may be wrong at boot; the owner trusts it by its
-/// fingerprint, not its dates), with the page's names and addresses as subject
-/// alternative names. The key is written first, mode 0600, both atomically.
+/// A self-signed ECDSA P-256 certificate for "Cage" (`x509`), valid from a day ago for
+/// 20 years (the owner trusts it by its fingerprint, not its dates), with the page's
+/// names and addresses as subject alternative names. The key is written first, mode
+/// 0600, both atomically.
 fn make(
     dir: &Path,
     cert: &Path,
@@ -152,45 +154,26 @@ fn make(
         dir: dir.to_owned(),
         message,
     };
-    let pair = rcgen::KeyPair::generate().map_err(|e| failed(e.to_string()))?;
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Cage");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "Cage (self-signed)");
-    for name in names {
-        if let Ok(n) = rcgen::Ia5String::try_from(name.as_str()) {
-            params.subject_alt_names.push(rcgen::SanType::DnsName(n));
-        }
-    }
-    for ip in addresses {
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress(*ip));
-    }
-    let year = 1970 + (crate::clock::unix_now() / 31_556_952) as i32;
-    params.not_before = rcgen::date_time_ymd(year, 1, 1);
-    params.not_after = rcgen::date_time_ymd(year + 20, 1, 1);
-    let serial: [u8; 16] = {
-        let mut s = [0u8; 16];
-        random(&mut s).map_err(failed)?;
-        s[0] &= 0x7f;
-        s
-    };
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-    let signed = params
-        .self_signed(&pair)
-        .map_err(|e| failed(e.to_string()))?;
+    let mut serial = [0u8; 16];
+    random(&mut serial).map_err(failed)?;
+    let now = crate::clock::unix_now();
+    let made = x509::self_signed(
+        "Cage",
+        names,
+        addresses,
+        now.saturating_sub(86_400),
+        now + 20 * 31_556_952,
+        serial,
+    )
+    .map_err(failed)?;
     std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
-    write_atomically(key, pair.serialize_pem().as_bytes(), 0o600).map_err(failed)?;
-    write_atomically(cert, signed.pem().as_bytes(), 0o644).map_err(failed)?;
+    write_atomically(key, x509::pem("PRIVATE KEY", &made.key).as_bytes(), 0o600).map_err(failed)?;
+    write_atomically(cert, x509::pem("CERTIFICATE", &made.cert).as_bytes(), 0o644)
+        .map_err(failed)?;
     Ok(())
 }
 
-/// Random bytes from the system (the same source rcgen's key comes from).
+/// Random bytes from the system.
 fn random(buf: &mut [u8]) -> Result<(), String> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, buf))
