@@ -220,7 +220,7 @@ enum State {
     Plain(TcpStream),
     /// Waiting for the first byte.
     Sniff(TcpStream, TlsAcceptor),
-    Handshake(tokio_rustls::Accept<TcpStream>),
+    Handshake(Box<tokio_rustls::Accept<TcpStream>>),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// A plain HTTP client on the HTTPS port.
     Redirect(TcpStream),
@@ -261,13 +261,13 @@ impl Stream {
                     };
                     if tls {
                         let _ = self.scheme.0.set(Scheme::Https);
-                        self.state = State::Handshake(acceptor.accept(tcp));
+                        self.state = State::Handshake(Box::new(acceptor.accept(tcp)));
                     } else {
                         let _ = self.scheme.0.set(Scheme::Http);
                         self.state = State::Redirect(tcp);
                     }
                 }
-                State::Handshake(accept) => match ready!(Pin::new(accept).poll(cx)) {
+                State::Handshake(accept) => match ready!(Pin::new(&mut **accept).poll(cx)) {
                     Ok(tls) => self.state = State::Tls(Box::new(tls)),
                     Err(e) => {
                         self.state = State::Failed;
