@@ -81,22 +81,25 @@ fn is_pem(bytes: &[u8]) -> bool {
 }
 
 /// The certificate chain in `bytes`: every CERTIFICATE block of a PEM file (the
-/// server's first), or one DER certificate.
+/// server's first), or one DER certificate. The server's certificate must parse as
+/// X.509.
 pub fn parse_chain(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     if bytes.is_empty() {
         return Err(TlsError::Cert("the file is empty".into()));
     }
-    if is_pem(bytes) {
-        let chain = CertificateDer::pem_slice_iter(bytes)
+    let chain = if is_pem(bytes) {
+        CertificateDer::pem_slice_iter(bytes)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Cert(e.to_string()))?;
-        if chain.is_empty() {
-            return Err(TlsError::Cert("there is no CERTIFICATE block".into()));
-        }
-        Ok(chain)
+            .map_err(|e| TlsError::Cert(e.to_string()))?
     } else {
-        Ok(vec![CertificateDer::from(bytes.to_vec())])
-    }
+        vec![CertificateDer::from(bytes.to_vec())]
+    };
+    let Some(server) = chain.first() else {
+        return Err(TlsError::Cert("there is no CERTIFICATE block".into()));
+    };
+    webpki::EndEntityCert::try_from(server)
+        .map_err(|e| TlsError::Cert(format!("it does not parse ({e:?})")))?;
+    Ok(chain)
 }
 
 /// The private key in `bytes`: PEM (PRIVATE KEY, EC PRIVATE KEY, RSA PRIVATE KEY), or DER
@@ -406,6 +409,8 @@ mod tests {
         let err = identity(b"-----BEGIN NOTHING-----\n-----END NOTHING-----\n", b"x").unwrap_err();
         assert!(matches!(err, TlsError::Cert(_)), "{err}");
         let err = identity(b"\x30\x03\x02\x01\x01", b"not a key").unwrap_err();
-        assert!(matches!(err, TlsError::Key(_)), "{err}");
+        assert!(matches!(err, TlsError::Cert(_)), "{err}");
+        let err = identity(b"this is text", b"not a key").unwrap_err();
+        assert!(matches!(err, TlsError::Cert(_)), "{err}");
     }
 }

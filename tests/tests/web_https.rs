@@ -60,6 +60,7 @@ fn try_openssl_fingerprint(lab: &Lab, addr: SocketAddr) -> Result<String, String
 /// `openssl` makes an EC P-256 certificate and key in DER, as uhttpd's init script has
 /// px5g (or openssl) make `/etc/uhttpd.crt` and `/etc/uhttpd.key`.
 fn uhttpd_like_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).expect("a directory for the files");
     let (crt, key) = (dir.join("uhttpd.crt"), dir.join("uhttpd.key"));
     let pem_key = dir.join("uhttpd-key.pem");
     let run = |args: &[&str]| {
@@ -444,5 +445,65 @@ fn a_bad_certificate_configuration_changes_nothing_and_the_firmwares_is_served()
     wait_page(&lan, ui, &run);
     let (cookie, _) = http::login(&lan, ui, PASSWORD, || run.log());
     assert!(cookie.starts_with("cage_session="));
+    drop(run);
+}
+
+/// At first start with a certificate that cannot be served, the page stays off, says
+/// why, and tries again; the daemon runs on and enforces. Once the files are good, the
+/// page comes up with them, without a restart.
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn a_first_start_with_a_bad_certificate_keeps_the_daemon_and_retries_the_page() {
+    let lab = Lab::for_test();
+    let (crt, key) = (lab.dir().join("fw.crt"), lab.dir().join("fw.key"));
+    std::fs::write(&crt, "not yet a certificate\n").unwrap();
+    std::fs::write(&key, "not yet a key\n").unwrap();
+    let path = lab.write_config("");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "config cage 'main'\n",
+        &format!(
+            "config cage 'main'\n\toption web_cert '{}'\n\toption web_key '{}'\n",
+            crt.display(),
+            key.display()
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    cage_agent::web::set_password(&path, PASSWORD, PASSWORD).expect("cage passwd");
+    let mut run = lab.cage_run();
+    run.wait_until(
+        Duration::from_secs(20),
+        "the page did not say why it is off",
+        || {
+            run.log().contains(&format!(
+                "web page: the web page's certificate {}: the certificate is not a PEM or DER \
+                 X.509 certificate",
+                crt.display()
+            )) && run
+                .log()
+                .contains("the page is off; trying again every 3 s")
+        },
+    );
+    let lan = lab.netns(Node::Lan);
+    let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
+    assert!(
+        get_login(&lan, ui).is_err(),
+        "a page without a certificate answered"
+    );
+    assert!(run.is_running(), "cage run stopped:\n{}", run.log());
+    assert!(
+        lab.nft_ruleset(Node::Router).contains("table inet cage"),
+        "the policy is not in force"
+    );
+    // The firmware's files become good: the page comes up with them.
+    let (good_crt, good_key) = uhttpd_like_files(&lab.dir().join("good"));
+    std::fs::copy(&good_crt, &crt).unwrap();
+    std::fs::copy(&good_key, &key).unwrap();
+    let took = wait_page(&lan, ui, &run);
+    println!(
+        "the page came up {:.1} s after the files were fixed",
+        took.as_secs_f64()
+    );
+    let firmware = cage_web::tls::fingerprint(&std::fs::read(&crt).unwrap());
+    assert_eq!(openssl_fingerprint(&lab, ui), firmware);
     drop(run);
 }
