@@ -1,7 +1,8 @@
 //! The web page's benchmark (run by `cargo xtask bench web`, release build): 10 000 flow
 //! records in a fresh log, the real router over the real backend (`cage_agent::web`,
-//! the loop `cage run` serves with) on loopback, a login, then at least 200 sequential
-//! requests per route, each on a new connection. Prints a Markdown table of latencies
+//! the loop `cage run` serves with) on loopback, over HTTPS as it serves (its own
+//! certificate, made at start), a login, then at least 200 sequential requests per
+//! route, each on a new connection with its own TLS handshake. Prints a Markdown table of latencies
 //! and the process's memory before and after (VmRSS, VmHWM); the server and the client
 //! share the process, the client's part is a few kilobytes.
 

@@ -8,6 +8,7 @@
 
 pub mod aiport;
 pub mod apply;
+pub mod cert;
 pub mod clock;
 pub mod config;
 pub mod daemon;

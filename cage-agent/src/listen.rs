@@ -31,7 +31,7 @@ fn in_segment(cfg: &Config, ip: IpAddr) -> bool {
     }
 }
 
-/// `http://192.168.8.1:2243/`, `http://[fd00::1]:2243/`.
+/// `https://192.168.8.1:2243/`, `https://[fd00::1]:2243/`.
 pub fn url(addr: &SocketAddr) -> String {
-    format!("http://{addr}/")
+    format!("https://{addr}/")
 }

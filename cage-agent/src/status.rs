@@ -50,10 +50,47 @@ pub struct Status {
     pub ai_port: Option<crate::aiport::Report>,
     /// Where the web page is served now (`web_listen`, the LAN's addresses resolved).
     pub web: Vec<String>,
+    /// The certificate the web page presents: its file and SHA-256 fingerprint, to
+    /// compare with what the browser shows. None before `cage run` first made Cage's own
+    /// or when it cannot be read (then a problem says why).
+    pub web_cert: Option<WebCert>,
     /// The caged machines as the layer-2 bindings know them: each MAC, its port and
     /// the addresses bound to it.
     pub machines: Vec<Machine>,
     pub problems: Vec<String>,
+}
+
+/// The web page's certificate, as `cage status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WebCert {
+    pub path: String,
+    /// SHA-256 of the certificate, `AB:CD:…`.
+    pub fingerprint: String,
+    /// SHA-256 of its public key, base64 (`curl --pinnedpubkey sha256//…`).
+    pub spki_sha256: String,
+}
+
+/// The web page's certificate, or the problem with it. Cage's own not made yet is no
+/// problem: `cage run` makes it when it starts the page.
+fn web_cert(cfg: &config::Config, problems: &mut Vec<String>) -> Option<WebCert> {
+    let (cert, key, own) = crate::cert::paths(cfg);
+    if own && !cert.exists() && !key.exists() {
+        return None;
+    }
+    match crate::cert::load(cfg) {
+        Ok(id) => Some(WebCert {
+            path: cert.display().to_string(),
+            fingerprint: id.fingerprint,
+            spki_sha256: id.spki_sha256,
+        }),
+        Err(e) => {
+            problems.push(format!(
+                "{e}; cage run keeps serving the certificate it had, if it had one, and the \
+                 page is off otherwise"
+            ));
+            None
+        }
+    }
 }
 
 /// One caged machine: a MAC bound to a port, and the addresses bound to that MAC.
@@ -266,6 +303,7 @@ pub async fn gather(config_path: &Path) -> Status {
         },
         Err(_) => vec![],
     };
+    let web_cert = cfg.as_ref().ok().and_then(|c| web_cert(c, &mut problems));
     problems.extend(crate::offload::problems(Path::new(
         crate::offload::FIREWALL_CONFIG,
     )));
@@ -289,6 +327,7 @@ pub async fn gather(config_path: &Path) -> Status {
         unlogged,
         ai_port,
         web,
+        web_cert,
         machines,
         problems,
     }
@@ -375,6 +414,14 @@ pub fn render_text(s: &Status) -> String {
             s.web.join(" ")
         }
     );
+    match &s.web_cert {
+        Some(c) => {
+            let _ = writeln!(o, "web cert: SHA-256 {} ({})", c.fingerprint, c.path);
+        }
+        None => {
+            let _ = writeln!(o, "web cert: none yet");
+        }
+    }
     for p in &s.ports {
         let _ = writeln!(
             o,

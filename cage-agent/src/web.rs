@@ -21,6 +21,7 @@ use cage_web::{
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+use crate::cert;
 use crate::config::edit::{self, Edit};
 use crate::config::{self, Config};
 use crate::flows;
@@ -747,6 +748,9 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
             *last = Some(p);
         }
     };
+    // The certificate served, and the files' stamp last tried (served or refused).
+    let mut tls: Option<cert::Identity> = None;
+    let mut tried: Option<cert::Stamp> = None;
     loop {
         let cfg = backend.config();
         let wanted = match listen::listen_addresses(&cfg).await {
@@ -771,6 +775,44 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
             tokio::time::sleep(BIND_RETRY).await;
             continue;
         }
+        // The certificate: loaded (or, Cage's own, made) at first, and again when the
+        // configuration names other files or the files changed. One that cannot be
+        // served is said in the log; the page keeps the certificate it has, or stays
+        // off until there is one it can serve.
+        let stamp = cert::stamp(&cfg);
+        if tried.as_ref() != Some(&stamp) {
+            let ips: Vec<IpAddr> = wanted.iter().map(SocketAddr::ip).collect();
+            match cert::load_or_make(&cfg, &cfg.main.web_hostnames, &ips) {
+                Ok(loaded) => {
+                    log::info(&format!(
+                        "web page certificate {}{}: SHA-256 {}",
+                        loaded.path.display(),
+                        if loaded.made {
+                            " (self-signed, made now)"
+                        } else {
+                            ""
+                        },
+                        loaded.identity.fingerprint
+                    ));
+                    tls = Some(loaded.identity);
+                    tried = Some(cert::stamp(&cfg));
+                }
+                Err(e) if tls.is_some() => {
+                    log::error(&format!(
+                        "web page: {e}; it keeps serving the certificate it has"
+                    ));
+                    tried = Some(stamp);
+                }
+                Err(e) => {
+                    problem(&mut last_problem, format!("{e}; the page is off"));
+                    tokio::time::sleep(BIND_RETRY).await;
+                    continue;
+                }
+            }
+        }
+        let (Some(identity), Some(served_stamp)) = (tls.clone(), tried.clone()) else {
+            continue;
+        };
         let mut listeners = Vec::new();
         let mut bound = Vec::new();
         let mut failed = Vec::new();
@@ -825,12 +867,16 @@ pub async fn serve_forever(backend: Arc<AgentBackend>) {
                         break;
                     }
                 }
+                if cert::stamp(&cfg) != served_stamp {
+                    log::info("web page: its certificate's files changed; reading them again");
+                    break;
+                }
                 if partial && since.elapsed() >= PARTIAL_RETRY {
                     break;
                 }
             }
         };
-        if let Err(e) = cage_web::serve(listeners, state.clone(), moved).await {
+        if let Err(e) = cage_web::serve_https(listeners, &identity, state.clone(), moved).await {
             log::error(&format!("web page on {} stopped: {e}", urls.join(" and ")));
             tokio::time::sleep(BIND_RETRY).await;
         }

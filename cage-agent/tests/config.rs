@@ -25,6 +25,7 @@ fn all_defaults() -> Config {
             mode: cage_agent::config::Mode::Auto,
             password_hash: None,
             web_hostnames: vec![],
+            web_tls: cage_agent::config::WebTls::Own,
             log_level: cage_agent::config::LogLevel::Info,
         },
         segment: Segment {

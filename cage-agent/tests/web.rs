@@ -324,4 +324,30 @@ fn the_page_is_served_on_web_listen_by_the_daemons_loop() {
         "GET /login HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(refused.status, 421);
+
+    // Over HTTPS with Cage's own certificate, made at first start in the state
+    // directory; the answers came with it.
+    let made = std::fs::read(dir.0.join("state/web-cert.pem")).expect("the certificate");
+    let chain = cage_web::tls::parse_chain(&made).unwrap();
+    assert_eq!(
+        login.cert.as_deref(),
+        Some(cage_web::tls::fingerprint(&chain[0]).as_str())
+    );
+    // Plain HTTP on the same port: a redirect to HTTPS, and nothing else.
+    let plain = client::exchange_plain(
+        listen,
+        &client::login_request(listen, "long enough"),
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(plain.status, 308, "{}", plain.head);
+    assert!(
+        plain
+            .head
+            .contains(&format!("location: https://{listen}/api/login")),
+        "{}",
+        plain.head
+    );
+    assert_eq!(plain.session_cookie(), None, "{}", plain.head);
 }

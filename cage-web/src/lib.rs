@@ -30,6 +30,7 @@ pub mod review;
 pub mod security;
 pub mod session;
 pub mod settings;
+pub mod tls;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -137,6 +138,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/dns/allow", post(review::api_allow))
         .fallback(security::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Inside the guard: plain HTTP gets its redirect after the Host check.
+        .layer(axum::middleware::from_fn(tls::only_https))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             security::guard,
@@ -144,14 +147,40 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve the page on `listeners` (at least one) until `shutdown` completes.
+/// Serve the page in plain HTTP on `listeners` (at least one) until `shutdown`
+/// completes: the unit tests' server. `cage run` serves with [`serve_https`].
 pub async fn serve(
     listeners: Vec<tokio::net::TcpListener>,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_on(listener::Bounded::new(listeners), state, shutdown).await
+}
+
+/// Serve the page over HTTPS with `tls` on `listeners` (at least one) until `shutdown`
+/// completes; a plain-HTTP request on the same port is only redirected to HTTPS.
+pub async fn serve_https(
+    listeners: Vec<tokio::net::TcpListener>,
+    tls: &tls::Identity,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let acceptor = tls::TlsAcceptor::from(tls.config.clone());
+    serve_on(
+        listener::Bounded::with_tls(listeners, acceptor),
+        state,
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_on(
+    listener: listener::Bounded,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(
-        listener::Bounded::new(listeners),
+        listener,
         router(state).into_make_service_with_connect_info::<listener::Peer>(),
     )
     .with_graceful_shutdown(shutdown)

@@ -4,7 +4,9 @@
 //! must not use up the daemon's file descriptors; past the limit, new connections wait
 //! in the kernel's backlog. Browsers reopen a closed keep-alive connection by themselves.
 //! One listener may accept on several sockets (the LAN's IPv4 and IPv6 addresses), with
-//! one limit for all of them.
+//! one limit for all of them. With TLS (`cage run`'s page), each connection is a
+//! [`tls::Stream`](crate::tls::Stream): TLS or a plain-HTTP client to redirect, told
+//! apart by its first byte, the handshake done on the connection's own task.
 
 use std::future::Future;
 use std::io;
@@ -17,9 +19,11 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+
+use crate::tls::{SchemeCell, Stream, TlsAcceptor};
 
 pub const MAX_CONNECTIONS: usize = 64;
 pub const LIFETIME: Duration = Duration::from_secs(120);
@@ -27,22 +31,32 @@ pub const LIFETIME: Duration = Duration::from_secs(120);
 pub struct Bounded {
     inner: Vec<TcpListener>,
     slots: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Bounded {
-    /// Accept on every one of `inner` (at least one).
+    /// Accept on every one of `inner` (at least one), plain HTTP.
     pub fn new(inner: Vec<TcpListener>) -> Bounded {
         assert!(!inner.is_empty(), "a listener needs a socket to accept on");
         Bounded {
             inner,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            tls: None,
+        }
+    }
+
+    /// Accept on every one of `inner`, HTTPS with `tls` (plain HTTP only redirected).
+    pub fn with_tls(inner: Vec<TcpListener>, tls: TlsAcceptor) -> Bounded {
+        Bounded {
+            tls: Some(tls),
+            ..Bounded::new(inner)
         }
     }
 }
 
 /// A connection that holds a slot and ends at its deadline.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     deadline: Pin<Box<Sleep>>,
     _slot: OwnedSemaphorePermit,
 }
@@ -110,7 +124,7 @@ impl Listener for Bounded {
                 Ok((stream, addr)) => {
                     return (
                         Conn {
-                            stream,
+                            stream: Stream::new(stream, self.tls.clone()),
                             deadline: Box::pin(tokio::time::sleep(LIFETIME)),
                             _slot: slot,
                         },
@@ -129,12 +143,13 @@ impl Listener for Bounded {
     }
 }
 
-/// The client's address, as handlers see it (`ConnectInfo<Peer>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer(pub SocketAddr);
+/// The client's address and its connection's scheme (known once its first byte came,
+/// before any request), as handlers see them (`ConnectInfo<Peer>`).
+#[derive(Debug, Clone)]
+pub struct Peer(pub SocketAddr, pub SchemeCell);
 
 impl Connected<IncomingStream<'_, Bounded>> for Peer {
     fn connect_info(stream: IncomingStream<'_, Bounded>) -> Peer {
-        Peer(*stream.remote_addr())
+        Peer(*stream.remote_addr(), stream.io().stream.scheme())
     }
 }

@@ -19,7 +19,7 @@ use crate::{AppState, WebError};
 
 fn session_cookie(token: &str) -> String {
     format!(
-        "{}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{}={token}; Secure; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         session::COOKIE,
         session::ABSOLUTE.as_secs()
     )
@@ -27,13 +27,13 @@ fn session_cookie(token: &str) -> String {
 
 fn pre_cookie(token: &str) -> String {
     format!(
-        "{}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=3600",
+        "{}={token}; Secure; HttpOnly; SameSite=Strict; Path=/; Max-Age=3600",
         session::PRE_COOKIE
     )
 }
 
 fn expired(name: &str) -> String {
-    format!("{name}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+    format!("{name}=; Secure; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
 }
 
 fn with_cookie(mut r: Response, cookie: &str) -> Response {

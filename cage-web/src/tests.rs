@@ -1069,7 +1069,13 @@ async fn security_headers_are_on_every_response() {
     // The session cookie's attributes.
     let a = send(&app, login_request()).await;
     let set = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
-    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+    for attr in [
+        "Secure",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+        "Max-Age=",
+    ] {
         assert!(set.contains(attr), "{set}");
     }
     let token = set.split(';').next().unwrap().split_once('=').unwrap().1;

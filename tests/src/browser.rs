@@ -79,7 +79,20 @@ pub struct Browser {
 impl Browser {
     /// Connect to the driver (waiting up to 20 s for it to listen) and open a headless
     /// Chromium with a phone-sized window. Call on a thread inside the driver's namespace.
+    /// It trusts no self-signed certificate: the page needs [`Browser::open_trusting`].
     pub fn open(width: u32, height: u32) -> Browser {
+        Browser::open_with(width, height, None)
+    }
+
+    /// As [`Browser::open`], trusting the certificate whose public key's SHA-256 (base64,
+    /// `cage status --json`'s `web_cert.spki_sha256`) is `spki`: Chromium pins it
+    /// (`--ignore-certificate-errors-spki-list`) and checks every other certificate as
+    /// always.
+    pub fn open_trusting(width: u32, height: u32, spki: &str) -> Browser {
+        Browser::open_with(width, height, Some(spki))
+    }
+
+    fn open_with(width: u32, height: u32, spki: Option<&str>) -> Browser {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -98,6 +111,12 @@ impl Browser {
             std::process::id(),
             std::thread::current().id()
         ));
+        let mut args = vec![json!(format!("--window-size={width},{height}"))];
+        if let Some(spki) = spki {
+            args.push(json!(format!(
+                "--ignore-certificate-errors-spki-list={spki}"
+            )));
+        }
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -115,10 +134,12 @@ impl Browser {
                     "--disable-component-update",
                     "--disable-sync",
                     format!("--user-data-dir={}", profile.display()),
-                    format!("--window-size={width},{height}"),
                 ],
             }),
         );
+        if let Some(list) = caps["goog:chromeOptions"]["args"].as_array_mut() {
+            list.extend(args);
+        }
         let client = rt
             .block_on(
                 ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
@@ -224,6 +245,12 @@ impl Browser {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The browser's cookie `name` for the page it shows: (value, whether it is Secure).
+    pub fn cookie(&self, name: &str) -> Option<(String, bool)> {
+        let c = self.rt.block_on(self.client.get_named_cookie(name)).ok()?;
+        Some((c.value().to_owned(), c.secure().unwrap_or(false)))
     }
 
     /// A PNG of the page as it is shown.

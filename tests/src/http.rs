@@ -1,6 +1,7 @@
 //! HTTP/1.1 requests to the web page from inside a lab namespace (the LAN host, a caged
-//! host), with bounded connect and read times, for the tests that prove where the page
-//! answers and where it does not.
+//! host), over HTTPS as the page serves (or plain, to see its redirect), with bounded
+//! connect and read times, for the tests that prove where the page answers and where it
+//! does not.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use cage_agent::probe::NetNs;
 use cage_web::client;
 
 use crate::browser;
-use crate::lab::CageRun;
+use crate::lab::{CageRun, Lab};
 
 /// One request from inside `ns`: the answer, or why none came.
 pub fn request(ns: &NetNs, addr: SocketAddr, request: String) -> Result<client::Answer, String> {
@@ -21,6 +22,43 @@ pub fn request(ns: &NetNs, addr: SocketAddr, request: String) -> Result<client::
         }
         Ok(a)
     })
+}
+
+/// One request in plain HTTP from inside `ns` (the page only redirects it).
+pub fn request_plain(
+    ns: &NetNs,
+    addr: SocketAddr,
+    request: String,
+) -> Result<client::Answer, String> {
+    browser::in_namespace(ns, move || {
+        let (connect, read) = (Duration::from_millis(1500), Duration::from_secs(30));
+        let a = client::exchange_plain(addr, &request, connect, read).map_err(|e| e.to_string())?;
+        if a.status == 0 {
+            return Err(format!("no HTTP answer: {}{}", a.head, a.body));
+        }
+        Ok(a)
+    })
+}
+
+/// The page's certificate as `cage status --json` shows it (`web_cert`: its
+/// fingerprint and its public key's pin), once `cage run` has it (up to 20 s).
+pub fn web_cert(lab: &Lab, run: &CageRun) -> (String, String) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = lab.cage(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let c = &v["web_cert"];
+        if let (Some(f), Some(p)) = (c["fingerprint"].as_str(), c["spki_sha256"].as_str()) {
+            return (f.to_owned(), p.to_owned());
+        }
+        assert!(
+            Instant::now() < until,
+            "cage status shows no web certificate: {}\ncage run:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// GET /login with the address as Host: the status, or why none came.
@@ -55,7 +93,7 @@ pub fn wait_page(ns: &NetNs, addr: SocketAddr, run: &CageRun) -> Duration {
 /// send it (Origin the page's own address).
 pub fn form_post(ui: SocketAddr, path: &str, cookie: &str, body: &str) -> String {
     format!(
-        "POST {path} HTTP/1.1\r\nHost: {ui}\r\nOrigin: http://{ui}\r\nCookie: {cookie}\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {ui}\r\nOrigin: https://{ui}\r\nCookie: {cookie}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
         body.len()

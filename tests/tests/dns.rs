@@ -789,11 +789,12 @@ fn a_refused_name_is_allowed_from_the_web_page() {
         "refused, yet reachable"
     );
 
+    let (_, spki) = cage_tests::http::web_cert(&l.lab, &run);
     let driver = Driver::start(&l.lab.ns(Node::Lan), l.lab.dir());
-    let base = format!("http://{}:{}", lab::ROUTER_LAN4, lab::WEB_PORT);
+    let base = format!("https://{}:{}", lab::ROUTER_LAN4, lab::WEB_PORT);
     let button = "button.allow[data-name=\"other.test\"]";
     browser::in_namespace(&l.lab.netns(Node::Lan), || {
-        let b = Browser::open(1100, 900);
+        let b = Browser::open_trusting(1100, 900, &spki);
         b.goto(&format!("{base}/login"));
         b.type_into("#password", "correct horse battery");
         b.click("#login-submit");

@@ -80,8 +80,8 @@ fn page(router: &Router) -> String {
     let listen = router.uci_get("cage.main.web_listen").unwrap_or_default();
     let lan = router.uci_get("network.lan.ipaddr").unwrap_or_default();
     match listen.strip_prefix("lan:") {
-        Some(port) => format!("http://{}:{port}/", lan.split('/').next().unwrap()),
-        None => format!("http://{listen}/ (web_listen is not 'lan:PORT')"),
+        Some(port) => format!("https://{}:{port}/", lan.split('/').next().unwrap()),
+        None => format!("https://{listen}/ (web_listen is not 'lan:PORT')"),
     }
 }
 
@@ -294,7 +294,7 @@ fn row(board: Board, radio: Radio, ipk: &Ipk) -> String {
     }
 
     // The page: the LAN's own address (OpenWrt's 192.168.1.1) and Cage's port.
-    assert_eq!(page, "http://192.168.1.1:2243/", "{ctx}");
+    assert_eq!(page, "https://192.168.1.1:2243/", "{ctx}");
     assert!(
         syslog.contains(&format!("cage: Cage's page: {page}")),
         "{ctx}"

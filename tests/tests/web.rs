@@ -1,5 +1,7 @@
-//! The LAN web page, end to end: `cage run` in the lab serves it on the router's LAN
-//! address; a real headless Chromium on the LAN host sets the first password, logs in,
+//! The LAN web page, end to end: `cage run` in the lab serves it over HTTPS on the
+//! router's LAN address; a real headless Chromium on the LAN host (trusting the page's
+//! certificate by its pinned public key, as `cage status` gives it) is redirected from
+//! plain HTTP, sets the first password, logs in (the session cookie Secure),
 //! presses the big red button, and the caged host loses the internet (packets that do
 //! not come back); release with its confirmation, and they come back. The page follows a
 //! `cage isolate` from the command line without a reload. From a caged host the UI port
@@ -92,17 +94,19 @@ fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
         "before anything: the caged host reaches the internet"
     );
 
+    let (_, spki) = cage_tests::http::web_cert(&lab, &run);
     let driver = Driver::start(&lab.ns(Node::Lan), lab.dir());
-    let base = format!("http://{ui}");
+    let base = format!("https://{ui}");
     let shot = screenshot_path();
     browser::in_namespace(&lan, || {
-        let b = Browser::open(1100, 1000);
+        let b = Browser::open_trusting(1100, 1000, &spki);
 
-        // First run: no password yet, so the page asks for one.
-        b.goto(&format!("{base}/"));
+        // First run: no password yet, so the page asks for one; typed as plain HTTP,
+        // the address leads to the page over HTTPS.
+        b.goto(&format!("http://{ui}/"));
         assert!(
-            b.url().ends_with("/setup"),
-            "first visit should lead to /setup, got {}",
+            b.url().starts_with(&format!("{base}/")) && b.url().ends_with("/setup"),
+            "first visit to http://{ui}/ should lead to {base}/setup, got {}",
             b.url()
         );
         b.type_into("#password", PASSWORD);
@@ -142,6 +146,10 @@ fn from_the_lan_a_browser_isolates_and_releases_the_cage() {
             b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10)),
             "open"
         );
+        let (_, secure) = b
+            .cookie("cage_session")
+            .expect("the browser holds a session cookie");
+        assert!(secure, "the session cookie is not Secure");
         b.screenshot(&shot);
 
         // The big red button.

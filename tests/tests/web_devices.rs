@@ -261,7 +261,7 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
         status.is_some_and(|s| s.success()),
         "cage run stopped badly: {status:?}"
     );
-    let _run = lab.cage_run_ready();
+    let run = lab.cage_run_ready();
 
     let lan = lab.netns(Node::Lan);
     let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
@@ -272,16 +272,20 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
         assert!(Instant::now() < until, "the page does not answer on {ui}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let (_, spki) = cage_tests::http::web_cert(&lab, &run);
     let driver = Driver::start(&lab.ns(Node::Lan), lab.dir());
-    let base = format!("http://{ui}");
+    let base = format!("https://{ui}");
     let ai1_id = format!("#machine-{}", AI1_MAC.replace(':', "-"));
     browser::in_namespace(&lan, || {
-        let b = Browser::open(390, 844);
+        let b = Browser::open_trusting(390, 844, &spki);
         b.goto(&format!("{base}/"));
         assert!(b.url().ends_with("/setup"), "first visit: {}", b.url());
         b.type_into("#password", PASSWORD);
         b.type_into("#confirm", PASSWORD);
         b.click("#setup-submit");
+        // Setup leads to the first-run page; on to the dashboard from there.
+        b.find("#to-dashboard");
+        b.click("#to-dashboard");
         b.wait_attr("#cage-state", "data-state", "open", Duration::from_secs(10));
 
         // The dashboard on a phone: the button, the state and the pictures fit.

@@ -182,10 +182,25 @@ fn after_setup_the_first_run_page_shows_the_ai_port_the_wifi_qr_code_and_runs_th
     std::fs::create_dir_all(&out).unwrap();
     let qr_png = out.join("first-run-wifi-qr.png");
     let qr_svg = out.join("first-run-wifi-qr.svg");
+    // The page's certificate, for Chromium to trust by its key (as the owner checks the
+    // fingerprint `cage status` shows).
+    // (Its exit status says whether all is well, which is not the question here.)
+    let shown = ow.sh("cage status --json");
+    let status: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap_or_else(|e| {
+        panic!(
+            "cage status --json: {e}\n{}{}",
+            String::from_utf8_lossy(&shown.stdout),
+            String::from_utf8_lossy(&shown.stderr)
+        )
+    });
+    let spki = status["web_cert"]["spki_sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no web certificate in cage status: {status}"))
+        .to_owned();
     let driver = Driver::start(&ow.lab().ns(Node::Lan), ow.lab().dir());
-    let base = format!("http://{ui}");
+    let base = format!("https://{ui}");
     let cookie = browser::in_namespace(&lan, || {
-        let b = Browser::open(1100, 1400);
+        let b = Browser::open_trusting(1100, 1400, &spki);
         b.goto(&format!("{base}/"));
         assert!(b.url().ends_with("/setup"), "first visit: {}", b.url());
         b.type_into("#password", PASSWORD);
@@ -281,7 +296,7 @@ fn after_setup_the_first_run_page_shows_the_ai_port_the_wifi_qr_code_and_runs_th
     println!("the caged hosts (AI port, AI Wi-Fi) get no answer from the page at all");
 
     browser::in_namespace(&lan, || {
-        let b = Browser::open(1100, 1400);
+        let b = Browser::open_trusting(1100, 1400, &spki);
         b.goto(&format!("{base}/login"));
         b.type_into("#password", PASSWORD);
         b.click("#login-submit");

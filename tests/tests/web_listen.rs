@@ -33,7 +33,7 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
     wait_page(&lan, v6, &run);
     assert!(
         run.log()
-            .contains("web page on http://192.168.8.1:2243/ and http://[fd00:8::1]:2243/"),
+            .contains("web page on https://192.168.8.1:2243/ and https://[fd00:8::1]:2243/"),
         "{}",
         run.log()
     );
@@ -75,7 +75,7 @@ fn the_page_listens_on_the_lans_addresses_as_the_router_has_them_and_follows_the
     );
     assert!(
         run.log()
-            .contains("web page: moving to http://192.168.9.1:2243/"),
+            .contains("web page: moving to https://192.168.9.1:2243/"),
         "{}",
         run.log()
     );

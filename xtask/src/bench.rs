@@ -37,6 +37,8 @@ pub fn run_bench(which: &str) -> Result<()> {
                 let mut dir = target_dir();
                 if let Some(t) = target {
                     build.args(["--target", t]);
+                    // ring's C code, for the page's TLS.
+                    crate::dist::c_compiler(&mut build, t)?;
                     dir.push(t);
                 }
                 run(&mut build)?;

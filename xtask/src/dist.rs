@@ -13,6 +13,11 @@
 //!   crt objects (`-C link-self-contained=no`); zig's linker adds them. mipsel is built
 //!   as a non-PIE static executable (see its entry in TARGETS).
 //!
+//! Both need a C compiler for the target, for ring (the web page's TLS): cargo-zigbuild
+//! sets one for the targets it builds; for the stable ones [`c_compiler`] points the cc
+//! crate at zig through the same cargo-zigbuild (`CC_<target>`/`AR_<target>`), so no
+//! cross gcc is needed.
+//!
 //! qemu runs each binary on the routers' own core (`-cpu cortex-a53`, `cortex-a7`,
 //! `24KEc`, which has no FPU), not qemu's default CPU.
 
@@ -227,13 +232,43 @@ pub fn print_summary(built: &[Built], failed: &[(&'static Target, anyhow::Error)
     println!("binaries in {}", dist_dir().display());
 }
 
+/// zig's name for a stable target's triple (`aarch64-linux-musl`).
+fn zig_target(triple: &str) -> String {
+    triple.replace("-unknown-", "-")
+}
+
+/// Point the cc crate at zig for `triple` (a stable target, linked by rust-lld, whose C
+/// code, ring's, still needs a compiler): two small scripts in `target/zigcc/` that run
+/// `cargo-zigbuild zig cc`/`ar` for it, named in `CC_<triple>` and `AR_<triple>`.
+pub fn c_compiler(cmd: &mut Command, triple: &str) -> Result<()> {
+    let dir = target_dir().join("zigcc");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let var = triple.replace('-', "_");
+    for (tool, args, env) in [
+        ("cc", format!("cc -- -target {}", zig_target(triple)), "CC"),
+        ("ar", "ar --".to_owned(), "AR"),
+    ] {
+        let script = dir.join(format!("{triple}-{tool}"));
+        let text = format!("#!/bin/sh\nexec cargo-zigbuild zig {args} \"$@\"\n");
+        if std::fs::read_to_string(&script).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&script, &text)
+                .with_context(|| format!("cannot write {}", script.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        }
+        cmd.env(format!("{env}_{var}"), &script);
+    }
+    Ok(())
+}
+
 /// `cargo build` for `t`'s toolchain (stable, or nightly `zigbuild` with `-Z build-std`
 /// and the target's flags), before the package, profile and target are given.
-pub fn cargo_for(t: &Target) -> Command {
-    match t.toolchain {
+pub fn cargo_for(t: &Target) -> Result<Command> {
+    Ok(match t.toolchain {
         Toolchain::Stable => {
             let mut c = cargo();
             c.arg("build");
+            c_compiler(&mut c, t.triple)?;
             c
         }
         Toolchain::BuildStd => {
@@ -260,14 +295,14 @@ pub fn cargo_for(t: &Target) -> Command {
                 .env_remove("RUSTC");
             c
         }
-    }
+    })
 }
 
 /// Build one target, copy the binary to `target/dist/<triple>/cage` and run it.
 pub fn build(t: &'static Target) -> Result<Built> {
     let started = Instant::now();
     println!("xtask dist: building {} ({:?})", t.triple, t.toolchain);
-    let mut cmd = cargo_for(t);
+    let mut cmd = cargo_for(t)?;
     cmd.args([
         "--release",
         "--locked",

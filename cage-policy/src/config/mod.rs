@@ -267,8 +267,23 @@ pub struct Main {
     /// Host names the web page answers to besides its address (`list web_hostname`);
     /// a request naming any other host is refused (DNS rebinding).
     pub web_hostnames: Vec<String>,
+    /// The web page's certificate (`web_cert` and `web_key`, both or neither).
+    pub web_tls: WebTls,
     /// How much `cage` logs (`log_level`); `CAGE_LOG` overrides it. Default `info`.
     pub log_level: LogLevel,
+}
+
+/// Which certificate the web page presents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebTls {
+    /// Cage's own, self-signed, made at first start in the state directory (neither
+    /// `web_cert` nor `web_key` set).
+    Own,
+    /// A certificate (PEM or DER, the server's first in a chain) and its private key
+    /// from files the firmware already has: uhttpd's `/etc/uhttpd.crt` and
+    /// `/etc/uhttpd.key`, or GL.iNet's nginx's.
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 /// `cage.main.log_level`: the least severe log line written. `debug` adds each DNS query

@@ -18,7 +18,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
     Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Limits, LogLevel, Main, Mode, Segment,
-    SelfTest, Wan, WanDevices, WebListen,
+    SelfTest, Wan, WanDevices, WebListen, WebTls,
 };
 
 /// One problem in a configuration, with its place.
@@ -98,6 +98,8 @@ const CAGE: SectionType = SectionType {
         ("mode", Arity::One),
         ("password_hash", Arity::One),
         ("web_hostname", Arity::Many),
+        ("web_cert", Arity::One),
+        ("web_key", Arity::One),
         ("log_level", Arity::One),
     ],
 };
@@ -283,6 +285,8 @@ struct MainOptions {
     mode: Scalar<Mode>,
     password_hash: Scalar<Option<String>>,
     web_hostnames: Vec<Given<String>>,
+    web_cert: Scalar<Option<PathBuf>>,
+    web_key: Scalar<Option<PathBuf>>,
     log_level: Scalar<LogLevel>,
 }
 
@@ -296,6 +300,10 @@ impl MainOptions {
             mode: self.mode.value,
             password_hash: self.password_hash.value,
             web_hostnames: values(self.web_hostnames),
+            web_tls: match (self.web_cert.value, self.web_key.value) {
+                (Some(cert), Some(key)) => WebTls::Files { cert, key },
+                _ => WebTls::Own,
+            },
             log_level: self.log_level.value,
         }
     }
@@ -329,6 +337,12 @@ fn main_section(v: &mut Validator, cage: &Section) -> MainOptions {
                 .map_err(|e| format!("the value {e}"))
         }),
         web_hostnames: v.many(cage, "web_hostname", web_hostname),
+        web_cert: v.one(cage, "web_cert", None, |s| {
+            absolute_path(s, "/etc/uhttpd.crt").map(Some)
+        }),
+        web_key: v.one(cage, "web_key", None, |s| {
+            absolute_path(s, "/etc/uhttpd.key").map(Some)
+        }),
         log_level: v.one(cage, "log_level", LogLevel::Info, str::parse),
     }
 }
@@ -647,6 +661,7 @@ fn cross_checks(
     one_role_per_device(v, at, seg, lan, wan);
     admin_hosts_outside_the_segment(v, at.lan, lan, &segment_nets);
     web_listen_off_the_segment(v, at.cage, &main.web_listen, &segment_nets);
+    web_cert_with_its_key(v, at.cage, main);
     upstreams_outside_the_segment(v, at.wan, wan, &segment_nets);
 }
 
@@ -739,6 +754,31 @@ fn web_listen_off_the_segment(
             ),
         );
     }
+}
+
+/// `web_cert` and `web_key` come together: a certificate without its key (or a key
+/// without its certificate) cannot be served, and Cage's own would silently be used.
+fn web_cert_with_its_key(v: &mut Validator, cage: &Section, main: &MainOptions) {
+    let (cert, key) = (&main.web_cert, &main.web_key);
+    if !cert.valid || !key.valid {
+        return;
+    }
+    let (given, line, message) = match (&cert.value, &key.value) {
+        (Some(_), None) => (
+            "web_cert",
+            cert.line,
+            "a certificate without its key: set web_key too (e.g. /etc/uhttpd.key), or \
+             neither for Cage's own self-signed certificate",
+        ),
+        (None, Some(_)) => (
+            "web_key",
+            key.line,
+            "a key without its certificate: set web_cert too (e.g. /etc/uhttpd.crt), or \
+             neither for Cage's own self-signed certificate",
+        ),
+        _ => return,
+    };
+    v.error(cage, given, line.unwrap_or(cage.line), message.to_owned());
 }
 
 fn upstreams_outside_the_segment(

@@ -88,8 +88,8 @@ fn up() -> Result<()> {
          \x20 $C isolate --reason demo           # the kill switch ($C release ends it)\n\
          \x20 $C selftest --target 203.0.113.10  # prove the cage from inside\n\
          \x20 echo 'a long password' | $C passwd  # the web page's password\n\
-         \x20 ip netns exec {lan} curl -si http://192.168.8.1:{web}/login | head -1   # the web page, from the LAN\n\
-         \x20 ip netns exec {ai1} curl -m2 http://192.168.8.1:{web}/   # ... not from a caged host\n\
+         \x20 ip netns exec {lan} curl -sik https://192.168.8.1:{web}/login | head -1   # the web page (HTTPS, self-signed), from the LAN\n\
+         \x20 ip netns exec {ai1} curl -m2 -k https://192.168.8.1:{web}/   # ... not from a caged host\n\
          \x20 kill -HUP $(ip netns pids {router})               # reload (a bad config is refused)\n\
          \x20 tail -f {log}                                      # cage run's log\n\
          \x20 cargo xtask lab down                              # remove the lab\n",

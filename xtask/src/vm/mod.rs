@@ -210,7 +210,7 @@ fn run_arch(arch: &'static Arch, mode: Mode, only: Option<&str>) -> Result<Outco
 /// from `cage`'s build (about 30 s after `cage`, where a profile of its own took minutes
 /// per target). Its path.
 fn build_vmlab(t: &'static crate::dist::Target) -> Result<PathBuf> {
-    let mut cmd = crate::dist::cargo_for(t);
+    let mut cmd = crate::dist::cargo_for(t)?;
     cmd.args([
         "--release",
         "--locked",

@@ -34,7 +34,8 @@ pub fn web(glibc: &str, musl: &str) -> Result<()> {
              of 10 000 records over the last 24 hours (20 caged hosts, one flow in ten \
              blocked); logged in once \
              through `POST /api/login`; then 300 sequential requests per route after one \
-             warm-up, each on a new TCP connection, timed from connect to the last byte. \
+             warm-up, each on a new TCP connection with its own TLS 1.3 handshake (the page \
+             is HTTPS only), timed from connect to the last byte. \
              The peak memory before serving includes making the 10 000 records. The \
              dashboard runs `cage status`'s gathering (nft, netlink) on this machine's \
              kernel, which holds no Cage policy here, and reads the whole log for its \
