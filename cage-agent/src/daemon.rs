@@ -107,6 +107,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         ));
     }
     let mut monitors = Monitors::open();
+    // The first look, once listening: what the start could not set up (in OpenWrt mode,
+    // a segment bridge netifd has not made yet) is said now, and the announcements from
+    // here on repair the rest.
+    d.on_watch().await;
     let mut tick = tokio::time::interval(monitors.watch_interval());
     tick.tick().await;
     let mut quick_tick = tokio::time::interval(QUICK_INTERVAL);
