@@ -308,8 +308,15 @@ fn row(board: Board, radio: Radio, ipk: &Ipk) -> String {
     // The page answers there, asked in the router's network namespace by this
     // machine's curl (busybox's wget, built static against glibc, cannot resolve even
     // an address in the chroot; the LAN has no host here).
+    // Over HTTPS, trusting the page's self-signed certificate by its key, as `cage
+    // status` shows it in the router (what the owner checks the browser against).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let body = loop {
+        let status = router.sh("cage status --json");
+        let spki = serde_json::from_slice::<serde_json::Value>(&status.stdout)
+            .ok()
+            .and_then(|v| v["web_cert"]["spki_sha256"].as_str().map(str::to_owned))
+            .unwrap_or_default();
         let got = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -320,6 +327,9 @@ fn row(board: Board, radio: Radio, ipk: &Ipk) -> String {
                 "-L",
                 "-m",
                 "2",
+                "--insecure",
+                "--pinnedpubkey",
+                &format!("sha256//{spki}"),
                 &page,
             ])
             .output()
