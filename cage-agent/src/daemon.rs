@@ -564,13 +564,8 @@ impl Daemon {
         let cfg = self.current.config.clone();
         let why = why.to_owned();
         self.selftest_task = Some(tokio::task::spawn_blocking(move || {
-            let targets = cfg
-                .selftest
-                .targets
-                .iter()
-                .filter_map(|t| t.parse().ok())
-                .collect();
-            match crate::selftest::run_and_store(&cfg, &crate::selftest::Options { targets }) {
+            let opts = crate::selftest::Options::configured(&cfg);
+            match crate::selftest::run_and_store(&cfg, &opts) {
                 Ok(r) if r.ok => log::info(&format!("self-test ({why}): {}", r.verdict)),
                 Ok(r) => log::error(&format!("ALERT: self-test ({why}): {}", r.verdict)),
                 Err(e) => log::error(&format!("ALERT: self-test ({why}) could not run: {e}")),

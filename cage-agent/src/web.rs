@@ -640,13 +640,7 @@ impl Backend for AgentBackend {
             std::thread::Builder::new()
                 .name("cage-selftest".into())
                 .spawn(move || {
-                    let targets = cfg
-                        .selftest
-                        .targets
-                        .iter()
-                        .filter_map(|t| t.parse().ok())
-                        .collect();
-                    let opts = crate::selftest::Options { targets };
+                    let opts = crate::selftest::Options::configured(&cfg);
                     let _ = tx.send(crate::selftest::run_and_store(&cfg, &opts));
                 })
                 .map_err(failed)?;

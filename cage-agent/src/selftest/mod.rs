@@ -178,6 +178,21 @@ pub struct Options {
     pub targets: Vec<Target>,
 }
 
+impl Options {
+    /// The options `cage run` uses (its schedule and the web page's button): the targets
+    /// of the configuration's `selftest` section.
+    pub fn configured(cfg: &crate::config::Config) -> Options {
+        Options {
+            targets: cfg
+                .selftest
+                .targets
+                .iter()
+                .filter_map(|t| t.parse().ok())
+                .collect(),
+        }
+    }
+}
+
 // ---- interruption ---------------------------------------------------------------------
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
