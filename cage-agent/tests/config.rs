@@ -50,6 +50,7 @@ fn all_defaults() -> Config {
         selftest: Default::default(),
         dns: Default::default(),
         limits: Default::default(),
+        export: Default::default(),
     }
 }
 
@@ -362,4 +363,32 @@ fn bad_dns_options_are_refused_with_place_and_example() {
         text_of("allow_domains")
     );
     assert_eq!(errors.len(), 10, "{errors:?}");
+}
+
+#[test]
+fn export_section_gives_each_collector_with_its_defaults() {
+    let text = "config export 'export'\n\
+                \toption syslog 'tls://[2001:db8::5]'\n\
+                \toption syslog_ca '/etc/cage/collector-ca.pem'\n\
+                \toption syslog_name 'Logs.Example.'\n\
+                \toption syslog_flows '1'\n\
+                \toption ipfix '192.0.2.7'\n\
+                \toption metrics_token 'abcdefghijklmnop'\n\
+                \tlist metrics_allow '192.168.8.0/24'\n";
+    let cfg = config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+    let syslog = cfg.export.syslog.expect("syslog set");
+    assert_eq!(syslog.transport, config::SyslogTransport::Tls);
+    assert_eq!(syslog.server, "[2001:db8::5]:6514".parse().unwrap());
+    assert_eq!(syslog.server_name.as_deref(), Some("logs.example"));
+    assert!(syslog.flows);
+    assert_eq!(syslog.queue, 1024);
+    let ipfix = cfg.export.ipfix.expect("ipfix set");
+    assert_eq!(ipfix.collector, "192.0.2.7:4739".parse().unwrap());
+    assert_eq!((ipfix.template_interval, ipfix.domain), (60, 1));
+    assert!(cfg.export.metrics.enabled());
+    assert_eq!(cfg.export.metrics.allow, vec!["192.168.8.0/24".parse().unwrap()]);
+
+    let none = config::parse("config export 'export'\n").unwrap();
+    assert_eq!(none.export, config::Export::default());
+    assert!(!none.export.metrics.enabled());
 }

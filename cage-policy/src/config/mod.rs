@@ -36,6 +36,88 @@ pub struct Config {
     pub selftest: SelfTest,
     pub dns: Dns,
     pub limits: Limits,
+    pub export: Export,
+}
+
+/// `config export 'export'`: what Cage sends to the owner's collectors. Every exporter
+/// is off until its option is given; none of them can slow or stop the daemon (what
+/// cannot be sent is counted and dropped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Export {
+    /// `syslog`: Cage's events as RFC 5424 messages to this collector.
+    pub syslog: Option<SyslogExport>,
+    /// `ipfix`: every flow record as IPFIX (RFC 7011) over UDP to this collector.
+    pub ipfix: Option<IpfixExport>,
+    /// `metrics_token`, `metrics_allow`: `/metrics` (Prometheus' text format) on the
+    /// LAN listener; off while neither is given.
+    pub metrics: MetricsExport,
+}
+
+/// How syslog messages travel (`udp://`, `tcp://`, `tls://` in `export.syslog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogTransport {
+    /// RFC 5426: one message a datagram.
+    Udp,
+    /// RFC 6587: octet-counted framing over TCP.
+    Tcp,
+    /// RFC 5425: octet-counted framing over TLS.
+    Tls,
+}
+
+impl SyslogTransport {
+    /// The port a collector listens on when the address gives none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            SyslogTransport::Udp | SyslogTransport::Tcp => 514,
+            SyslogTransport::Tls => 6514,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyslogExport {
+    pub transport: SyslogTransport,
+    /// The collector's address and port.
+    pub server: SocketAddr,
+    /// `syslog_ca`: the certificate (PEM) that signed the collector's; TLS only, and
+    /// required for it.
+    pub ca_file: Option<PathBuf>,
+    /// `syslog_name`: the name the collector's certificate must carry; TLS only. The
+    /// collector's address when not given.
+    pub server_name: Option<String>,
+    /// `syslog_flows`: every flow record as a message too. Off by default.
+    pub flows: bool,
+    /// `syslog_queue`: messages kept while the collector cannot take them; the oldest
+    /// are dropped (and counted) beyond it. Default 1024.
+    pub queue: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IpfixExport {
+    /// The collector's address and UDP port (4739 when the address gives none).
+    pub collector: SocketAddr,
+    /// `ipfix_template_interval`: seconds between template re-sends (RFC 7011 §8.4 for
+    /// UDP). Default 60.
+    pub template_interval: u32,
+    /// `ipfix_domain`: the observation domain ID in every message header. Default 1.
+    pub domain: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsExport {
+    /// `metrics_token`: a scraper that sends `Authorization: Bearer <token>` may read.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// `metrics_allow`: scrapers from these networks may read without the token.
+    pub allow: Vec<IpNet>,
+}
+
+impl MetricsExport {
+    /// `/metrics` is served at all.
+    pub fn enabled(&self) -> bool {
+        self.token.is_some() || !self.allow.is_empty()
+    }
 }
 
 /// `config limits 'limits'`: what one caged host may take of what the segment shares, and

@@ -17,8 +17,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::uci::{printable, RawConfig, RawOption};
 use super::{
-    Attach, Config, Dns, Egress, FlowLog, KillSwitch, Lan, Limits, LogLevel, Main, Mode, Segment,
-    SelfTest, Wan, WanDevices, WebListen, WebTls,
+    Attach, Config, Dns, Egress, Export, FlowLog, IpfixExport, KillSwitch, Lan, Limits, LogLevel,
+    Main, MetricsExport, Mode, Segment, SelfTest, SyslogExport, SyslogTransport, Wan, WanDevices,
+    WebListen, WebTls,
 };
 
 /// One problem in a configuration, with its place.
@@ -197,7 +198,23 @@ const LIMITS: SectionType = SectionType {
         ("flow_share", Arity::One),
     ],
 };
-const TYPES: [&SectionType; 9] = [
+const EXPORT: SectionType = SectionType {
+    kind: "export",
+    usual_name: "export",
+    options: &[
+        ("syslog", Arity::One),
+        ("syslog_ca", Arity::One),
+        ("syslog_name", Arity::One),
+        ("syslog_flows", Arity::One),
+        ("syslog_queue", Arity::One),
+        ("ipfix", Arity::One),
+        ("ipfix_template_interval", Arity::One),
+        ("ipfix_domain", Arity::One),
+        ("metrics_token", Arity::One),
+        ("metrics_allow", Arity::Many),
+    ],
+};
+const TYPES: [&SectionType; 10] = [
     &CAGE,
     &SEGMENT,
     &LAN,
@@ -207,6 +224,7 @@ const TYPES: [&SectionType; 9] = [
     &SELFTEST,
     &DNS,
     &LIMITS,
+    &EXPORT,
 ];
 
 const DEFAULT_STATE_DIR: &str = "/etc/cage";
@@ -234,7 +252,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
 /// test holds it to asking for every option the schema lists.
 fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
     let mut v = Validator::default();
-    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns, limits] = v.sections(raw);
+    let [cage, segment, lan, wan, killswitch, flowlog, selftest, dns, limits, export] =
+        v.sections(raw);
 
     // Section by section: every option parsed into its type on its own.
     let main = main_section(&mut v, &cage);
@@ -246,6 +265,7 @@ fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
     let selftest = selftest_section(&mut v, &selftest);
     let dns = dns_section(&mut v, &dns);
     let limits = limits_section(&mut v, &limits);
+    let export = export_section(&mut v, &export);
 
     // Then between options that are each valid on their own.
     let placed = Placed {
@@ -272,6 +292,7 @@ fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
         selftest,
         dns,
         limits,
+        export,
     };
     (Ok(config), reads)
 }
@@ -608,6 +629,171 @@ fn limits_section(v: &mut Validator, limits: &Section) -> Limits {
         dns_tcp_per_host: one("dns_tcp_per_host", d.dns_tcp_per_host, 1, 1024, 16),
         flow_share: one("flow_share", d.flow_share, 1, 100, 25),
     }
+}
+
+fn export_section(v: &mut Validator, export: &Section) -> Export {
+    let syslog = v.one(export, "syslog", None, |s| syslog_url(s).map(Some));
+    let ca_file = v.one(export, "syslog_ca", None, |s| {
+        absolute_path(s, "/etc/cage/collector-ca.pem").map(Some)
+    });
+    let server_name = v.one(export, "syslog_name", None, |s| web_hostname(s).map(Some));
+    let flows = v.one(export, "syslog_flows", false, boolean);
+    let queue = v.one(export, "syslog_queue", 1024, |s| {
+        in_range(16, 65536, 1024)(s)
+    });
+    let ipfix = v.one(export, "ipfix", None, |s| {
+        socket_address(s, 4739, "192.0.2.10:4739").map(Some)
+    });
+    let template_interval = v.one(export, "ipfix_template_interval", 60, |s| {
+        in_range(5, 3600, 60)(s)
+    });
+    let domain = v.one(export, "ipfix_domain", 1, |s| {
+        in_range(0, u64::from(u32::MAX), 1)(s)
+    });
+    let token = v.one(export, "metrics_token", None, |s| {
+        metrics_token(s).map(Some)
+    });
+    let allow = v.many(export, "metrics_allow", network);
+
+    // TLS needs the collector's CA; the TLS options mean nothing without TLS.
+    let tls = matches!(&syslog.value, Some((SyslogTransport::Tls, _)));
+    if syslog.valid && ca_file.valid {
+        if tls && ca_file.value.is_none() {
+            v.error(
+                export,
+                "syslog",
+                syslog.line.unwrap_or(export.line),
+                "a tls:// collector needs syslog_ca, the certificate (PEM) that signed the \
+                 collector's, e.g. /etc/cage/collector-ca.pem"
+                    .to_owned(),
+            );
+        }
+    }
+    for (name, given, line) in [
+        ("syslog_ca", ca_file.value.is_some(), ca_file.line),
+        ("syslog_name", server_name.value.is_some(), server_name.line),
+    ] {
+        if given && syslog.valid && !tls {
+            v.error(
+                export,
+                name,
+                line.unwrap_or(export.line),
+                format!(
+                    "{name} is for a tls:// collector; syslog is {}",
+                    match &syslog.value {
+                        Some(_) => "not tls://",
+                        None => "not set",
+                    }
+                ),
+            );
+        }
+    }
+    for (name, given, line) in [
+        ("syslog_flows", flows.line.is_some(), flows.line),
+        ("syslog_queue", queue.line.is_some(), queue.line),
+    ] {
+        if given && syslog.valid && syslog.value.is_none() {
+            v.error(
+                export,
+                name,
+                line.unwrap_or(export.line),
+                format!("{name} means nothing without syslog, the collector's address"),
+            );
+        }
+    }
+    for (name, given, line) in [
+        (
+            "ipfix_template_interval",
+            template_interval.line.is_some(),
+            template_interval.line,
+        ),
+        ("ipfix_domain", domain.line.is_some(), domain.line),
+    ] {
+        if given && ipfix.valid && ipfix.value.is_none() {
+            v.error(
+                export,
+                name,
+                line.unwrap_or(export.line),
+                format!("{name} means nothing without ipfix, the collector's address"),
+            );
+        }
+    }
+
+    Export {
+        syslog: syslog.value.map(|(transport, server)| SyslogExport {
+            transport,
+            server,
+            ca_file: ca_file.value,
+            server_name: server_name.value,
+            flows: flows.value,
+            queue: queue.value as u32,
+        }),
+        ipfix: ipfix.value.map(|collector| IpfixExport {
+            collector,
+            template_interval: template_interval.value as u32,
+            domain: domain.value as u32,
+        }),
+        metrics: MetricsExport {
+            token: token.value,
+            allow: values(allow),
+        },
+    }
+}
+
+/// `udp://ADDR[:PORT]`, `tcp://…` or `tls://…`: a syslog collector.
+fn syslog_url(s: &str) -> Result<(SyslogTransport, SocketAddr), String> {
+    let example = "udp://192.0.2.10:514, tcp://192.0.2.10:514 or tls://192.0.2.10:6514";
+    let (transport, rest) = if let Some(rest) = s.strip_prefix("udp://") {
+        (SyslogTransport::Udp, rest)
+    } else if let Some(rest) = s.strip_prefix("tcp://") {
+        (SyslogTransport::Tcp, rest)
+    } else if let Some(rest) = s.strip_prefix("tls://") {
+        (SyslogTransport::Tls, rest)
+    } else {
+        return Err(format!(
+            "'{}' does not say how to reach the collector; give {example}",
+            printable(s)
+        ));
+    };
+    socket_address(rest, transport.default_port(), example).map(|a| (transport, a))
+}
+
+/// An address with an optional port (`192.0.2.10`, `192.0.2.10:514`, `[2001:db8::1]:514`,
+/// `2001:db8::1`); no names: the router resolves nothing for its own exports.
+fn socket_address(s: &str, default_port: u16, example: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!(
+                "'{}': port 0 is not a port; e.g. {example}",
+                printable(s)
+            ));
+        }
+        return Ok(a);
+    }
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|b| b.strip_suffix(']'))
+        .unwrap_or(s);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    Err(format!(
+        "'{}' is not an address with an optional port (names are not resolved); e.g. \
+         {example}",
+        printable(s)
+    ))
+}
+
+/// A bearer token: 16 to 256 printable characters without spaces.
+fn metrics_token(s: &str) -> Result<String, String> {
+    if s.len() < 16 || s.len() > 256 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "a metrics token is 16 to 256 printable characters without spaces (e.g. the \
+             output of `head -c 24 /dev/urandom | base64`)"
+                .to_owned(),
+        );
+    }
+    Ok(s.to_owned())
 }
 
 fn selftest_section(v: &mut Validator, selftest: &Section) -> SelfTest {
@@ -1026,8 +1212,8 @@ impl Validator {
     /// Sort the sections by type, one of each, and the options of each by name, with
     /// every structural problem reported: unknown types, a type given twice, names used
     /// twice, unknown options, `list` for a single-valued option, an option set twice.
-    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 9] {
-        let mut found: [Option<Section<'a>>; 9] = Default::default();
+    fn sections<'a>(&mut self, raw: &'a RawConfig) -> [Section<'a>; 10] {
+        let mut found: [Option<Section<'a>>; 10] = Default::default();
         let mut count_by_kind: HashMap<&str, usize> = HashMap::new();
         let mut names: HashMap<&str, (&str, usize)> = HashMap::new();
 
