@@ -657,17 +657,15 @@ fn export_section(v: &mut Validator, export: &Section) -> Export {
 
     // TLS needs the collector's CA; the TLS options mean nothing without TLS.
     let tls = matches!(&syslog.value, Some((SyslogTransport::Tls, _)));
-    if syslog.valid && ca_file.valid {
-        if tls && ca_file.value.is_none() {
-            v.error(
-                export,
-                "syslog",
-                syslog.line.unwrap_or(export.line),
-                "a tls:// collector needs syslog_ca, the certificate (PEM) that signed the \
-                 collector's, e.g. /etc/cage/collector-ca.pem"
-                    .to_owned(),
-            );
-        }
+    if syslog.valid && ca_file.valid && tls && ca_file.value.is_none() {
+        v.error(
+            export,
+            "syslog",
+            syslog.line.unwrap_or(export.line),
+            "a tls:// collector needs syslog_ca, the certificate (PEM) that signed the \
+             collector's, e.g. /etc/cage/collector-ca.pem"
+                .to_owned(),
+        );
     }
     for (name, given, line) in [
         ("syslog_ca", ca_file.value.is_some(), ca_file.line),
