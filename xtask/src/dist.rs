@@ -4,14 +4,18 @@
 //! --version`): a binary that only links is not shipped.
 //!
 //! Two ways to build, per target:
-//! - rust-std from rustup and rust-lld as the linker (`.cargo/config.toml`): aarch64 and
-//!   x86_64, on the stable toolchain.
+//! - rust-std from rustup and rust-lld as the linker (`.cargo/config.toml`): x86_64, on
+//!   the stable toolchain.
 //! - nightly with `-Z build-std` and zig as the C toolchain (cargo-zigbuild, from PyPI),
-//!   which brings musl's crt objects, libc and libunwind for the target: armv7 (rustup
-//!   ships no rust-std for armv7-unknown-linux-musleabihf for these toolchains) and
-//!   mipsel (tier 3, no rust-std at all). rustc is told not to add its own self-contained
-//!   crt objects (`-C link-self-contained=no`); zig's linker adds them. mipsel is built
-//!   as a non-PIE static executable (see its entry in TARGETS).
+//!   which brings musl's crt objects, libc and libunwind for the target: aarch64, armv7
+//!   (rustup ships no rust-std for armv7-unknown-linux-musleabihf for these toolchains)
+//!   and mipsel (tier 3, no rust-std at all). rustc is told not to add its own
+//!   self-contained crt objects (`-C link-self-contained=no`); zig's linker adds them.
+//!   mipsel is built as a non-PIE static executable (see its entry in TARGETS). The
+//!   standard library is built for size with the release profile (opt-level z, LTO) and
+//!   `optimize_for_size`, without unwind tables (`-C force-unwind-tables=no`: panics
+//!   abort) and without the backtrace symbolizer (a stripped binary has no symbols to
+//!   show): on aarch64 that is 2 926 688 bytes where the stable rust-std gave 3 233 960.
 //!
 //! Both need a C compiler for the target, for ring (the web page's TLS): cargo-zigbuild
 //! sets one for the targets it builds; for the stable ones [`c_compiler`] points the cc
@@ -59,7 +63,7 @@ pub const TARGETS: &[Target] = &[
     Target {
         triple: "aarch64-unknown-linux-musl",
         short: "aarch64",
-        toolchain: Toolchain::Stable,
+        toolchain: Toolchain::BuildStd,
         qemu: Some(("qemu-aarch64-static", "cortex-a53")),
         rustflags: &[],
         // GL-MT3000, GL-MT6000 (Filogic); Raspberry Pi 4 class; armsr/generic.
@@ -275,13 +279,14 @@ pub fn cargo_for(t: &Target) -> Result<Command> {
             // `-Z` on the command line, not CARGO_UNSTABLE_BUILD_STD: an environment
             // variable would reach the nested cargo that cage-agent's build script runs
             // for the eBPF program, which builds `core` only.
-            let flags: Vec<String> = ["-Clink-self-contained=no"]
+            let flags: Vec<String> = ["-Clink-self-contained=no", "-Cforce-unwind-tables=no"]
                 .iter()
                 .chain(t.rustflags)
                 .map(|f| format!("{f:?}"))
                 .collect();
             let mut c = Command::new("cargo");
             c.args(["+nightly", "zigbuild", "-Z", "build-std=std,panic_abort"])
+                .args(["-Z", "build-std-features=optimize_for_size"])
                 .arg("--config")
                 .arg(format!(
                     "target.{}.rustflags=[{}]",
