@@ -129,6 +129,8 @@ impl Backend for TestBackend {
             reason: reason.clone(),
             who: who.clone(),
             result: "ok".into(),
+            seq: None,
+            prev: None,
         });
         i.reason = reason;
         i.who = who;
