@@ -873,7 +873,12 @@ mod tests {
     fn press(n: usize) -> AuditEntry {
         AuditEntry {
             time: 1_800_000_000 + n as u64,
-            action: if n.is_multiple_of(2) { "isolate" } else { "release" }.into(),
+            action: if n.is_multiple_of(2) {
+                "isolate"
+            } else {
+                "release"
+            }
+            .into(),
             source: Source::Cli,
             reason: format!("press {n}"),
             who: "local:test".into(),

@@ -63,7 +63,12 @@ fn damaged(path: &Path, why: &str) -> State {
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
+    // A temporary name of this writer's own: two presses at once (two `cage isolate`,
+    // or the page and automatic isolation in one `cage run`) must not rename each
+    // other's file away.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
