@@ -456,10 +456,14 @@ impl Report {
         let files: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
         let _ = writeln!(o, "audit log: {} ({} lines)", files.join(" + "), self.lines);
         if self.before_chain > 0 {
+            let covered = if self.first_seq.is_some() {
+                "only the last of them is covered, by the first chained line"
+            } else {
+                "no chained line yet: none of them is covered until Cage writes the next"
+            };
             let _ = writeln!(
                 o,
-                "{} lines before the chain began (written by a Cage without it; only the \
-                 last of them is covered, by the first chained line)",
+                "{} lines before the chain began (written by a Cage without it; {covered})",
                 self.before_chain
             );
         }
