@@ -766,6 +766,8 @@ pub fn verify(files: &[(PathBuf, Vec<u8>)], expect: Option<&(u64, String)>) -> R
                         .into(),
                 )
             } else {
+                // Line i-1 was counted as verified; it is the broken one.
+                report.verified -= 1;
                 at(
                     i - 1,
                     "changed",
@@ -996,8 +998,8 @@ mod tests {
         assert_eq!(b.file, log);
         let r = verify_file(&log, None).unwrap();
         assert_eq!(
-            r.verified, 3,
-            "lines 1 to 3 chain (line 4 does not chain to 3)"
+            r.verified, 2,
+            "lines 1 and 2 hold; line 4 does not chain to 3"
         );
         assert!(r.render_text().contains("line 3 (seq 3): changed"));
     }

@@ -132,6 +132,15 @@ fn every_event_is_chained_and_a_line_edited_on_disk_is_named() {
     let seqs: Vec<u64> = e.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=9).collect::<Vec<u64>>());
 
+    // What is hashed, as the README says: line 4's bytes without its newline.
+    let sh = format!(
+        "head -n 4 '{}' | tail -n 1 | tr -d '\\n' | sha256sum",
+        audit_log(&lab).display()
+    );
+    let out = std::process::Command::new("sh").args(["-c", &sh]).output();
+    let sum = ok(out.expect("sh"), "sha256sum");
+    assert_eq!(sum.split_whitespace().next(), e[4]["prev"].as_str(), "{sum}");
+
     let out = lab.cage(&["audit", "verify", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify JSON");
     assert!(out.status.success(), "{report:#}");
@@ -166,7 +175,7 @@ fn every_event_is_chained_and_a_line_edited_on_disk_is_named() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify JSON");
     assert_eq!(report["broken"]["line"], 5, "{report:#}");
     assert_eq!(report["broken"]["kind"], "changed", "{report:#}");
-    assert_eq!(report["verified"], 5, "{report:#}");
+    assert_eq!(report["verified"], 4, "{report:#}");
 
     // A log that is not there: a clear error, not a verdict.
     let out = lab.cage(&["audit", "verify", "--file", "/nonexistent/audit.log"]);
