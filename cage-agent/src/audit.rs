@@ -105,10 +105,12 @@ pub fn line_hash(line: &[u8]) -> String {
 /// The lock of `log`'s chain, held until dropped.
 struct Lock(#[allow(dead_code)] File);
 
+/// Exclusive (an append, which makes the lock file when there is none) or shared (a
+/// verification, which makes nothing: a copy checked with `--file` gets no file beside it).
 fn lock(log: &Path, exclusive: bool) -> Result<Lock, AuditError> {
     let path = sibling(log, ".lock");
     let file = OpenOptions::new()
-        .create(true)
+        .create(exclusive)
         .truncate(false)
         .read(true)
         .write(true)
@@ -531,7 +533,7 @@ pub fn parse_expect(s: &str) -> Result<(u64, String), AuditError> {
 }
 
 /// Verify the chain over `audit.log.1` (when there) and `log`, holding the lock shared
-/// (when it can be taken: a copy in a read-only place is verified without). A missing
+/// when there is one (a copy elsewhere has none). A missing
 /// `log` is an error; a missing `log` whose rotated file is there is a break (Cage
 /// writes `log` right after rotating, so its newest lines were removed).
 pub fn verify_file(log: &Path, expect: Option<&(u64, String)>) -> Result<Report, AuditError> {
@@ -1190,6 +1192,19 @@ mod tests {
         assert!(r.ok(), "{r:?}");
         assert_eq!((r.lines, r.verified), (160, 160));
         assert_eq!(r.head.map(|h| h.seq), Some(160));
+    }
+
+    #[test]
+    fn verifying_a_copy_creates_nothing_beside_it() {
+        let (s, log) = log_of("copy", 2);
+        let copy = s.0.join("copy.log");
+        std::fs::copy(&log, &copy).unwrap();
+        assert!(verify_file(&copy, None).unwrap().ok());
+        assert!(!sibling(&copy, ".lock").exists());
+        assert!(
+            sibling(&log, ".lock").exists(),
+            "appends make the lock file"
+        );
     }
 
     #[test]

@@ -139,7 +139,11 @@ fn every_event_is_chained_and_a_line_edited_on_disk_is_named() {
     );
     let out = std::process::Command::new("sh").args(["-c", &sh]).output();
     let sum = ok(out.expect("sh"), "sha256sum");
-    assert_eq!(sum.split_whitespace().next(), e[4]["prev"].as_str(), "{sum}");
+    assert_eq!(
+        sum.split_whitespace().next(),
+        e[4]["prev"].as_str(),
+        "{sum}"
+    );
 
     let out = lab.cage(&["audit", "verify", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify JSON");
