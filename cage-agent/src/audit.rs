@@ -1007,6 +1007,46 @@ mod tests {
     }
 
     #[test]
+    fn any_byte_changed_in_any_line_but_the_newest_is_named_there() {
+        let (_s, log) = log_of("every-byte", 5);
+        let text = std::fs::read(&log).unwrap();
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(
+                text.iter()
+                    .enumerate()
+                    .filter(|b| *b.1 == b'\n')
+                    .map(|b| b.0 + 1),
+            )
+            .collect();
+        let mut tried = 0;
+        for line in 0..4 {
+            for at in starts[line]..starts[line + 1] - 1 {
+                let mut edited = text.clone();
+                edited[at] = if edited[at] == b'Z' { b'Y' } else { b'Z' };
+                let r = verify(&[(log.clone(), edited)], None);
+                let b = r
+                    .broken
+                    .unwrap_or_else(|| panic!("byte {at} of line {}", line + 1));
+                assert_eq!(b.line, line + 1, "byte {at}: {b:?}");
+                tried += 1;
+            }
+        }
+        assert!(tried > 500, "{tried}");
+        // The newest line: no line after it records its hash. Only an edit that breaks
+        // the line itself shows; the head (what a collector compares) changes.
+        let mut edited = text.clone();
+        let reason = starts[4]
+            + text[starts[4]..]
+                .windows(7)
+                .position(|w| w == b"press 4")
+                .unwrap();
+        edited[reason + 6] = b'9';
+        let r = verify(&[(log.clone(), edited)], None);
+        assert!(r.ok(), "{r:?}");
+        assert_ne!(r.head, verify(&[(log.clone(), text)], None).head);
+    }
+
+    #[test]
     fn an_edited_prev_names_its_own_line() {
         let (_s, log) = log_of("edit-prev", 5);
         let mut l = lines(&log);
