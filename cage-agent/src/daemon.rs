@@ -69,11 +69,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let current: Checked = match apply::check(config_path).await {
         Ok(c) => c,
         Err(e) => {
+            crate::audit::config_event(None, config_path, "start", Some(&e.to_string()));
             lock_down_if_bare(config_path);
             return Err(e.into());
         }
     };
-    for a in apply::enforce(&current).await? {
+    let applied = apply::enforce(&current).await;
+    let error = applied.as_ref().err().map(ToString::to_string);
+    crate::audit::config_event(
+        Some(&current.config),
+        config_path,
+        "start",
+        error.as_deref(),
+    );
+    for a in applied? {
         log::info(&a);
     }
     let state = DaemonState {
@@ -352,6 +361,8 @@ impl Daemon {
         let next = apply::check(config_path).await;
         self.reapply(next, "new configuration refused, the running policy stays")
             .await;
+        let error = self.state.last_error.as_deref();
+        crate::audit::config_event(Some(&self.current.config), config_path, "SIGHUP", error);
         match self.selftest.next(&self.current.config.selftest) {
             Some(at) => ::log::debug!(
                 "self-test: the next scheduled run in {} s",

@@ -1,6 +1,6 @@
 //! The kill switch's state, as the disk keeps it: `<state_dir>/isolation.json` (the
 //! truth: persistent, so a reboot comes back isolated, and written durably before the
-//! kernel is told) and the audit log of every press (`<state_dir>/audit.log`).
+//! kernel is told); every press goes to the audit log (`audit`).
 //!
 //! A leaf: it depends on the configuration only, so that rendering a policy
 //! (`apply`, which must include a pressed kill switch) and pressing the switch
@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use cage_common::records::{AuditEntry, Source};
+// The audit log is `audit`'s; the kill switch writes its presses with this.
+pub use crate::audit::record as audit;
 
 use crate::config::Config;
 
@@ -26,15 +28,8 @@ pub struct State {
     pub who: String,
 }
 
-/// Audit logs larger than this are rotated to `audit.log.1` (one old file is kept).
-pub const AUDIT_MAX_BYTES: u64 = 256 * 1024;
-
 pub fn state_path(cfg: &Config) -> PathBuf {
     cfg.main.state_dir.join("isolation.json")
-}
-
-pub fn audit_path(cfg: &Config) -> PathBuf {
-    cfg.main.state_dir.join("audit.log")
 }
 
 /// The stored state. No file: not isolated (nothing was ever pressed). A file that cannot
@@ -68,7 +63,12 @@ fn damaged(path: &Path, why: &str) -> State {
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
+    // A temporary name of this writer's own: two presses at once (two `cage isolate`,
+    // or the page and automatic isolation in one `cage run`) must not rename each
+    // other's file away.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -84,38 +84,8 @@ pub fn store(cfg: &Config, state: &State) -> std::io::Result<()> {
     write_durably(&state_path(cfg), &bytes)
 }
 
-/// Append one entry to the audit log (rotated at [`AUDIT_MAX_BYTES`]); a failure is
-/// logged, never fatal: the press itself must take effect.
-pub fn audit(cfg: &Config, entry: &AuditEntry) {
-    let path = audit_path(cfg);
-    let write = || -> std::io::Result<()> {
-        if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > AUDIT_MAX_BYTES {
-            std::fs::rename(&path, path.with_extension("log.1"))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        let mut line = serde_json::to_vec(entry).expect("an audit entry always serialises");
-        line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_data()
-    };
-    if let Err(e) = write() {
-        crate::log::error(&format!(
-            "cannot append to the audit log {}: {e}",
-            path.display()
-        ));
-    }
-}
-
-/// The last `n` audit entries, oldest first.
+/// The kill switch's last `n` presses (isolate, release) in the audit log, oldest first:
+/// what `cage status` and the page's kill-switch log show (`cage audit` shows all).
 pub fn audit_tail(cfg: &Config, n: usize) -> Vec<AuditEntry> {
-    let text = std::fs::read_to_string(audit_path(cfg)).unwrap_or_default();
-    let entries: Vec<AuditEntry> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let skip = entries.len().saturating_sub(n);
-    entries.into_iter().skip(skip).collect()
+    crate::audit::tail_matching(cfg, n, |e| e.action == "isolate" || e.action == "release")
 }

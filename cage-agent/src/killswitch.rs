@@ -96,6 +96,8 @@ async fn switch(
         reason: reason.to_owned(),
         who: who.to_owned(),
         result: "ok".into(),
+        seq: None,
+        prev: None,
     };
     // Disk first: see the module documentation.
     if let Err(source) = isolation::store(cfg, &state) {

@@ -8,6 +8,7 @@
 
 pub mod aiport;
 pub mod apply;
+pub mod audit;
 pub mod cert;
 pub mod clock;
 pub mod config;

@@ -105,6 +105,12 @@ enum Command {
         #[command(subcommand)]
         command: DnsCommand,
     },
+    /// The audit log (kill switch, configuration applied or refused, logins): without a
+    /// subcommand, the newest entries.
+    Audit {
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
+    },
     /// The AI port: which wired port the agent's machine plugs into (OpenWrt). Without
     /// a subcommand, show it and the owner's way in.
     Port {
@@ -134,6 +140,33 @@ enum PortCommand {
     Auto {
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The newest entries, oldest first, from audit.log.1 and audit.log.
+    Show {
+        /// How many (0: all).
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: usize,
+        /// Print the entries as JSON Lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the hash chain over audit.log.1 and audit.log: exits 0 when it holds, 1
+    /// when a line was changed, removed, inserted or moved (the first one is named).
+    Verify {
+        /// The log to check (its rotated file PATH.1 with it), instead of
+        /// <state_dir>/audit.log.
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// A line's seq and prev as a copy kept elsewhere has them (the syslog
+        /// collector): the log must still have that line, unchanged up to it.
+        #[arg(long, value_name = "SEQ:PREV")]
+        expect: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -173,6 +206,7 @@ async fn main() -> ExitCode {
         Command::Flows(args) => show_flows(&cli.config, args),
         Command::Dns { command } => dns_command(&cli.config, command),
         Command::Port { command, json } => port_command(&cli.config, command, json),
+        Command::Audit { command } => audit_command(&cli.config, command),
     };
     match result {
         Ok(code) => code,
@@ -181,6 +215,58 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn audit_command(
+    path: &std::path::Path,
+    command: Option<AuditCommand>,
+) -> anyhow::Result<ExitCode> {
+    use cage_agent::audit;
+    let command = command.unwrap_or(AuditCommand::Show {
+        limit: 50,
+        json: false,
+    });
+    // The log the configuration names, unless --file gives one.
+    let log = |file: Option<PathBuf>| -> anyhow::Result<PathBuf> {
+        match file {
+            Some(f) => Ok(f),
+            None => Ok(audit::path(&config::load(path)?)),
+        }
+    };
+    match command {
+        AuditCommand::Show { limit, json } => {
+            let log = log(None)?;
+            if !log.exists() && !audit::rotated(&log).exists() {
+                anyhow::bail!("no audit log at {} (nothing audited yet)", log.display());
+            }
+            let all = audit::read_all(&log);
+            let skip = if limit == 0 {
+                0
+            } else {
+                all.len().saturating_sub(limit)
+            };
+            for e in &all[skip..] {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    println!("{}", audit::table_line(e));
+                }
+            }
+        }
+        AuditCommand::Verify { file, expect, json } => {
+            let expect = expect.as_deref().map(audit::parse_expect).transpose()?;
+            let report = audit::verify_file(&log(file)?, expect.as_ref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_text());
+            }
+            if !report.ok() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn port_command(

@@ -680,6 +680,15 @@ impl Backend for AgentBackend {
     fn event(&self, message: &str) {
         log::info(message);
     }
+
+    fn audit_login(&self, who: String, ok: bool) -> BoxFuture<'_, ()> {
+        async move {
+            let cfg = self.config();
+            let write = move || crate::audit::login_event(&cfg, &who, ok);
+            let _ = tokio::task::spawn_blocking(write).await;
+        }
+        .boxed()
+    }
 }
 
 fn page_port(r: crate::aiport::Report) -> cage_web::AiPort {

@@ -381,13 +381,23 @@ fn a_broken_configuration_at_boot_locks_the_segment_down() {
     let path = r.dir.join("cage.conf");
     std::fs::write(
         &path,
-        "config segment 'ai'\n\toption bridge 'br-ai'\n\toption address 'nonsense'\n",
+        format!(
+            "config cage 'main'\n\toption state_dir '{}/state'\n\n\
+             config segment 'ai'\n\toption bridge 'br-ai'\n\toption address 'nonsense'\n",
+            r.dir.display()
+        ),
     )
     .unwrap();
     let mut d = r.spawn_run(&path);
     let status = d.0.wait().unwrap();
     assert!(!status.success(), "cage run must refuse the configuration");
     assert!(r.log().contains("LOCKED DOWN"), "{}", r.log());
+    // The refusal is in the audit log the file names, with the validator's error.
+    let audit = std::fs::read_to_string(r.dir.join("state/audit.log")).unwrap_or_default();
+    assert!(
+        audit.contains("\"action\":\"config-refused\"") && audit.contains("cage.ai.address"),
+        "{audit}"
+    );
     let ruleset = r.ruleset();
     for hook in ["prerouting", "forward", "output"] {
         assert!(ruleset.contains(&format!("hook {hook}")), "{ruleset}");

@@ -90,6 +90,8 @@ pub enum Source {
     Web,
     Button,
     Auto,
+    /// `cage run` itself (the configuration it applied or refused).
+    Daemon,
 }
 
 impl fmt::Display for Source {
@@ -99,6 +101,7 @@ impl fmt::Display for Source {
             Source::Web => "web",
             Source::Button => "button",
             Source::Auto => "auto",
+            Source::Daemon => "daemon",
         })
     }
 }
@@ -108,13 +111,23 @@ impl fmt::Display for Source {
 pub struct AuditEntry {
     /// Unix time, seconds.
     pub time: u64,
-    /// `isolate` or `release`.
+    /// `isolate` or `release` (the kill switch); `config-applied` or `config-refused`
+    /// (`cage run` at its start and on SIGHUP); `login` or `login-failed` (the web page).
     pub action: String,
     pub source: Source,
     pub reason: String,
     pub who: String,
-    /// `ok`, or what went wrong (the state was still written).
+    /// `ok`, or what went wrong (the state was still written); for `config-refused`
+    /// the error, for `login-failed` why.
     pub result: String,
+    /// The hash chain (`cage_agent::audit`): this line's place in the log, counted from
+    /// 1 at the first chained line. None in lines of a Cage before the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// SHA-256 of the line before this one in the file (its exact bytes, without the
+    /// newline), lowercase hex; 64 zeros for the first line of a fresh log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
 }
 
 /// One refused name.

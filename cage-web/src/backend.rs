@@ -257,4 +257,10 @@ pub trait Backend: Send + Sync + 'static {
     fn event(&self, message: &str) {
         let _ = message;
     }
+    /// A login to the page from `who` (`web:<client address>`), or a failed one
+    /// (`ok` false), for the audit log; bounded like [`Backend::event`].
+    fn audit_login(&self, who: String, ok: bool) -> BoxFuture<'_, ()> {
+        let _ = (who, ok);
+        Box::pin(async {})
+    }
 }

@@ -181,10 +181,12 @@ async fn try_login(
         state
             .backend
             .event(&format!("web page: failed login from {ip}"));
+        state.backend.audit_login(format!("web:{ip}"), false).await;
         return Err(WebError::new(StatusCode::UNAUTHORIZED, "wrong password").api(api));
     }
     state.limiter().success(ip);
     state.backend.event(&format!("web page: login from {ip}"));
+    state.backend.audit_login(format!("web:{ip}"), true).await;
     Ok(state.sessions().create(Instant::now()))
 }
 

@@ -45,6 +45,8 @@ struct Inner {
     /// The last self-test, and how many were run from the page.
     selftest: Option<SelfTest>,
     selftest_runs: u32,
+    /// The logins the page reported for the audit log: who, and whether it succeeded.
+    logins: Vec<(String, bool)>,
 }
 
 /// The agent, in memory.
@@ -129,6 +131,8 @@ impl Backend for TestBackend {
             reason: reason.clone(),
             who: who.clone(),
             result: "ok".into(),
+            seq: None,
+            prev: None,
         });
         i.reason = reason;
         i.who = who;
@@ -169,6 +173,10 @@ impl Backend for TestBackend {
     fn audit(&self, _n: usize) -> BoxFuture<'_, Vec<AuditEntry>> {
         let a = self.0.lock().unwrap().audit.clone();
         async move { a }.boxed()
+    }
+    fn audit_login(&self, who: String, ok: bool) -> BoxFuture<'_, ()> {
+        self.0.lock().unwrap().logins.push((who, ok));
+        async {}.boxed()
     }
     fn alerts(&self) -> BoxFuture<'_, Vec<Alert>> {
         async {
@@ -873,7 +881,8 @@ async fn bad_input_gets_a_4xx_with_a_message() {
 
 #[tokio::test]
 async fn failed_logins_back_off() {
-    let app = app(TestBackend::with_password());
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
     let wrong = || json(post("/api/login"), "{\"password\": \"not it\"}");
     for _ in 0..4 {
         assert_eq!(send(&app, wrong()).await.status, StatusCode::UNAUTHORIZED);
@@ -894,6 +903,13 @@ async fn failed_logins_back_off() {
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     login(&app).await;
+    // The audit log has each failed login that was tried and the one that worked; the
+    // attempts the backoff turned away never reached the password (nor the log).
+    let logins = backend.0.lock().unwrap().logins.clone();
+    let failed = logins.iter().filter(|l| !l.1).count();
+    assert_eq!((failed, logins.len()), (4, 5), "{logins:?}");
+    assert_eq!(logins.last().map(|l| l.1), Some(true), "{logins:?}");
+    assert!(logins.iter().all(|l| l.0.starts_with("web:")), "{logins:?}");
 }
 
 #[tokio::test]

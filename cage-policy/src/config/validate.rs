@@ -227,7 +227,7 @@ const TYPES: [&SectionType; 10] = [
     &EXPORT,
 ];
 
-const DEFAULT_STATE_DIR: &str = "/etc/cage";
+pub const DEFAULT_STATE_DIR: &str = "/etc/cage";
 const DEFAULT_LOG_DIR: &str = "/tmp/cage";
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/cage";
 const DEFAULT_WEB_LISTEN: WebListen = WebListen::Lan {
