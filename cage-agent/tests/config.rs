@@ -386,7 +386,10 @@ fn export_section_gives_each_collector_with_its_defaults() {
     assert_eq!(ipfix.collector, "192.0.2.7:4739".parse().unwrap());
     assert_eq!((ipfix.template_interval, ipfix.domain), (60, 1));
     assert!(cfg.export.metrics.enabled());
-    assert_eq!(cfg.export.metrics.allow, vec!["192.168.8.0/24".parse().unwrap()]);
+    assert_eq!(
+        cfg.export.metrics.allow,
+        vec!["192.168.8.0/24".parse().unwrap()]
+    );
 
     let none = config::parse("config export 'export'\n").unwrap();
     assert_eq!(none.export, config::Export::default());

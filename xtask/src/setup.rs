@@ -31,6 +31,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("chromium-driver", "chromedriver"),
     // The first-run page's test reads the AI Wi-Fi's QR code as a phone would.
     ("zbar-tools", "zbarimg"),
+    // The metrics test scrapes /metrics with a real Prometheus (2.42), its binary run by
+    // the test in the lab; the Debian service it would start is not (policy-rc.d here).
+    ("prometheus", "prometheus"),
     // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
     // guest's programs are read, the x86_64 kernel's xz payload unpacked.
     ("binutils", "readelf"),
