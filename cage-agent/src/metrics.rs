@@ -4,10 +4,12 @@
 //! counter starts again at 0 when its process does: `cage_daemon_start_time_seconds`
 //! says when). A leaf: the flow log and the daemon tell it, the web page reads it.
 //!
-//! The hosts are bounded: the first [`MAX_HOSTS`] machines seen since the start have
-//! their own totals, any further one is added to one `other` total. A caged host that
-//! forges thousands of MACs or addresses gets them all counted, in `other`, and the
-//! table stays 64 entries long.
+//! The hosts are bounded: at most [`MAX_HOSTS`] machines have their own totals, any
+//! further one is added to one `other` total. A machine bound to a bridge port (the
+//! record's `bridge_port`: a MAC the layer-2 bindings accepted) takes the place of one
+//! that is not (its totals move to `other`), so a caged host that forges thousands of
+//! MACs — which the bindings refuse as a flood — gets them all counted, in `other`,
+//! cannot keep the real machines out, and the table stays 64 entries long.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -20,8 +22,16 @@ pub use cage_web::metrics::MAX_HOSTS;
 /// Bytes up and down per host, at most [`MAX_HOSTS`] hosts of their own.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HostTable {
-    hosts: BTreeMap<String, (u64, u64)>,
+    hosts: BTreeMap<String, Totals>,
     other: (u64, u64),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    up: u64,
+    down: u64,
+    /// A record of it named the bridge port its MAC is bound to.
+    bound: bool,
 }
 
 /// The machine a record belongs to: its MAC (lowercase), or its address when the
@@ -59,14 +69,33 @@ impl HostTable {
             return;
         }
         let key = host_key(r);
-        let room = self.hosts.len() < MAX_HOSTS;
-        let slot = if room || self.hosts.contains_key(&key) {
-            self.hosts.entry(key).or_default()
-        } else {
-            &mut self.other
-        };
-        slot.0 = slot.0.saturating_add(r.bytes_out);
-        slot.1 = slot.1.saturating_add(r.bytes_in);
+        let bound = r.bridge_port.is_some();
+        if !self.hosts.contains_key(&key) && self.hosts.len() >= MAX_HOSTS {
+            // Full: a bound machine takes the place of an unbound one (the least
+            // counted), whose bytes stay counted in `other`; anything else goes there.
+            let unbound = self
+                .hosts
+                .iter()
+                .filter(|(_, t)| !t.bound)
+                .min_by_key(|(_, t)| t.up.saturating_add(t.down))
+                .map(|(k, _)| k.clone());
+            match unbound.filter(|_| bound) {
+                Some(k) => {
+                    let t = self.hosts.remove(&k).unwrap_or_default();
+                    self.other.0 = self.other.0.saturating_add(t.up);
+                    self.other.1 = self.other.1.saturating_add(t.down);
+                }
+                None => {
+                    self.other.0 = self.other.0.saturating_add(r.bytes_out);
+                    self.other.1 = self.other.1.saturating_add(r.bytes_in);
+                    return;
+                }
+            }
+        }
+        let t = self.hosts.entry(key).or_default();
+        t.up = t.up.saturating_add(r.bytes_out);
+        t.down = t.down.saturating_add(r.bytes_in);
+        t.bound |= bound;
     }
 
     /// Each host's totals, in host order, and the sum of the others.
@@ -74,10 +103,10 @@ impl HostTable {
         let hosts = self
             .hosts
             .iter()
-            .map(|(host, &(up, down))| HostBytes {
+            .map(|(host, t)| HostBytes {
                 host: host.clone(),
-                up,
-                down,
+                up: t.up,
+                down: t.down,
             })
             .collect();
         (hosts, self.other)
@@ -174,6 +203,49 @@ mod tests {
             "every byte is counted somewhere"
         );
         assert_eq!(other.0, 7 * (10_000 - (MAX_HOSTS as u64 - 1)) + 5);
+    }
+
+    #[test]
+    fn forged_macs_first_cannot_keep_a_bound_machine_out() {
+        let mut t = HostTable::new();
+        for i in 0..1000u32 {
+            let mac = format!("02:66:00:00:{:02x}:{:02x}", i >> 8, i & 0xff);
+            t.add(&record(Some(&mac), "192.168.10.99", 3, 1));
+        }
+        let mut ai1 = record(Some("02:ca:9e:00:00:11"), "192.168.10.11", 500, 600);
+        ai1.bridge_port = Some("cage1".into());
+        t.add(&ai1);
+        // An unbound one does not push the bound one out again.
+        t.add(&record(Some("02:66:ff:ff:ff:ff"), "192.168.10.99", 3, 1));
+        t.add(&ai1);
+        let (hosts, other) = t.snapshot();
+        assert_eq!(hosts.len(), MAX_HOSTS);
+        let mine = hosts
+            .iter()
+            .find(|h| h.host == "02:ca:9e:00:00:11")
+            .unwrap();
+        assert_eq!((mine.up, mine.down), (1000, 1200));
+        let up: u64 = hosts.iter().map(|h| h.up).sum::<u64>() + other.0;
+        let down: u64 = hosts.iter().map(|h| h.down).sum::<u64>() + other.1;
+        assert_eq!(
+            (up, down),
+            (3 * 1001 + 1000, 1001 + 1200),
+            "nothing lost or twice"
+        );
+        // With every place bound, a further bound machine goes to `other`.
+        let mut full = HostTable::new();
+        for i in 0..MAX_HOSTS as u32 + 1 {
+            let mut r = record(
+                Some(&format!("02:00:00:00:00:{i:02x}")),
+                "192.168.10.5",
+                1,
+                1,
+            );
+            r.bridge_port = Some("cage1".into());
+            full.add(&r);
+        }
+        assert_eq!(full.snapshot().0.len(), MAX_HOSTS);
+        assert_eq!(full.snapshot().1, (1, 1));
     }
 
     #[test]

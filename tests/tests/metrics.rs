@@ -413,17 +413,7 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
         assert!(!connected, "the caged host connected to {addr}");
     }
 
-    // Traffic and blocked attempts from the caged host, and a host that forges MACs.
-    udp_echoes(&ai1, AI1_4, PUBLIC4, 20);
-    udp_echoes(&ai1, AI1_6, PUBLIC6, 10);
-    for port in [22, 80, 443] {
-        let a = probe_in(
-            &ai1,
-            &Probe::tcp(LAN_HOST4, port).timeout(Duration::from_millis(300)),
-        )
-        .expect("probe");
-        assert!(!a.outcome.answered(), "ai1 reached the LAN at port {port}");
-    }
+    // First the caged host forges MACs, more than there are places for hosts.
     let router_mac: Value = serde_json::from_str(
         &lab.ip(Node::Router, &["-j", "link", "show", "br-cage"])
             .expect("the bridge's MAC"),
@@ -440,7 +430,49 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
             udp_frame(router_mac, mac, src, dst)
         })
         .collect();
+    let before = samples(&scrape(&lan, ui, Some(TOKEN)).expect("a scrape").body);
     send_frames(&ai1, frames);
+    // Their records are written (blocked as a MAC flood, or counted in eBPF).
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let forged: BTreeSet<String> = flows(&lab)
+            .iter()
+            .filter_map(|r| r["mac"].as_str())
+            .filter(|m| m.starts_with("02:66:"))
+            .map(str::to_owned)
+            .collect();
+        if forged.len() > 64 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the flow log has {} forged MACs\ncage run:\n{}",
+            forged.len(),
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ai1_series = format!("cage_host_bytes_total{{host=\"{AI1_MAC}\",direction=\"up\"}}");
+    eprintln!(
+        "metrics: before the flood ai1 had {} series of its own",
+        if before.contains_key(&ai1_series) {
+            "a"
+        } else {
+            "no"
+        }
+    );
+    // Then real traffic and blocked attempts from ai1, whose MAC is bound to its port:
+    // it takes a place of its own from a forged one.
+    udp_echoes(&ai1, AI1_4, PUBLIC4, 20);
+    udp_echoes(&ai1, AI1_6, PUBLIC6, 10);
+    for port in [22, 80, 443] {
+        let a = probe_in(
+            &ai1,
+            &Probe::tcp(LAN_HOST4, port).timeout(Duration::from_millis(300)),
+        )
+        .expect("probe");
+        assert!(!a.outcome.answered(), "ai1 reached the LAN at port {port}");
+    }
 
     // The flow log has more than 64 machines now; the scrape has at most 64 of them,
     // the rest in `other`, and every byte of the log once.
@@ -480,12 +512,10 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
             .get("cage_host_bytes_total{host=\"other\",direction=\"up\"}")
             .copied()
             .unwrap_or(0);
-        let ai1_up = s
-            .get(&format!(
-                "cage_host_bytes_total{{host=\"{AI1_MAC}\",direction=\"up\"}}"
-            ))
-            .copied()
-            .unwrap_or(0);
+        let ai1_up = s.get(&ai1_series).copied().unwrap_or(0);
+        let ai1_bound = log.iter().any(|r| {
+            r["mac"].as_str() == Some(AI1_MAC) && r["bridge_port"].as_str() == Some("cage1")
+        });
         let state = format!(
             "{} machines in the log, {} host series, up {} / {log_up}, down {} / \
              {log_down}, other up {other_up}, ai1 up {ai1_up}, {} bytes",
@@ -501,6 +531,7 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
             && hosts.len() == 2 * 65
             && other_up > 0
             && ai1_up >= 30 * 500
+            && ai1_bound
             && sum("up") == log_up
             && sum("down") == log_down
         {
