@@ -675,3 +675,82 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
     }
     drop(run);
 }
+
+/// With DNS through Cage in allow-list mode: the queries and the refusals by reason on
+/// /metrics are what `cage status --json` counts, after real queries from a caged host.
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn dns_queries_and_refusals_on_metrics_are_cage_status() {
+    use cage_tests::dns::{resolve, Answer, AuthServer};
+    use simple_dns::RCODE;
+    let lab = Lab::for_test();
+    let mut zone = std::collections::HashMap::new();
+    zone.insert("allowed.test".to_owned(), Answer::Addrs(vec![PUBLIC4]));
+    zone.insert("other.test".to_owned(), Answer::Addrs(vec![PUBLIC4]));
+    let _auth = AuthServer::start(
+        &lab.netns(Node::Inet),
+        &[SocketAddr::new(PUBLIC4, 53)],
+        zone,
+        300,
+    )
+    .expect("the upstream DNS server");
+    lab.write_config(&format!(
+        "\nconfig dns 'dns'\n\toption egress 'allowlist'\n\tlist allow_domain 'allowed.test'\n\
+         \tlist upstream '{PUBLIC4}'\n\nconfig export 'export'\n\toption metrics_token '{TOKEN}'\n"
+    ));
+    let run = lab.cage_run_ready();
+    let lan = lab.netns(Node::Lan);
+    let ai1 = lab.netns(Node::Ai1);
+    let ui = SocketAddr::new(ROUTER_LAN4, lab::WEB_PORT);
+    wait_page(&lan, ui, &run);
+    let server = SocketAddr::new(ROUTER_SEG4, 53);
+    for (name, n, rcode) in [
+        ("allowed.test", 3, RCODE::NoError),
+        ("other.test", 2, RCODE::Refused),
+    ] {
+        for _ in 0..n {
+            let r = resolve(&ai1, server, name, false, false, Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("{name}: {e}\ncage run:\n{}", run.log()));
+            assert_eq!(r.rcode, rcode, "{name}");
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status_json(&lab);
+        let d = &st["dns"];
+        let a = scrape(&lan, ui, Some(TOKEN)).expect("a scrape");
+        assert_eq!(a.status, 200, "{}", a.head);
+        let s = samples(&a.body);
+        let pairs = [
+            ("cage_dns_queries_total", &d["queries"]),
+            ("cage_dns_forwarded_total", &d["forwarded"]),
+            (
+                "cage_dns_refused_total{reason=\"not_allowed\"}",
+                &d["refused_not_allowed"],
+            ),
+            (
+                "cage_dns_refused_total{reason=\"rate\"}",
+                &d["refused_rate"],
+            ),
+            ("cage_dns_refused_total{reason=\"doh\"}", &d["doh_blocked"]),
+            (
+                "cage_dns_failures_total{cause=\"upstream\"}",
+                &d["upstream_failures"],
+            ),
+        ];
+        let same = pairs
+            .iter()
+            .all(|(k, v)| v.as_u64().is_some() && s.get(*k).copied() == v.as_u64());
+        if same && d["queries"].as_u64() >= Some(5) && d["refused_not_allowed"].as_u64() >= Some(2)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "/metrics and cage status differ on DNS: {d:#}\n{}",
+            a.body
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(run);
+}
