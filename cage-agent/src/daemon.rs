@@ -140,6 +140,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         let next_selftest = d.selftest.next(&d.current.config.selftest);
         let bridge = d.current.config.segment.bridge.clone();
         let interval_before = monitors.watch_interval();
+        crate::metrics::set_monitors(monitors.mode());
         tokio::select! {
             _ = hup.recv() => d.on_hup(config_path).await,
             heard = monitors.changed(&bridge) => {
@@ -239,6 +240,15 @@ impl Monitors {
              {} s instead",
             WATCH_INTERVAL.as_secs()
         ));
+    }
+
+    /// `listen` (both monitors open), `partial` (one is) or `poll` (none).
+    fn mode(&self) -> &'static str {
+        match (self.nft.is_some(), self.rt.is_some()) {
+            (true, true) => "listen",
+            (false, false) => "poll",
+            _ => "partial",
+        }
     }
 
     fn watch_interval(&self) -> Duration {

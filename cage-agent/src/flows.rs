@@ -150,6 +150,7 @@ impl FlowLog {
         self.size += buf.len() as u64;
         self.lines += records.len() as u64;
         self.stats.written += records.len() as u64;
+        crate::metrics::record(records);
         self.save_stats()
     }
 

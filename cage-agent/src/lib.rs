@@ -22,6 +22,7 @@ pub mod killswitch;
 mod layers;
 pub mod listen;
 pub mod log;
+pub mod metrics;
 pub mod netlink;
 pub mod nflog;
 pub mod nft;

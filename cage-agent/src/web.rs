@@ -237,6 +237,72 @@ pub fn page_status(s: &status::Status) -> Status {
     }
 }
 
+/// `cage status`, and the hosts' bytes and the monitors of this process, as `/metrics`
+/// shows them.
+pub fn page_metrics(s: &status::Status) -> cage_web::Metrics {
+    use cage_web::metrics::{DaemonHealth, DnsCounts};
+    let page = page_status(s);
+    let f = s.flow_log.unwrap_or_default();
+    let lost = [
+        ("rotated_away", f.rotated_away),
+        ("nflog_overrun", f.nflog_overruns),
+        ("nflog_dropped", f.nflog_dropped),
+        ("ebpf_evicted", f.ebpf_evicted),
+        ("ebpf_update_failed", f.ebpf_update_failed),
+        ("ebpf_over_share", f.ebpf_over_share),
+        ("persist_over_budget", f.persist_over_budget),
+        ("unlogged", s.unlogged),
+    ];
+    let (hosts, hosts_other) = crate::metrics::hosts();
+    cage_web::Metrics {
+        state: page.state,
+        isolated: page.isolated,
+        isolation_source: page.source,
+        isolation_since: page.since,
+        enforcing: s.enforcing,
+        flows: page.flows,
+        blocked: s
+            .denied
+            .iter()
+            .map(|(rule, c)| (rule.clone(), c.packets, c.bytes))
+            .collect(),
+        lost: lost.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect(),
+        dns: s.dns.as_ref().map(|d| DnsCounts {
+            queries: d.queries,
+            forwarded: d.forwarded,
+            refused: [
+                ("not_allowed", d.refused_not_allowed),
+                ("rate", d.refused_rate),
+                ("long", d.refused_long),
+                ("doh", d.doh_blocked),
+                ("malformed", d.malformed),
+            ]
+            .iter()
+            .map(|(r, n)| ((*r).to_owned(), *n))
+            .collect(),
+            failures: vec![
+                ("upstream".to_owned(), d.upstream_failures),
+                ("allow_set".to_owned(), d.set_failures),
+            ],
+        }),
+        hosts,
+        hosts_other,
+        daemon: s.daemon.as_ref().map(|d| DaemonHealth {
+            running: s.daemon_running,
+            started: d.started,
+            last_apply: d.last_apply,
+            last_apply_failed: d.last_error.is_some(),
+            applies: d.applies,
+            monitors: crate::metrics::monitors().map(str::to_owned),
+        }),
+        selftest: page.selftest,
+        ebpf_map: s
+            .ebpf
+            .as_ref()
+            .map(|e| (e.flows_in_map as u64, u64::from(e.flow_capacity))),
+    }
+}
+
 /// Unset an option when the field was left empty (the default applies), set it otherwise.
 fn set_or_unset(kind: &str, section: &str, option: &str, value: &str) -> Edit {
     if value.is_empty() {
@@ -675,6 +741,18 @@ impl Backend for AgentBackend {
             }
         }
         .boxed()
+    }
+
+    fn metrics_access(&self) -> Option<cage_web::MetricsAccess> {
+        let m = self.config().export.metrics;
+        m.enabled().then(|| cage_web::MetricsAccess {
+            token: m.token,
+            allow: m.allow.iter().map(|n| (n.addr(), n.prefix_len())).collect(),
+        })
+    }
+
+    fn metrics(&self) -> BoxFuture<'_, Result<cage_web::Metrics, BackendError>> {
+        async move { Ok(page_metrics(&status::gather(&self.path).await)) }.boxed()
     }
 
     fn event(&self, message: &str) {

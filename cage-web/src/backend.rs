@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub use crate::metrics::{Metrics, MetricsAccess};
 pub use cage_common::records::{AuditEntry, FlowFilter, FlowRecord, RefusedName, Source};
 
 /// Where the page may be reached: the addresses it listens on (the configured one, or
@@ -251,6 +252,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Run the self-test now (`cage selftest`) and store its result, as `cage run` does
     /// on its schedule; refused while another one runs. `who` is for the log.
     fn run_selftest(&self, who: String) -> BoxFuture<'_, Result<SelfTest, BackendError>>;
+    /// Who may read `/metrics`; `None` while it is off (404). Called on every scrape,
+    /// so it must be cheap.
+    fn metrics_access(&self) -> Option<MetricsAccess> {
+        None
+    }
+    /// What `/metrics` shows now.
+    fn metrics(&self) -> BoxFuture<'_, Result<Metrics, BackendError>> {
+        Box::pin(async { Err(BackendError::Failed("this agent has no metrics".into())) })
+    }
     /// A security event for the agent's log (logins, failed logins, password changes).
     /// Events a client can cause at will are only reported while the login backoff lets
     /// it try, so this cannot flood the log.

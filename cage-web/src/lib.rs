@@ -23,6 +23,7 @@ pub mod html;
 pub mod listener;
 pub mod login;
 pub mod machines;
+pub mod metrics;
 pub mod pictures;
 pub mod port;
 pub mod qr;
@@ -40,7 +41,8 @@ use axum::Router;
 
 pub use backend::{
     Access, AiPort, AiWifi, Alert, AuditEntry, Backend, BackendError, Binding, CageState,
-    FlowFilter, FlowRecord, RefusedName, Review, Segment, SelfTest, Settings, Status,
+    FlowFilter, FlowRecord, Metrics, MetricsAccess, RefusedName, Review, Segment, SelfTest,
+    Settings, Status,
 };
 pub use error::WebError;
 pub use machines::{Machine, Machines};
@@ -61,6 +63,8 @@ pub struct AppState {
     /// One argon2 computation at a time: each takes 19 MiB, and a router has little
     /// memory; a burst of logins waits rather than running the router out of memory.
     argon2: Arc<tokio::sync::Semaphore>,
+    /// The backoff for wrong `/metrics` tokens, apart from the logins'.
+    metrics_gate: Arc<Mutex<metrics::Gate>>,
 }
 
 impl AppState {
@@ -71,6 +75,7 @@ impl AppState {
             limiter: Arc::default(),
             setup: Arc::default(),
             argon2: Arc::new(tokio::sync::Semaphore::new(1)),
+            metrics_gate: Arc::default(),
         }
     }
 
@@ -92,6 +97,10 @@ impl AppState {
 
     pub(crate) fn limiter(&self) -> MutexGuard<'_, session::Limiter> {
         self.limiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn metrics_gate(&self) -> MutexGuard<'_, metrics::Gate> {
+        self.metrics_gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -136,6 +145,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/dns", get(review::api_review))
         .route("/api/port", get(port::api_port))
         .route("/api/dns/allow", post(review::api_allow))
+        // For scrapers: a bearer token or an allowed address, no session.
+        .route("/metrics", get(metrics::metrics))
         .fallback(security::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         // Inside the guard: plain HTTP gets its redirect after the Host check.

@@ -47,6 +47,8 @@ struct Inner {
     selftest_runs: u32,
     /// The logins the page reported for the audit log: who, and whether it succeeded.
     logins: Vec<(String, bool)>,
+    /// Who may read `/metrics`; off when `None`.
+    metrics: Option<MetricsAccess>,
 }
 
 /// The agent, in memory.
@@ -307,6 +309,39 @@ impl Backend for TestBackend {
         };
         i.selftest_runs += 1;
         async move { result }.boxed()
+    }
+    fn metrics_access(&self) -> Option<MetricsAccess> {
+        self.0.lock().unwrap().metrics.clone()
+    }
+    fn metrics(&self) -> BoxFuture<'_, Result<Metrics, BackendError>> {
+        let isolated = self.isolated();
+        async move {
+            Ok(Metrics {
+                state: if isolated {
+                    CageState::Isolated
+                } else {
+                    CageState::Open
+                },
+                isolated,
+                isolation_source: None,
+                isolation_since: 0,
+                enforcing: true,
+                flows: 7,
+                blocked: vec![("deny:lan".into(), 3, 180)],
+                lost: vec![],
+                dns: None,
+                hosts: vec![crate::metrics::HostBytes {
+                    host: "02:ca:9e:00:00:11".into(),
+                    up: 10,
+                    down: 20,
+                }],
+                hosts_other: (0, 0),
+                daemon: None,
+                selftest: None,
+                ebpf_map: None,
+            })
+        }
+        .boxed()
     }
 }
 
@@ -1640,4 +1675,103 @@ async fn the_first_run_page_shows_port_wifi_and_runs_the_selftest() {
         "{}",
         a.body
     );
+}
+
+#[tokio::test]
+async fn metrics_need_the_token_or_an_allowed_address_never_a_session() {
+    const TOKEN: &str = "0123456789abcdef-token";
+    let backend = TestBackend::with_password();
+    let app = app(backend.clone());
+    // Off: not there, whatever the request sends.
+    let a = send(
+        &app,
+        get("/metrics")
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+
+    backend.0.lock().unwrap().metrics = Some(MetricsAccess {
+        token: Some(TOKEN.into()),
+        allow: vec![("10.0.0.0".parse().unwrap(), 8)],
+    });
+    let with = |auth: Option<&str>, peer: Option<&str>| {
+        let mut b = get("/metrics");
+        if let Some(auth) = auth {
+            b = b.header(header::AUTHORIZATION, auth);
+        }
+        let mut req = b.body(Body::empty()).unwrap();
+        if let Some(peer) = peer {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(crate::listener::Peer(
+                    peer.parse().unwrap(),
+                    Default::default(),
+                )));
+        }
+        req
+    };
+    let a = send(&app, with(None, None)).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        a.headers.get(header::WWW_AUTHENTICATE).unwrap(),
+        "Bearer realm=\"cage metrics\""
+    );
+    assert!(!a.body.contains("cage_flows_total"));
+    // A session is not a way in: a scraper has none, and the page's cookie must not
+    // become one.
+    let (cookie, _) = login(&app).await;
+    let a = send(&app, get_with("/metrics", &cookie)).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
+    for wrong in [
+        format!("Basic {TOKEN}"),
+        format!("Bearer {TOKEN}x"),
+        "Bearer 0123456789abcdef-toke".to_owned(),
+    ] {
+        let a = send(&app, with(Some(&wrong), Some("192.168.8.50:40000"))).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{wrong}");
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    let a = send(&app, with(Some(&bearer), Some("192.168.8.50:40000"))).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        a.headers.get(header::CONTENT_TYPE).unwrap(),
+        crate::metrics::CONTENT_TYPE
+    );
+    assert!(a.body.contains("cage_flows_total 7\n"), "{}", a.body);
+    assert!(a
+        .body
+        .contains("cage_blocked_packets_total{rule=\"deny:lan\"} 3\n"));
+    // The security headers are there too.
+    assert!(a.headers.contains_key(header::CONTENT_SECURITY_POLICY));
+    // From an allowed network, no token is needed (IPv4-mapped as well).
+    for peer in ["10.9.8.7:5000", "[::ffff:10.1.1.1]:5000"] {
+        let a = send(&app, with(None, Some(peer))).await;
+        assert_eq!(a.status, StatusCode::OK, "{peer}");
+    }
+    // Wrong tokens from one address: after the free ones, it waits (429), the right
+    // token included; another address is not held up by it.
+    for _ in 0..4 {
+        let a = send(
+            &app,
+            with(Some("Bearer nope-nope-nope-nope"), Some("192.168.8.66:1")),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    }
+    let a = send(&app, with(Some(&bearer), Some("192.168.8.66:1"))).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
+    assert!(a.headers.contains_key(header::RETRY_AFTER));
+    let a = send(&app, with(Some(&bearer), Some("192.168.8.67:1"))).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // The Host check holds for scrapers too.
+    let req = Request::get("/metrics")
+        .header(header::HOST, "evil.example")
+        .header(header::AUTHORIZATION, &bearer)
+        .body(Body::empty())
+        .unwrap();
+    let a = send(&app, req).await;
+    assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(!a.body.contains("cage_flows_total"));
 }

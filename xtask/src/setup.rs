@@ -31,6 +31,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("chromium-driver", "chromedriver"),
     // The first-run page's test reads the AI Wi-Fi's QR code as a phone would.
     ("zbar-tools", "zbarimg"),
+    // The metrics test scrapes /metrics with a real Prometheus (2.42), its binary run by
+    // the test in the lab; the Debian service it would start is not (policy-rc.d here).
+    ("prometheus", "prometheus"),
     // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
     // guest's programs are read, the x86_64 kernel's xz payload unpacked.
     ("binutils", "readelf"),
@@ -53,6 +56,28 @@ pub fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
+/// Packages whose Debian service must not run: the tests start the program themselves,
+/// inside the lab. Where apt started it (no `policy-rc.d` said no), it is stopped and
+/// kept from starting at boot.
+const NO_SERVICE: &[&str] = &["prometheus"];
+
+fn no_services(installed: &[&str]) {
+    let quiet = |c: &mut Command| {
+        let _ = c
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    for name in NO_SERVICE.iter().filter(|n| installed.contains(n)) {
+        quiet(Command::new("systemctl").args(["disable", "--now", name]));
+        let script = format!("/etc/init.d/{name}");
+        if std::path::Path::new(&script).exists() {
+            quiet(Command::new(&script).arg("stop"));
+            quiet(Command::new("update-rc.d").args([name, "disable"]));
+        }
+    }
+}
+
 pub fn install() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
@@ -69,6 +94,7 @@ pub fn install() -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        no_services(&missing);
     }
     for component in ["rustfmt", "clippy"] {
         let installed = Command::new("rustup")
