@@ -130,16 +130,16 @@ fn main() {
         .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), object.display()));
 }
 
-/// The router binaries that rust-lld links (`cargo xtask dist`'s aarch64 and x86_64,
-/// `.cargo/config.toml`) leave out `.eh_frame` and `.eh_frame_hdr`: 536 KB of the
-/// 3.1 MB aarch64 binary. The release profile aborts on panic, so nothing unwinds; the
-/// tables are there only because the standard library's bitcode carries debug info,
-/// which makes LLVM describe every frame of the LTO module. A panic still prints its
-/// message and aborts; only the backtrace that `RUST_BACKTRACE` asks for (addresses
-/// without names, the binary being stripped) ends at the first frame. Host builds, linked
-/// by `cc`, keep their tables, and so do the zig-linked armv7 (ARM's own `.ARM.exidx`,
-/// 60 KB) and mipsel builds (330 KB of `.eh_frame`): zig's `cc` driver would need these
-/// flags in its own terms, which nothing here has tried yet.
+/// The router binaries that rust-lld links (`cargo xtask dist`'s x86_64,
+/// `.cargo/config.toml`) leave out `.eh_frame` and `.eh_frame_hdr`. The release profile
+/// aborts on panic, so nothing unwinds; the tables are there only because the standard
+/// library's bitcode carries debug info, which makes LLVM describe every frame of the LTO
+/// module. A panic still prints its message and aborts; only the backtrace that
+/// `RUST_BACKTRACE` asks for (addresses without names, the binary being stripped) ends at
+/// the first frame. Host builds, linked by `cc`, keep their tables. The zig-linked
+/// build-std targets (aarch64, armv7, mipsel) get there another way: their standard
+/// library and Cage are compiled with `-C force-unwind-tables=no` (xtask's `dist`), which
+/// leaves about 15 KB of tables, musl's and compiler-rt's.
 fn link_without_unwind_tables() {
     let linker = env::var_os("RUSTC_LINKER").map(PathBuf::from);
     let lld = linker
