@@ -31,6 +31,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("chromium-driver", "chromedriver"),
     // The first-run page's test reads the AI Wi-Fi's QR code as a phone would.
     ("zbar-tools", "zbarimg"),
+    // The IPFIX export's test stores it with nfcapd and reads it back with nfdump.
+    ("nfdump", "nfcapd"),
     // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
     // guest's programs are read, the x86_64 kernel's xz payload unpacked.
     ("binutils", "readelf"),
