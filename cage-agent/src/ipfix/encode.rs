@@ -220,6 +220,19 @@ fn mac(text: Option<&str>) -> [u8; 6] {
     m
 }
 
+/// icmpTypeCode (type · 256 + code) from the flow log's `peer_port` of an ICMP flow:
+/// the eBPF program's records have type · 256 + code there (above 255: no ICMP type
+/// but echo has 0), the blocked ones from NFLOG the type alone, and an echo exchange,
+/// which the program keys by its identifier, none: it goes out as the echo request.
+pub fn icmp_type_code(proto: u8, peer_port: Option<u16>) -> u16 {
+    match peer_port {
+        Some(v) if v > 255 => v,
+        Some(t) => t << 8,
+        None if proto == 58 => 128 << 8,
+        None => 8 << 8,
+    }
+}
+
 /// A record's template and its bytes.
 pub fn data_record(r: &FlowRecord) -> (u16, Vec<u8>) {
     let mut out = Vec::with_capacity(128);
@@ -246,8 +259,7 @@ pub fn data_record(r: &FlowRecord) -> (u16, Vec<u8>) {
     let proto = protocol(&r.proto);
     let icmp = proto == 1 || proto == 58;
     let (sport, dport, type_code) = if icmp {
-        // The flow log keeps the ICMP type in `peer_port`; the code is not kept.
-        (0u16, 0u16, r.peer_port.unwrap_or(0) << 8)
+        (0u16, 0u16, icmp_type_code(proto, r.peer_port))
     } else {
         (r.host_port.unwrap_or(0), r.peer_port.unwrap_or(0), 0)
     };
@@ -533,6 +545,18 @@ mod tests {
         tcp.tcp_flags = Some("SAPF/SAF".into());
         let (_, b) = data_record(&tcp);
         assert_eq!(&b[30..33], &[6, 0x13, 0x1b], "to the host, from it");
+    }
+
+    #[test]
+    fn icmp_types_and_codes_as_the_flow_log_has_them() {
+        // Neighbour solicitation as the eBPF program keys it (135 · 256).
+        assert_eq!(icmp_type_code(58, Some(34560)), 0x8700);
+        // Port unreachable (3, 3) from the program; echo request blocked (NFLOG's type).
+        assert_eq!(icmp_type_code(1, Some(0x0303)), 0x0303);
+        assert_eq!(icmp_type_code(1, Some(8)), 0x0800);
+        // An echo exchange: the request's type.
+        assert_eq!(icmp_type_code(1, None), 0x0800);
+        assert_eq!(icmp_type_code(58, None), 0x8000);
     }
 
     #[test]
