@@ -5,7 +5,8 @@
 //! from the very datagrams nfcapd received, which it repeats to the test (`-R`), by a
 //! decoder written here from RFC 7011 alone. The caged host cannot reach the collector
 //! (its forged export is blocked and logged), and a collector that is gone costs
-//! counted losses and nothing else.
+//! counted losses and nothing else; one that comes back gets the templates again, and a
+//! reload (SIGHUP) moves the export to a new observation domain.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -345,11 +346,16 @@ fn counts(r: &Value, keys: [&str; 4]) -> [u64; 4] {
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn nfdump_reads_every_flow_record_as_the_flow_log_counts_it() {
-    let lab = Lab::for_contract(&format!(
-        "\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n\
-         \nconfig export 'export'\n\toption ipfix '{LAN_HOST4}:{COLLECTOR_PORT}'\n\
-         \toption ipfix_domain '42'\n"
-    ));
+    let sections = |domain: u32| {
+        format!(
+            "{}\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n\
+             \nconfig export 'export'\n\toption ipfix '{LAN_HOST4}:{COLLECTOR_PORT}'\n\
+             \toption ipfix_domain '{domain}'\n",
+            cage_tests::contract::CONFIG_EXTRA
+        )
+    };
+    let lab = Lab::for_test();
+    lab.write_config(&sections(42));
     let lan = lab.netns(Node::Lan);
     let repeated = Repeated::start(&lan);
     let mut nfcapd = Nfcapd::start(&lab, "nfcapd");
@@ -607,9 +613,34 @@ fn nfdump_reads_every_flow_record_as_the_flow_log_counts_it() {
         "the flow after the collector came back",
         |recs| recs.iter().any(|r| r["host_port"] == again_port),
     );
+    // A reload (SIGHUP) that changes the observation domain: a new stream, templates
+    // first, at the next flush.
+    lab.write_config(&sections(43));
+    // SAFETY: kill(2) on the pid of the `cage run` this test started.
+    unsafe { libc::kill(run.pid() as i32, libc::SIGHUP) };
+    run.wait_until(Duration::from_secs(20), "the reload's new stream", || {
+        run.log().contains("(observation domain 43)")
+    });
+    let reload_port = udp_echoes(&ai1, AI1_4, PUBLIC4, 1, 60);
+    wait_log(
+        &lab,
+        Duration::from_secs(30),
+        "the flow after the reload",
+        |recs| recs.iter().any(|r| r["host_port"] == reload_port),
+    );
     std::thread::sleep(Duration::from_secs(1));
     back.stop();
+    assert!(
+        back.log()
+            .contains(&format!("Observation domain 43 from: {ROUTER_LAN4}")),
+        "{}",
+        back.log()
+    );
     let stored = back.read();
+    assert!(
+        stored.iter().any(|r| r["src_port"] == reload_port),
+        "the flow after the reload: {stored:#?}"
+    );
     let again = stored
         .iter()
         .find(|r| r["src_port"] == again_port)
