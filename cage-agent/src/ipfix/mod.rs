@@ -167,7 +167,7 @@ impl Exporter {
         let due = self
             .templates_at
             .is_none_or(|t| at.duration_since(t) >= interval);
-        if due && (self.socket.is_some() || !records.is_empty()) {
+        if due {
             let m = self.stream.templates(export_time);
             if self.send(&m.bytes) {
                 self.templates_at = Some(at);
