@@ -464,6 +464,8 @@ fn nfdump_reads_every_flow_record_as_the_flow_log_counts_it() {
         log.contains(&format!("Observation domain 42 from: {ROUTER_LAN4}")),
         "{log}"
     );
+    // nfcapd checks each message's sequence number against the records before it.
+    assert!(log.contains("Sequence Errors: 0,"), "{log}");
     assert!(
         stored.iter().all(
             |r| r["ip4_router"] == ROUTER_LAN4.to_string() && r["src4_addr"] != "198.51.100.66"
