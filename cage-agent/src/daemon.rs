@@ -1087,6 +1087,7 @@ impl Collector {
             log::error(&format!("flow log: cannot write: {e}"));
             return;
         }
+        crate::ipfix::export(cfg, &records);
         if let Some(p) = &mut self.persister {
             p.add(&records);
         }

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dns;
 pub mod ebpf;
 pub mod flows;
+pub mod ipfix;
 pub mod isolation;
 pub mod killswitch;
 #[cfg(test)]

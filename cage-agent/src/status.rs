@@ -42,6 +42,8 @@ pub struct Status {
     /// What the DNS forwarder counted (queries, refusals, limit violations), when DNS goes
     /// through Cage.
     pub dns: Option<crate::dns::DnsStats>,
+    /// The IPFIX export's counts (records, messages, losses), when `export.ipfix` is set.
+    pub ipfix: Option<crate::ipfix::Stats>,
     /// The eBPF program: its counters and the kill switch's flag, when it is pinned.
     pub ebpf: Option<EbpfStatus>,
     /// Denied packets not logged because they were over the kernel's log rate limit.
@@ -225,6 +227,7 @@ pub async fn gather(config_path: &Path) -> Status {
         .ok()
         .filter(|c| c.dns.enabled)
         .and_then(crate::dns::read_stats);
+    let ipfix = cfg.as_ref().ok().and_then(crate::ipfix::read_stats);
     let ebpf = match &cfg {
         Ok(c) => ebpf_status(c).unwrap_or_else(|e| {
             problems.push(format!("cannot read the eBPF maps: {e}"));
@@ -323,6 +326,7 @@ pub async fn gather(config_path: &Path) -> Status {
         selftest,
         flow_log,
         dns,
+        ipfix,
         ebpf,
         unlogged,
         ai_port,
@@ -494,6 +498,19 @@ pub fn render_text(s: &Status) -> String {
         for (h, n) in hosts.into_iter().take(5) {
             let _ = writeln!(o, "         {h:<26} {n:>10} violations");
         }
+    }
+    if let Some(x) = &s.ipfix {
+        let _ = writeln!(
+            o,
+            "ipfix:   to {}: {} records in {} messages ({} template); lost: {} records in {} messages{}",
+            x.collector,
+            x.records,
+            x.messages,
+            x.templates,
+            x.lost,
+            x.lost_messages,
+            x.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        );
     }
     if let Some(e) = &s.ebpf {
         let _ = writeln!(

@@ -1,4 +1,4 @@
-//! `cargo xtask bench killswitch | flows | dns | neighbour | product | idle | web`: build what the
+//! `cargo xtask bench killswitch | flows | dns | export | neighbour | product | idle | web`: build what the
 //! benchmark measures, then run it: the benchmarks are `cage-tests`' binary `bench`
 //! (`tests/src/bin/bench/`, one file per benchmark), which prints the results and
 //! appends them to `bench/RESULTS.md`.
@@ -10,7 +10,7 @@ use crate::{cargo, lab_program, run, setup};
 
 pub fn run_bench(which: &str) -> Result<()> {
     match which {
-        "killswitch" | "flows" | "dns" | "neighbour" | "product" | "idle" => {
+        "killswitch" | "flows" | "dns" | "export" | "neighbour" | "product" | "idle" => {
             setup::require_root("the benchmark builds a lab in network namespaces")?;
             run(cargo().args(["build", "--locked", "--release", "-p", "cage-agent"]))?;
             // The release binary: the one that would run on a router.

@@ -34,6 +34,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The metrics test scrapes /metrics with a real Prometheus (2.42), its binary run by
     // the test in the lab; the Debian service it would start is not (policy-rc.d here).
     ("prometheus", "prometheus"),
+    // The IPFIX export's test stores it with nfcapd and reads it back with nfdump.
+    ("nfdump", "nfcapd"),
     // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
     // guest's programs are read, the x86_64 kernel's xz payload unpacked.
     ("binutils", "readelf"),

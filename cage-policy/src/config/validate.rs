@@ -265,7 +265,8 @@ fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
     let selftest = selftest_section(&mut v, &selftest);
     let dns = dns_section(&mut v, &dns);
     let limits = limits_section(&mut v, &limits);
-    let export = export_section(&mut v, &export);
+    let export_at = export;
+    let export = export_section(&mut v, &export_at);
 
     // Then between options that are each valid on their own.
     let placed = Placed {
@@ -275,6 +276,7 @@ fn validate_reading(raw: &RawConfig) -> (Result<Config, ConfigErrors>, Reads) {
         wan: &wan,
     };
     cross_checks(&mut v, &placed, &main, &seg, &lan_options, &wan_options);
+    ipfix_off_the_segment(&mut v, &export_at, &export, &seg.nets());
 
     let reads = std::mem::take(&mut v.reads);
     if !v.errors.is_empty() {
@@ -909,6 +911,29 @@ fn admin_hosts_outside_the_segment(
                 );
             }
         }
+    }
+}
+
+/// The IPFIX collector is never a caged host: it would be handed every flow record,
+/// the other caged hosts' included.
+fn ipfix_off_the_segment(v: &mut Validator, section: &Section, export: &Export, nets: &[IpNet]) {
+    let Some(ipfix) = &export.ipfix else { return };
+    let line = section
+        .options
+        .get("ipfix")
+        .and_then(|o| o.first())
+        .map_or(section.line, |o| o.line);
+    for net in nets.iter().filter(|n| n.contains(&ipfix.collector.ip())) {
+        v.error(
+            section,
+            "ipfix",
+            line,
+            format!(
+                "'{}' is inside the segment {net}; the flow records must never go to a \
+                 caged host: give a collector on the LAN, e.g. 192.168.8.10:4739",
+                ipfix.collector
+            ),
+        );
     }
 }
 

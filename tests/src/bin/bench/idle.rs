@@ -214,7 +214,7 @@ fn wait(run: &CageRun, within: Duration, what: &str, cond: impl Fn() -> bool) ->
 }
 
 /// utime + stime + cutime + cstime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name, in parentheses, may hold spaces: count fields after its end.
     let rest = stat
@@ -232,7 +232,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(ticks)
 }
 
-fn rss_kb(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kb(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -6,6 +6,7 @@
 //! - `flows`: what the eBPF flow counter costs (throughput with/without) and how many new
 //!   flows a second it records;
 //! - `dns`: what DNS through Cage's forwarder adds to a lookup;
+//! - `export`: what the IPFIX export costs `cage run` at 10 000 flows a minute;
 //! - `neighbour`: what the layer-2 bindings and per-host shares cost a caged host's
 //!   traffic;
 //! - `product`: a plain router, a hand-written nftables ruleset and Cage as a whole,
@@ -25,6 +26,7 @@ use anyhow::{bail, Result};
 use cage_tests::lab::{CageRun, Lab};
 
 mod dns;
+mod export;
 mod flows;
 mod idle;
 mod killswitch;
@@ -34,7 +36,7 @@ mod results;
 mod web;
 
 const USAGE: &str = "\
-usage: bench killswitch | flows | dns | neighbour | product | idle | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
+usage: bench killswitch | flows | dns | export | neighbour | product | idle | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
   (run by `cargo xtask bench …`, which builds what is measured first)
 ";
 
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
             ["killswitch"] => root().and_then(|()| killswitch::killswitch()),
             ["flows"] => root().and_then(|()| flows::flows()),
             ["dns"] => root().and_then(|()| dns::dns()),
+            ["export"] => root().and_then(|()| export::export()),
             ["neighbour"] => root().and_then(|()| neighbour::neighbour()),
             ["product"] => root().and_then(|()| product::product()),
             ["idle"] => root().and_then(|()| idle::idle()),

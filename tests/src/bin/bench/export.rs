@@ -1,0 +1,211 @@
+//! `bench export`: what the IPFIX export costs `cage run` at 10 000 flows a minute: the
+//! daemon's CPU and resident memory with `export.ipfix` set against without, side by
+//! side in one run (one lab, `cage run` restarted with the other configuration, the
+//! order alternated between rounds). The flows are real: one UDP datagram, echoed, from
+//! a new port of the caged host to the internet host each 6 ms; the collector is a UDP
+//! socket on the LAN host that counts what arrives.
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cage_agent::probe::{Servers, Service};
+use cage_tests::lab::{self, Lab, Node, AI1_4, LAN_HOST4, PUBLIC4};
+
+use crate::results::{load_average, record};
+
+const FLOWS_PER_MINUTE: u64 = 10_000;
+/// How long each configuration is measured, after a settling period with the same
+/// traffic.
+const MEASURE: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_secs(6);
+const ROUNDS: usize = 2;
+
+struct Measured {
+    export: bool,
+    cpu_pct: f64,
+    rss_kb: u64,
+    flows: u64,
+    /// Records the exporter counted sent, lost; datagrams the collector got.
+    records: u64,
+    lost: u64,
+    datagrams: u64,
+}
+
+pub fn export() -> Result<()> {
+    let started = Instant::now();
+    let load = load_average();
+    let lab = Lab::up(&lab::unique_prefix()).context("lab up")?;
+    let _servers = Servers::start(
+        &lab.netns(Node::Inet),
+        &[Service::udp(7000)],
+        Duration::from_secs(600),
+    )
+    .context("echo server")?;
+    // The collector: counts datagrams until stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let got = Arc::new(AtomicU64::new(0));
+    let (flag, count) = (stop.clone(), got.clone());
+    let sink = lab.netns(Node::Lan).spawn("collector", move || {
+        let s = UdpSocket::bind((LAN_HOST4, 4739)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if s.recv(&mut buf).is_ok() {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })?;
+    let mut all = Vec::new();
+    for round in 0..ROUNDS {
+        let mut order = [false, true];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for export in order {
+            let m = measure(&lab, export, &got)
+                .with_context(|| format!("round {}, export {export}", round + 1))?;
+            println!(
+                "xtask bench: round {}: export {}: CPU {:.3} % of a core, {} kB resident, \
+                 {} flows; exported {} records, {} lost, {} datagrams at the collector",
+                round + 1,
+                if export { "on" } else { "off" },
+                m.cpu_pct,
+                m.rss_kb,
+                m.flows,
+                m.records,
+                m.lost,
+                m.datagrams
+            );
+            all.push(m);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = sink.join();
+    let of = |e: bool| all.iter().filter(move |m| m.export == e);
+    // The mean of the rounds (two: a median would be one of them).
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let cpu = |e: bool| mean(of(e).map(|m| m.cpu_pct).collect());
+    let rss = |e: bool| mean(of(e).map(|m| m.rss_kb as f64).collect());
+    let summary = format!(
+        "IPFIX export on against off at {FLOWS_PER_MINUTE} flows a minute: CPU ratio \
+         **{:.2}** ({:.3} % against {:.3} % of a core), resident memory ratio **{:.2}** \
+         ({:.0} kB against {:.0} kB).",
+        cpu(true) / cpu(false),
+        cpu(true),
+        cpu(false),
+        rss(true) / rss(false),
+        rss(true),
+        rss(false)
+    );
+    let mut body = String::from(
+        "| round | export | CPU % of a core | resident kB | flows made | records exported | lost | datagrams at the collector |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (i, m) in all.iter().enumerate() {
+        body.push_str(&format!(
+            "| {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
+            i / 2 + 1,
+            if m.export { "on" } else { "off" },
+            m.cpu_pct,
+            m.rss_kb,
+            m.flows,
+            m.records,
+            m.lost,
+            m.datagrams
+        ));
+    }
+    body.push_str(&format!("\n{summary}\n"));
+    println!("xtask bench: {summary}");
+    let method = format!(
+        "Load average at the start: {load}, at the end: {}. The release `cage run` in one \
+         lab (contract configuration, `flowlog.idle_timeout` 2 s), restarted for each \
+         configuration, {ROUNDS} rounds in alternating order: with `export.ipfix` set to a \
+         UDP socket on the LAN host, and without. Traffic: one UDP datagram a flow, echoed \
+         by the internet host, a new source port every {} ms ({FLOWS_PER_MINUTE} flows a \
+         minute). CPU: the daemon's and its children's CPU time (/proc/PID/stat) over {} s \
+         after {} s of the same traffic, in clock ticks of 10 ms (a resolution of {:.2} % of \
+         a core); resident memory at the end; the figures are the means of the rounds. One \
+         run took {:.0} s.",
+        load_average(),
+        60_000 / FLOWS_PER_MINUTE,
+        MEASURE.as_secs(),
+        SETTLE.as_secs(),
+        1.0 / MEASURE.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    record("Export: IPFIX at 10 000 flows a minute", &method, &body)
+}
+
+fn measure(lab: &Lab, export: bool, datagrams: &AtomicU64) -> Result<Measured> {
+    let mut extra = format!(
+        "{}\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n",
+        cage_tests::contract::CONFIG_EXTRA
+    );
+    if export {
+        extra.push_str(&format!(
+            "\nconfig export 'export'\n\toption ipfix '{LAN_HOST4}:4739'\n"
+        ));
+    }
+    lab.write_config(&extra);
+    let run = crate::cage_run(lab)?;
+    lab.wait_segment_ready().context("segment ready")?;
+    lab.pin_router_neighbours(Node::Ai1).context("neighbours")?;
+
+    // The traffic, for the settling period and the measurement.
+    let total = SETTLE + MEASURE;
+    let gap = Duration::from_millis(60_000 / FLOWS_PER_MINUTE);
+    let traffic = lab.netns(Node::Ai1).spawn("flows", move || {
+        let start = Instant::now();
+        let mut n = 0u64;
+        let mut buf = [0u8; 64];
+        while start.elapsed() < total {
+            let s = UdpSocket::bind((AI1_4, 0)).unwrap();
+            s.set_read_timeout(Some(gap)).unwrap();
+            if s.send_to(&[1u8; 32], (PUBLIC4, 7000)).is_ok() {
+                n += 1;
+            }
+            let _ = s.recv(&mut buf);
+            let next = gap * (n as u32 + 1);
+            if let Some(wait) = next.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(n)
+    })?;
+    std::thread::sleep(SETTLE);
+    let pid = run.pid();
+    let sent_before = datagrams.load(Ordering::Relaxed);
+    let before = crate::idle::cpu_ticks(pid)?;
+    std::thread::sleep(MEASURE);
+    let after = crate::idle::cpu_ticks(pid)?;
+    let rss_kb = crate::idle::rss_kb(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_pct = (after - before) as f64 / hz / MEASURE.as_secs_f64() * 100.0;
+    let flows = traffic.join().context("traffic")?;
+    let status = lab.cage(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).context("status")?;
+    let (records, lost) = (
+        v["ipfix"]["records"].as_u64().unwrap_or(0),
+        v["ipfix"]["lost"].as_u64().unwrap_or(0),
+    );
+    if export && records == 0 {
+        bail!("the export exported nothing:\n{}", run.log());
+    }
+    run.stop();
+    Ok(Measured {
+        export,
+        cpu_pct,
+        rss_kb,
+        flows,
+        records,
+        lost,
+        datagrams: datagrams.load(Ordering::Relaxed) - sent_before,
+    })
+}
