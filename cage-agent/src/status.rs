@@ -58,6 +58,9 @@ pub struct Status {
     /// the addresses bound to it.
     pub machines: Vec<Machine>,
     pub problems: Vec<String>,
+    /// The syslog exporter's counters (`export.syslog`), as `cage run` last wrote them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syslog: Option<crate::syslog::Stats>,
 }
 
 /// The web page's certificate, as `cage status` shows it.
@@ -220,6 +223,7 @@ pub async fn gather(config_path: &Path) -> Status {
         Err(_) => (None, vec![]),
     };
     let flow_log = cfg.as_ref().ok().and_then(flows::read_stats);
+    let syslog = cfg.as_ref().ok().and_then(crate::syslog::read_stats);
     let dns = cfg
         .as_ref()
         .ok()
@@ -322,6 +326,7 @@ pub async fn gather(config_path: &Path) -> Status {
         audit,
         selftest,
         flow_log,
+        syslog,
         dns,
         ebpf,
         unlogged,

@@ -757,6 +757,7 @@ impl Backend for AgentBackend {
 
     fn event(&self, message: &str) {
         log::info(message);
+        crate::events::emit(crate::events::Event::web(message));
     }
 
     fn audit_login(&self, who: String, ok: bool) -> BoxFuture<'_, ()> {
