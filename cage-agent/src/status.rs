@@ -479,6 +479,26 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(o, "flows:   no flow log yet (cage run writes it)");
         }
     }
+    if let Some(x) = &s.syslog {
+        let _ = writeln!(
+            o,
+            "syslog:  {} ({}): {} sent, {} dropped, {} errors, {} queued{}",
+            x.collector,
+            if x.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            x.sent,
+            x.dropped,
+            x.errors,
+            x.queued,
+            x.last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(d) = &s.dns {
         let _ = writeln!(
             o,
