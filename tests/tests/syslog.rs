@@ -387,11 +387,31 @@ fn events_reach_rsyslog_over_udp_tcp_and_tls_with_their_fields_and_a_wrong_ca_ge
         m["msgid"] == "LOGIN" && sd(m)["client"] == LAN_HOST4.to_string()
     });
 
-    // UDP, on SIGHUP, without a restart.
+    // A configuration refused: said with its error, the running exporter goes on.
     reload(
         &lab,
         &run,
-        &export(&format!("udp://{LAN_HOST4}:{UDP_PORT}"), ""),
+        &export(
+            &format!("udp://{LAN_HOST4}:{UDP_PORT}"),
+            "\toption syslog_queue '8'\n",
+        ),
+    );
+    let m = collector.wait_for(&run, Duration::from_secs(10), "CONFIG_REFUSED", |m| {
+        m["msgid"] == "CONFIG_REFUSED"
+    });
+    assert_eq!(m["input"], "tcp", "{m}");
+    assert_eq!(m["pri"], "27", "daemon.err: {m}");
+    let error = sd(&m)["error"].as_str().unwrap_or("");
+    assert!(error.contains("syslog_queue"), "{m}");
+
+    // UDP, on SIGHUP, without a restart; with the flow records too.
+    reload(
+        &lab,
+        &run,
+        &export(
+            &format!("udp://{LAN_HOST4}:{UDP_PORT}"),
+            "\toption syslog_flows '1'\n",
+        ),
     );
     let m = collector.wait_for(&run, Duration::from_secs(15), "an event over UDP", |m| {
         m["input"] == "udp" && m["msgid"] == "CONFIG_APPLIED"
@@ -401,6 +421,15 @@ fn events_reach_rsyslog_over_udp_tcp_and_tls_with_their_fields_and_a_wrong_ca_ge
     collector.wait_for(&run, Duration::from_secs(10), "ISOLATE over UDP", |m| {
         m["input"] == "udp" && sd(m)["reason"] == "over udp"
     });
+    cage_ok(&lab, &["release", "--reason", "flows"]);
+    lab.pin_router_neighbours(Node::Ai1).expect("neighbours");
+    blocked_attempt(&ai1, 23);
+    let m = collector.wait_for(&run, Duration::from_secs(20), "a FLOW record", |m| {
+        m["msgid"] == "FLOW" && sd(m)["peer_port"] == "23"
+    });
+    assert_eq!(sd(&m)["verdict"], "blocked", "{m}");
+    assert_eq!(sd(&m)["host"], AI1_4.to_string(), "{m}");
+    assert_eq!(sd(&m)["mac"], lab::AI1_MAC, "{m}");
 
     // TLS, the collector's certificate checked for its name.
     let ca = collector.dir.join("ca.pem");

@@ -200,7 +200,9 @@ mod tests {
 
     /// The SD-ELEMENTs of a message, parsed as a collector does (RFC 5424's grammar:
     /// inside a quoted value a backslash escapes the next character, a `"` ends it).
-    fn parse_sd(msg: &str) -> (Vec<(String, Vec<(String, String)>)>, String) {
+    type Element = (String, Vec<(String, String)>);
+
+    fn parse_sd(msg: &str) -> (Vec<Element>, String) {
         // Skip the six header fields.
         let mut rest = msg;
         for _ in 0..6 {
