@@ -713,6 +713,10 @@ impl Backend for AgentBackend {
             let result = rx
                 .await
                 .map_err(|_| failed("the self-test's thread ended without a result"))?;
+            if let Ok(r) = &result {
+                let why = "from the web page";
+                crate::events::emit(crate::events::selftest(why, Ok((r.ok, &r.verdict))));
+            }
             match result {
                 Ok(r) => {
                     if r.ok {
