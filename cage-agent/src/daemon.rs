@@ -196,6 +196,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         f.stop();
     }
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
+    crate::syslog::stop(Duration::from_secs(2));
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub enum Kind {
     Web,
     /// A flow record (`syslog_flows`).
     Flow,
+    /// `cage run` stops (the policy stays in the kernel).
+    Stopped,
 }
 
 impl Kind {
@@ -56,6 +58,7 @@ impl Kind {
             Kind::LoginFailed => "LOGIN_FAILED",
             Kind::Web => "WEB",
             Kind::Flow => "FLOW",
+            Kind::Stopped => "STOPPED",
         }
     }
 }

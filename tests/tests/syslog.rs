@@ -644,4 +644,21 @@ fn a_stopped_collector_costs_only_counted_drops_and_a_flood_stays_bounded() {
         all.len() <= 2 * rules.len(),
         "a minute's flood is at most one message and its count per rule: {all:#?}"
     );
+
+    // Stopping says so, and sends what is queued before it goes.
+    let pid = run.pid().to_string();
+    run.stop();
+    let until = Instant::now() + Duration::from_secs(5);
+    while !collector
+        .messages()
+        .iter()
+        .any(|m| m["msgid"] == "STOPPED" && m["procid"] == pid.as_str())
+    {
+        assert!(
+            Instant::now() < until,
+            "no STOPPED: {:#?}",
+            collector.messages()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

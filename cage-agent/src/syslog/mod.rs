@@ -496,6 +496,58 @@ pub fn configure(cfg: &Config) {
     }
 }
 
+/// `cage run` stops: an event saying so, then up to `wait` for the exporter to send what
+/// is queued; what is left is counted as dropped (in `<log_dir>/syslog.json`) and said.
+pub fn stop(wait: Duration) {
+    let Some(running) = RUNNING.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    events::emit(Event::new(
+        Kind::Stopped,
+        Severity::Notice,
+        "cage run stops; the policy stays in the kernel",
+    ));
+    events::set_sink(None);
+    let Some(shared) = SHARED.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return;
+    };
+    let until = Instant::now() + wait;
+    while shared.queued() > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.stop.store(true, Ordering::Relaxed);
+    shared.wake.notify_all();
+    let left = {
+        let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len() as u64;
+        q.clear();
+        n
+    };
+    if left > 0 {
+        shared.dropped.fetch_add(left, Ordering::Relaxed);
+        log::warn(&format!(
+            "syslog: {left} messages not sent to {} before stopping (counted as dropped)",
+            url(&running.cfg)
+        ));
+    }
+    // The thread may be between two ticks: the final counts are written here.
+    let path = running.dirs.1.join("syslog.json");
+    let mut stats: Stats = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    stats.collector = url(&running.cfg);
+    stats.sent = shared.sent.load(Ordering::Relaxed);
+    stats.dropped = shared.dropped.load(Ordering::Relaxed);
+    stats.errors = shared.errors.load(Ordering::Relaxed);
+    stats.queued = 0;
+    stats.connected = false;
+    let _ = write_atomically(
+        &path,
+        &serde_json::to_vec_pretty(&stats).unwrap_or_default(),
+    );
+}
+
 /// Logs something at most once a [`LOG_EVERY`].
 #[derive(Default)]
 struct Throttle(Option<Instant>);
