@@ -74,6 +74,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    // The exporter first, so that the audit line of this start reaches the collector.
+    crate::syslog::configure(&current.config);
     let applied = apply::enforce(&current).await;
     let error = applied.as_ref().err().map(ToString::to_string);
     crate::audit::config_event(
@@ -96,8 +98,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     let mut d = Daemon::new(current, state, nft::list_structure()?, Instant::now());
     d.sync_dns();
-    crate::syslog::configure(&d.current.config);
-    crate::events::emit(crate::events::applied(&Ok(())));
     save(&d.state, &d.current.config.main.log_dir);
     // Said once the state file is there, so whoever reads the log and then looks for the
     // daemon (`cage disable`, `cage status`) finds it.
@@ -634,7 +634,6 @@ impl Daemon {
         if let Err(e) = &outcome {
             log::error(e);
         }
-        crate::events::emit(crate::events::applied(&outcome));
         self.state.last_error = outcome.err();
         self.state.applies += 1;
         self.state.last_apply = Some(crate::clock::unix_now());

@@ -27,13 +27,13 @@ pub enum Kind {
     Lost,
     /// A self-test's result.
     Selftest,
-    /// A configuration applied.
+    /// A configuration applied (an audit-log line).
     Applied,
     /// A configuration refused (or failing to apply); the running policy stays.
     Refused,
-    /// A login to the web page.
+    /// A login to the web page (an audit-log line).
     Login,
-    /// A failed login to the web page.
+    /// A failed login to the web page (an audit-log line).
     LoginFailed,
     /// Another security event of the web page (a password set or changed).
     Web,
@@ -107,27 +107,23 @@ impl Event {
             .map(|(_, v)| v.as_str())
     }
 
-    /// An event of the web page (`Backend::event`'s sentence): a failed login, a login,
-    /// or another security event, with the client's address as `client` where the
-    /// sentence ends with one.
-    pub fn web(message: &str) -> Event {
-        let (kind, severity) = if message.contains("failed login") {
-            (Kind::LoginFailed, Severity::Warning)
-        } else if message.contains("login from") {
-            (Kind::Login, Severity::Notice)
-        } else {
-            (Kind::Web, Severity::Notice)
-        };
-        let mut e = Event::new(kind, severity, message);
-        let last = message
-            .rsplit(' ')
-            .next()
-            .unwrap_or("")
-            .trim_end_matches(';');
-        if last.parse::<std::net::IpAddr>().is_ok() {
-            e = e.with("client", last);
+    /// An event of the web page (`Backend::event`'s sentence) that the audit log does
+    /// not have (a password set or changed), with the client's address as `client` where
+    /// the sentence names one. Logins and failed logins are audit-log lines, which the
+    /// exporter forwards with their hash chain: None for those.
+    pub fn web(message: &str) -> Option<Event> {
+        if message.contains("login from") {
+            return None;
         }
-        e
+        let mut e = Event::new(Kind::Web, Severity::Notice, message);
+        let client = message
+            .split(' ')
+            .map(|w| w.trim_end_matches([';', ',']))
+            .find(|w| w.parse::<std::net::IpAddr>().is_ok());
+        if let Some(c) = client {
+            e = e.with("client", c);
+        }
+        Some(e)
     }
 }
 
@@ -174,15 +170,6 @@ pub fn flows(records: &[FlowRecord]) {
     let sink = SINK.read().unwrap_or_else(|p| p.into_inner()).clone();
     if let Some(s) = sink {
         s.flows(records);
-    }
-}
-
-/// A configuration applied (`CONFIG_APPLIED`) or refused with its error
-/// (`CONFIG_REFUSED`, the running policy stays).
-pub fn applied(outcome: &Result<(), String>) -> Event {
-    match outcome {
-        Ok(()) => Event::new(Kind::Applied, Severity::Info, "configuration applied"),
-        Err(e) => Event::new(Kind::Refused, Severity::Error, e.as_str()).with("error", e),
     }
 }
 
@@ -250,16 +237,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_web_pages_sentences_become_logins_with_the_client() {
-        let e = Event::web("web page: failed login from 192.168.1.20");
-        assert_eq!(e.kind, Kind::LoginFailed);
-        assert_eq!(e.param("client"), Some("192.168.1.20"));
-        let e = Event::web("web page: login from fd00::5");
-        assert_eq!(e.kind, Kind::Login);
-        assert_eq!(e.param("client"), Some("fd00::5"));
+    fn the_web_pages_sentences_are_events_unless_the_audit_log_has_them() {
+        assert_eq!(Event::web("web page: failed login from 192.168.1.20"), None);
+        assert_eq!(Event::web("web page: login from fd00::5"), None);
         let e =
-            Event::web("web page: the password was changed from 10.0.0.2; other sessions ended");
+            Event::web("web page: the password was changed from 10.0.0.2; other sessions ended")
+                .expect("not audited");
         assert_eq!(e.kind, Kind::Web);
-        assert_eq!(e.param("client"), None);
+        assert_eq!(e.param("client"), Some("10.0.0.2"));
     }
 }

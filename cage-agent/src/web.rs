@@ -761,7 +761,9 @@ impl Backend for AgentBackend {
 
     fn event(&self, message: &str) {
         log::info(message);
-        crate::events::emit(crate::events::Event::web(message));
+        if let Some(e) = crate::events::Event::web(message) {
+            crate::events::emit(e);
+        }
     }
 
     fn audit_login(&self, who: String, ok: bool) -> BoxFuture<'_, ()> {

@@ -339,6 +339,18 @@ fn events_reach_rsyslog_over_udp_tcp_and_tls_with_their_fields_and_a_wrong_ca_ge
     assert_eq!(sd(&m)["action"], "isolate", "{m}");
     assert_eq!(sd(&m)["source"], "cli", "{m}");
     assert_eq!(sd(&m)["result"], "ok", "{m}");
+    // The audit log's hash chain reaches the collector with the line.
+    assert!(
+        sd(&m)["seq"]
+            .as_str()
+            .is_some_and(|n| n.parse::<u64>().is_ok()),
+        "{m}"
+    );
+    let prev = sd(&m)["prev"].as_str().unwrap_or("");
+    assert!(
+        prev.len() == 64 && prev.chars().all(|c| c.is_ascii_hexdigit()),
+        "{m}"
+    );
     // rsyslog unescaped the value to what Cage wrote, the newline replaced.
     assert_eq!(sd(&m)["reason"], HOSTILE.replace('\n', "\u{FFFD}"), "{m}");
     assert_eq!(m["pri"], "28", "daemon.warning: {m}");
@@ -380,11 +392,11 @@ fn events_reach_rsyslog_over_udp_tcp_and_tls_with_their_fields_and_a_wrong_ca_ge
     let m = collector.wait_for(&run, Duration::from_secs(10), "LOGIN_FAILED", |m| {
         m["msgid"] == "LOGIN_FAILED"
     });
-    assert_eq!(sd(&m)["client"], LAN_HOST4.to_string(), "{m}");
+    assert_eq!(sd(&m)["who"], format!("web:{LAN_HOST4}"), "{m}");
     assert_eq!(m["pri"], "28", "{m}");
     cage_tests::http::login(&lan, ui, PASSWORD, || run.log());
     collector.wait_for(&run, Duration::from_secs(10), "LOGIN", |m| {
-        m["msgid"] == "LOGIN" && sd(m)["client"] == LAN_HOST4.to_string()
+        m["msgid"] == "LOGIN" && sd(m)["who"] == format!("web:{LAN_HOST4}")
     });
 
     // A configuration refused: said with its error, the running exporter goes on.
@@ -401,7 +413,7 @@ fn events_reach_rsyslog_over_udp_tcp_and_tls_with_their_fields_and_a_wrong_ca_ge
     });
     assert_eq!(m["input"], "tcp", "{m}");
     assert_eq!(m["pri"], "27", "daemon.err: {m}");
-    let error = sd(&m)["error"].as_str().unwrap_or("");
+    let error = sd(&m)["result"].as_str().unwrap_or("");
     assert!(error.contains("syslog_queue"), "{m}");
 
     // UDP, on SIGHUP, without a restart; with the flow records too.

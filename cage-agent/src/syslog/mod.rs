@@ -297,6 +297,10 @@ fn audit_event(line: &str) -> Event {
         ("isolate", "auto") => (Kind::Isolate, Severity::Alert),
         ("isolate", _) => (Kind::Isolate, Severity::Warning),
         ("release", _) => (Kind::Release, Severity::Notice),
+        ("config-applied", _) => (Kind::Applied, Severity::Info),
+        ("config-refused", _) => (Kind::Refused, Severity::Error),
+        ("login", _) => (Kind::Login, Severity::Notice),
+        ("login-failed", _) => (Kind::LoginFailed, Severity::Warning),
         _ => (Kind::Audit, Severity::Notice),
     };
     let mut msg = format!(
@@ -318,7 +322,7 @@ fn audit_event(line: &str) -> Event {
 }
 
 /// Where the audit log was read up to: its inode and offset
-/// (`<log_dir>/syslog-audit.json`, so a restarted daemon goes on where it stopped).
+/// (`<state_dir>/syslog-audit.json`, so a restarted daemon goes on where it stopped).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct AuditMark {
     inode: u64,
@@ -337,11 +341,14 @@ fn inode(path: &Path) -> Option<(u64, u64)> {
 }
 
 impl AuditTail {
-    /// Go on from the stored mark; without one, from the end of today's audit log (its
-    /// older lines were written before this exporter was configured).
+    /// Go on from the stored mark; without one (the first export), from the end of the
+    /// audit log: its older lines were written before an exporter was configured.
     fn open(cfg: &Config) -> AuditTail {
-        let log = crate::isolation::audit_path(cfg);
-        let mark_file = cfg.main.log_dir.join("syslog-audit.json");
+        let log = crate::audit::path(cfg);
+        // In the state directory (flash on a router): lines written while no `cage run`
+        // ran (a `cage isolate` at boot) are sent once it runs, after a reboot too. One
+        // small write per audit line, which are rare.
+        let mark_file = cfg.main.state_dir.join("syslog-audit.json");
         let stored: Option<AuditMark> = std::fs::read(&mark_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -361,7 +368,7 @@ impl AuditTail {
     fn new_lines(&mut self) -> Vec<String> {
         let before = self.mark;
         let mut lines = Vec::new();
-        let rotated = self.log.with_extension("log.1");
+        let rotated = crate::audit::rotated(&self.log);
         match inode(&self.log) {
             Some((ino, _)) if ino == self.mark.inode => self.read(&self.log.clone(), &mut lines),
             Some((ino, _)) => {
@@ -814,6 +821,13 @@ mod tests {
         );
         assert_eq!(e.kind, Kind::Release);
         assert_eq!(e.param("chain"), Some(r#"{"n":3}"#));
+        let e = audit_event(
+            r#"{"action":"config-refused","source":"daemon","result":"cage.export.syslog_queue (line 3): bad"}"#,
+        );
+        assert_eq!((e.kind, e.severity), (Kind::Refused, Severity::Error));
+        assert!(e.msg.contains("syslog_queue"), "{}", e.msg);
+        let e = audit_event(r#"{"action":"login-failed","source":"web","who":"web:192.168.8.10"}"#);
+        assert_eq!((e.kind, e.severity), (Kind::LoginFailed, Severity::Warning));
         let e = audit_event("not json\"]");
         assert_eq!((e.kind, e.severity), (Kind::Audit, Severity::Error));
     }
