@@ -74,6 +74,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    // The exporter first, so that the audit line of this start reaches the collector.
+    crate::syslog::configure(&current.config);
     let applied = apply::enforce(&current).await;
     let error = applied.as_ref().err().map(ToString::to_string);
     crate::audit::config_event(
@@ -194,6 +196,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         f.stop();
     }
     log::info("stopping; the policy stays in the kernel (`cage disable` removes it)");
+    crate::syslog::stop(Duration::from_secs(2));
     Ok(())
 }
 
@@ -586,11 +589,19 @@ impl Daemon {
         let why = why.to_owned();
         self.selftest_task = Some(tokio::task::spawn_blocking(move || {
             let opts = crate::selftest::Options::configured(&cfg);
-            match crate::selftest::run_and_store(&cfg, &opts) {
+            let result = crate::selftest::run_and_store(&cfg, &opts);
+            match &result {
                 Ok(r) if r.ok => log::info(&format!("self-test ({why}): {}", r.verdict)),
                 Ok(r) => log::error(&format!("ALERT: self-test ({why}): {}", r.verdict)),
                 Err(e) => log::error(&format!("ALERT: self-test ({why}) could not run: {e}")),
             }
+            crate::events::emit(crate::events::selftest(
+                &why,
+                result
+                    .as_ref()
+                    .map(|r| (r.ok, r.verdict.as_str()))
+                    .map_err(|e| e.to_string()),
+            ));
         }));
     }
 
@@ -613,6 +624,7 @@ impl Daemon {
                     log::configure(next.config.main.log_level);
                     self.current = next;
                     self.sync_dns();
+                    crate::syslog::configure(&self.current.config);
                     Ok(())
                 }
                 Err(e) => Err(format!("applying failed: {e}")),
@@ -998,6 +1010,9 @@ impl Collector {
         for _ in 0..NFLOG_QUEUE {
             match rx.try_recv() {
                 Ok(d) => {
+                    if crate::events::active() {
+                        crate::events::emit(crate::events::blocked(&d));
+                    }
                     self.sweeper.note_blocked(&d, now);
                     if !self.blocked.add(&d, &segment) {
                         self.table_full += 1;
@@ -1020,9 +1035,11 @@ impl Collector {
         self.accounted = now;
         let lost = log.stats.nflog_overruns + log.stats.nflog_dropped - lost_before;
         if lost > 0 {
-            log::warn(&format!(
+            let line = format!(
                 "flow log: {lost} denied packets could not be logged (counted in cage status)"
-            ));
+            );
+            log::warn(&line);
+            crate::events::emit(crate::events::lost(&line, "nflog", lost));
         }
         let mut records = self.blocked.drain();
         // The flows the eBPF program counted: written once they end, then removed from
@@ -1091,6 +1108,7 @@ impl Collector {
         if let Some(p) = &mut self.persister {
             p.add(&records);
         }
+        crate::events::flows(&records);
         if let Err(e) = self.sweeper.save(&flows::dir(cfg)) {
             log::error(&format!("flow log: cannot save its progress: {e}"));
         }
@@ -1112,11 +1130,14 @@ impl Collector {
                     .flows_created
                     .saturating_sub(log.stats.ebpf_removed + in_map as u64);
                 if evicted > log.stats.ebpf_evicted {
-                    log::warn(&format!(
+                    let line = format!(
                         "flow log: {} flows were evicted from the eBPF map before they \
                          were written (flowlog.max_flows is too small for this traffic)",
                         evicted - log.stats.ebpf_evicted
-                    ));
+                    );
+                    log::warn(&line);
+                    let n = evicted - log.stats.ebpf_evicted;
+                    crate::events::emit(crate::events::lost(&line, "ebpf_evicted", n));
                 }
                 log.stats.ebpf_evicted = evicted;
                 log.stats.ebpf_update_failed = s.flow_update_failed;

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod ebpf;
+pub mod events;
 pub mod flows;
 pub mod ipfix;
 pub mod isolation;
@@ -32,6 +33,7 @@ pub mod probe;
 pub mod running;
 pub mod selftest;
 pub mod status;
+pub mod syslog;
 pub mod web;
 
 /// The policy is rendered by the pure crate; re-exported so that `cage_agent::policy` is

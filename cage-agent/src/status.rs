@@ -60,6 +60,9 @@ pub struct Status {
     /// the addresses bound to it.
     pub machines: Vec<Machine>,
     pub problems: Vec<String>,
+    /// The syslog exporter's counters (`export.syslog`), as `cage run` last wrote them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syslog: Option<crate::syslog::Stats>,
 }
 
 /// The web page's certificate, as `cage status` shows it.
@@ -222,6 +225,7 @@ pub async fn gather(config_path: &Path) -> Status {
         Err(_) => (None, vec![]),
     };
     let flow_log = cfg.as_ref().ok().and_then(flows::read_stats);
+    let syslog = cfg.as_ref().ok().and_then(crate::syslog::read_stats);
     let dns = cfg
         .as_ref()
         .ok()
@@ -325,6 +329,7 @@ pub async fn gather(config_path: &Path) -> Status {
         audit,
         selftest,
         flow_log,
+        syslog,
         dns,
         ipfix,
         ebpf,
@@ -477,6 +482,26 @@ pub fn render_text(s: &Status) -> String {
         None => {
             let _ = writeln!(o, "flows:   no flow log yet (cage run writes it)");
         }
+    }
+    if let Some(x) = &s.syslog {
+        let _ = writeln!(
+            o,
+            "syslog:  {} ({}): {} sent, {} dropped, {} errors, {} queued{}",
+            x.collector,
+            if x.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            x.sent,
+            x.dropped,
+            x.errors,
+            x.queued,
+            x.last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
     }
     if let Some(d) = &s.dns {
         let _ = writeln!(

@@ -713,6 +713,10 @@ impl Backend for AgentBackend {
             let result = rx
                 .await
                 .map_err(|_| failed("the self-test's thread ended without a result"))?;
+            if let Ok(r) = &result {
+                let why = "from the web page";
+                crate::events::emit(crate::events::selftest(why, Ok((r.ok, &r.verdict))));
+            }
             match result {
                 Ok(r) => {
                     if r.ok {
@@ -757,6 +761,9 @@ impl Backend for AgentBackend {
 
     fn event(&self, message: &str) {
         log::info(message);
+        if let Some(e) = crate::events::Event::web(message) {
+            crate::events::emit(e);
+        }
     }
 
     fn audit_login(&self, who: String, ok: bool) -> BoxFuture<'_, ()> {

@@ -13,7 +13,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-/// Debian packages and a program each provides, to tell whether it is installed.
+/// Debian packages and a program (or an absolute path) each provides, to tell whether it
+/// is installed.
 const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("iproute2", "ip"),
@@ -36,6 +37,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     // The IPFIX export's test stores it with nfcapd and reads it back with nfdump.
     ("nfdump", "nfcapd"),
+    // The syslog export's test runs a real rsyslogd (UDP, TCP and, with gtls, TLS).
+    ("rsyslog", "rsyslogd"),
+    (
+        "rsyslog-gnutls",
+        "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so",
+    ),
     // `cargo xtask vm` (the guests' qemu is in `vm::arch::ARCHS`): the ELF headers of the
     // guest's programs are read, the x86_64 kernel's xz payload unpacked.
     ("binutils", "readelf"),
@@ -43,6 +50,10 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 fn have(program: &str) -> bool {
+    // A file a package provides that is not a program (a plug-in module).
+    if program.starts_with('/') {
+        return std::path::Path::new(program).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
         .status()
