@@ -66,7 +66,8 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // A temporary name of this writer's own: two presses at once (two `cage isolate`,
     // or the page and automatic isolation in one `cage run`) must not rename each
     // other's file away.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // portable-atomic: 32-bit MIPS has no native 64-bit atomics.
+    static WRITES: portable_atomic::AtomicU64 = portable_atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
     {

@@ -20,9 +20,12 @@ pub mod transport;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+// portable-atomic: 32-bit MIPS (the GL-MT300N) has no native 64-bit atomics.
+use portable_atomic::AtomicU64;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,9 +1,10 @@
-//! `bench export`: what the IPFIX export costs `cage run` at 10 000 flows a minute: the
-//! daemon's CPU and resident memory with `export.ipfix` set against without, side by
-//! side in one run (one lab, `cage run` restarted with the other configuration, the
-//! order alternated between rounds). The flows are real: one UDP datagram, echoed, from
-//! a new port of the caged host to the internet host each 6 ms; the collector is a UDP
-//! socket on the LAN host that counts what arrives.
+//! `bench export`: what exporting costs `cage run` at 10 000 flows a minute: the daemon's
+//! CPU and resident memory with no export, with `export.ipfix`, and with both IPFIX and
+//! syslog carrying every flow (`syslog_flows`, over UDP), side by side in one run (one
+//! lab, `cage run` restarted with each configuration, the order turned round between
+//! rounds). The flows are real: one UDP datagram, echoed, from a new port of the caged
+//! host to the internet host each 6 ms; the collectors are UDP sockets on the LAN host
+//! that count what arrives.
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,8 +24,28 @@ const MEASURE: Duration = Duration::from_secs(20);
 const SETTLE: Duration = Duration::from_secs(6);
 const ROUNDS: usize = 2;
 
+/// What `cage run` exports in one measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setting {
+    Off,
+    Ipfix,
+    IpfixAndSyslog,
+}
+
+impl Setting {
+    fn name(self) -> &'static str {
+        match self {
+            Setting::Off => "none",
+            Setting::Ipfix => "IPFIX",
+            Setting::IpfixAndSyslog => "IPFIX + syslog with flows",
+        }
+    }
+}
+
+const SYSLOG_PORT: u16 = 5514;
+
 struct Measured {
-    export: bool,
+    export: Setting,
     cpu_pct: f64,
     rss_kb: u64,
     flows: u64,
@@ -49,32 +70,40 @@ pub fn export() -> Result<()> {
     let got = Arc::new(AtomicU64::new(0));
     let (flag, count) = (stop.clone(), got.clone());
     let sink = lab.netns(Node::Lan).spawn("collector", move || {
-        let s = UdpSocket::bind((LAN_HOST4, 4739)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let mut buf = [0u8; 2048];
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let ipfix = UdpSocket::bind((LAN_HOST4, 4739)).unwrap();
+        let syslog = UdpSocket::bind((LAN_HOST4, SYSLOG_PORT)).unwrap();
+        ipfix.set_nonblocking(true).unwrap();
+        syslog.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(900);
         while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if s.recv(&mut buf).is_ok() {
-                count.fetch_add(1, Ordering::Relaxed);
+            let mut got_one = false;
+            for s in [&ipfix, &syslog] {
+                while s.recv(&mut buf).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    got_one = true;
+                }
+            }
+            if !got_one {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         Ok(())
     })?;
     let mut all = Vec::new();
     for round in 0..ROUNDS {
-        let mut order = [false, true];
+        let mut order = [Setting::Off, Setting::Ipfix, Setting::IpfixAndSyslog];
         if round % 2 == 1 {
             order.reverse();
         }
         for export in order {
             let m = measure(&lab, export, &got)
-                .with_context(|| format!("round {}, export {export}", round + 1))?;
+                .with_context(|| format!("round {}, export {}", round + 1, export.name()))?;
             println!(
-                "xtask bench: round {}: export {}: CPU {:.3} % of a core, {} kB resident, \
+                "xtask bench: round {}: export: {}: CPU {:.3} % of a core, {} kB resident, \
                  {} flows; exported {} records, {} lost, {} datagrams at the collector",
                 round + 1,
-                if export { "on" } else { "off" },
+                export.name(),
                 m.cpu_pct,
                 m.rss_kb,
                 m.flows,
@@ -87,31 +116,38 @@ pub fn export() -> Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = sink.join();
-    let of = |e: bool| all.iter().filter(move |m| m.export == e);
+    let of = |e: Setting| all.iter().filter(move |m| m.export == e);
     // The mean of the rounds (two: a median would be one of them).
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
-    let cpu = |e: bool| mean(of(e).map(|m| m.cpu_pct).collect());
-    let rss = |e: bool| mean(of(e).map(|m| m.rss_kb as f64).collect());
+    let cpu = |e: Setting| mean(of(e).map(|m| m.cpu_pct).collect());
+    let rss = |e: Setting| mean(of(e).map(|m| m.rss_kb as f64).collect());
+    let against = |e: Setting| {
+        format!(
+            "{} against none: CPU ratio **{:.2}** ({:.3} % against {:.3} % of a core), \
+             resident memory ratio **{:.2}** ({:.0} kB against {:.0} kB)",
+            e.name(),
+            cpu(e) / cpu(Setting::Off),
+            cpu(e),
+            cpu(Setting::Off),
+            rss(e) / rss(Setting::Off),
+            rss(e),
+            rss(Setting::Off)
+        )
+    };
     let summary = format!(
-        "IPFIX export on against off at {FLOWS_PER_MINUTE} flows a minute: CPU ratio \
-         **{:.2}** ({:.3} % against {:.3} % of a core), resident memory ratio **{:.2}** \
-         ({:.0} kB against {:.0} kB).",
-        cpu(true) / cpu(false),
-        cpu(true),
-        cpu(false),
-        rss(true) / rss(false),
-        rss(true),
-        rss(false)
+        "At {FLOWS_PER_MINUTE} flows a minute: {}; {}.",
+        against(Setting::Ipfix),
+        against(Setting::IpfixAndSyslog)
     );
     let mut body = String::from(
-        "| round | export | CPU % of a core | resident kB | flows made | records exported | lost | datagrams at the collector |\n\
+        "| round | export | CPU % of a core | resident kB | flows made | IPFIX records exported | lost | datagrams at the collectors |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (i, m) in all.iter().enumerate() {
         body.push_str(&format!(
             "| {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
-            i / 2 + 1,
-            if m.export { "on" } else { "off" },
+            i / 3 + 1,
+            m.export.name(),
             m.cpu_pct,
             m.rss_kb,
             m.flows,
@@ -125,8 +161,10 @@ pub fn export() -> Result<()> {
     let method = format!(
         "Load average at the start: {load}, at the end: {}. The release `cage run` in one \
          lab (contract configuration, `flowlog.idle_timeout` 2 s), restarted for each \
-         configuration, {ROUNDS} rounds in alternating order: with `export.ipfix` set to a \
-         UDP socket on the LAN host, and without. Traffic: one UDP datagram a flow, echoed \
+         configuration, {ROUNDS} rounds, the second in the reverse order: without export, \
+         with `export.ipfix` set to a UDP socket on the LAN host, and with that and \
+         `export.syslog` (udp://, `syslog_flows '1'`: every flow record a message too) to \
+         another. Traffic: one UDP datagram a flow, echoed \
          by the internet host, a new source port every {} ms ({FLOWS_PER_MINUTE} flows a \
          minute). CPU: the daemon's and its children's CPU time (/proc/PID/stat) over {} s \
          after {} s of the same traffic, in clock ticks of 10 ms (a resolution of {:.2} % of \
@@ -139,17 +177,26 @@ pub fn export() -> Result<()> {
         1.0 / MEASURE.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    record("Export: IPFIX at 10 000 flows a minute", &method, &body)
+    record(
+        "Export: IPFIX and syslog at 10 000 flows a minute",
+        &method,
+        &body,
+    )
 }
 
-fn measure(lab: &Lab, export: bool, datagrams: &AtomicU64) -> Result<Measured> {
+fn measure(lab: &Lab, export: Setting, datagrams: &AtomicU64) -> Result<Measured> {
     let mut extra = format!(
         "{}\nconfig flowlog 'flowlog'\n\toption idle_timeout '2'\n",
         cage_tests::contract::CONFIG_EXTRA
     );
-    if export {
+    if export != Setting::Off {
         extra.push_str(&format!(
             "\nconfig export 'export'\n\toption ipfix '{LAN_HOST4}:4739'\n"
+        ));
+    }
+    if export == Setting::IpfixAndSyslog {
+        extra.push_str(&format!(
+            "\toption syslog 'udp://{LAN_HOST4}:{SYSLOG_PORT}'\n\toption syslog_flows '1'\n"
         ));
     }
     lab.write_config(&extra);
@@ -195,8 +242,15 @@ fn measure(lab: &Lab, export: bool, datagrams: &AtomicU64) -> Result<Measured> {
         v["ipfix"]["records"].as_u64().unwrap_or(0),
         v["ipfix"]["lost"].as_u64().unwrap_or(0),
     );
-    if export && records == 0 {
+    if export != Setting::Off && records == 0 {
         bail!("the export exported nothing:\n{}", run.log());
+    }
+    let syslog_sent = v["syslog"]["sent"].as_u64().unwrap_or(0);
+    if export == Setting::IpfixAndSyslog && syslog_sent < flows / 4 {
+        bail!(
+            "syslog sent {syslog_sent} messages for {flows} flows:\n{}",
+            run.log()
+        );
     }
     run.stop();
     Ok(Measured {
