@@ -52,6 +52,9 @@ struct Measured {
     /// Records the exporter counted sent, lost; datagrams the collector got.
     records: u64,
     lost: u64,
+    /// Syslog messages the exporter counted sent, dropped.
+    syslog_sent: u64,
+    syslog_dropped: u64,
     datagrams: u64,
 }
 
@@ -72,6 +75,23 @@ pub fn export() -> Result<()> {
     let sink = lab.netns(Node::Lan).spawn("collector", move || {
         let ipfix = UdpSocket::bind((LAN_HOST4, 4739)).unwrap();
         let syslog = UdpSocket::bind((LAN_HOST4, SYSLOG_PORT)).unwrap();
+        // A flush sends hundreds of messages at once: room for them all, so the
+        // collector's count is what Cage sent, not what a small buffer kept.
+        // (SO_RCVBUFFORCE: as root, past net.core.rmem_max.)
+        for s in [&ipfix, &syslog] {
+            let size: libc::c_int = 8 << 20;
+            // SAFETY: a valid socket and a c_int option value of its own size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(s),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        }
         ipfix.set_nonblocking(true).unwrap();
         syslog.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 4096];
@@ -101,7 +121,8 @@ pub fn export() -> Result<()> {
                 .with_context(|| format!("round {}, export {}", round + 1, export.name()))?;
             println!(
                 "xtask bench: round {}: export: {}: CPU {:.3} % of a core, {} kB resident, \
-                 {} flows; exported {} records, {} lost, {} datagrams at the collector",
+                 {} flows; exported {} records, {} lost; syslog {} sent, {} dropped; {} datagrams \
+                 at the collectors",
                 round + 1,
                 export.name(),
                 m.cpu_pct,
@@ -109,6 +130,8 @@ pub fn export() -> Result<()> {
                 m.flows,
                 m.records,
                 m.lost,
+                m.syslog_sent,
+                m.syslog_dropped,
                 m.datagrams
             );
             all.push(m);
@@ -140,12 +163,12 @@ pub fn export() -> Result<()> {
         against(Setting::IpfixAndSyslog)
     );
     let mut body = String::from(
-        "| round | export | CPU % of a core | resident kB | flows made | IPFIX records exported | lost | datagrams at the collectors |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| round | export | CPU % of a core | resident kB | flows made | IPFIX records exported | lost | syslog sent | dropped | datagrams at the collectors |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (i, m) in all.iter().enumerate() {
         body.push_str(&format!(
-            "| {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} |\n",
             i / 3 + 1,
             m.export.name(),
             m.cpu_pct,
@@ -153,6 +176,8 @@ pub fn export() -> Result<()> {
             m.flows,
             m.records,
             m.lost,
+            m.syslog_sent,
+            m.syslog_dropped,
             m.datagrams
         ));
     }
@@ -246,6 +271,7 @@ fn measure(lab: &Lab, export: Setting, datagrams: &AtomicU64) -> Result<Measured
         bail!("the export exported nothing:\n{}", run.log());
     }
     let syslog_sent = v["syslog"]["sent"].as_u64().unwrap_or(0);
+    let syslog_dropped = v["syslog"]["dropped"].as_u64().unwrap_or(0);
     if export == Setting::IpfixAndSyslog && syslog_sent < flows / 4 {
         bail!(
             "syslog sent {syslog_sent} messages for {flows} flows:\n{}",
@@ -260,6 +286,8 @@ fn measure(lab: &Lab, export: Setting, datagrams: &AtomicU64) -> Result<Measured
         flows,
         records,
         lost,
+        syslog_sent,
+        syslog_dropped,
         datagrams: datagrams.load(Ordering::Relaxed) - sent_before,
     })
 }
