@@ -4,6 +4,7 @@
 //!   a LAN host, the hotel's gateway and one of its hosts, "the internet"), made by a
 //!   guard type that tears everything down again, also after a crash.
 //! - [`browser`]: a real headless Chromium in a lab namespace, over WebDriver.
+//! - [`frames`]: raw Ethernet frames out of a lab namespace, as a hostile host sends them.
 //! - [`wait`]: waiting on a condition, bounded in time, instead of fixed sleeps.
 //! - [`contract`]: MISSION.md's connectivity contract as a table of checks, and a runner
 //!   that proves each one with real packets (see `cage_agent::probe`) and prints a matrix.
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 pub mod browser;
 pub mod contract;
 pub mod dns;
+pub mod frames;
 #[cfg(feature = "web")]
 pub mod http;
 pub mod jsonfilter;

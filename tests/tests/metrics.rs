@@ -255,38 +255,6 @@ fn udp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -
     f
 }
 
-/// Send `frames` as they are out of `ns`'s eth0 (AF_PACKET, SOCK_RAW).
-fn send_frames(ns: &NetNs, frames: Vec<Vec<u8>>) {
-    ns.run("raw frames", move || {
-        // SAFETY: plain socket calls on a socket this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            let index = libc::if_nametoindex(c"eth0".as_ptr());
-            assert!(index > 0, "no eth0");
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            for f in &frames {
-                addr.sll_addr[..6].copy_from_slice(&f[..6]);
-                let n = libc::sendto(
-                    fd,
-                    f.as_ptr().cast(),
-                    f.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-        }
-        Ok(())
-    })
-    .expect("in the caged host's namespace");
-}
-
 /// `count` datagrams from `from` to the echo server at `to`, each echoed.
 fn udp_echoes(ns: &NetNs, from: IpAddr, to: IpAddr, count: u32) {
     ns.run("udp", move || {
@@ -431,7 +399,7 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
         })
         .collect();
     let before = samples(&scrape(&lan, ui, Some(TOKEN)).expect("a scrape").body);
-    send_frames(&ai1, frames);
+    cage_tests::frames::send(&ai1, "eth0", frames);
     // Their records are written (blocked as a MAC flood, or counted in eBPF).
     let until = Instant::now() + Duration::from_secs(30);
     loop {

@@ -94,49 +94,6 @@ fn neighbour_advert(src_mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, solicited
     f
 }
 
-/// Send `frames` out of `ifname` in `ns` as they are (AF_PACKET, SOCK_RAW).
-fn send_frames(ns: &NetNs, ifname: &str, frames: Vec<Vec<u8>>) {
-    let ifname = ifname.to_owned();
-    ns.run("sending raw frames", move || {
-        // SAFETY: plain socket calls on a socket this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let name = std::ffi::CString::new(ifname.clone()).unwrap();
-            let index = libc::if_nametoindex(name.as_ptr());
-            assert!(index > 0, "no interface {ifname}");
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            for f in &frames {
-                addr.sll_addr[..6].copy_from_slice(&f[..6]);
-                let n = libc::sendto(
-                    fd,
-                    f.as_ptr().cast(),
-                    f.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(
-                    n,
-                    f.len() as isize,
-                    "sendto: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            libc::close(fd);
-        }
-        Ok(())
-    })
-    .expect("in the namespace");
-}
-
 /// The router's MAC on the segment.
 fn router_mac(lab: &Lab) -> [u8; 6] {
     let out = lab
@@ -273,7 +230,7 @@ fn steal(lab: &Lab, family: Family) -> (usize, usize) {
     };
     let ai1 = lab.netns(Node::Ai1);
     for _ in 0..10 {
-        send_frames(&ai1, "eth0", family.announcements(lab));
+        cage_tests::frames::send(&ai1, "eth0", family.announcements(lab));
         // And packets from the stolen address, to the internet.
         let _ = in_ns(
             lab,
@@ -744,7 +701,7 @@ fn mac_flood(lab: &Lab) -> (usize, usize) {
             arp(1, [0xff; 6], made_up, Ipv4Addr::UNSPECIFIED, [0; 6], router)
         })
         .collect();
-    send_frames(&lab.netns(Node::Ai1), "eth0", frames);
+    cage_tests::frames::send(&lab.netns(Node::Ai1), "eth0", frames);
     let learned = learned_on_ai1_port(lab);
     let pinged = ai2.join().unwrap().expect("ai2's ping");
     let answered = String::from_utf8_lossy(&pinged.stdout)

@@ -57,38 +57,6 @@ fn arp_claim(sha: [u8; 6], spa: IpAddr, tpa: IpAddr) -> Vec<u8> {
     f
 }
 
-/// Send `frames` as they are out of ai1's eth0 (AF_PACKET, SOCK_RAW).
-fn send_frames(ns: &NetNs, frames: Vec<Vec<u8>>) {
-    ns.run("raw frames", move || {
-        // SAFETY: plain socket calls on a socket this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            let index = libc::if_nametoindex(c"eth0".as_ptr());
-            assert!(index > 0, "no eth0");
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            for f in &frames {
-                addr.sll_addr[..6].copy_from_slice(&f[..6]);
-                let n = libc::sendto(
-                    fd,
-                    f.as_ptr().cast(),
-                    f.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-        }
-        Ok(())
-    })
-    .expect("in ai1's namespace");
-}
-
 /// `count` datagrams from `from` to the echo server at `to`, each echoed in full.
 fn udp_echoes(ns: &NetNs, from: IpAddr, to: IpAddr, count: u32, size: usize) {
     ns.run("udp", move || {
@@ -205,7 +173,7 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
         frames.push(arp_claim(mac(AI1_MAC), AI2_4, ROUTER_SEG4));
         frames.push(arp_claim(mac(AI2_MAC), AI1_4, ROUTER_SEG4));
     }
-    send_frames(&ai1, frames);
+    cage_tests::frames::send(&ai1, "eth0", frames);
     let router = lab.netns(Node::Router);
     for dst in [AI1_4, AI1_6] {
         let _ = probe_in(
