@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
@@ -44,8 +43,8 @@ pub const SETTLE: Duration = Duration::from_millis(100);
 /// How often the checks that start no process run: the DHCP leases' file changed, the
 /// eBPF kill-switch flag (a map, which announces nothing).
 pub const QUICK_INTERVAL: Duration = Duration::from_secs(2);
-/// How often denied packets are taken from the NFLOG reader, and how often the flow log
-/// is written (one batched write, friendly to flash).
+/// How often denied packets are taken from the NFLOG reader at most (when it has sent
+/// some), and how often the flow log is written (one batched write, friendly to flash).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Denied packets waiting between the NFLOG reader and the collector at most.
@@ -130,13 +129,25 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut announced: Option<Instant> = None;
     let mut heard_from: Vec<&str> = Vec::new();
     let mut auto_tick = tokio::time::interval(AUTO_INTERVAL);
+    // It ticks only while a rule is on (no wakeup otherwise); switched on, once at once.
+    auto_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     auto_tick.tick().await;
     let mut collector = Collector::start(&d.current.config);
     collector.names = Some(d.dns_shared.clone());
-    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    // Denied packets are drained when the reader has sent some, at most every
+    // DRAIN_INTERVAL: an idle daemon does not wake for them.
+    let ready = collector.ready.clone();
+    let mut drain_pending = false;
+    let mut drained_at = Instant::now();
     let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
 
     loop {
+        // Each applied change is answered once, at the turn after it.
+        if d.selftest
+            .after_change_due(&d.current.config.selftest, &d.state)
+        {
+            d.start_selftest("after a policy change");
+        }
         // Computed anew at every turn from the configuration in force, so a reloaded
         // `selftest.interval` counts from the next turn on.
         let next_selftest = d.selftest.next(&d.current.config.selftest);
@@ -164,17 +175,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = tick.tick() => d.on_watch().await,
             _ = quick_tick.tick() => d.on_quick().await,
-            _ = auto_tick.tick() => d.on_auto().await,
+            _ = auto_tick.tick(), if d.auto_inputs().is_some() => d.on_auto().await,
             _ = sleep_until(next_selftest) => {
                 if d.selftest.scheduled_due(&d.current.config.selftest, Instant::now()) {
                     d.start_selftest("scheduled");
                 }
             }
-            _ = drain_tick.tick() => {
+            _ = ready.notified(), if !drain_pending => drain_pending = true,
+            _ = sleep_until(drain_pending.then(|| drained_at + DRAIN_INTERVAL)) => {
+                drain_pending = false;
+                drained_at = Instant::now();
                 collector.drain(&d.current.config);
-                if d.selftest.after_change_due(&d.current.config.selftest, &d.state) {
-                    d.start_selftest("after a policy change");
-                }
             }
             _ = flush_tick.tick() => collector.flush(&d.current.config, &d.ports),
             _ = term.recv() => break,
@@ -930,7 +941,9 @@ impl OverShare {
 struct Collector {
     log: Option<FlowLog>,
     rx: Option<Receiver<Denied>>,
-    stop: Arc<AtomicBool>,
+    /// Told by the reader each time it sent denied packets: the loop drains then.
+    ready: Arc<tokio::sync::Notify>,
+    stopper: Option<nflog::Stopper>,
     reader: Option<std::thread::JoinHandle<()>>,
     stats: Arc<NflogStats>,
     /// NFLOG counts already added to the log's stats.
@@ -951,7 +964,7 @@ struct Collector {
 impl Collector {
     fn start(cfg: &Config) -> Collector {
         let stats = Arc::new(NflogStats::default());
-        let stop = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(tokio::sync::Notify::new());
         let log = match FlowLog::open(cfg) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -963,22 +976,24 @@ impl Collector {
             }
         };
         let (tx, rx) = sync_channel(NFLOG_QUEUE);
-        let reader = match nflog::open(policy::LOG_GROUP)
-            .and_then(|s| nflog::spawn_reader(s, tx, stop.clone(), stats.clone()))
+        let sent = ready.clone();
+        let (reader, stopper) = match nflog::open(policy::LOG_GROUP)
+            .and_then(|s| nflog::spawn_reader(s, tx, stats.clone(), move || sent.notify_one()))
         {
-            Ok(h) => Some(h),
+            Ok((h, s)) => (Some(h), Some(s)),
             Err(e) => {
                 log::error(&format!(
                     "blocked flows are not logged: cannot read NFLOG group {}: {e}",
                     policy::LOG_GROUP
                 ));
-                None
+                (None, None)
             }
         };
         Collector {
             log,
             rx: reader.as_ref().map(|_| rx),
-            stop,
+            ready,
+            stopper,
             reader,
             stats,
             accounted: NflogCounts::default(),
@@ -1189,7 +1204,9 @@ impl Collector {
     }
 
     fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = &self.stopper {
+            s.stop();
+        }
         if let Some(h) = self.reader.take() {
             let deadline = std::time::Instant::now() + nflog::STOP_WAIT;
             while !h.is_finished() && std::time::Instant::now() < deadline {

@@ -104,6 +104,8 @@ pub struct FlowLog {
     size: u64,
     lines: u64,
     pub stats: LogStats,
+    /// What `stats.json` was last written with: an idle daemon does not rewrite it.
+    stats_saved: Option<Vec<u8>>,
 }
 
 impl FlowLog {
@@ -130,6 +132,7 @@ impl FlowLog {
             size,
             lines,
             stats,
+            stats_saved: None,
         })
     }
 
@@ -177,14 +180,32 @@ impl FlowLog {
         Ok(())
     }
 
-    pub fn save_stats(&self) -> io::Result<()> {
-        let tmp = self.dir.join("stats.json.tmp");
-        std::fs::write(
-            &tmp,
+    pub fn save_stats(&mut self) -> io::Result<()> {
+        let path = self.dir.join("stats.json");
+        self.stats_saved = save_changed(
+            &path,
             serde_json::to_vec(&self.stats).map_err(io::Error::other)?,
+            self.stats_saved.take(),
         )?;
-        std::fs::rename(tmp, self.dir.join("stats.json"))
+        Ok(())
     }
+}
+
+/// Write `bytes` to `path` (through a temporary file, renamed) unless `saved`, what it was
+/// last written with, is the same and the file is still there; what is there now.
+fn save_changed(
+    path: &Path,
+    bytes: Vec<u8>,
+    saved: Option<Vec<u8>>,
+) -> io::Result<Option<Vec<u8>>> {
+    if saved.as_ref() == Some(&bytes) && path.exists() {
+        return Ok(saved);
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(tmp, path)?;
+    Ok(Some(bytes))
 }
 
 fn count_lines(path: &Path) -> u64 {
@@ -656,6 +677,8 @@ pub struct Sweeper {
     /// 5-tuples that NFLOG reported denied, and when: their eBPF records are the same
     /// attempts as the blocked records and are not written again.
     blocked: HashMap<Tuple, std::time::Instant>,
+    /// What `baselines.json` was last written with, and where.
+    saved: Option<(PathBuf, Vec<u8>)>,
 }
 
 fn key_id(k: &cage_common::FlowKey) -> String {
@@ -695,16 +718,20 @@ impl Sweeper {
         Sweeper {
             baselines,
             blocked: HashMap::new(),
+            saved: None,
         }
     }
 
-    pub fn save(&self, dir: &Path) -> io::Result<()> {
-        let tmp = dir.join("baselines.json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&self.baselines).map_err(io::Error::other)?,
-        )?;
-        std::fs::rename(tmp, dir.join("baselines.json"))
+    pub fn save(&mut self, dir: &Path) -> io::Result<()> {
+        let path = dir.join("baselines.json");
+        let saved = self
+            .saved
+            .take()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, b)| b);
+        let bytes = serde_json::to_vec(&self.baselines).map_err(io::Error::other)?;
+        self.saved = save_changed(&path, bytes, saved)?.map(|b| (path, b));
+        Ok(())
     }
 
     /// A denied packet from NFLOG, from the caged host's side.

@@ -119,78 +119,162 @@ pub fn open(group: u16) -> io::Result<Socket> {
             Timeout::from(FLUSH_TIMEOUT).into(),
         ],
     )?;
-    // A receive timeout, so the reader notices when it is told to stop.
-    socket2::SockRef::from(&socket).set_read_timeout(Some(Duration::from_millis(200)))?;
+    // Read without blocking: the reader waits in poll(2), for a message or for its stop.
+    socket.set_non_blocking(true)?;
     Ok(socket)
 }
 
-/// Read `socket` on a thread of its own until `stop`, sending each denied packet to `tx`.
+/// Tells the reader thread to stop, and wakes it from its wait for the socket: it sleeps
+/// until a message or this, never on a timer.
+pub struct Stopper {
+    stop: Arc<AtomicBool>,
+    /// The write end of a pipe whose read end the reader polls next to the socket.
+    wake: std::os::fd::OwnedFd,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        use std::os::fd::AsRawFd;
+        self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: one byte from a live buffer to a descriptor this owns.
+        unsafe { libc::write(self.wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    }
+}
+
+/// A pipe: (read end, write end), closed on exec.
+fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array, which this then owns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are fresh descriptors from pipe2, owned by nothing else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Wait until `socket` has something to read; `false` once `stop` says so (or poll fails
+/// for good).
+fn wait_readable(socket: &Socket, stop_r: &std::os::fd::OwnedFd, stop: &AtomicBool) -> bool {
+    use std::os::fd::AsRawFd;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two initialised pollfd structs, their count given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            crate::log::error(&format!("NFLOG reader stopped: {e}"));
+            return false;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return true;
+        }
+    }
+}
+
+/// Read `socket` on a thread of its own until told to stop (the [`Stopper`]), sending
+/// each denied packet to `tx` and calling `sent` after each message that brought some.
 pub fn spawn_reader(
     socket: Socket,
     tx: SyncSender<Denied>,
-    stop: Arc<AtomicBool>,
     stats: Arc<NflogStats>,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+    sent: impl Fn() + Send + 'static,
+) -> io::Result<(JoinHandle<()>, Stopper)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_r, wake) = pipe()?;
+    let stopper = Stopper {
+        stop: stop.clone(),
+        wake,
+    };
+    let handle = std::thread::Builder::new()
         .name("nflog".into())
         .spawn(move || {
             let mut buf = vec![0u8; 1 << 16];
-            while !stop.load(Ordering::Relaxed) {
-                let n = match socket.recv(&mut &mut buf[..], 0) {
-                    Ok(n) => n,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                        stats.overruns.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        continue
-                    }
-                    Err(e) => {
-                        crate::log::error(&format!("NFLOG reader stopped: {e}"));
+            while wait_readable(&socket, &stop_r, &stop) {
+                // Everything queued, then wait again.
+                loop {
+                    if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                };
-                let mut offset = 0;
-                while offset < n {
-                    let Ok(msg) = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[offset..n])
-                    else {
-                        stats.unparsable.fetch_add(1, Ordering::Relaxed);
-                        break;
+                    let n = match socket.recv(&mut &mut buf[..], 0) {
+                        Ok(n) => n,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            stats.overruns.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            crate::log::error(&format!("NFLOG reader stopped: {e}"));
+                            return;
+                        }
                     };
-                    let len = msg.header.length as usize;
-                    if let NetlinkPayload::InnerMessage(NetfilterMessage {
-                        inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)),
-                        ..
-                    }) = &msg.payload
-                    {
-                        stats.received.fetch_add(1, Ordering::Relaxed);
-                        match parse(nlas) {
-                            Some(d) => match tx.try_send(d) {
-                                Ok(()) => {}
-                                Err(TrySendError::Full(_)) => {
-                                    stats.channel_full.fetch_add(1, Ordering::Relaxed);
+                    let mut offset = 0;
+                    let mut any = false;
+                    while offset < n {
+                        let Ok(msg) =
+                            <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[offset..n])
+                        else {
+                            stats.unparsable.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        };
+                        let len = msg.header.length as usize;
+                        if let NetlinkPayload::InnerMessage(NetfilterMessage {
+                            inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)),
+                            ..
+                        }) = &msg.payload
+                        {
+                            stats.received.fetch_add(1, Ordering::Relaxed);
+                            match parse(nlas) {
+                                Some(d) => match tx.try_send(d) {
+                                    Ok(()) => any = true,
+                                    Err(TrySendError::Full(_)) => {
+                                        stats.channel_full.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Err(TrySendError::Disconnected(_)) => return,
+                                },
+                                None => {
+                                    stats.unparsable.fetch_add(1, Ordering::Relaxed);
                                 }
-                                Err(TrySendError::Disconnected(_)) => return,
-                            },
-                            None => {
-                                stats.unparsable.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        if len == 0 {
+                            break;
+                        }
+                        offset += (len + 3) & !3;
                     }
-                    if len == 0 {
-                        break;
+                    if any {
+                        sent();
                     }
-                    offset += (len + 3) & !3;
                 }
             }
-        })
+        })?;
+    Ok((handle, stopper))
 }
 
 /// A logged packet's attributes → a [`Denied`], from the IP header on.
