@@ -47,6 +47,8 @@ pub const QUICK_INTERVAL: Duration = Duration::from_secs(2);
 /// some), and how often the flow log is written (one batched write, friendly to flash).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Flows of the eBPF map made into records and written at once (see `flush`).
+const SWEEP_CHUNK: usize = 4096;
 /// Denied packets waiting between the NFLOG reader and the collector at most.
 const NFLOG_QUEUE: usize = 16_384;
 
@@ -1067,7 +1069,6 @@ impl Collector {
                 m.map_err(|e| log::error(&format!("flow log: cannot open the eBPF maps: {e}")))
                     .ok()
             });
-        let mut ended = Vec::new();
         let mut in_map = 0;
         // Each host's records left in the map after this sweep, for its share.
         let mut per_host: HashMap<cage_common::HostKey, u32> = HashMap::new();
@@ -1075,65 +1076,83 @@ impl Collector {
         // in the walk but not yet counted, so the eviction estimate below can only err
         // low while traffic flows, and is exact once it stops.
         let before = maps.as_ref().and_then(|m| m.stats().ok());
-        if let Some(m) = &maps {
-            match m.flows() {
-                Ok(flows) => {
-                    let hostnames = flows::dhcp_hostnames(Path::new(flows::DHCP_LEASES));
-                    let (allowed, done) = self.sweeper.sweep(
-                        cfg,
-                        &flows,
-                        crate::ebpf::monotonic_ns(),
-                        std::time::SystemTime::now(),
-                        &hostnames,
-                    );
-                    in_map = flows.len() - done.len();
-                    let done_set: std::collections::HashSet<&cage_common::FlowKey> =
-                        done.iter().collect();
-                    for (k, _) in flows.iter().filter(|(k, _)| !done_set.contains(k)) {
-                        *per_host.entry(cage_common::HostKey::of(k)).or_default() += 1;
-                    }
-                    records.extend(allowed);
-                    ended = done;
-                }
-                Err(e) => log::error(&format!("flow log: cannot read the eBPF flow map: {e}")),
-            }
-        }
-        if let Some(names) = &self.names {
-            for r in &mut records {
-                r.name = names.name_of(r.host, r.peer);
-            }
-        }
-        flows::name_ports(&mut records, ports, &cfg.segment.bridge);
-        records.sort_by(|a, b| a.start.cmp(&b.start));
-        ::log::debug!(
-            "flow log: writing {} records, {in_map} flows still in the eBPF map",
-            records.len()
-        );
-        let result = if records.is_empty() {
-            log.save_stats()
-        } else {
-            log.write(&records)
+        let flows = match &maps {
+            Some(m) => m.flows().unwrap_or_else(|e| {
+                log::error(&format!("flow log: cannot read the eBPF flow map: {e}"));
+                Vec::new()
+            }),
+            None => Vec::new(),
         };
-        if let Err(e) = result {
-            // Nothing is removed from the map: the flows stay there to be written later.
-            log::error(&format!("flow log: cannot write: {e}"));
-            return;
+        let hostnames = match flows.is_empty() {
+            true => HashMap::new(),
+            false => flows::dhcp_hostnames(Path::new(flows::DHCP_LEASES)),
+        };
+        // The map in parts of SWEEP_CHUNK flows, each written before the next is made
+        // into records: 64 k flows ending together are otherwise 64 k records (some 500
+        // bytes each with their strings) held at once.
+        // The blocked records go with the first part.
+        let mut parts = flows.chunks(SWEEP_CHUNK);
+        let mut first = true;
+        loop {
+            let part = parts.next();
+            if part.is_none() && !first {
+                break;
+            }
+            first = false;
+            let part = part.unwrap_or_default();
+            let (allowed, ended) = self.sweeper.sweep(
+                cfg,
+                part,
+                crate::ebpf::monotonic_ns(),
+                std::time::SystemTime::now(),
+                &hostnames,
+            );
+            in_map += part.len() - ended.len();
+            let done: std::collections::HashSet<&cage_common::FlowKey> = ended.iter().collect();
+            for (k, _) in part.iter().filter(|(k, _)| !done.contains(k)) {
+                *per_host.entry(cage_common::HostKey::of(k)).or_default() += 1;
+            }
+            records.extend(allowed);
+            if let Some(names) = &self.names {
+                for r in &mut records {
+                    r.name = names.name_of(r.host, r.peer);
+                }
+            }
+            flows::name_ports(&mut records, ports, &cfg.segment.bridge);
+            records.sort_by(|a, b| a.start.cmp(&b.start));
+            ::log::debug!("flow log: writing {} records", records.len());
+            let result = if records.is_empty() {
+                log.save_stats()
+            } else {
+                log.write(&records)
+            };
+            if let Err(e) = result {
+                // Nothing is removed from the map: the flows stay there to be written later.
+                log::error(&format!("flow log: cannot write: {e}"));
+                return;
+            }
+            crate::ipfix::export(cfg, &records);
+            if let Some(p) = &mut self.persister {
+                p.add(&records);
+            }
+            crate::events::flows(&records);
+            records = Vec::new();
+            if let Some(m) = &mut maps {
+                for k in &ended {
+                    match m.remove_flow(k) {
+                        Ok(()) => log.stats.ebpf_removed += 1,
+                        Err(e) => log::error(&format!("flow log: cannot remove a flow: {e}")),
+                    }
+                }
+            }
         }
-        crate::ipfix::export(cfg, &records);
-        if let Some(p) = &mut self.persister {
-            p.add(&records);
-        }
-        crate::events::flows(&records);
+        self.sweeper.forget_gone(&flows);
+        drop(flows);
+        ::log::debug!("flow log: {in_map} flows still in the eBPF map");
         if let Err(e) = self.sweeper.save(&flows::dir(cfg)) {
             log::error(&format!("flow log: cannot save its progress: {e}"));
         }
         if let Some(m) = &mut maps {
-            for k in &ended {
-                match m.remove_flow(k) {
-                    Ok(()) => log.stats.ebpf_removed += 1,
-                    Err(e) => log::error(&format!("flow log: cannot remove a flow: {e}")),
-                }
-            }
             if let Some(s) = before {
                 // Every flow the program created was written (and removed), is still in
                 // the map, or was evicted by the map before it could be written.

@@ -678,21 +678,26 @@ impl Maps {
     /// counting, the LRU may evict), so a record may be a packet behind; a key is never
     /// returned twice.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, EbpfError> {
-        let mut all = StdHashMap::new();
+        // A vector, sorted and deduplicated afterwards: a hash map of 64 k records held
+        // twice their size in buckets, and its conversion to a vector another copy. The
+        // capacity is reserved, not touched: only what the walk fills becomes resident.
+        let limit = 2 * self.flow_capacity as usize + 16;
+        let mut all = Vec::with_capacity(self.flow_capacity as usize + 16);
         // Bounded: a walk restarts from the first key when the key it stands on is
         // evicted, so under churn it could go on; twice the capacity is plenty.
-        let limit = 2 * self.flow_capacity as usize + 16;
         for item in self.flows.iter().take(limit) {
             match item {
-                Ok((k, v)) => {
-                    all.insert(k, v);
-                }
+                Ok(kv) => all.push(kv),
                 // Removed between the key walk and the lookup: gone, not an error.
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err("reading the flow map")(e)),
             }
         }
-        Ok(all.into_iter().collect())
+        // A key read twice (the walk restarted): the later reading, which is newer.
+        all.reverse();
+        all.sort_by_key(|(k, _)| *k);
+        all.dedup_by_key(|(k, _)| *k);
+        Ok(all)
     }
 
     /// One flow's record, if the map has it.

@@ -96,6 +96,9 @@ pub fn files(dir: &Path, keep: u32) -> Vec<PathBuf> {
 }
 
 /// Appends records, rotates, and keeps the loss counts.
+/// The most of the flow log's text [`FlowLog::write`] holds before writing it.
+const WRITE_CHUNK: usize = 256 * 1024;
+
 pub struct FlowLog {
     dir: PathBuf,
     max_bytes: u64,
@@ -103,6 +106,8 @@ pub struct FlowLog {
     file: File,
     size: u64,
     lines: u64,
+    /// Bytes appended since it was opened, across rotations.
+    appended: u64,
     pub stats: LogStats,
     /// What `stats.json` was last written with: an idle daemon does not rewrite it.
     stats_saved: Option<Vec<u8>>,
@@ -131,6 +136,7 @@ impl FlowLog {
             file,
             size,
             lines,
+            appended: 0,
             stats,
             stats_saved: None,
         })
@@ -140,21 +146,37 @@ impl FlowLog {
         if records.is_empty() {
             return Ok(());
         }
+        // Few, large writes (on flash, fewer and larger writes wear less), but at most
+        // WRITE_CHUNK bytes held at once: 64 k records expiring together are 20 MB of
+        // text, which a router's daemon should not hold all at once.
         let mut buf = Vec::new();
-        for r in records {
+        let mut in_buf = 0;
+        for (i, r) in records.iter().enumerate() {
             serde_json::to_writer(&mut buf, r).map_err(io::Error::other)?;
             buf.push(b'\n');
+            in_buf += 1;
+            if buf.len() >= WRITE_CHUNK || i + 1 == records.len() {
+                self.write_lines(&buf, in_buf)?;
+                buf.clear();
+                in_buf = 0;
+            }
         }
+        crate::metrics::record(records);
+        self.save_stats()
+    }
+
+    /// Append `n` whole lines, rotating first when they would take the file over its
+    /// size.
+    fn write_lines(&mut self, buf: &[u8], n: u64) -> io::Result<()> {
         if self.size + buf.len() as u64 > self.max_bytes && self.size > 0 {
             self.rotate()?;
         }
-        // One write per batch: on flash, fewer and larger writes wear less.
-        self.file.write_all(&buf)?;
+        self.file.write_all(buf)?;
         self.size += buf.len() as u64;
-        self.lines += records.len() as u64;
-        self.stats.written += records.len() as u64;
-        crate::metrics::record(records);
-        self.save_stats()
+        self.appended += buf.len() as u64;
+        self.lines += n;
+        self.stats.written += n;
+        Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -753,8 +775,24 @@ impl Sweeper {
         self.blocked.contains_key(t)
     }
 
-    /// Records for every flow that ended (or reached the active timeout), and the keys to
-    /// remove from the map once the records are written.
+    /// Forget the baselines of flows gone from the map (evicted, or removed by hand):
+    /// `flows` is the whole map, as read before [`Sweeper::sweep`] went over it.
+    pub fn forget_gone(&mut self, flows: &[(cage_common::FlowKey, cage_common::FlowValue)]) {
+        if self.baselines.is_empty() {
+            return;
+        }
+        // Only the ids with a baseline: a set of every flow's id would be 64 k strings.
+        let present: std::collections::HashSet<String> = flows
+            .iter()
+            .map(|(k, _)| key_id(k))
+            .filter(|id| self.baselines.contains_key(id))
+            .collect();
+        self.baselines.retain(|id, _| present.contains(id));
+    }
+
+    /// Records for every flow of `flows` (the map, or a part of it) that ended (or
+    /// reached the active timeout), and the keys to remove from the map once the records
+    /// are written.
     pub fn sweep(
         &mut self,
         cfg: &Config,
@@ -768,10 +806,8 @@ impl Sweeper {
         let wall = |ns: u64| now_wall - std::time::Duration::from_nanos(now_ns.saturating_sub(ns));
         let mut records = Vec::new();
         let mut ended = Vec::new();
-        let mut present = std::collections::HashSet::new();
         for (k, v) in flows {
             let id = key_id(k);
-            present.insert(id.clone());
             let base = self.baselines.get(&id).copied().unwrap_or(Baseline {
                 start_ns: v.first_seen_ns,
                 ..Baseline::default()
@@ -843,8 +879,6 @@ impl Sweeper {
                 );
             }
         }
-        // Baselines of flows gone from the map (evicted, or removed by hand) are stale.
-        self.baselines.retain(|id, _| present.contains(id));
         let keep = std::time::Duration::from_nanos(2 * idle + 10_000_000_000);
         self.blocked.retain(|_, at| at.elapsed() < keep);
         records.sort_by(|a, b| a.start.cmp(&b.start));
@@ -938,7 +972,13 @@ pub const DHCP_LEASES: &str = "/tmp/dhcp.leases";
 /// budget has no room for are counted, not silently dropped.
 pub struct Persister {
     log: FlowLog,
-    pending: Vec<FlowRecord>,
+    /// The records for the next batch, as the lines that will be written: at most
+    /// `budget` bytes (no day allows more), so memory stays bounded however long the
+    /// interval and however many flows end in it.
+    pending: Vec<u8>,
+    pending_lines: u64,
+    /// Records that did not fit in `pending`: over the budget before the batch is made.
+    over_pending: u64,
     budget: u64,
     /// (day since the epoch, bytes written that day), kept in `budget.json`.
     spent: (u64, u64),
@@ -964,19 +1004,34 @@ impl Persister {
         Ok(Persister {
             log,
             pending: Vec::new(),
+            pending_lines: 0,
+            over_pending: 0,
             budget: cfg.flowlog.persist_budget,
             spent,
         })
     }
 
-    /// Keep records for the next batch.
+    /// Keep records for the next batch, as far as a day's budget goes.
     pub fn add(&mut self, records: &[FlowRecord]) {
-        self.pending.extend_from_slice(records);
+        for r in records {
+            let Ok(mut line) = serde_json::to_vec(r) else {
+                self.over_pending += 1;
+                continue;
+            };
+            line.push(b'\n');
+            if (self.pending.len() + line.len()) as u64 > self.budget {
+                self.over_pending += 1;
+            } else {
+                self.pending.extend_from_slice(&line);
+                self.pending_lines += 1;
+            }
+        }
     }
 
     /// Write the pending records in one batch, as many as today's budget allows; the rest
     /// are counted in `over_budget`. Returns how many were written.
     pub fn flush(&mut self, now: SystemTime, over_budget: &mut u64) -> io::Result<usize> {
+        *over_budget += std::mem::take(&mut self.over_pending);
         if self.pending.is_empty() {
             return Ok(0);
         }
@@ -984,33 +1039,42 @@ impl Persister {
         if self.spent.0 != today {
             self.spent = (today, 0);
         }
-        let mut room = self.budget.saturating_sub(self.spent.1);
-        let mut take = 0;
-        for r in &self.pending {
-            let len = serde_json::to_vec(r).map_err(io::Error::other)?.len() as u64 + 1;
-            if len > room {
+        let room = self.budget.saturating_sub(self.spent.1);
+        // The whole lines that fit.
+        let (mut cut, mut take) = (0u64, 0u64);
+        for line in self.pending.split_inclusive(|&b| b == b'\n') {
+            if cut + line.len() as u64 > room {
                 break;
             }
-            room -= len;
+            cut += line.len() as u64;
             take += 1;
         }
-        let batch: Vec<FlowRecord> = self.pending.drain(..take).collect();
-        *over_budget += self.pending.len() as u64;
-        self.pending.clear();
-        let before = self.log.size;
-        self.log.write(&batch)?;
-        self.log.file.sync_data()?;
-        self.spent.1 += self
-            .log
-            .size
-            .saturating_sub(before)
-            .max(if batch.is_empty() { 0 } else { 1 });
+        *over_budget += self.pending_lines - take;
+        let before = self.log.appended;
+        if take > 0 {
+            // In pieces of WRITE_CHUNK, so that the files rotate at their size.
+            let batch = &self.pending[..cut as usize];
+            let (mut from, mut at, mut lines) = (0, 0, 0);
+            for line in batch.split_inclusive(|&b| b == b'\n') {
+                at += line.len();
+                lines += 1;
+                if at - from >= WRITE_CHUNK || at == batch.len() {
+                    self.log.write_lines(&batch[from..at], lines)?;
+                    (from, lines) = (at, 0);
+                }
+            }
+            self.log.file.sync_data()?;
+            self.log.save_stats()?;
+        }
+        self.pending = Vec::new();
+        self.pending_lines = 0;
+        self.spent.1 += self.log.appended.saturating_sub(before);
         let dir = self.log.dir.clone();
         std::fs::write(
             dir.join("budget.json"),
             serde_json::to_vec(&self.spent).map_err(io::Error::other)?,
         )?;
-        Ok(batch.len())
+        Ok(take as usize)
     }
 }
 
@@ -1073,6 +1137,39 @@ mod persist_tests {
         );
         let (records, bad) = read(&dir, 4, &FlowFilter::default());
         assert_eq!((records.len(), bad), (11, 0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_large_batch_is_written_in_chunks_whole_lines_each_and_rotated_between() {
+        let dir = std::env::temp_dir().join(format!("cage-chunks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let line = serde_json::to_vec(&record(1)).unwrap().len() as u64 + 1;
+        // Three chunks' worth in one batch, into files of a little over one chunk.
+        let n = (3 * WRITE_CHUNK as u64 / line) as u16 + 10;
+        let max_bytes = WRITE_CHUNK as u64 + 4 * line;
+        let mut log = FlowLog::open_at(dir.clone(), max_bytes, 8).unwrap();
+        let batch: Vec<FlowRecord> = (0..n).map(record).collect();
+        log.write(&batch).unwrap();
+        assert_eq!(log.stats.written, u64::from(n));
+        let bytes: usize = batch
+            .iter()
+            .map(|r| serde_json::to_vec(r).unwrap().len() + 1)
+            .sum();
+        assert_eq!(log.appended, bytes as u64);
+        let files = files(&dir, 8);
+        assert!(files.len() >= 3, "rotated between chunks: {files:?}");
+        for f in &files {
+            let len = std::fs::metadata(f).unwrap().len();
+            assert!(len <= max_bytes, "{} is {len} bytes", f.display());
+        }
+        // Every record once, none cut: the same ports back, in order.
+        let (back, bad) = read(&dir, 8, &FlowFilter::default());
+        assert_eq!(bad, 0);
+        let mut ports: Vec<Option<u16>> = back.iter().map(|r| r.host_port).collect();
+        ports.sort();
+        let sent: Vec<Option<u16>> = batch.iter().map(|r| r.host_port).collect();
+        assert_eq!(ports, sent);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

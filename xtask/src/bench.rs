@@ -1,4 +1,4 @@
-//! `cargo xtask bench killswitch | flows | dns | export | neighbour | product | idle | web`: build what the
+//! `cargo xtask bench killswitch | flows | dns | export | neighbour | product | idle | memory | web`: build what the
 //! benchmark measures, then run it: the benchmarks are `cage-tests`' binary `bench`
 //! (`tests/src/bin/bench/`, one file per benchmark), which prints the results and
 //! appends them to `bench/RESULTS.md`.
@@ -18,6 +18,15 @@ pub fn run_bench(which: &str) -> Result<()> {
             let cage = std::fs::canonicalize(&cage)
                 .with_context(|| format!("no {} after the build", cage.display()))?;
             run(lab_program("bench")?.arg(which).env("CAGE_BIN", cage))
+        }
+        "memory" => {
+            setup::require_root("the benchmark builds a lab in network namespaces")?;
+            run(cargo().args(["build", "--locked", "--release", "-p", "cage-agent"]))?;
+            let glibc = target_dir().join("release/cage");
+            // The static musl binary the routers run, as `cargo xtask dist` makes it.
+            crate::dist::run_dist(&["--target", "x86_64"])?;
+            let musl = crate::dist::dist_dir().join("x86_64-unknown-linux-musl/cage");
+            run(lab_program("bench")?.arg("memory").arg(glibc).arg(musl))
         }
         "web" => {
             // `cage-agent/examples/web_bench.rs`, with the release profile the routers

@@ -33,6 +33,7 @@ usage: cargo xtask <command>
   bench product      a plain router, hand-written nftables and Cage side by side (bench/RESULTS.md)
   bench idle         cage run's idle CPU and repair time, listening against polling (bench/RESULTS.md)
   bench export       cage run's CPU and memory at 10 000 flows a minute, IPFIX export on/off (bench/RESULTS.md)
+  bench memory       cage run's memory with 64 000 flows and at its peak, musl and glibc (bench/RESULTS.md)
   fuzz [SECONDS]     fuzz the configuration parser and the policy renderer, then DNS
                      message handling (default 60 s each)
   dist [--target T]  static router binaries in target/dist (aarch64 armv7 x86_64 mipsel)
@@ -50,9 +51,8 @@ fn main() -> ExitCode {
         ["demo"] => setup::install().and_then(|()| demo::up()),
         ["lab", "down"] => demo::down(),
         ["test"] => setup::install().and_then(|()| test()),
-        ["bench", which @ ("killswitch" | "flows" | "dns" | "export" | "neighbour" | "product" | "idle")] => {
-            setup::install().and_then(|()| bench::run_bench(which))
-        }
+        ["bench", which @ ("killswitch" | "flows" | "dns" | "export" | "neighbour" | "product" | "idle"
+        | "memory")] => setup::install().and_then(|()| bench::run_bench(which)),
         ["bench", "web"] => bench::run_bench("web"),
         ["fuzz"] => fuzz::run_fuzz(60),
         ["fuzz", secs] => match secs.parse() {

@@ -13,6 +13,8 @@
 //!   forwarding a caged host's traffic side by side;
 //! - `idle`: `cage run`'s CPU with nothing to do and how soon it repairs a change,
 //!   listening to the kernel's announcements against polling;
+//! - `memory`: `cage run`'s resident memory with 64 000 flows in the map, when they
+//!   expire, and its peak, static with musl and with glibc;
 //! - `web`: page and API latency with 10 000 flows, and the agent's memory (runs the
 //!   `web_bench` programs that xtask built).
 //!
@@ -30,6 +32,7 @@ mod export;
 mod flows;
 mod idle;
 mod killswitch;
+mod memory;
 mod neighbour;
 mod product;
 mod results;
@@ -37,6 +40,7 @@ mod web;
 
 const USAGE: &str = "\
 usage: bench killswitch | flows | dns | export | neighbour | product | idle | web GLIBC_WEB_BENCH MUSL_WEB_BENCH
+       | memory GLIBC_CAGE MUSL_CAGE
   (run by `cargo xtask bench …`, which builds what is measured first)
 ";
 
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
             ["product"] => root().and_then(|()| product::product()),
             ["idle"] => root().and_then(|()| idle::idle()),
             ["web", glibc, musl] => web::web(glibc, musl),
+            ["memory", glibc, musl] => root().and_then(|()| memory::memory(glibc, musl)),
             _ => return None,
         })
     })
