@@ -215,11 +215,19 @@ impl Net {
 
     /// Wait until the path works both ways (neighbour discovery done), so the counted
     /// traffic that follows has no surprises; the warm-up's own flows are not looked at.
+    /// A bridge just made takes a moment to forward (its port's state, the host's router
+    /// solicitation and neighbour discovery), longer on a loaded machine: a ping a second
+    /// for up to 10 s.
     fn warm_up(&self) {
         for dst in ["10.78.0.2", "fd78::2"] {
-            sh(&[
-                "ip", "netns", "exec", &self.host, "ping", "-c", "1", "-W", "2", dst,
-            ]);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !self.ping_answered(dst) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} cannot ping {dst} within 10 s: the little network does not forward",
+                    self.host
+                );
+            }
         }
     }
 }
