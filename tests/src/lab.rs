@@ -1113,6 +1113,16 @@ impl Lab {
         }
     }
 
+    /// Every record of Cage's flow log, as `cage flows --json -n 0` prints them.
+    pub fn flow_records(&self) -> Vec<serde_json::Value> {
+        let out = self.cage(&["flows", "--json", "-n", "0"]);
+        assert!(out.status.success(), "cage flows: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON record"))
+            .collect()
+    }
+
     /// Start `cage run` in the router's namespace; it is stopped when the guard drops.
     /// Its output goes to `cage-run.log` in the lab's directory.
     pub fn spawn_cage_run(&self) -> CageRun {

@@ -130,15 +130,6 @@ fn router_dns6() -> SocketAddr {
     SocketAddr::new(ROUTER_SEG6, 53)
 }
 
-fn flows(lab: &Lab) -> Vec<serde_json::Value> {
-    let out = lab.cage(&["flows", "--json", "-n", "0"]);
-    assert!(out.status.success(), "cage flows: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect()
-}
-
 /// Wait (at most 15 s) for a flow record matching `pred`.
 fn wait_flow(
     lab: &Lab,
@@ -147,7 +138,7 @@ fn wait_flow(
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let all = flows(lab);
+        let all = lab.flow_records();
         if let Some(r) = all.iter().find(|r| pred(r)) {
             return r.clone();
         }

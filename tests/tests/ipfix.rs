@@ -236,16 +236,6 @@ fn uint(b: &[u8]) -> u64 {
     b.iter().fold(0, |v, x| (v << 8) | u64::from(*x))
 }
 
-/// Every record of Cage's flow log.
-fn flow_log(lab: &Lab) -> Vec<Value> {
-    let out = lab.cage(&["flows", "--json", "-n", "0"]);
-    assert!(out.status.success(), "cage flows: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect()
-}
-
 fn ipfix_status(lab: &Lab) -> Value {
     let out = lab.cage(&["status", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
@@ -256,7 +246,7 @@ fn ipfix_status(lab: &Lab) -> Value {
 fn wait_log(lab: &Lab, limit: Duration, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + limit;
     loop {
-        let recs = flow_log(lab);
+        let recs = lab.flow_records();
         if done(&recs) {
             return recs;
         }
@@ -432,7 +422,7 @@ fn nfdump_reads_every_flow_record_as_the_flow_log_counts_it() {
     // without a flush (the lab's IPv6 chatter is traffic too) racing the reads.
     let log_before = records.len();
     let stopped = run.stop();
-    let records = flow_log(&lab);
+    let records = lab.flow_records();
     assert!(records.len() >= log_before, "{stopped:?}");
     let status = ipfix_status(&lab);
     assert_eq!(

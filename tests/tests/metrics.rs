@@ -270,15 +270,6 @@ fn udp_echoes(ns: &NetNs, from: IpAddr, to: IpAddr, count: u32) {
     .expect("udp echoes");
 }
 
-fn flows(lab: &Lab) -> Vec<Value> {
-    let out = lab.cage(&["flows", "--json", "-n", "0"]);
-    assert!(out.status.success(), "cage flows: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect()
-}
-
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
@@ -403,7 +394,8 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
     // Their records are written (blocked as a MAC flood, or counted in eBPF).
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let forged: BTreeSet<String> = flows(&lab)
+        let forged: BTreeSet<String> = lab
+            .flow_records()
             .iter()
             .filter_map(|r| r["mac"].as_str())
             .filter(|m| m.starts_with("02:66:"))
@@ -447,7 +439,7 @@ fn prometheus_scrapes_what_cage_status_says_and_only_the_lan_with_the_token() {
     let mut last = String::new();
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let log = flows(&lab);
+        let log = lab.flow_records();
         let macs: BTreeSet<&str> = log
             .iter()
             .filter(|r| r["tag"].as_str() != Some("selftest"))

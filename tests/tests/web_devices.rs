@@ -73,15 +73,6 @@ fn udp_echoes(ns: &NetNs, from: IpAddr, to: IpAddr, count: u32, size: usize) {
     .expect("udp echoes");
 }
 
-fn flows(lab: &Lab) -> Vec<Value> {
-    let out = lab.cage(&["flows", "--json", "-n", "0"]);
-    assert!(out.status.success(), "cage flows: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON record"))
-        .collect()
-}
-
 fn shot(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -185,7 +176,7 @@ fn a_phone_sees_machines_not_addresses_and_pictures_of_real_traffic() {
     // Everything is in the flow log before the page is looked at.
     let until = Instant::now() + Duration::from_secs(20);
     let records = loop {
-        let r = flows(&lab);
+        let r = lab.flow_records();
         let has = |host: IpAddr, verdict: &str| {
             r.iter()
                 .any(|f| f["host"] == host.to_string() && f["verdict"] == verdict)
